@@ -1,0 +1,1 @@
+"""Chunked pipeline: OME-Zarr I/O, tile lattice, blending, Dask graph, training loader."""
