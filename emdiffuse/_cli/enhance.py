@@ -1,0 +1,141 @@
+"""`emdiffuse enhance IN OUT --model CKPT`: enhance a volume into a multiscale OME-Zarr."""
+
+from __future__ import annotations
+
+import argparse
+
+from emdiffuse.errors import InputError
+
+HELP = "enhance a volume (denoise, super-resolve, isotropic) with a trained model"
+DESCRIPTION = (
+    "Enhance IN (OME-Zarr or TIFF) with the model checkpoint into the OME-Zarr OUT, chunk by "
+    "chunk on a Dask cluster (a LocalCluster by default: one worker per GPU, else CPU worker "
+    "processes). Prints the plan (tiles, network evaluations, estimated time) first."
+)
+
+
+def _chunks(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunks {text!r}: give sizes like 4,512,512") from None
+    return values
+
+
+def _voxel_size(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"voxel size {text!r}: give nm per axis like 40,8,8 (zyx)"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="input volume: OME-Zarr (path or URL) or TIFF")
+    parser.add_argument("output", help="output OME-Zarr path")
+    parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    parser.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="samples to average; 2 or more also writes the uncertainty (std) image",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    parser.add_argument(
+        "--tile", type=int, default=None, help="tile side on the output grid (voxels)"
+    )
+    parser.add_argument(
+        "--overlap", type=int, default=None, help="tile overlap (voxels, output grid)"
+    )
+    parser.add_argument(
+        "--sampler",
+        default="dpmpp_2m",
+        choices=["dpmpp_2m", "ddim", "ddpm"],
+        help="sampler (default dpmpp_2m; ddpm is the reference's ancestral sampler)",
+    )
+    parser.add_argument(
+        "--chunks", type=_chunks, default=None, help="output chunk shape, e.g. 4,512,512"
+    )
+    parser.add_argument(
+        "--normalize",
+        choices=["model", "auto"],
+        default="model",
+        help="intensity range: the model's training range, or percentiles of the input",
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="output dtype (default: the input's; e.g. float32)"
+    )
+    parser.add_argument(
+        "--voxel-size",
+        type=_voxel_size,
+        default=None,
+        help="input voxel size in nm (zyx), when the input does not say",
+    )
+    parser.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)"
+    )
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="tiles per network call (default 4)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="LocalCluster workers (default: one per GPU, else 2)",
+    )
+    parser.add_argument("--threads-per-worker", type=int, default=None)
+    parser.add_argument(
+        "--scheduler-address",
+        default=None,
+        help="run on an existing Dask cluster, e.g. tcp://host:8786",
+    )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="run in this process on Dask's threaded scheduler (small jobs)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan only")
+    parser.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emdiffuse.pipeline.enhance import enhance
+
+    if args.threads and args.scheduler_address:
+        raise InputError("pass either --threads or --scheduler-address, not both")
+    scheduler = "threads" if args.threads else args.scheduler_address
+    result = enhance(
+        args.input,
+        args.model,
+        args.output,
+        steps=args.steps,
+        samples=args.samples,
+        seed=args.seed,
+        tile=args.tile,
+        overlap=args.overlap,
+        sampler=args.sampler,
+        chunks=args.chunks,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        normalize=args.normalize,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        scheduler=scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        voxel_size=args.voxel_size,
+        level=args.level,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        dry_run=args.dry_run,
+    )
+    if not args.dry_run:
+        print(f"wrote {args.output}: {dict(result.sizes)} {result.dtype}")
+    return 0

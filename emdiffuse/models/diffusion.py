@@ -1,0 +1,371 @@
+"""Diffusion core: noise schedules, prediction targets, the training objective, EMA.
+
+Conventions (those of the reference EMDiffuse / Palette code):
+
+* ``alpha_bar`` (the reference's ``gamma``) is the cumulative product of ``1 - beta``; a noisy
+  target is ``x_t = sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * eps``.
+* The network is called as ``net(cat([cond, x_t], 1), noise_level, index)`` with
+  ``noise_level = alpha_bar`` of ``x_t``, shape (B,). The reference feeds its ``sample_gammas``
+  (a value of ``gammas``, i.e. alpha-bar, despite the ``sqrt_`` variable names) to the network.
+* Training draws ``alpha_bar`` continuously: an integer step ``t`` uniform in ``1..T-1``, then
+  ``alpha_bar`` uniform between the schedule's points ``t - 1`` and ``t`` (as the reference), so
+  any inference schedule and step count are valid at run time.
+* Continuous time ``t`` in [0, 1]: ``alpha_bar(0) = 1`` (clean), ``alpha_bar(1)`` = the last
+  training point (noisiest); between schedule points ``log(alpha_bar)`` is interpolated linearly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from emdiffuse.errors import InputError
+
+PREDICTIONS = ("eps", "x0", "v")
+LOSSES = ("mse", "l1")
+KINDS = ("linear", "cosine")
+SPACINGS = ("time", "logsnr", "karras")
+
+Denoiser = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# schedules
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """A training noise schedule of ``steps`` discrete alpha-bar values, continuous in between.
+
+    ``kind="linear"``: betas linear from ``beta_start`` to ``beta_end`` (the reference trains with
+    2000 steps, 1e-6 .. 1e-2). ``kind="cosine"``: Nichol & Dhariwal, offset ``s``, betas capped at
+    0.999.
+    """
+
+    kind: str = "linear"
+    steps: int = 2000
+    beta_start: float = 1e-6
+    beta_end: float = 1e-2
+    s: float = 0.008
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(
+                f"schedule kind {self.kind!r} unknown; choose one of {', '.join(KINDS)}"
+            )
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
+            raise InputError(f"schedule steps {self.steps!r} must be an integer >= 2")
+        if self.kind == "linear" and not (0 < self.beta_start < self.beta_end < 1):
+            raise InputError(
+                f"linear schedule needs 0 < beta_start < beta_end < 1, got "
+                f"{self.beta_start!r}, {self.beta_end!r}"
+            )
+
+    # ---- JSON round trip (the checkpoint config's "schedule" object) ----
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> Schedule:
+        """From ``{"kind", "steps", "beta_start", "beta_end"}`` (linear) or ``{"kind", "steps", "s"}``."""
+        known = {"kind", "steps", "beta_start", "beta_end", "s"}
+        unknown = set(spec) - known
+        if unknown:
+            raise InputError(f"schedule: unknown fields {sorted(unknown)}; allowed {sorted(known)}")
+        return cls(**dict(spec))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "linear":
+            return {"kind": "linear", "steps": self.steps, "beta_start": self.beta_start,
+                    "beta_end": self.beta_end}  # fmt: skip
+        return {"kind": "cosine", "steps": self.steps, "s": self.s}
+
+    # ---- the discrete schedule ----
+    @property
+    def alpha_bars(self) -> torch.Tensor:
+        """(steps,) float64, descending: the reference's ``gammas`` (index 0 least noisy)."""
+        if self.kind == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, self.steps, dtype=torch.float64)
+        else:
+            t = torch.arange(self.steps + 1, dtype=torch.float64) / self.steps
+            f = torch.cos((t + self.s) / (1 + self.s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        return torch.cumprod(1 - betas, dim=0)
+
+    def _grid(self) -> torch.Tensor:
+        """(steps + 1,) log alpha-bar at t = k / steps, k = 0..steps (t = 0 is clean)."""
+        ab = self.alpha_bars
+        return torch.cat([torch.zeros(1, dtype=torch.float64), ab.log()])
+
+    def alpha_bar(self, t: float | torch.Tensor) -> torch.Tensor:
+        """Alpha-bar at continuous time ``t`` in [0, 1] (float64 tensor, shape of ``t``)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool(((t < 0) | (t > 1)).any()):
+            raise InputError("schedule time t must lie in [0, 1]")
+        grid = self._grid()
+        pos = t * self.steps
+        lo = pos.floor().clamp(max=self.steps - 1).long()
+        frac = pos - lo
+        return torch.exp(grid[lo] + frac * (grid[lo + 1] - grid[lo]))
+
+    def timesteps(self, n_steps: int, spacing: str = "time") -> torch.Tensor:
+        """(n_steps + 1,) float64 alpha-bar values of an n-step inference schedule.
+
+        Starts at the noisiest training level, ascends (less noise) and ends at 1.0 (clean).
+        ``spacing``: ``"time"`` — uniform in the schedule's time (with ``n_steps == steps`` the
+        points are exactly the training schedule's; the reference's choice); ``"logsnr"`` —
+        uniform in log-SNR from the noisiest to the least noisy training point, that last point
+        replaced by clean;
+        ``"karras"`` — Karras et al. rho = 7 spacing of sigma = sqrt((1 - a) / a), likewise.
+        The few-step samplers do much better with ``"logsnr"`` or ``"karras"``.
+        """
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise InputError(f"steps {n_steps!r} must be an integer >= 1")
+        if spacing not in SPACINGS:
+            raise InputError(f"spacing {spacing!r} unknown; choose one of {', '.join(SPACINGS)}")
+        if spacing == "time":
+            out = self.alpha_bar(torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64))
+            out[-1] = 1.0
+            return out
+        ab = self.alpha_bars
+        hi, lo = float(ab[-1]), float(ab[0])  # noisiest, cleanest
+        if spacing == "logsnr":
+            lam = torch.linspace(math.log(hi / (1 - hi)), math.log(lo / (1 - lo)), n_steps + 1,
+                                 dtype=torch.float64)  # fmt: skip
+            a = torch.sigmoid(lam)
+        else:
+            rho = 7.0
+            smax, smin = math.sqrt((1 - hi) / hi), math.sqrt((1 - lo) / lo)
+            r = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+            sig = (smax ** (1 / rho) + r * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+            a = 1 / (1 + sig**2)
+        a[0], a[-1] = hi, 1.0
+        return a
+
+    def sample_noise_level(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        *,
+        u: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """(batch,) float32 alpha-bar drawn as the reference: step ``t`` uniform in 1..steps-1,
+        then uniform between ``alpha_bars[t-1]`` and ``alpha_bars[t]``.
+
+        ``u`` (batch,) uniforms in [0, 1) give the draw explicitly (one uniform carries both the
+        step and the position inside it); otherwise they come from ``generator``.
+        """
+        if u is None:
+            u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        u = torch.as_tensor(u, dtype=torch.float64).reshape(-1).cpu()
+        if u.numel() != batch:
+            raise InputError(f"u has {u.numel()} values for a batch of {batch}")
+        ab = self.alpha_bars
+        pos = u.clamp(0, 1 - 1e-12) * (self.steps - 1)
+        k = pos.floor().long() + 1
+        frac = pos - pos.floor()
+        levels = ab[k - 1] + frac * (ab[k] - ab[k - 1])
+        return levels.to(device=device, dtype=torch.float32)
+
+
+def as_schedule(schedule: Schedule | Mapping[str, Any]) -> Schedule:
+    """A :class:`Schedule` from itself or from its dict."""
+    return schedule if isinstance(schedule, Schedule) else Schedule.from_dict(schedule)
+
+
+# --------------------------------------------------------------------------------------
+# prediction targets
+# --------------------------------------------------------------------------------------
+def _check_prediction(kind: str) -> None:
+    if kind not in PREDICTIONS:
+        raise InputError(f"prediction {kind!r} unknown; choose one of {', '.join(PREDICTIONS)}")
+
+
+def _coefs(
+    alpha_bar: float | torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar), sqrt(1 - alpha_bar) shaped to broadcast against ``like`` (B, C, ...)."""
+    a = torch.as_tensor(alpha_bar, dtype=torch.float64, device=like.device)
+    if a.ndim == 1:
+        a = a.reshape(-1, *([1] * (like.ndim - 1)))
+    return a.sqrt().to(like.dtype), (1 - a).clamp(min=0).sqrt().to(like.dtype)
+
+
+def q_sample(x0: torch.Tensor, alpha_bar, noise: torch.Tensor) -> torch.Tensor:
+    """``sqrt(a) x0 + sqrt(1 - a) eps``."""
+    sa, sb = _coefs(alpha_bar, x0)
+    return sa * x0 + sb * noise
+
+
+def target_for(x0: torch.Tensor, noise: torch.Tensor, alpha_bar, kind: str) -> torch.Tensor:
+    """The regression target of prediction ``kind`` (eps, x0 or v = sqrt(a) eps - sqrt(1-a) x0)."""
+    _check_prediction(kind)
+    if kind == "eps":
+        return noise
+    if kind == "x0":
+        return x0
+    sa, sb = _coefs(alpha_bar, x0)
+    return sa * noise - sb * x0
+
+
+def to_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar, kind: str) -> torch.Tensor:
+    """The network output ``pred`` of kind ``kind`` converted to an x0 estimate."""
+    _check_prediction(kind)
+    if kind == "x0":
+        return pred
+    sa, sb = _coefs(alpha_bar, x_t)
+    if kind == "eps":
+        return (x_t - sb * pred) / sa
+    return sa * x_t - sb * pred
+
+
+def to_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar, kind: str) -> torch.Tensor:
+    """The network output ``pred`` of kind ``kind`` converted to a noise estimate."""
+    _check_prediction(kind)
+    if kind == "eps":
+        return pred
+    sa, sb = _coefs(alpha_bar, x_t)
+    if kind == "x0":
+        return (x_t - sa * pred) / sb
+    return sb * x_t + sa * pred
+
+
+def eps_from_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+    """Noise implied by ``x_t`` and an x0 estimate."""
+    return to_eps(x0, x_t, alpha_bar, "x0")
+
+
+# --------------------------------------------------------------------------------------
+# objective
+# --------------------------------------------------------------------------------------
+def diffusion_loss(
+    net: Callable[..., torch.Tensor],
+    cond: torch.Tensor,
+    x0: torch.Tensor,
+    schedule: Schedule | Mapping[str, Any],
+    prediction: str = "eps",
+    loss: str = "mse",
+    *,
+    index: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean training loss of ``net`` on one batch (scalar tensor).
+
+    ``cond`` (B, Cc, ...) and ``x0`` (B, C, ...) in model space. The noise and the uniforms that
+    pick each sample's noise level may be given (``noise``, ``u``) — the trainer keys them on
+    global sample ids — else they are drawn from ``generator``.
+    """
+    _check_prediction(prediction)
+    if loss not in LOSSES:
+        raise InputError(f"loss {loss!r} unknown; choose one of {', '.join(LOSSES)}")
+    schedule = as_schedule(schedule)
+    b = x0.shape[0]
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    levels = schedule.sample_noise_level(b, generator, u=u, device=x0.device)
+    x_t = q_sample(x0, levels, noise)
+    pred = net(torch.cat([cond, x_t], dim=1), levels, index)
+    target = target_for(x0, noise, levels, prediction)
+    pred = pred.float()
+    target = target.float()
+    if loss == "mse":
+        return torch.nn.functional.mse_loss(pred, target)
+    return torch.nn.functional.l1_loss(pred, target)
+
+
+def make_denoiser(
+    net: Callable[..., torch.Tensor],
+    cond: torch.Tensor,
+    schedule: Schedule | Mapping[str, Any] | None = None,
+    prediction: str = "eps",
+    *,
+    index: torch.Tensor | None = None,
+    clip: bool = True,
+) -> Denoiser:
+    """The bridge from a network to the samplers: ``denoise(x_t, alpha_bar) -> x0_hat``.
+
+    ``alpha_bar`` is a float or a (B,) tensor. The network output (any dtype, e.g. under the
+    caller's autocast) is converted to float32 x0 and, with ``clip`` (the reference's
+    ``clip_denoised``), clamped to [-1, 1]. ``schedule`` is accepted for symmetry and unused.
+    """
+    _check_prediction(prediction)
+    del schedule
+
+    def denoise(x_t: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
+        b = x_t.shape[0]
+        a = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device)
+        level = a.expand(b) if a.ndim == 0 else a.reshape(b)
+        pred = net(torch.cat([cond.to(x_t.dtype), x_t], dim=1), level, index).float()
+        x0 = to_x0(pred, x_t.float(), level.double(), prediction)
+        return x0.clamp(-1.0, 1.0) if clip else x0
+
+    return denoise
+
+
+# --------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a model's parameters (float32 shadow); buffers copied.
+
+    ``update(model)``: ``shadow = decay * shadow + (1 - decay) * param``. ``warmup=True`` uses
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates so short runs leave the random init.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise InputError(f"EMA decay {decay!r} must lie in [0, 1)")
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.named_parameters()}
+        self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for k, p in model.named_parameters():
+            self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        for k, b in model.named_buffers():
+            self.buffers[k] = b.detach().clone()
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged weights (and the latest buffers) into ``model``."""
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k].to(p.dtype))
+        for k, b in model.named_buffers():
+            b.copy_(self.buffers[k])
+
+    def averaged(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` holding the averaged weights."""
+        out = copy.deepcopy(model)
+        self.copy_to(out)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "shadow": dict(self.shadow), "buffers": dict(self.buffers)}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}
+        self.buffers = {k: v.clone() for k, v in state["buffers"].items()}
+
+
+__all__ = [
+    "PREDICTIONS", "LOSSES", "Schedule", "as_schedule", "q_sample", "target_for", "to_x0",
+    "to_eps", "eps_from_x0", "diffusion_loss", "make_denoiser", "EMA",
+]  # fmt: skip

@@ -1,0 +1,401 @@
+"""What the pipeline calls: a loaded model that enhances a batch of numpy tiles.
+
+:class:`Enhancer` wraps one network (eval mode, EMA weights), its
+:class:`~emdiffuse.models.variants.ModelConfig` and a sampler. It knows nothing of Dask or
+Zarr: tiles go in and out as numpy float32 in model space [-1, 1]. The caller supplies the
+initial noise (and, for stochastic samplers, each step's noise) so that a tile's result is a
+function of its global position only.
+
+Shapes (``k`` = scale factor; ``h, w`` the input tile, ``H, W`` the output tile)::
+
+    cond  (B, in_slices, h, w)           input grid, normalised
+    noise (B, out_slices, H, W)          output grid: H = h * xy_scale, W = w * xy_scale
+    out   (B, out_slices, H, W)          normalised, clamped to [-1, 1]
+
+For 3D networks (``config.dims == 3``) every array has one more spatial axis:
+``(B, 1, d, h, w)``; super-resolution upsamples only y and x.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emdiffuse.errors import InputError
+from emdiffuse.models.variants import ModelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+
+
+def normalize(raw: np.ndarray, config: ModelConfig | Mapping, *, clip: bool = True) -> np.ndarray:
+    """Raw intensities -> model space float32: ``2 * (raw - low) / (high - low) - 1``.
+
+    ``low, high`` are the model's training percentiles (``config.normalization``).
+    With ``clip`` (default) values outside ``[low, high]`` are clipped to [-1, 1].
+    """
+    low, high = _low_high(config)
+    x = (np.asarray(raw, dtype=np.float64) - low) * (2.0 / (high - low)) - 1.0
+    if clip:
+        np.clip(x, -1.0, 1.0, out=x)
+    return x.astype(np.float32)
+
+
+def denormalize(
+    x: np.ndarray, config: ModelConfig | Mapping, *, dtype: Any = np.float32
+) -> np.ndarray:
+    """Model space -> raw intensities, the inverse of :func:`normalize`.
+
+    Integer ``dtype`` rounds and clips to the dtype's range.
+    """
+    low, high = _low_high(config)
+    raw = (np.asarray(x, dtype=np.float64) + 1.0) * ((high - low) / 2.0) + low
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(raw), info.min, info.max).astype(dtype)
+    return raw.astype(dtype)
+
+
+def _low_high(config: ModelConfig | Mapping) -> tuple[float, float]:
+    norm = config.normalization if isinstance(config, ModelConfig) else config
+    if isinstance(norm, Mapping):
+        low, high = float(norm["low"]), float(norm["high"])
+    else:
+        low, high = float(norm.low), float(norm.high)
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        raise InputError(f"normalization low={low}, high={high} must be finite with low < high")
+    return low, high
+
+
+def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"unknown device {device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device {device} asked for but no CUDA GPU is available; use --device cpu"
+        )
+    return device
+
+
+class Enhancer:
+    """A model ready to enhance tiles: see the module docstring for shapes."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        net: torch.nn.Module,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        channels_last: bool = True,
+    ) -> None:
+        self.config = config
+        self.device = _resolve_device(device)
+        self.autocast_dtype = _resolve_precision(precision, self.device)
+        self.precision = precision
+        self.net = net.to(self.device).eval()
+        for parameter in self.net.parameters():
+            parameter.requires_grad_(False)
+        self.channels_last = bool(channels_last and self.device.type == "cuda" and config.dims == 2)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.schedule = _make_schedule(config.schedule)
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        channels_last: bool = True,
+        *,
+        expect_task: str | None = None,
+        expect_scale_factor: int | None = None,
+    ) -> Enhancer:
+        """Load a checkpoint (safetensors, or weights-only torch) onto ``device``."""
+        from emdiffuse.models.checkpoints import load_checkpoint
+
+        config, state_dict = load_checkpoint(
+            path, expect_task=expect_task, expect_scale_factor=expect_scale_factor
+        )
+        return cls.from_config(
+            config, state_dict, device=device, precision=precision, channels_last=channels_last
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        *,
+        precision: str = "auto",
+        channels_last: bool = True,
+    ) -> Enhancer:
+        """Build the network of ``config``; weights from ``state_dict`` or a seeded random
+        initialisation (for tests and demos)."""
+        from emdiffuse.models.unet import UNet
+
+        config.validate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = UNet(config.unet)
+        if state_dict is not None:
+            from emdiffuse.models.checkpoints import check_state_dict
+
+            check_state_dict(config, state_dict)
+            net.load_state_dict(state_dict, strict=True)
+        return cls(config, net, device=device, precision=precision, channels_last=channels_last)
+
+    # ---- contract ----------------------------------------------------------------------
+    @property
+    def in_slices(self) -> int:
+        return self.config.in_slices
+
+    @property
+    def out_slices(self) -> int:
+        return self.config.out_slices
+
+    @property
+    def xy_scale(self) -> int:
+        return self.config.xy_scale
+
+    @property
+    def z_scale(self) -> int:
+        return self.config.z_scale
+
+    @property
+    def net_multiple(self) -> int:
+        """The network's total downsampling: its input sides must be multiples of it."""
+        multiple = getattr(self.net, "multiple", None)
+        if multiple is None:
+            multiple = 2 ** (len(self.config.unet.channel_mults) - 1)
+        return int(multiple)
+
+    @property
+    def multiple(self) -> int:
+        """Output-grid tile sides (y, x) must be multiples of this (input sides times
+        ``xy_scale`` for super-resolution, so it is also a multiple of ``xy_scale``)."""
+        return math.lcm(self.net_multiple, self.xy_scale)
+
+    def output_shape(self, cond_shape: Sequence[int]) -> tuple[int, ...]:
+        """The output shape for a ``cond`` batch of ``cond_shape``."""
+        b, _, *spatial = cond_shape
+        *rest, h, w = spatial
+        return (b, self.out_slices, *rest, h * self.xy_scale, w * self.xy_scale)
+
+    # ---- inference ---------------------------------------------------------------------
+    def enhance(
+        self,
+        cond: np.ndarray,
+        noise: np.ndarray,
+        *,
+        sampler: str = "dpmpp_2m",
+        steps: int = 8,
+        step_noise: Callable[[int], np.ndarray] | None = None,
+        index: int | Sequence[int] | None = None,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        """Sample the enhanced tiles for a batch: see the module docstring for shapes.
+
+        ``noise`` is the sampler's starting noise x_T; ``step_noise(i)`` gives step ``i``'s
+        noise (same shape as ``noise``) for stochastic samplers (ddpm, ddim with ``eta > 0``).
+        ``index`` (isotropic models) restricts the output to these in-between slices (0-based,
+        ``0..k-2``). Index-embedding models then run only those (``noise`` has one channel per
+        index); output-channel models still take full ``noise`` and return the chosen slices.
+        """
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise InputError(f"steps must be a positive integer, got {steps!r}")
+        indices = self._indices(index)
+        n_noise = len(indices) if self.config.use_index_embedding else self.out_slices
+        cond_t, noise_t = self._check_inputs(cond, noise, n_noise)
+        with torch.inference_mode(), self._autocast():
+            cond_t = self._upsample(cond_t)
+            if self.config.use_index_embedding:
+                outs = [
+                    self._sample(
+                        cond_t,
+                        noise_t[:, j : j + 1],
+                        sampler=sampler,
+                        steps=int(steps),
+                        step_noise=_channel(step_noise, j, self._to_tensor),
+                        index=i,
+                        eta=eta,
+                    )
+                    for j, i in enumerate(indices)
+                ]
+                out = torch.cat(outs, dim=1)
+            else:
+                out = self._sample(
+                    cond_t,
+                    noise_t,
+                    sampler=sampler,
+                    steps=int(steps),
+                    step_noise=_channel(step_noise, None, self._to_tensor),
+                    index=None,
+                    eta=eta,
+                )
+                if index is not None:
+                    out = out[:, list(indices)]
+            out = out.float().clamp(-1.0, 1.0).cpu().numpy()
+        return out
+
+    __call__ = enhance
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _indices(self, index: int | Sequence[int] | None) -> list[int]:
+        n = self.out_slices
+        if index is None:
+            return list(range(n))
+        if not self.config.isotropic:
+            raise InputError(f"index is only for isotropic models, not {self.config.variant}")
+        indices = [int(index)] if np.isscalar(index) else [int(i) for i in index]
+        if not indices or any(not 0 <= i < n for i in indices):
+            raise InputError(
+                f"index {index!r} out of range: {self.config.describe()} has in-between "
+                f"slices 0..{n - 1}"
+            )
+        return indices
+
+    def _to_tensor(self, array: np.ndarray) -> torch.Tensor:
+        # a copy: samplers may work in place, and the caller's arrays are never modified
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).to(self.device)
+        if self.channels_last and tensor.ndim == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def _check_inputs(
+        self, cond: np.ndarray, noise: np.ndarray, n_out: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ndim = self.config.dims + 2
+        cond = np.asarray(cond)
+        noise = np.asarray(noise)
+        layout = "(B, C, h, w)" if ndim == 4 else "(B, C, d, h, w)"
+        if cond.ndim != ndim:
+            raise InputError(f"cond must be {layout}, got shape {cond.shape}")
+        if cond.shape[1] != self.in_slices:
+            raise InputError(
+                f"cond has {cond.shape[1]} slices but {self.config.describe()} takes "
+                f"{self.in_slices}"
+            )
+        expected = list(self.output_shape(cond.shape))
+        expected[1] = n_out
+        if tuple(noise.shape) != tuple(expected):
+            raise InputError(
+                f"noise has shape {noise.shape} but cond {cond.shape} needs {tuple(expected)} "
+                f"on the output grid"
+            )
+        for side in expected[-2:]:
+            if side % self.multiple:
+                raise InputError(
+                    f"output tile side {side} is not a multiple of {self.multiple}; "
+                    "choose a tile size that is"
+                )
+        if ndim == 5 and expected[2] % self.net_multiple:
+            raise InputError(
+                f"tile depth {expected[2]} is not a multiple of {self.net_multiple}; "
+                "choose a tile size that is"
+            )
+        return self._to_tensor(cond), self._to_tensor(noise)
+
+    def _upsample(self, cond: torch.Tensor) -> torch.Tensor:
+        k = self.xy_scale
+        if k == 1:
+            return cond
+        if cond.ndim == 4:
+            up = F.interpolate(cond, scale_factor=k, mode="bicubic", align_corners=False)
+        else:
+            b, c, d, h, w = cond.shape
+            flat = cond.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+            up = F.interpolate(flat, scale_factor=k, mode="bicubic", align_corners=False)
+            up = up.reshape(b, d, c, h * k, w * k).permute(0, 2, 1, 3, 4)
+        up = up.clamp(-1.0, 1.0)
+        if self.channels_last and up.ndim == 4:
+            up = up.contiguous(memory_format=torch.channels_last)
+        return up.contiguous() if not self.channels_last else up
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _sample(
+        self,
+        cond: torch.Tensor,
+        x_T: torch.Tensor,
+        *,
+        sampler: str,
+        steps: int,
+        step_noise: Callable[[int], torch.Tensor] | None,
+        index: int | None,
+        eta: float,
+    ) -> torch.Tensor:
+        from emdiffuse.models import diffusion, samplers
+
+        index_t = None
+        if index is not None:
+            index_t = torch.full((cond.shape[0],), index, dtype=torch.long, device=self.device)
+        denoise = diffusion.make_denoiser(
+            self.net, cond, self.schedule, self.config.prediction, index=index_t
+        )
+        return samplers.sample(
+            denoise,
+            x_T,
+            self.schedule,
+            sampler=sampler,
+            steps=steps,
+            step_noise=step_noise,
+            eta=eta,
+        )
+
+
+def _channel(
+    step_noise: Callable[[int], np.ndarray] | None,
+    channel: int | None,
+    to_tensor: Callable[[np.ndarray], torch.Tensor],
+) -> Callable[[int], torch.Tensor] | None:
+    """Adapt the caller's numpy step-noise callable to tensors (one channel in index mode)."""
+    if step_noise is None:
+        return None
+
+    def noise_at(i: int) -> torch.Tensor:
+        array = np.asarray(step_noise(i), dtype=np.float32)
+        if channel is not None:
+            array = array[:, channel : channel + 1]
+        return to_tensor(array)
+
+    return noise_at
+
+
+def _make_schedule(spec: Mapping[str, Any]):
+    from emdiffuse.models.diffusion import Schedule
+
+    return Schedule.from_dict(dict(spec))

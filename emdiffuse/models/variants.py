@@ -1,0 +1,477 @@
+"""The four EMDiffuse variants: what goes in, what comes out, and named size presets.
+
+A :class:`ModelConfig` is everything needed to rebuild a network and use it: the variant and
+its task, the scale factor, the UNet architecture, the noise schedule, the prediction target
+and loss, the intensity normalisation of the training data and its voxel size. It is stored as
+JSON inside every checkpoint (``emdiffuse.models.checkpoints``).
+
+Contracts (per network input tile; ``k`` is ``scale_factor``):
+
+============  =============  =========  ==========  ========  =======
+variant       task           in_slices  out_slices  xy_scale  z_scale
+============  =============  =========  ==========  ========  =======
+emdiffuse-n   denoise        1          1           1         1
+emdiffuse-r   super-resolve  1          1           k         1
+vemdiffuse-i  isotropic      2          k - 1       1         k
+vemdiffuse-a  isotropic      2          k - 1       1         k
+============  =============  =========  ==========  ========  =======
+
+Isotropic variants come in two network layouts:
+
+* **output channels** (default, ``use_index_embedding=False``): one pass of the network
+  produces all ``k - 1`` in-between slices as output channels. The UNet sees
+  ``in_channels = 2 + (k - 1)`` (the two bounding slices, then the ``k - 1`` noisy targets) and
+  returns ``out_channels = k - 1``. One pass instead of ``k - 1``: much faster.
+* **index embedding** (``use_index_embedding=True``), the reference vEMDiffuse layout: the
+  network produces one slice per pass (``in_channels = 3``, ``out_channels = 1``) and an
+  embedded index in ``[0, k - 2]`` says which one. Kept for weights imported from the
+  reference; :class:`~emdiffuse.models.enhancer.Enhancer` loops over the indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from emdiffuse.errors import InputError
+from emdiffuse.models.unet import UNetConfig
+
+VARIANTS: dict[str, str] = {
+    "emdiffuse-n": "denoise",
+    "emdiffuse-r": "super-resolve",
+    "vemdiffuse-i": "isotropic",
+    "vemdiffuse-a": "isotropic",
+}
+TASKS = ("denoise", "super-resolve", "isotropic")
+PREDICTIONS = ("eps", "x0", "v")
+LOSSES = ("mse", "l1")
+SCHEDULE_KINDS = ("linear", "cosine")
+SIZES = ("tiny", "small", "reference")
+
+# The reference's training schedule (EMDiffuse configs, "beta_schedule.train"): linear betas
+# over 2000 steps from 1e-6 to 1e-2. Its test schedule (1000 steps, 1e-4..0.09) is one
+# inference choice among many here: the network is trained on a continuous noise level.
+REFERENCE_SCHEDULE: dict[str, Any] = {
+    "kind": "linear",
+    "steps": 2000,
+    "beta_start": 1e-6,
+    "beta_end": 1e-2,
+}
+
+# Network sizes. "reference" is the published EMDiffuse UNet (32 base channels, multipliers
+# 1-2-4-8, 2 residual blocks per level, self-attention at 16x16, 32 channels per head,
+# dropout 0.2, trained on 256x256 patches). "tiny" runs a 64x64 tile in milliseconds on a CPU.
+_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "base_channels": 16,
+        "channel_mults": (1, 2, 2),
+        "num_res_blocks": 1,
+        "attention_resolutions": (),
+        "num_head_channels": 16,
+        "dropout": 0.0,
+        "image_size": 64,
+    },
+    "small": {
+        "base_channels": 32,
+        "channel_mults": (1, 2, 2, 4),
+        "num_res_blocks": 1,
+        "attention_resolutions": (16,),
+        "num_head_channels": 32,
+        "dropout": 0.1,
+        "image_size": 128,
+    },
+    "reference": {
+        "base_channels": 32,
+        "channel_mults": (1, 2, 4, 8),
+        "num_res_blocks": 2,
+        "attention_resolutions": (16,),
+        "num_head_channels": 32,
+        "dropout": 0.2,
+        "image_size": 256,
+    },
+}
+
+
+def _version() -> str:
+    from emdiffuse import __version__
+
+    return __version__
+
+
+@dataclass
+class ModelConfig:
+    """Variant, architecture, schedule and data statistics of one model (JSON round trip).
+
+    ``normalization`` holds the raw-intensity percentiles ``{"low", "high"}`` (0.5 % and
+    99.5 %) of the training data; ``voxel_size_nm`` its voxel size (zyx, nm) or None.
+    """
+
+    variant: str
+    task: str
+    scale_factor: int
+    unet: UNetConfig
+    schedule: dict[str, Any] = field(default_factory=lambda: dict(REFERENCE_SCHEDULE))
+    prediction: str = "eps"
+    loss: str = "mse"
+    normalization: dict[str, float] = field(default_factory=lambda: {"low": 0.0, "high": 1.0})
+    voxel_size_nm: tuple[float, ...] | None = None
+    training_data: str = ""
+    use_index_embedding: bool = False
+    emdiffuse_version: str = field(default_factory=_version)
+
+    def __post_init__(self) -> None:
+        if self.voxel_size_nm is not None:
+            self.voxel_size_nm = tuple(float(v) for v in self.voxel_size_nm)
+        self.validate()
+
+    # ---- contracts -------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return int(self.scale_factor)
+
+    @property
+    def isotropic(self) -> bool:
+        return self.task == "isotropic"
+
+    @property
+    def in_slices(self) -> int:
+        """Input z-slices per tile (channels of the conditioning)."""
+        return 2 if self.isotropic else 1
+
+    @property
+    def out_slices(self) -> int:
+        """Output z-slices per tile (for isotropic: the k - 1 slices between the two inputs)."""
+        return self.k - 1 if self.isotropic else 1
+
+    @property
+    def xy_scale(self) -> int:
+        return self.k if self.task == "super-resolve" else 1
+
+    @property
+    def z_scale(self) -> int:
+        return self.k if self.isotropic else 1
+
+    @property
+    def dims(self) -> int:
+        """Spatial dimensions of the network (2 or 3)."""
+        return int(self.unet.dims)
+
+    @property
+    def net_out_channels(self) -> int:
+        """Channels one network pass produces (1 in index-embedding mode)."""
+        return 1 if self.use_index_embedding else self.out_slices
+
+    @property
+    def net_in_channels(self) -> int:
+        """Channels one network pass takes: conditioning, then the noisy target(s)."""
+        return self.in_slices + self.net_out_channels
+
+    @property
+    def passes(self) -> int:
+        """Network passes per sampler step to produce all ``out_slices``."""
+        return self.out_slices if self.use_index_embedding else 1
+
+    # ---- validation ------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first inconsistent field."""
+        if self.variant not in VARIANTS:
+            raise InputError(
+                f"model config: unknown variant {self.variant!r}; "
+                f"choose one of {', '.join(VARIANTS)}"
+            )
+        if self.task not in TASKS:
+            raise InputError(
+                f"model config: unknown task {self.task!r}; choose one of {', '.join(TASKS)}"
+            )
+        if VARIANTS[self.variant] != self.task:
+            raise InputError(
+                f"model config: variant {self.variant} does task {VARIANTS[self.variant]!r}, "
+                f"but task is {self.task!r}; fix the 'task' field"
+            )
+        if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, int):
+            raise InputError(
+                f"model config: scale_factor must be an integer, got {self.scale_factor!r}"
+            )
+        if self.task == "denoise" and self.scale_factor != 1:
+            raise InputError(
+                f"model config: scale_factor is {self.scale_factor} but a denoiser "
+                "(emdiffuse-n) keeps the grid; set scale_factor to 1"
+            )
+        if self.task == "super-resolve" and self.scale_factor < 2:
+            raise InputError(
+                f"model config: scale_factor is {self.scale_factor}; super-resolution "
+                "(emdiffuse-r) needs an xy factor of 2 or more"
+            )
+        if self.isotropic and self.scale_factor < 2:
+            raise InputError(
+                f"model config: scale_factor is {self.scale_factor}; isotropic reconstruction "
+                f"({self.variant}) needs a z factor of 2 or more"
+            )
+        if self.use_index_embedding and not self.isotropic:
+            raise InputError(
+                f"model config: use_index_embedding is only for isotropic variants, "
+                f"not {self.variant}"
+            )
+        if self.prediction not in PREDICTIONS:
+            raise InputError(
+                f"model config: unknown prediction {self.prediction!r}; "
+                f"choose one of {', '.join(PREDICTIONS)}"
+            )
+        if self.loss not in LOSSES:
+            raise InputError(
+                f"model config: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}"
+            )
+        _validate_schedule(self.schedule)
+        _validate_normalization(self.normalization)
+        if self.voxel_size_nm is not None and (
+            len(self.voxel_size_nm) not in (2, 3)
+            or not all(math.isfinite(v) and v > 0 for v in self.voxel_size_nm)
+        ):
+            raise InputError(
+                f"model config: voxel_size_nm {self.voxel_size_nm} must be 2 or 3 positive "
+                "sizes in nm (zyx) or null"
+            )
+        self._validate_unet()
+
+    def _validate_unet(self) -> None:
+        u = self.unet
+        if u.dims not in (2, 3):
+            raise InputError(f"model config: unet.dims is {u.dims}; must be 2 or 3")
+        if u.dims == 3 and self.isotropic:
+            raise InputError(
+                f"model config: unet.dims is 3 but {self.variant} uses a 2D network over "
+                "slices; set unet.dims to 2"
+            )
+        if u.in_channels != self.net_in_channels:
+            raise InputError(
+                f"model config: unet.in_channels is {u.in_channels} but {self.variant} "
+                f"(scale_factor {self.k}{', index embedding' if self.use_index_embedding else ''})"
+                f" needs {self.net_in_channels} ({self.in_slices} conditioning + "
+                f"{self.net_out_channels} noisy)"
+            )
+        if u.out_channels != self.net_out_channels:
+            raise InputError(
+                f"model config: unet.out_channels is {u.out_channels} but {self.variant} "
+                f"(scale_factor {self.k}) needs {self.net_out_channels}"
+            )
+        n_index = _index_classes(u)
+        if self.use_index_embedding and n_index < self.out_slices:
+            raise InputError(
+                f"model config: unet has {n_index} index embeddings but {self.variant} "
+                f"with z factor {self.k} needs {self.out_slices} (indices 0..{self.k - 2})"
+            )
+        if not self.use_index_embedding and n_index:
+            raise InputError(
+                f"model config: unet has an index embedding ({n_index}) but "
+                "use_index_embedding is false; set one or the other"
+            )
+
+    def describe(self) -> str:
+        """Short human description, e.g. ``vemdiffuse-i (isotropic, z×4)``."""
+        if self.task == "denoise":
+            what = "denoise"
+        elif self.task == "super-resolve":
+            what = f"super-resolve, xy×{self.k}"
+        else:
+            what = f"isotropic, z×{self.k}"
+        return f"{self.variant} ({what})"
+
+    # ---- JSON --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["unet"] = _jsonable(dataclasses.asdict(self.unet))
+        out["voxel_size_nm"] = None if self.voxel_size_nm is None else list(self.voxel_size_nm)
+        out["schedule"] = _jsonable(dict(self.schedule))
+        out["normalization"] = {k: float(v) for k, v in self.normalization.items()}
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        if not isinstance(data, Mapping):
+            raise InputError("model config: expected a JSON object")
+        data = dict(data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"model config: unknown field(s) {', '.join(unknown)}")
+        for required in ("variant", "task", "scale_factor", "unet"):
+            if required not in data:
+                raise InputError(f"model config: missing field {required!r}")
+        data["unet"] = _unet_from_dict(data["unet"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"model config: not valid JSON ({error})") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _index_classes(unet: UNetConfig) -> int:
+    """How many index embeddings the UNet has (0 = none)."""
+    for name in ("num_indices", "num_classes", "n_index", "index_classes"):
+        value = getattr(unet, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _index_field() -> str:
+    names = {f.name for f in dataclasses.fields(UNetConfig)}
+    for name in ("num_indices", "num_classes", "n_index", "index_classes"):
+        if name in names:
+            return name
+    raise RuntimeError("UNetConfig has no index-embedding field")
+
+
+def _unet_from_dict(data: Any) -> UNetConfig:
+    if isinstance(data, UNetConfig):
+        return data
+    if not isinstance(data, Mapping):
+        raise InputError("model config: field 'unet' must be a JSON object")
+    names = {f.name: f for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InputError(f"model config: unknown unet field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return UNetConfig(**kwargs)
+    except TypeError as error:
+        raise InputError(f"model config: bad 'unet' field ({error})") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _validate_schedule(schedule: Any) -> None:
+    if not isinstance(schedule, Mapping):
+        raise InputError("model config: field 'schedule' must be an object")
+    kind = schedule.get("kind")
+    if kind not in SCHEDULE_KINDS:
+        raise InputError(
+            f"model config: schedule.kind {kind!r} unknown; choose one of "
+            f"{', '.join(SCHEDULE_KINDS)}"
+        )
+    steps = schedule.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise InputError(f"model config: schedule.steps {steps!r} must be an integer >= 2")
+    if kind == "linear":
+        lo, hi = schedule.get("beta_start"), schedule.get("beta_end")
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi < 1):
+            raise InputError(
+                f"model config: linear schedule needs 0 < beta_start < beta_end < 1, "
+                f"got {lo!r}, {hi!r}"
+            )
+
+
+def _validate_normalization(norm: Any) -> None:
+    if not isinstance(norm, Mapping) or set(norm) != {"low", "high"}:
+        raise InputError(
+            'model config: field \'normalization\' must be {"low": float, "high": float}'
+        )
+    lo, hi = norm["low"], norm["high"]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)) or hi <= lo:
+        raise InputError(
+            f"model config: normalization low={lo!r}, high={hi!r} must be finite with low < high"
+        )
+
+
+def make_unet_config(
+    variant: str,
+    *,
+    size: str = "tiny",
+    scale_factor: int | None = None,
+    use_index_embedding: bool = False,
+    dims: int = 2,
+) -> UNetConfig:
+    """The UNet architecture of a preset (channels follow the variant's contract)."""
+    if size not in _SIZES:
+        raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    task = VARIANTS[variant]
+    k = _default_scale(task) if scale_factor is None else int(scale_factor)
+    if task == "isotropic":
+        out = 1 if use_index_embedding else k - 1
+        cond = 2
+    else:
+        out, cond = 1, 1
+    preset = dict(_SIZES[size])
+    kwargs: dict[str, Any] = {
+        "dims": dims,
+        "in_channels": cond + out,
+        "out_channels": out,
+        **preset,
+    }
+    names = {f.name for f in dataclasses.fields(UNetConfig)}
+    kwargs = {key: value for key, value in kwargs.items() if key in names}
+    if use_index_embedding and task == "isotropic":
+        kwargs[_index_field()] = max(k - 1, 1)
+    return UNetConfig(**kwargs)
+
+
+def _default_scale(task: str) -> int:
+    return {"denoise": 1, "super-resolve": 2, "isotropic": 4}[task]
+
+
+def make_config(
+    variant: str,
+    size: str = "tiny",
+    *,
+    scale_factor: int | None = None,
+    prediction: str = "eps",
+    loss: str = "mse",
+    schedule: Mapping[str, Any] | None = None,
+    use_index_embedding: bool = False,
+    dims: int = 2,
+    normalization: Mapping[str, float] | None = None,
+    voxel_size_nm: tuple[float, ...] | None = None,
+    training_data: str = "",
+) -> ModelConfig:
+    """A named preset: ``variant`` in ``VARIANTS``, ``size`` in ``tiny|small|reference``.
+
+    ``scale_factor`` is the xy factor for emdiffuse-r (default 2), the z factor for
+    vemdiffuse-i/-a (default 4) and 1 for emdiffuse-n. ``dims=3`` gives a 3D UNet (denoise and
+    super-resolve only). Defaults follow the reference: linear schedule over 2000 steps,
+    epsilon prediction, MSE.
+    """
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    task = VARIANTS[variant]
+    k = _default_scale(task) if scale_factor is None else scale_factor
+    unet = make_unet_config(
+        variant, size=size, scale_factor=k, use_index_embedding=use_index_embedding, dims=dims
+    )
+    return ModelConfig(
+        variant=variant,
+        task=task,
+        scale_factor=k,
+        unet=unet,
+        schedule=dict(REFERENCE_SCHEDULE if schedule is None else schedule),
+        prediction=prediction,
+        loss=loss,
+        normalization=dict(normalization or {"low": 0.0, "high": 1.0}),
+        voxel_size_nm=voxel_size_nm,
+        training_data=training_data,
+        use_index_embedding=use_index_embedding,
+    )

@@ -1,0 +1,565 @@
+"""``enhance``: a model and a volume of any size -> an enhanced multiscale OME-Zarr.
+
+Steps: open the input (read-only) and the model; check that they fit; refuse an existing
+output unless overwrite/resume; fix the intensity normalisation once; lay the global tile
+lattice and the output chunks; report the plan; create the output (and the uncertainty
+image when ``samples >= 2``) and store the run config; run one task per unfinished output
+chunk (each reads its input region, runs its tiles, blends, writes its region and a
+finished-chunk marker); build the pyramid and write the metadata last.
+
+Output grid and voxel size per task (input voxel size ``(vz, vy, vx)`` nm):
+
+- denoise: same grid, same voxel size.
+- super-resolution ×k: ``(nz, k*ny, k*nx)``, voxel ``(vz, vy/k, vx/k)``; the translation
+  moves by ``-(k-1)/(2k)`` input voxels in y and x so output voxel centres tile the input
+  voxels.
+- isotropic ×k: ``((nz-1)*k + 1, ny, nx)``, voxel ``(vz/k, vy, vx)``; input slice i is
+  output slice ``i*k`` unchanged; the ``k - 1`` slices between come from the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from emdiffuse.errors import InputError
+from emdiffuse.pipeline import resume as record
+from emdiffuse.pipeline.graph import build_graph, run_graph
+from emdiffuse.pipeline.lattice import Lattice, iter_chunks
+from emdiffuse.pipeline.normalize import from_model, sample_percentiles
+from emdiffuse.pipeline.plan import Plan, make_plan
+from emdiffuse.pipeline.workers import RunSpec, get_enhancer
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+DEFAULT_TILE_MAX = 256
+DEFAULT_CHUNK_YX = 512
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def choose_tile(
+    output_yx: tuple[int, int], multiple: int, xy_scale: int, tile: int | None, overlap: int | None
+) -> tuple[int, int]:
+    """Tile and overlap on the output grid (validated, defaults filled in).
+
+    Default tile: the smallest multiple of ``multiple`` covering the larger yx side, at most
+    256 (rounded up to ``multiple``); default overlap: a quarter of the tile, rounded down to
+    a multiple of ``xy_scale``.
+    """
+    step = math.lcm(multiple, xy_scale)
+    if tile is None:
+        tile = min(_round_up(max(output_yx), step), _round_up(DEFAULT_TILE_MAX, step))
+    tile = _check_positive_int("tile", tile)
+    if tile % step:
+        raise InputError(
+            f"tile {tile} must be a multiple of {step} for this model (output-grid voxels); "
+            f"try --tile {_round_up(tile, step)}"
+        )
+    if overlap is None:
+        overlap = (tile // 4) // xy_scale * xy_scale
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)):
+        raise InputError(f"overlap must be an integer, got {overlap!r}")
+    overlap = int(overlap)
+    if not 0 <= overlap < tile:
+        raise InputError(f"overlap {overlap} must be >= 0 and smaller than the tile ({tile})")
+    if overlap % xy_scale:
+        raise InputError(
+            f"overlap {overlap} must be a multiple of the super-resolution factor {xy_scale}"
+        )
+    return tile, overlap
+
+
+def default_chunks(output_shape: tuple[int, int, int], z_scale: int) -> tuple[int, int, int]:
+    """Output chunks: 2 input intervals (isotropic) or 4 slices along z, 512 in y and x."""
+    nz, ny, nx = output_shape
+    cz = 2 * z_scale if z_scale > 1 else 4
+    return min(nz, cz), min(ny, DEFAULT_CHUNK_YX), min(nx, DEFAULT_CHUNK_YX)
+
+
+def _parse_chunks(chunks, output_shape, z_scale, ndim) -> tuple[int, int, int]:
+    if chunks is None:
+        result = default_chunks(output_shape, z_scale)
+    else:
+        if isinstance(chunks, (int, np.integer)):
+            chunks = (chunks,) * ndim
+        chunks = tuple(chunks)
+        if len(chunks) != ndim:
+            raise InputError(
+                f"chunks {chunks} must have one size per axis ({ndim}: "
+                f"{'zyx' if ndim == 3 else 'yx'})"
+            )
+        for c in chunks:
+            _check_positive_int("each chunk size", c)
+        result = (1, *chunks) if ndim == 2 else chunks
+        result = tuple(min(int(c), s) for c, s in zip(result, output_shape, strict=True))
+    if ndim == 2:
+        result = (1, *result[1:])
+    return tuple(int(c) for c in result)
+
+
+def _output_geometry(volume, config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Output voxel size and translation (zyx nm, or yx for 2D)."""
+    vs = tuple(float(v) for v in volume.voxel_size)
+    tr = tuple(float(t) for t in (volume.translation or (0.0,) * len(vs)))
+    k_xy, k_z = config.xy_scale, config.z_scale
+    if volume.ndim == 2:
+        vs, tr = (1.0, *vs), (0.0, *tr)
+    out_vs = (vs[0] / k_z, vs[1] / k_xy, vs[2] / k_xy)
+    shift = [0.0, -vs[1] * (k_xy - 1) / (2 * k_xy), -vs[2] * (k_xy - 1) / (2 * k_xy)]
+    out_tr = tuple(t + s for t, s in zip(tr, shift, strict=True))
+    if volume.ndim == 2:
+        return out_vs[1:], out_tr[1:]
+    return out_vs, out_tr
+
+
+def _check_model_fits(volume, config, *, voxel_tolerance: float = 0.5) -> None:
+    """Refuse a model whose task does not fit the input."""
+    if config.dims != 2:
+        raise InputError(
+            f"{config.describe()} is a 3D network; enhance runs 2D networks slice by slice; "
+            "use a 2D checkpoint"
+        )
+    if config.isotropic:
+        if volume.ndim != 3:
+            raise InputError(
+                f"{config.describe()} reconstructs z-slices but the input is 2D (yx); "
+                "give a 3D (zyx) volume or a denoise/super-resolve checkpoint"
+            )
+        if volume.shape[0] < 2:
+            raise InputError(
+                f"{config.describe()} needs at least 2 z-slices, the input has "
+                f"{volume.shape[0]}; give a 3D volume"
+            )
+        vz, vy, vx = volume.voxel_size
+        ratio = float(vz) / float(min(vy, vx))
+        if abs(ratio / config.z_scale - 1.0) > voxel_tolerance:
+            raise InputError(
+                f"the input's z step is {ratio:.3g}x its xy voxel size but {config.describe()} "
+                f"fills in {config.z_scale}x; check --voxel-size or use a model for this factor"
+            )
+
+
+def _run_config(
+    *,
+    volume,
+    level,
+    model_hash,
+    config,
+    steps,
+    samples,
+    seed,
+    tile,
+    overlap,
+    sampler,
+    chunks,
+    norm,
+    dtype,
+    output_shape,
+) -> dict:
+    return {
+        "input": os.path.abspath(volume.path)
+        if "://" not in str(volume.path)
+        else str(volume.path),
+        "input_level": int(level),
+        "input_shape": list(map(int, volume.shape)),
+        "model_sha256": model_hash,
+        "variant": config.variant,
+        "scale_factor": int(config.scale_factor),
+        "steps": int(steps),
+        "samples": int(samples),
+        "seed": int(seed),
+        "tile": int(tile),
+        "overlap": int(overlap),
+        "sampler": sampler,
+        "chunks": list(map(int, chunks)),
+        "normalization": norm.to_dict(),
+        "dtype": str(np.dtype(dtype)),
+        "output_shape": list(map(int, output_shape)),
+    }
+
+
+def measure_seconds_per_tile(enhancer, lattice: Lattice, *, steps: int, sampler: str) -> float:
+    """Time one tile (all steps, one sample) on this process's enhancer."""
+    t = lattice.tile // lattice.xy_scale
+    cond = np.zeros((1, enhancer.in_slices, t, t), dtype=np.float32)
+    noise = np.random.default_rng(0).standard_normal(
+        (1, enhancer.out_slices, lattice.tile, lattice.tile), dtype=np.float32
+    )
+    shape = noise.shape
+    start = time.perf_counter()
+    enhancer.enhance(
+        cond, noise, sampler=sampler, steps=steps, step_noise=lambda i: np.zeros(shape, np.float32)
+    )
+    return time.perf_counter() - start
+
+
+def prepare(
+    input,
+    model,
+    output,
+    *,
+    steps: int = 8,
+    samples: int = 1,
+    seed: int = 0,
+    tile: int | None = None,
+    overlap: int | None = None,
+    sampler: str = "dpmpp_2m",
+    chunks=None,
+    normalize: str = "model",
+    dtype=None,
+    voxel_size=None,
+    level: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 4,
+    resume: bool = False,
+    overwrite: bool = False,
+    check_output: bool = True,
+) -> tuple[RunSpec, dict, object]:
+    """Validate everything and build the run's :class:`RunSpec` (nothing is written).
+
+    Returns ``(spec, run_config, volume)``.
+    """
+    from emdiffuse.models.checkpoints import load_checkpoint
+    from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output
+
+    steps = _check_positive_int("steps", steps)
+    samples = _check_positive_int("samples", samples)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if normalize not in ("model", "auto"):
+        raise InputError(f"normalize must be 'model' or 'auto', got {normalize!r}")
+    if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+    volume = open_volume(str(input), level=level, voxel_size=voxel_size)
+    if volume.ndim not in (2, 3):
+        raise InputError(f"input has {volume.ndim} axes; enhance takes zyx or yx volumes")
+    if dtype is None:
+        dtype = volume.dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise InputError(f"unknown dtype {dtype!r}; use e.g. uint8, uint16 or float32") from None
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"output dtype {dtype} is not an integer or float type")
+
+    model = str(model)
+    config, _ = load_checkpoint(model)
+    _check_model_fits(volume, config)
+    if check_output:
+        refuse_output(str(output), str(input), overwrite=overwrite, resume=resume)
+    check_finite(volume)
+
+    in_shape = tuple(volume.shape) if volume.ndim == 3 else (1, *volume.shape)
+    k_xy = config.xy_scale
+    multiple = math.lcm(2 ** (len(config.unet.channel_mults) - 1), k_xy)
+    out_yx = (in_shape[1] * k_xy, in_shape[2] * k_xy)
+    tile, overlap = choose_tile(out_yx, multiple, k_xy, tile, overlap)
+    lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale)
+    out_chunks = _parse_chunks(chunks, lattice.output_shape, config.z_scale, volume.ndim)
+
+    norm = (
+        from_model(config) if normalize == "model" else sample_percentiles(volume.data, seed=seed)
+    )
+    spec = RunSpec(
+        input_path=str(volume.path),
+        input_level=int(level),
+        input_voxel_size=tuple(float(v) for v in volume.voxel_size),
+        input_ndim=volume.ndim,
+        checkpoint=os.path.abspath(model),
+        device=device,
+        precision=precision,
+        lattice=lattice,
+        chunks=out_chunks,
+        output_path=str(output),
+        normalization=norm,
+        dtype=str(dtype),
+        seed=int(seed),
+        steps=steps,
+        samples=samples,
+        sampler=sampler,
+        batch_size=batch_size,
+    )
+    run_config = _run_config(
+        volume=volume,
+        level=level,
+        model_hash=record.file_sha256(model),
+        config=config,
+        steps=steps,
+        samples=samples,
+        seed=seed,
+        tile=tile,
+        overlap=overlap,
+        sampler=sampler,
+        chunks=out_chunks,
+        norm=norm,
+        dtype=dtype,
+        output_shape=lattice.output_shape,
+    )
+    return spec, run_config, volume
+
+
+def _create_outputs(
+    spec: RunSpec, volume, config_voxel: tuple, config_translation: tuple, overwrite: bool
+):
+    from emdiffuse.pipeline.io import create_image
+
+    axes = "zyx" if spec.input_ndim == 3 else "yx"
+    shape = spec.lattice.output_shape if spec.input_ndim == 3 else spec.lattice.output_shape[1:]
+    chunks = spec.chunks if spec.input_ndim == 3 else spec.chunks[1:]
+    if overwrite:
+        record.clear_record(spec.output_path)
+    create_image(
+        spec.output_path,
+        shape=shape,
+        dtype=spec.dtype,
+        chunks=chunks,
+        voxel_size=config_voxel,
+        axes=axes,
+        translation=config_translation,
+        overwrite=overwrite,
+    )
+    if spec.samples > 1:
+        create_image(
+            spec.uncertainty_path,
+            shape=shape,
+            dtype="float32",
+            chunks=chunks,
+            voxel_size=config_voxel,
+            axes=axes,
+            translation=config_translation,
+            overwrite=True,
+            name="uncertainty",
+        )
+
+
+def _finalize(spec: RunSpec, voxel: tuple, translation: tuple) -> None:
+    from emdiffuse.pipeline.io import finalize_image
+
+    axes = "zyx" if spec.input_ndim == 3 else "yx"
+    finalize_image(spec.output_path, voxel_size=voxel, axes=axes, translation=translation)
+    if spec.samples > 1:
+        finalize_image(spec.uncertainty_path, voxel_size=voxel, axes=axes, translation=translation)
+
+
+def _make_client(workers: int | None, threads_per_worker: int | None, address: str | None):
+    """A Client: to ``address``, or a LocalCluster (one worker per GPU with GPU=1, else
+    ``workers`` CPU worker processes). Returns ``(client, owned)``."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        return Client(address), True
+    import torch
+
+    if torch.cuda.is_available():
+        n = workers or torch.cuda.device_count()
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker or 1,
+            processes=True,
+            resources={"GPU": 1},
+        )
+    else:
+        cluster = LocalCluster(
+            n_workers=workers or 2,
+            threads_per_worker=threads_per_worker or 1,
+            processes=True,
+        )
+    return Client(cluster), True
+
+
+def enhance(
+    input,
+    model,
+    output,
+    *,
+    steps: int = 8,
+    samples: int = 1,
+    seed: int = 0,
+    tile: int | None = None,
+    overlap: int | None = None,
+    client=None,
+    sampler: str = "dpmpp_2m",
+    chunks=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    normalize: str = "model",
+    dtype=None,
+    progress: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    voxel_size=None,
+    level: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 4,
+    dry_run: bool = False,
+    seconds_per_tile: float | None = None,
+    chunk_hook: Callable[[tuple], None] | None = None,
+):
+    """Enhance ``input`` (OME-Zarr or TIFF) with checkpoint ``model`` into OME-Zarr ``output``.
+
+    Returns the output as an ``xarray.DataArray`` (lazy, dims zyx or yx, coords in nm), or
+    the :class:`~emdiffuse.pipeline.plan.Plan` when ``dry_run``.
+
+    Scheduling: ``client`` (a ``distributed.Client``) if given; else ``scheduler="threads"``
+    runs on Dask's threaded scheduler in this process (small jobs); ``scheduler`` an address
+    (``tcp://...``) connects to that cluster; otherwise a LocalCluster is started (one
+    worker per GPU, or ``workers`` CPU worker processes) and closed at the end.
+    ``samples >= 2`` writes the mean and, as the child image ``uncertainty``, the per-voxel
+    standard deviation over samples. ``resume`` continues an interrupted run with the same
+    settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
+    ``chunk_hook(index)`` is called at the start of every chunk task (instrumentation).
+    """
+    from emdiffuse.pipeline.io import open_volume
+
+    if resume and overwrite:
+        raise InputError("pass either resume or overwrite, not both")
+    output = str(output)
+    exists = Path(output).exists() if "://" not in output else False
+    spec, run_config, volume = prepare(
+        input,
+        model,
+        output,
+        steps=steps,
+        samples=samples,
+        seed=seed,
+        tile=tile,
+        overlap=overlap,
+        sampler=sampler,
+        chunks=chunks,
+        normalize=normalize,
+        dtype=dtype,
+        voxel_size=voxel_size,
+        level=level,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        resume=resume,
+        overwrite=overwrite,
+        check_output=not dry_run,
+    )
+    if chunk_hook is not None:
+        spec = replace(spec, extra={**spec.extra, "chunk_hook": chunk_hook})
+    voxel, translation = _output_geometry(volume, _ModelContract(spec))
+    resuming = resume and exists
+    done: set = set()
+    if resuming:
+        record.check_run_config(output, run_config)
+        if record.is_complete(output):
+            if progress or dry_run:
+                print(f"{output}: already complete", file=sys.stderr)
+            return open_volume(output).to_xarray()
+        done = record.done_chunks(output)
+
+    all_chunks = list(iter_chunks(spec.lattice.output_shape, spec.chunks))
+    todo = [c for c in all_chunks if tuple(c) not in done]
+
+    if progress or dry_run:
+        if seconds_per_tile is None and todo:
+            enhancer = get_enhancer(spec.checkpoint, device, precision)
+            seconds_per_tile = measure_seconds_per_tile(
+                enhancer, spec.lattice, steps=steps, sampler=sampler
+            )
+        plan = estimate_plan(
+            spec,
+            done=len(all_chunks) - len(todo),
+            seconds_per_tile=seconds_per_tile,
+            workers=_expected_workers(client, scheduler, workers),
+        )
+        print(plan.report(), file=sys.stderr)
+        if dry_run:
+            return plan
+
+    if not resuming:
+        _create_outputs(spec, volume, voxel, translation, overwrite=overwrite or exists)
+        record.write_run_config(output, run_config)
+
+    owned = None
+    if (
+        client is None
+        and scheduler not in (None, "threads")
+        and not str(scheduler).startswith(("tcp://", "tls://", "ucx://", "inproc://"))
+    ):
+        raise InputError(
+            f"scheduler must be 'threads' or an address like tcp://host:8786, got {scheduler!r}"
+        )
+    if client is None and scheduler != "threads":
+        client, _ = _make_client(workers, threads_per_worker, scheduler)
+        owned = client
+        if progress:
+            print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+    try:
+        graph, keys = build_graph(spec, todo)
+        run_graph(
+            graph,
+            keys,
+            client=client,
+            num_workers=(workers or 1) if scheduler == "threads" else None,
+            progress=progress,
+        )
+    finally:
+        if owned is not None:
+            cluster = getattr(owned, "cluster", None)
+            owned.close()
+            if cluster is not None:
+                cluster.close()
+
+    _finalize(spec, voxel, translation)
+    record.mark_complete(output)
+    return open_volume(output).to_xarray()
+
+
+def _expected_workers(client, scheduler, workers) -> int:
+    """How many tasks run at once (for the time estimate)."""
+    if client is not None:
+        return max(1, len(client.scheduler_info().get("workers", {})))
+    if scheduler == "threads":
+        return max(1, workers or 1)
+    import torch
+
+    return workers or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+
+
+class _ModelContract:
+    """The task factors of a spec, shaped like a model config for ``_output_geometry``."""
+
+    def __init__(self, spec: RunSpec):
+        self.xy_scale = spec.lattice.xy_scale
+        self.z_scale = spec.lattice.z_scale
+
+
+def estimate_plan(
+    spec: RunSpec, *, done: int = 0, seconds_per_tile: float | None = None, workers: int = 1
+) -> Plan:
+    """The :class:`Plan` of a prepared run."""
+    return make_plan(
+        spec.lattice,
+        spec.chunks,
+        steps=spec.steps,
+        samples=spec.samples,
+        sampler=spec.sampler,
+        seconds_per_tile=seconds_per_tile,
+        workers=workers,
+        done=done,
+    )

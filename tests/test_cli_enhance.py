@@ -1,0 +1,144 @@
+"""`emdiffuse enhance` end to end: runs, plan, resume, and bad inputs (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from emdiffuse.cli import main
+from emdiffuse.models.checkpoints import save_checkpoint
+from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.variants import make_config
+from emdiffuse.pipeline.io import open_volume, write_image
+
+FAST = ["--steps", "2", "--tile", "16", "--overlap", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    files = {}
+    for variant, kwargs in (("emdiffuse-n", {}), ("vemdiffuse-i", {"scale_factor": 2})):
+        config = make_config(variant, "tiny", normalization={"low": 0.0, "high": 255.0}, **kwargs)
+        path = root / f"{variant}.safetensors"
+        save_checkpoint(path, Enhancer.from_config(config, seed=0).net.state_dict(), config)
+        files[variant] = str(path)
+    rng = np.random.default_rng(1)
+    data = rng.integers(20, 230, size=(2, 24, 24), dtype=np.uint8)
+    files["in"] = str(root / "in.ome.zarr")
+    write_image(da.from_array(data), files["in"], voxel_size=(8.0, 8.0, 8.0))
+    files["2d"] = str(root / "in2d.ome.zarr")
+    write_image(da.from_array(data[0]), files["2d"], voxel_size=(8.0, 8.0), axes="yx")
+    return files
+
+
+def test_enhance_threads_then_resume_complete(files, tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    code = main(
+        ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], "--threads", *FAST]
+    )
+    assert code == 0
+    vol = open_volume(str(out))
+    assert vol.shape == (2, 24, 24) and vol.dtype == np.uint8
+    assert "wrote" in capsys.readouterr().out
+    code = main(
+        [
+            "enhance",
+            files["in"],
+            str(out),
+            "--model",
+            files["emdiffuse-n"],
+            "--threads",
+            "--resume",
+            "--steps",
+            "2",
+            "--tile",
+            "16",
+            "--overlap",
+            "4",
+        ]
+    )
+    assert code == 0
+    assert "already complete" in capsys.readouterr().err
+
+
+def test_enhance_local_cluster_with_dashboard(files, tmp_path, capsys):
+    out = tmp_path / "lc.zarr"
+    code = main(
+        [
+            "enhance",
+            files["in"],
+            str(out),
+            "--model",
+            files["emdiffuse-n"],
+            "--workers",
+            "1",
+            "--steps",
+            "2",
+            "--tile",
+            "16",
+            "--overlap",
+            "4",
+            "--dtype",
+            "float32",
+        ]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "dashboard:" in err and "network evaluations" in err
+    assert open_volume(str(out)).dtype == np.float32
+
+
+def test_dry_run_prints_plan_only(files, tmp_path, capsys):
+    out = tmp_path / "dry.zarr"
+    code = main(
+        [
+            "enhance",
+            files["in"],
+            str(out),
+            "--model",
+            files["emdiffuse-n"],
+            "--dry-run",
+            "--steps",
+            "3",
+            "--tile",
+            "16",
+            "--overlap",
+            "4",
+        ]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "tiles:" in err and "estimated time" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--model", "{vemdiffuse-i}", "--threads"], "2D"),  # isotropic model on a 2D input
+        (["--model", "{emdiffuse-n}", "--threads", "--tile", "10"], "multiple"),
+        (["--model", "{emdiffuse-n}", "--threads", "--samples", "0"], "samples"),
+        (["--model", "/nonexistent.safetensors", "--threads"], "does not exist"),
+    ],
+)
+def test_bad_inputs_exit_2(files, tmp_path, capsys, args, match):
+    out = tmp_path / "bad.zarr"
+    args = [a.format(**files) for a in args]
+    code = main(["enhance", files["2d"], str(out), *args, "--steps", "2", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_refused(files, tmp_path, capsys):
+    out = tmp_path / "exists.zarr"
+    out.mkdir()
+    code = main(
+        ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], "--threads", *FAST]
+    )
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert list(out.iterdir()) == []

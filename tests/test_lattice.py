@@ -1,0 +1,176 @@
+"""Global tile lattice: coverage, partition of unity, chunking invariance (property tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emdiffuse.pipeline.blend import Accumulator, window_2d
+from emdiffuse.pipeline.lattice import AxisTiling, Lattice, chunk_box, iter_chunks
+from emdiffuse.pipeline.noise import tile_noise
+from emdiffuse.pipeline.plan import make_plan
+
+
+@st.composite
+def lattices(draw):
+    k = draw(st.sampled_from([1, 2]))
+    z_scale = draw(st.sampled_from([1, 1, 3])) if k == 1 else 1
+    nz = draw(st.integers(2 if z_scale > 1 else 1, 4))
+    ny = draw(st.integers(1, 40))
+    nx = draw(st.integers(1, 40))
+    tile = k * draw(st.integers(2, 16))
+    overlap = k * draw(st.integers(0, tile // k - 1))
+    return Lattice((nz, ny, nx), tile, overlap, xy_scale=k, z_scale=z_scale)
+
+
+@st.composite
+def chunkings(draw, shape):
+    return tuple(draw(st.integers(1, max(1, s))) for s in shape)
+
+
+def blend_chunked(lattice: Lattice, chunks) -> tuple[np.ndarray, np.ndarray]:
+    """Blend a tile-keyed random field chunk by chunk; also return the per-voxel sum of
+    normalised weights."""
+    out_shape = lattice.output_shape
+    out = np.full(out_shape, np.nan)
+    weight_sum = np.zeros(out_shape)
+    T = lattice.tile
+    window = window_2d(T, lattice.overlap)
+    for index in iter_chunks(out_shape, chunks):
+        box = chunk_box(index, out_shape, chunks)
+        acc = Accumulator(box)
+        tiles = lattice.tiles_in(box)
+        for tile in tiles:
+            values = tile_noise(
+                7, 0, lattice.tile_origin(tile), -1, (lattice.tile_output_slices, T, T)
+            )
+            acc.add(lattice.tile_output_box(tile), values.astype(np.float64), window)
+        sl = tuple(slice(a, b) for a, b in box)
+        out[sl] = acc.result()
+        # normalised weights of each tile, summed
+        ws = np.zeros(acc.weight.shape)
+        for tile in tiles:
+            one = Accumulator(box)
+            one.add(
+                lattice.tile_output_box(tile), np.ones((lattice.tile_output_slices, T, T)), window
+            )
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ws += np.where(acc.weight > 0, one.weight / acc.weight, 0.0)
+        weight_sum[sl] = ws
+    return out, weight_sum
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_coverage_partition_of_unity_and_chunking_invariance(data):
+    lattice = data.draw(lattices())
+    shape = lattice.output_shape
+    chunks_a = data.draw(chunkings(shape))
+    chunks_b = data.draw(chunkings(shape))
+    out_a, wsum_a = blend_chunked(lattice, chunks_a)
+    out_b, _ = blend_chunked(lattice, chunks_b)
+
+    modelled = np.ones(shape, dtype=bool)
+    for z_out, z_in in lattice.kept_slices(0, shape[0]):
+        assert z_out == z_in * lattice.z_scale
+        modelled[z_out] = False
+    # every modelled voxel covered, and only kept slices are not
+    assert np.isfinite(out_a[modelled]).all()
+    assert np.isnan(out_a[~modelled]).all()
+    # normalised weights sum to one everywhere they apply
+    np.testing.assert_allclose(wsum_a[modelled], 1.0, atol=1e-12)
+    # a voxel's value does not depend on the chunking
+    np.testing.assert_allclose(out_a[modelled], out_b[modelled], rtol=0, atol=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    length_in=st.integers(1, 200),
+    scale=st.sampled_from([1, 2, 4]),
+    tile_in=st.integers(1, 40),
+    data=st.data(),
+)
+def test_axis_tiling_is_inside_and_covers(length_in, scale, tile_in, data):
+    overlap_in = data.draw(st.integers(0, tile_in - 1))
+    axis = AxisTiling(length_in * scale, tile_in * scale, overlap_in * scale, scale)
+    origins = axis.origins
+    assert origins[0] == 0
+    assert (np.diff(origins) > 0).all()
+    assert (origins % scale == 0).all()
+    covered = np.zeros(axis.length, dtype=bool)
+    for i in range(len(axis)):
+        a, b = axis.output_extent(i)
+        ia, ib = axis.input_extent(i)
+        assert 0 <= ia < ib <= length_in  # never reads outside the volume
+        assert (ia * scale, ib * scale) == (a, b)
+        covered[a:b] = True
+    assert covered.all()
+    if length_in >= tile_in:
+        assert origins[-1] + axis.tile == axis.length  # last tile ends at the edge
+        # stride is tile - overlap except for the last (shifted) tile
+        assert (np.diff(origins)[:-1] == axis.tile - axis.overlap).all()
+    # tiles_between agrees with brute force
+    start = data.draw(st.integers(0, axis.length - 1))
+    stop = data.draw(st.integers(start + 1, axis.length))
+    brute = [i for i in range(len(axis)) if origins[i] < stop and origins[i] + axis.tile > start]
+    assert list(axis.tiles_between(start, stop)) == brute
+
+
+def test_isotropic_units_and_kept_slices():
+    lat = Lattice((4, 10, 10), 8, 2, z_scale=3)
+    assert lat.output_shape == (10, 10, 10)
+    assert lat.n_units == 3
+    assert [lat.unit_output_z(u) for u in range(3)] == [(1, 3), (4, 6), (7, 9)]
+    assert lat.kept_slices(0, 10) == [(0, 0), (3, 1), (6, 2), (9, 3)]
+    for z0 in range(10):
+        for z1 in range(z0 + 1, 11):
+            brute = [u for u in range(3) if u * 3 + 1 < z1 and u * 3 + 3 > z0]
+            assert list(lat.units_between(z0, z1)) == brute
+    # a chunk holding only the kept slice 3 needs no model tile but reads input slice 1
+    assert lat.tiles_in(((3, 4), (0, 10), (0, 10))) == []
+    assert lat.read_box(((3, 4), (0, 10), (0, 10))) == ((1, 2), (0, 10), (0, 10))
+
+
+def test_super_resolution_grid_and_read_box():
+    lat = Lattice((2, 20, 30), 16, 4, xy_scale=2)
+    assert lat.output_shape == (2, 40, 60)
+    box = ((1, 2), (16, 32), (0, 60))
+    read = lat.read_box(box)
+    assert read[0] == (1, 2)
+    for tile in lat.tiles_in(box):
+        tb = lat.tile_input_box(tile)
+        for (ra, rb), (ta, tb_) in zip(read, tb, strict=True):
+            assert ra <= ta and tb_ <= rb
+    assert 0 <= read[1][0] and read[1][1] <= 20 and read[2] == (0, 30)
+
+
+def test_small_volume_single_padded_tile():
+    lat = Lattice((1, 5, 7), 16, 4)
+    assert len(lat.y) == 1 and len(lat.x) == 1
+    assert lat.tile_output_box(next(lat.all_tiles())) == ((0, 1), (0, 5), (0, 7))
+
+
+def test_invalid_lattices_raise():
+    with pytest.raises(ValueError):
+        AxisTiling(10, 8, 8)
+    with pytest.raises(ValueError):
+        AxisTiling(10, 6, 1, scale=2)
+    with pytest.raises(ValueError):
+        Lattice((1, 8, 8), 4, 0, z_scale=2)
+
+
+def test_plan_counts_match_brute_force():
+    lat = Lattice((5, 50, 70), 16, 4, z_scale=2)
+    chunks = (3, 20, 32)
+    plan = make_plan(lat, chunks, steps=4, samples=2, sampler="ddim", seconds_per_tile=0.5)
+    shape = lat.output_shape
+    brute = sum(len(lat.tiles_in(chunk_box(i, shape, chunks))) for i in iter_chunks(shape, chunks))
+    assert plan.tiles_computed == brute
+    assert plan.n_tiles == len(list(lat.all_tiles()))
+    assert plan.evaluations == brute * 4 * 2
+    assert plan.n_chunks == len(list(iter_chunks(shape, chunks)))
+    assert plan.redundancy == pytest.approx(brute * 1 * 16 * 16 / np.prod(shape))
+    assert plan.estimated_seconds == pytest.approx(0.5 * brute * 2)
+    assert "network evaluations" in plan.report()

@@ -1,0 +1,64 @@
+import math
+
+import numpy as np
+import pytest
+
+from emdiffuse.errors import InputError
+from emdiffuse.pipeline import metrics
+
+
+def _image(seed=0, shape=(64, 64)):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    return (0.5 + 0.3 * np.sin(x / 5.0) * np.cos(y / 7.0) + 0.05 * rng.random(shape)).astype(
+        np.float32
+    )
+
+
+def test_psnr_identical_is_inf_and_known_noise():
+    img = _image().astype(np.float64)
+    assert metrics.psnr(img, img) == math.inf
+    # constant error of 0.1 on a range of 1 -> exactly 20 dB
+    assert metrics.psnr(img + 0.1, img, data_range=1.0) == pytest.approx(20.0, abs=1e-6)
+    # gaussian noise sigma: PSNR ~ 20 log10(range / sigma)
+    rng = np.random.default_rng(1)
+    noisy = img + rng.normal(0, 0.05, img.shape)
+    assert metrics.psnr(noisy, img, data_range=1.0) == pytest.approx(26.02, abs=0.3)
+    assert metrics.psnr(noisy, img, data_range=2.0) == pytest.approx(32.04, abs=0.3)
+
+
+def test_ssim_identical_and_noisy():
+    img = _image()
+    assert metrics.ssim(img, img) == pytest.approx(1.0)
+    noisy = img + np.random.default_rng(2).normal(0, 0.2, img.shape)
+    assert metrics.ssim(noisy, img) < 0.8
+    stack = np.stack([img, img])
+    assert metrics.ssim(stack, stack) == pytest.approx(1.0)
+
+
+def test_frc_identical_is_one_and_noise_lowers_high_frequencies():
+    img = _image(shape=(64, 64))
+    freqs, corr = metrics.frc(img, img)
+    assert len(freqs) == 32 and freqs[0] > 0 and freqs[-1] < 0.5
+    np.testing.assert_allclose(corr, 1.0, atol=1e-9)
+    noisy = img + np.random.default_rng(3).normal(0, 0.3, img.shape)
+    _, c2 = metrics.frc(noisy, img)
+    assert c2[-8:].mean() < 0.5 < c2[:3].mean()
+    assert metrics.frc_resolution(img, img) == 0.5
+    assert metrics.frc_resolution(noisy, img) < 0.5
+
+
+def test_spectrum_error_zero_for_same_and_high_for_blur():
+    from scipy.ndimage import gaussian_filter
+
+    img = np.random.default_rng(4).random((64, 64))
+    assert metrics.spectrum_error(img, img) == pytest.approx(0.0)
+    blurred = gaussian_filter(img, 2.0)
+    assert metrics.spectrum_error(blurred, img) > 1.0
+    f, p = metrics.radial_power_spectrum(img)
+    assert p.shape == f.shape == (32,)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(InputError, match="shapes differ"):
+        metrics.psnr(np.zeros((4, 4)), np.zeros((4, 5)))

@@ -1,0 +1,153 @@
+"""Samplers (emdiffuse.models.samplers): oracle and Gaussian cases with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from emdiffuse.errors import InputError
+from emdiffuse.models import samplers
+from emdiffuse.models.diffusion import Schedule
+
+SCHED = Schedule("linear", 1000, 1e-4, 0.02)
+MU, S = 0.2, 0.3
+
+
+def gaussian_denoiser(x_t, a):
+    """E[x0 | x_t] for x0 ~ N(MU, S^2) per pixel."""
+    a = float(a)
+    gain = S**2 * math.sqrt(a) / (a * S**2 + 1 - a)
+    return MU + gain * (x_t - math.sqrt(a) * MU)
+
+
+def ode_answer(x_T, a_T):
+    """Where the probability-flow ODE maps x_T: the same quantile of the data distribution."""
+    z = (x_T - math.sqrt(a_T) * MU) / math.sqrt(a_T * S**2 + 1 - a_T)
+    return MU + S * z
+
+
+def keyed(shape, seed):
+    def step_noise(i):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100003 + i))
+
+    return step_noise
+
+
+def x_T(shape=(2, 1, 16, 16), seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_ddim_eta0_deterministic_given_noise():
+    x = x_T()
+    den = gaussian_denoiser
+    a = samplers.sample(den, x, SCHED, sampler="ddim", steps=7)
+    b = samplers.sample(den, x.clone(), SCHED, sampler="ddim", steps=7)
+    assert torch.equal(a, b)
+    c = samplers.sample(den, x_T(seed=1), SCHED, sampler="ddim", steps=7)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("dpmpp_2m", 1), ("dpmpp_2m", 5),
+                                           ("ddpm", 20), ("dpmpp_2m_sde", 5)])  # fmt: skip
+def test_oracle_denoiser_reaches_x0(sampler, steps):
+    target = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    x = x_T((2, 1, 8, 8))
+    out = samplers.sample(lambda xt, a: target, x, SCHED, sampler=sampler, steps=steps,
+                          step_noise=keyed(x.shape, 3))  # fmt: skip
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+def test_ode_samplers_converge_to_known_point_dpmpp_faster():
+    x = x_T((1, 1, 32, 32))
+    a_T = float(SCHED.timesteps(1)[0])
+    want = ode_answer(x, a_T)
+    errs = {}
+    for name in ("ddim", "dpmpp_2m"):
+        for steps in (5, 10, 1000):  # default spacing: uniform in log-SNR
+            out = samplers.sample(gaussian_denoiser, x, SCHED, sampler=name, steps=steps)
+            errs[name, steps] = float((out - want).abs().max())
+    assert errs["ddim", 1000] < 5e-3 and errs["dpmpp_2m", 1000] < 5e-3, errs
+    assert errs["dpmpp_2m", 10] < 0.2 * errs["ddim", 10], errs
+    assert errs["dpmpp_2m", 5] < 0.7 * errs["ddim", 5], errs
+    assert errs["dpmpp_2m", 10] < 2e-2, errs
+    # uniform-in-time spacing converges too, slower
+    out = samplers.sample(
+        gaussian_denoiser, x, SCHED, sampler="dpmpp_2m", steps=200, spacing="time"
+    )
+    assert float((out - want).abs().max()) < 5e-3
+
+
+# first-order ancestral steps use the posterior (lower) variance: exact only at many steps
+@pytest.mark.parametrize(
+    "sampler,eta,steps", [("ddpm", 0.0, 1000), ("ddim", 1.0, 1000), ("dpmpp_2m_sde", 1.0, 50)]
+)
+def test_stochastic_samplers_right_mean_and_variance(sampler, eta, steps):
+    shape = (4, 1, 64, 64)  # 16384 independent pixels
+    out = samplers.sample(gaussian_denoiser, x_T(shape, seed=9), SCHED, sampler=sampler,
+                          steps=steps, step_noise=keyed(shape, 11), eta=eta)  # fmt: skip
+    assert float(out.mean()) == pytest.approx(MU, abs=0.01)
+    assert float(out.std()) == pytest.approx(S, rel=0.03)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpmpp_2m_sde", 1.0)])
+def test_stochastic_needs_step_noise_and_is_reproducible(sampler, eta):
+    x = x_T()
+    with pytest.raises(InputError, match="step_noise"):
+        samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=4, eta=eta)
+    a = samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=4,
+                        step_noise=keyed(x.shape, 1), eta=eta)  # fmt: skip
+    b = samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=4,
+                        step_noise=keyed(x.shape, 1), eta=eta)  # fmt: skip
+    c = samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=4,
+                        step_noise=keyed(x.shape, 2), eta=eta)  # fmt: skip
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_ddpm_matches_reference_posterior_loop():
+    """The reference's restoration loop (gammas, posterior coefficients, clipped log-variance)."""
+    T = 60
+    betas = torch.linspace(1e-4, 0.09, T, dtype=torch.float64)
+    gammas = torch.cumprod(1 - betas, 0)
+    gammas_prev = torch.cat([torch.ones(1, dtype=torch.float64), gammas[:-1]])
+    c1 = betas * gammas_prev.sqrt() / (1 - gammas)
+    c2 = (1 - gammas_prev) * (1 - betas).sqrt() / (1 - gammas)
+    logvar = torch.log((betas * (1 - gammas_prev) / (1 - gammas)).clamp(min=1e-20))
+    shape = (1, 1, 8, 8)
+    noise = keyed(shape, 5)
+    y = x_T(shape, seed=3).double()
+    for step, t in enumerate(range(T - 1, -1, -1)):
+        y0 = torch.as_tensor(gaussian_denoiser(y, float(gammas[t])))
+        mean = c1[t] * y0 + c2[t] * y
+        z = noise(step).double() if t > 0 else torch.zeros_like(y)
+        y = mean + z * (0.5 * logvar[t]).exp()
+    ours = samplers.sample(gaussian_denoiser, x_T(shape, seed=3), Schedule("linear", T, 1e-4, 0.09),
+                           sampler="ddpm", steps=T, step_noise=noise)  # fmt: skip
+    assert torch.allclose(ours.double(), y, atol=1e-4)
+
+
+def test_sample_many_mean_and_std():
+    shape = (1, 1, 8, 8)
+    noises = [x_T(shape, seed=k) for k in range(3)]
+    steps = [keyed(shape, k) for k in range(3)]
+    mean, std = samplers.sample_many(gaussian_denoiser, noises, SCHED, sampler="ddpm", steps=6,
+                                     step_noises=steps)  # fmt: skip
+    draws = torch.stack([samplers.sample(gaussian_denoiser, n, SCHED, sampler="ddpm", steps=6,
+                                         step_noise=s) for n, s in zip(noises, steps, strict=True)])  # fmt: skip
+    assert torch.allclose(mean, draws.mean(0)) and torch.allclose(std, draws.std(0, correction=0))
+    assert float(std.mean()) > 0.05
+
+
+def test_registry_nfe_and_bad_input():
+    assert set(samplers.SAMPLERS) >= {"ddpm", "ddim", "dpmpp_2m"}
+    assert samplers.network_evaluations("dpmpp_2m", 8) == 8
+    with pytest.raises(InputError):
+        samplers.network_evaluations("euler", 8)
+    with pytest.raises(InputError):
+        samplers.sample(gaussian_denoiser, x_T(), SCHED, sampler="euler", steps=4)
+    with pytest.raises(InputError):
+        samplers.sample_ddim(gaussian_denoiser, x_T(), torch.tensor([0.5, 0.2, 1.0]))
+    with pytest.raises(InputError):
+        samplers.sample(gaussian_denoiser, x_T(), SCHED, sampler="ddpm", steps=3,
+                        step_noise=lambda i: torch.zeros(3))  # fmt: skip

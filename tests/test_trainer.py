@@ -1,0 +1,145 @@
+"""Trainer: exact resume, outputs (checkpoint, CSV, PNG), fine-tuning, CLI, refusals.
+
+Tiny real models on tiny real zarr volumes; ~10 steps each.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+from emdiffuse.errors import InputError
+from emdiffuse.pipeline import trainer
+
+pytest.importorskip("emdiffuse.models.unet")
+pytest.importorskip("emdiffuse.models.diffusion")
+
+
+def _smooth(shape, seed):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    return gaussian_filter(rng.random(shape), (0, 2, 2)).astype(np.float32)
+
+
+def _write(path, data, chunks=(2, 16, 16)):
+    arr = zarr.create_array(store=LocalStore(str(path)), shape=data.shape, dtype=data.dtype,
+                            chunks=chunks)  # fmt: skip
+    arr[...] = data
+    return zarr.open_array(store=LocalStore(str(path), read_only=True), mode="r")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    clean = _smooth((4, 64, 64), 0)
+    noisy = clean + np.random.default_rng(1).normal(0, 0.05, clean.shape).astype(np.float32)
+    return [_write(root / "noisy.zarr", noisy), _write(root / "clean.zarr", clean)]
+
+
+FAST = dict(
+    size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=1000, val_batch=2,
+    val_steps=2, progress=False, region=32, val_fraction=0.25, device="cpu",
+)  # fmt: skip
+
+
+def _ckpt(out, step):
+    return torch.load(out / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
+
+
+def test_resume_is_exact(tmp_path, pair):
+    a, b = tmp_path / "a", tmp_path / "b"
+    trainer.train("denoise", pair, a, steps=8, ckpt_every=4, **FAST)
+    trainer.train("denoise", pair, b, steps=4, ckpt_every=4, **FAST)  # "interrupted" at 4
+    # the resumed run continues from step 4's state, data position and RNG
+    trainer.train("denoise", pair, b, steps=8, ckpt_every=4, resume=True, **FAST)
+    sa, sb = _ckpt(a, 8), _ckpt(b, 8)
+    assert sa["step"] == sb["step"] == 8
+    for part in ("model", "ema"):
+        for name, tensor in sa[part].items():
+            torch.testing.assert_close(tensor, sb[part][name], rtol=0, atol=0)
+    # and training moved the weights at all
+    s4 = _ckpt(a, 4)
+    assert any(not torch.equal(s4["model"][k], sa["model"][k]) for k in sa["model"])
+
+
+def test_outputs_checkpoint_csv_png(tmp_path, pair):
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    out = tmp_path / "run"
+    path = trainer.train("denoise", pair, out, steps=10, ckpt_every=5, **{**FAST, "val_every": 5})
+    assert path == out / "model.safetensors"
+    config, state = load_checkpoint(path, expect_task="denoise")
+    assert config.prediction == "v" and config.variant == "emdiffuse-n"
+    low, high = config.normalization["low"], config.normalization["high"]
+    assert -0.3 < low < high < 1.3
+    # the stored weights are the EMA ones
+    ema = _ckpt(out, 10)["ema"]
+    for k, v in state.items():
+        torch.testing.assert_close(v, ema[k])
+    rows = list(csv.DictReader((out / "scalars.csv").open()))
+    assert [int(r["step"]) for r in rows] == [5, 10]  # log every 10 + validation every 5
+    val = [r for r in rows if r["val_psnr"]]
+    assert len(val) == 2 and all(np.isfinite(float(r["val_psnr"])) for r in val)
+    assert float(rows[-1]["loss"]) > 0
+    assert (out / "validation" / "step_00000005.png").stat().st_size > 1000
+    assert (out / "settings.json").exists()
+    # a second run into the same directory is refused
+    with pytest.raises(InputError, match="--resume"):
+        trainer.train("denoise", pair, out, steps=2, **FAST)
+
+
+def test_finetune_from_init_and_isotropic(tmp_path, pair):
+    base = trainer.train("isotropic", pair[1:], tmp_path / "iso", steps=3, factor=2,
+                         ckpt_every=10, **FAST)  # fmt: skip
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    config, state = load_checkpoint(base)
+    assert config.variant == "vemdiffuse-i" and config.out_slices == 1
+    tuned = trainer.train("anisotropic", pair[1:], tmp_path / "tuned", steps=2, factor=2,
+                          init=base, ckpt_every=10, **{**FAST, "patch": 4, "region": 16})  # fmt: skip
+    config2, _ = load_checkpoint(tuned)
+    assert config2.variant == "vemdiffuse-a"
+    with pytest.raises(InputError, match="same task"):
+        trainer.train("denoise", pair, tmp_path / "bad", steps=1, init=base, **FAST)
+
+
+def test_lr_warmup_and_keyed_noise():
+    s = trainer.TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
+                              lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
+    assert [trainer.lr_at(i, s) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert trainer.lr_at(9, s) == pytest.approx(0.0, abs=1e-12)
+    n1, u1 = trainer.keyed_noise([3, 4], (1, 4, 4), seed=0)
+    n2, u2 = trainer.keyed_noise([4], (1, 4, 4), seed=0)
+    torch.testing.assert_close(n1[1], n2[0])
+    torch.testing.assert_close(u1[1], u2[0])
+
+
+def test_cli_train_and_bad_input(tmp_path, pair, capsys):
+    from emdiffuse.cli import main
+
+    io = pytest.importorskip("emdiffuse.pipeline.io")
+    paths = []
+    for name, arr in zip(("noisy", "clean"), pair, strict=True):
+        p = tmp_path / f"{name}.ome.zarr"
+        io.write_image(__import__("dask.array").array.from_array(arr[...], chunks=(2, 32, 32)),
+                       str(p), voxel_size=(8.0, 8.0, 8.0))  # fmt: skip
+        paths.append(str(p))
+    out = tmp_path / "cli"
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out", str(out),
+                 "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
+                 "--device", "cpu", "--val-every", "2"])  # fmt: skip
+    assert code == 0 and (out / "model.safetensors").exists()
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    config, _ = load_checkpoint(out / "model.safetensors")
+    assert tuple(config.voxel_size_nm) == (8.0, 8.0, 8.0)
+    code = main(["train", "--task", "denoise", "--data", paths[0], "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "NOISY,CLEAN" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
