@@ -52,7 +52,8 @@ def test_denoise_writes_clean_and_noisy(tmp_path, capsys, io):
     want = add_poisson_gaussian_noise(c / np.float32(255), dose=10, seed=2)
     want = np.clip(want, 0, 1) * 255 + 0.5
     assert np.abs(n.astype(float) - np.floor(want)).max() <= 1
-    assert abs(float(n.mean()) - float(c.mean())) < 3
+    # same mean up to the clipping of bright noisy voxels at 255
+    assert abs(float(n.mean()) - float(c.mean())) < 10
     assert np.std(n.astype(float) - c) > 10  # really noisy at 10 e-/voxel
 
 
@@ -62,6 +63,7 @@ def test_super_resolve_writes_lowres_with_coarser_xy(tmp_path, io):
     low = io.open_volume(str(out / "lowres.ome.zarr"))
     assert low.shape == (16, 12, 10) and low.dtype == np.float32
     np.testing.assert_allclose(low.voxel_size, (8, 32, 32))
+    np.testing.assert_allclose(low.translation, (0, 12, 12))  # block centres, (k-1)/2 * 8 nm
     clean = io.open_volume(str(out / "clean.ome.zarr")).data.compute()
     np.testing.assert_allclose(low.data.compute(), blur_downsample_xy(clean, 4), atol=1e-5)
 
@@ -72,6 +74,7 @@ def test_isotropic_writes_anisotropic_with_coarser_z(tmp_path, io):
     aniso = io.open_volume(str(out / "anisotropic.ome.zarr"))
     assert aniso.shape == (8, 48, 40) and aniso.dtype == np.uint16
     np.testing.assert_allclose(aniso.voxel_size, (16, 8, 8))
+    np.testing.assert_allclose(aniso.translation, (4, 0, 0))  # slab centres
     clean = io.open_volume(str(out / "clean.ome.zarr")).data.compute() / 65535.0
     want = subsample_z(clean.astype(np.float32), 2) * 65535 + 0.5
     assert np.abs(aniso.data.compute().astype(float) - np.floor(want)).max() <= 1

@@ -1,0 +1,50 @@
+"""`emdiffuse convert`: TIFF stack (or OME-Zarr) -> multiscale OME-Zarr 0.5."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert a TIFF stack or OME-Zarr into multiscale OME-Zarr 0.5"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="TIFF stack (.tif/.tiff) or OME-Zarr")
+    parser.add_argument("output", help="output OME-Zarr path (e.g. out.ome.zarr)")
+    parser.add_argument("--voxel-size", help="Z,Y,X in nm (or one number); required if the input lacks it")
+    parser.add_argument("--chunks", type=_ints, default=None, help="output chunks Z,Y,X (default 64,256,256)")
+    parser.add_argument("--levels", type=int, default=None, help="extra pyramid levels (default: automatic)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output, write_image
+
+    refuse_output(args.output, args.input, overwrite=args.overwrite)
+    volume = open_volume(args.input, voxel_size=args.voxel_size)
+    check_finite(volume)
+    if args.chunks is not None and len(args.chunks) != volume.ndim:
+        from emdiffuse.errors import InputError
+
+        raise InputError(f"--chunks has {len(args.chunks)} values but the image has {volume.ndim} axes")
+    write_image(
+        volume.data,
+        args.output,
+        voxel_size=volume.voxel_size,
+        translation=volume.translation,
+        chunks=args.chunks,
+        axes=volume.axes,
+        levels=args.levels,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.output}: shape {volume.shape}, {volume.dtype}, voxel size {volume.voxel_size} nm")
+    return 0
