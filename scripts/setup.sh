@@ -15,3 +15,4 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "${EMDIFFUSE_TORCH:-torch==2.13.0}"
 fi
 python -m pip install -q -e ".[dev]"
+python -m ipykernel install --sys-prefix --name python3 >/dev/null

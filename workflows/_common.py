@@ -1,0 +1,59 @@
+"""Shared argument handling for the workflow scripts (run them, don't import this)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("input", help="input OME-Zarr (path or URL) or TIFF stack")
+    p.add_argument("output", help="output OME-Zarr")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors) for this task")
+    p.add_argument("--scheduler-address", help="tcp://host:port of a running Dask scheduler "
+                   "(dask-jobqueue, dask-gateway, `dask scheduler`); default: a LocalCluster")
+    p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: one per GPU, else 2)")
+    p.add_argument("--steps", type=int, default=8, help="sampler steps (network evaluations per sample)")
+    p.add_argument("--samples", type=int, default=1, help="samples per voxel; >=2 also writes uncertainty/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=None, help="tile side in voxels on the output grid")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in voxels")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
+@contextlib.contextmanager
+def client_for(args: argparse.Namespace):
+    """A distributed Client on the given scheduler, or on a LocalCluster started here."""
+    from distributed import Client, LocalCluster
+
+    if args.scheduler_address:
+        with Client(args.scheduler_address) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=args.workers or 2, threads_per_worker=1) as cluster, Client(cluster) as client:
+        yield client
+
+
+def run(args: argparse.Namespace) -> None:
+    """Enhance ``args.input`` into ``args.output`` on the chosen cluster and say where it went."""
+    import emdiffuse
+
+    with client_for(args) as client:
+        print(f"Dask dashboard: {client.dashboard_link}")
+        result = emdiffuse.enhance(
+            args.input,
+            args.model,
+            args.output,
+            steps=args.steps,
+            samples=args.samples,
+            seed=args.seed,
+            tile=args.tile,
+            overlap=args.overlap,
+            client=client,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    print(f"wrote {args.output}: {dict(result.sizes)} (view: emdiffuse view {args.output})")
