@@ -14,14 +14,16 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 SETUP = """\
-import os, tempfile
+import os
+import tempfile
 from pathlib import Path
-import numpy as np
+
 import matplotlib.pyplot as plt
+import numpy as np
 from distributed import Client, LocalCluster
 
 import emdiffuse
-from emdiffuse.pipeline import io, metrics, synthetic, degrade
+from emdiffuse.pipeline import {modules}
 from emdiffuse.pipeline.trainer import train
 
 SMALL = os.environ.get("EMDIFFUSE_SMALL", "1") == "1"
@@ -37,7 +39,7 @@ print("Dask dashboard:", client.dashboard_link)"""
 SHOW = """\
 def show(images, titles, cmap="gray"):
     fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.4))
-    for ax, image, title in zip(axes, images, titles):
+    for ax, image, title in zip(axes, images, titles, strict=True):
         ax.imshow(image, cmap=cmap)
         ax.set_title(title)
         ax.axis("off")
@@ -64,7 +66,8 @@ model = train("denoise", [str(WORK / "noisy.ome.zarr"), str(WORK / "clean.ome.za
 print("model:", model)""",
         "input": "noisy.ome.zarr",
         "compare": "truth.shape == out.shape",
-        "slice": "z = truth.shape[0] // 2\nshow([truth[z], degraded[z], out[z], std[z]], "
+        "slice": "z = truth.shape[0] // 2\nprint('noise removed:', float(np.std(degraded[z] - out[z])))\n"
+        "show([truth[z], degraded[z], out[z], std[z]], "
         "['clean (truth)', 'noisy input', 'enhanced', 'uncertainty'])",
         "metric": "print(f'PSNR noisy {metrics.psnr(degraded, truth):.2f} dB -> enhanced "
         "{metrics.psnr(out, truth):.2f} dB')\nprint(f'SSIM noisy {metrics.ssim(degraded, truth):.3f}"
@@ -93,12 +96,13 @@ print("model:", model)""",
         "compare": "truth.shape == out.shape",
         "slice": "z = truth.shape[0] // 2\nshow([truth[z], np.kron(degraded[z], np.ones((k, k))), "
         "out[z], std[z]], ['truth', 'low-res input (nearest)', 'enhanced', 'uncertainty'])",
-        "metric": "from skimage.transform import resize\nbicubic = resize(degraded, truth.shape, "
+        "metric": "from skimage.transform import resize\n\nbicubic = resize(degraded, truth.shape, "
         "order=3)\nprint(f'PSNR bicubic {metrics.psnr(bicubic, truth):.2f} dB -> enhanced "
         "{metrics.psnr(out, truth):.2f} dB')",
     },
     "isotropic_with_isotropic_data": {
         "title": "Isotropic reconstruction, trained on isotropic data (vEMDiffuse-i)",
+        "modules": "io, metrics, synthetic",
         "intro": "An anisotropic volume (z step 4x the xy pixel) gets 4x more z-slices. The "
         "model learns from an isotropic volume (e.g. FIB-SEM of similar tissue): two slices k "
         "apart condition the k-1 slices between.",
@@ -128,6 +132,7 @@ print("model:", model)""",
     },
     "isotropic_without_isotropic_data": {
         "title": "Isotropic reconstruction without isotropic data (vEMDiffuse-a)",
+        "modules": "io, metrics, synthetic",
         "intro": "No isotropic volume is needed: inside each xy plane, rows k pixels apart play "
         "the two bounding slices and the rows between are the targets (xy is isotropic, so y "
         "stands in for z). The model is trained on the anisotropic volume itself.",
@@ -170,7 +175,7 @@ def notebook(task: dict) -> nbformat.NotebookNode:
     cells = [
         new_markdown_cell(f"# {task['title']}\n\n{task['intro']}\n\nTiny settings by default "
                           "(`EMDIFFUSE_SMALL=1`) so the notebook runs on a laptop CPU in minutes."),
-        new_code_cell(SETUP),
+        new_code_cell(SETUP.format(modules=task.get("modules", "degrade, io, metrics, synthetic"))),
         new_markdown_cell("## Data\nSynthetic EM-like volumes with known ground truth."),
         new_code_cell(task["data"]),
         new_markdown_cell("## Train a tiny model\nA real training run, cut short by a time limit."),

@@ -51,7 +51,7 @@ def test_pyramid_levels_isotropic_and_anisotropic(tmp_path):
     data = np.arange(64 * 128 * 128, dtype=np.float32).reshape(64, 128, 128)
     io.write_image(data, tmp_path / "iso.ome.zarr", voxel_size=(8, 8, 8), chunks=(32, 32, 32))
     levels = io.describe(tmp_path / "iso.ome.zarr")["levels"]
-    assert [lv["shape"] for lv in levels] == [(64, 128, 128), (32, 64, 64)]
+    assert [lv["shape"] for lv in levels][:3] == [(64, 128, 128), (32, 64, 64), (16, 32, 32)]
     assert levels[1]["voxel_size_nm"] == (16.0, 16.0, 16.0)
     level1 = io.open_volume(tmp_path / "iso.ome.zarr", level=1).data.compute()
     np.testing.assert_allclose(level1[0, 0, 0], data[:2, :2, :2].mean())

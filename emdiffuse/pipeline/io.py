@@ -386,25 +386,29 @@ def create_image(
     )
 
 
-def pyramid_factors(shape: Sequence[int], voxel_size: Sequence[float], chunks: Sequence[int]) -> list[tuple[int, ...]]:
+def pyramid_factors(
+    shape: Sequence[int], voxel_size: Sequence[float], chunks: Sequence[int] | None = None
+) -> list[tuple[int, ...]]:
     """Per-level downsampling factors (relative to the previous level).
 
-    Axes finer than the coarsest axis by about 2x or more are halved; isotropic volumes
-    halve every axis. Stops when an axis would drop below 32 voxels or one chunk.
+    Axes finer than the coarsest axis by about 2x or more are halved first (anisotropic
+    volumes catch up); isotropic volumes halve every axis. An axis thinner than 16 voxels is
+    not halved; the pyramid stops when the largest halved axis would drop below 16 voxels.
     """
     levels: list[tuple[int, ...]] = []
     shape = list(shape)
     voxel = list(voxel_size)
     while True:
         coarsest = max(voxel)
-        factors = tuple(2 if v * 2 <= coarsest * 1.5 else 1 for v in voxel)
+        factors = [2 if v * 2 <= coarsest * 1.5 else 1 for v in voxel]
         if all(f == 1 for f in factors):
-            factors = tuple(2 for _ in voxel)
-        new_shape = [s // f for s, f in zip(shape, factors, strict=True)]
-        if any(f > 1 and (n < 32 or n < min(c, 32)) for n, f, c in zip(new_shape, factors, chunks, strict=True)):
+            factors = [2 for _ in voxel]
+        factors = [f if s // f >= 8 else 1 for s, f in zip(shape, factors, strict=True)]
+        halved = [s // 2 for s, f in zip(shape, factors, strict=True) if f == 2]
+        if not halved or max(halved) < 16:
             break
-        levels.append(factors)
-        shape = new_shape
+        levels.append(tuple(factors))
+        shape = [s // f for s, f in zip(shape, factors, strict=True)]
         voxel = [v * f for v, f in zip(voxel, factors, strict=True)]
     return levels
 

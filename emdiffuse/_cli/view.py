@@ -1,0 +1,46 @@
+"""`emdiffuse view`: serve OME-Zarr outputs to the bundled neuroglancer client."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "view OME-Zarr outputs in neuroglancer (served read-only from this machine)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="OME-Zarr folders (child images such as uncertainty/ are added too)",
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument(
+        "--no-browser", action="store_true", help="print the URL without opening a browser"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import threading
+    import webbrowser
+
+    from emdiffuse.pipeline.view import serve
+
+    server, url = serve(args.paths, port=args.port, bind=args.bind)
+    if args.bind not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.bind}; anyone who can reach it can read these files")
+    print(url, flush=True)
+    if not args.no_browser:
+        webbrowser.open(url)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.stop()
+    return 0
