@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import threading
     import webbrowser
 
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bind not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.bind}; anyone who can reach it can read these files")
     print(url, flush=True)
+    print("serving read-only; press Ctrl-C to stop", file=sys.stderr, flush=True)
     if not args.no_browser:
         webbrowser.open(url)
     try:

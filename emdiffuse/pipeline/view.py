@@ -1,6 +1,6 @@
 """Serve OME-Zarr outputs and the bundled neuroglancer client from one local, read-only HTTP server.
 
-The server answers GET and HEAD only, sends ``Access-Control-Allow-Origin: *``, and serves files
+The server answers GET and HEAD (plus CORS preflight OPTIONS; writes get 405), sends ``Access-Control-Allow-Origin: *``, and serves files
 that resolve (symlinks followed) inside one of the given roots or the client folder; anything
 else is a 404. Layer sources in the viewer state are ``zarr3://`` (or ``zarr://`` for Zarr v2)
 URLs pointing back at this server.
@@ -101,7 +101,8 @@ def _image_info(root: Path, sub: str) -> dict | None:
     if dtype.name in _INT_RANGES:
         value_range = _INT_RANGES[dtype.name]
     else:
-        sample = np.asarray(coarsest[...], dtype=np.float64)
+        window = tuple(slice(0, min(n, 256)) for n in coarsest.shape)  # bounded read
+        sample = np.asarray(coarsest[window], dtype=np.float64)
         finite = sample[np.isfinite(sample)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         value_range = (lo, hi if hi > lo else lo + 1.0)
