@@ -117,7 +117,7 @@ def test_super_resolve_pair_and_synthesised(tmp_path, coords):
         assert s["cond"].shape == (1, 8, 8) and s["target"].shape == (1, 16, 16)
         np.testing.assert_array_equal(decode(s["cond"][0]), decode(s["target"][0, ::2, ::2]))
     pytest.importorskip("emdiffuse.pipeline.degrade")
-    ds1 = dataset("super-resolve", [arr], 16, factor=2)
+    ds1 = dataset("super-resolve", [arr], 16, factor=2, region=24)
     s = ds1.sample(0)
     assert s["cond"].shape == (1, 8, 8) and s["target"].shape == (1, 16, 16)
 
