@@ -1,0 +1,137 @@
+"""The demo: synthetic EM, a tiny denoiser trained (or reused from the cache), enhancement
+through a LocalCluster, metrics against the ground truth, a picture, and how to view it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from emdiffuse import __version__
+from emdiffuse.errors import InputError
+
+SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
+HELD_OUT_ORIGIN = (10_000, 5_000, 5_000)  # far from the training region (origin 0)
+MARKER = ".emdiffuse-demo"
+
+
+def cache_dir() -> Path:
+    """Where demo models are kept between runs ($EMDIFFUSE_CACHE or ~/.cache/emdiffuse)."""
+    return Path(os.environ.get("EMDIFFUSE_CACHE") or Path.home() / ".cache" / "emdiffuse")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a folder; choose another --out")
+        if any(out.iterdir()) and not (out / MARKER).exists():
+            raise InputError(f"{out} exists and is not an earlier demo folder; choose another --out")
+        if not overwrite and (out / MARKER).exists():
+            raise InputError(f"{out} holds an earlier demo; pass --overwrite to redo it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(__version__)
+
+
+def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
+    """The demo denoiser: reused from ``cache`` when an earlier run trained it, else trained."""
+    from emdiffuse.pipeline.trainer import DEMO_NOISE, DEMO_SETTINGS, train_demo_denoiser
+
+    key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE], sort_keys=True, default=str)
+    folder = cache / f"demo-denoise-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    model = folder / "model.safetensors"
+    if model.exists():
+        return model, True
+    path, _ = train_demo_denoiser(folder, minutes=minutes, seed=seed, evaluate=False, progress=progress, overwrite=True)
+    return Path(path), False
+
+
+def run_demo(
+    out: str | os.PathLike = "emdiffuse-demo",
+    *,
+    size: str = "small",
+    shape: tuple[int, int, int] | None = None,
+    minutes: float = 5.0,
+    steps: int = 8,
+    samples: int = 2,
+    workers: int = 2,
+    cache: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the denoising demo end to end; returns the metrics and the paths written."""
+    from emdiffuse.pipeline import io, metrics
+    from emdiffuse.pipeline.enhance import enhance
+    from emdiffuse.pipeline.trainer import demo_pair
+
+    if size not in SIZES and shape is None:
+        raise InputError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    shape = tuple(shape or SIZES[size])
+    noisy, clean = demo_pair(shape, origin=HELD_OUT_ORIGIN, seed=0, noise_seed=101)
+    voxel = (8.0, 8.0, 8.0)
+    io.write_image(clean, out / "clean.ome.zarr", voxel_size=voxel)
+    io.write_image(noisy, out / "noisy.ome.zarr", voxel_size=voxel)
+    print(f"synthetic held-out volume {shape} (zyx, 8 nm voxels) written to {out}")
+
+    model, reused = demo_model(minutes, cache=Path(cache) if cache else cache_dir(), progress=progress)
+    print(("reusing model " if reused else "trained model ") + str(model))
+
+    result = enhance(
+        out / "noisy.ome.zarr", model, out / "enhanced.ome.zarr",
+        steps=steps, samples=samples, seed=0, dtype="float32",
+        workers=workers, scheduler=scheduler, progress=progress,
+    )
+    enhanced = np.asarray(result.values, dtype=np.float32)
+    data_range = float(clean.max() - clean.min())
+    report = {
+        "psnr_noisy": metrics.psnr(noisy, clean, data_range=data_range),
+        "psnr_enhanced": metrics.psnr(enhanced, clean, data_range=data_range),
+        "ssim_noisy": metrics.ssim(noisy, clean, data_range=data_range),
+        "ssim_enhanced": metrics.ssim(enhanced, clean, data_range=data_range),
+        "model": str(model),
+        "model_reused": reused,
+        "output": str(out / "enhanced.ome.zarr"),
+    }
+    report["gain_db"] = report["psnr_enhanced"] - report["psnr_noisy"]
+    print(f"\n{'':10}{'PSNR (dB)':>11}{'SSIM':>8}")
+    print(f"{'noisy':10}{report['psnr_noisy']:>11.2f}{report['ssim_noisy']:>8.3f}")
+    print(f"{'enhanced':10}{report['psnr_enhanced']:>11.2f}{report['ssim_enhanced']:>8.3f}")
+    print(f"gain: {report['gain_db']:+.2f} dB")
+    uncertainty = None
+    if samples >= 2:
+        uncertainty = io.open_volume(out / "enhanced.ome.zarr" / "uncertainty").data.compute()
+    report["figure"] = str(save_figure(out / "demo.png", clean, noisy, enhanced, uncertainty))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(f"picture: {report['figure']}")
+    print(f"view: emdiffuse view {out}/enhanced.ome.zarr {out}/noisy.ome.zarr {out}/clean.ome.zarr")
+    return report
+
+
+def save_figure(path: Path, clean, noisy, enhanced, uncertainty=None) -> Path:
+    """clean | noisy | enhanced | uncertainty of the middle slice, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = clean.shape[0] // 2
+    panels = [(clean[z], "clean (truth)"), (noisy[z], "noisy input"), (enhanced[z], "enhanced")]
+    if uncertainty is not None:
+        panels.append((uncertainty[z], "uncertainty (std)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.5))
+    for ax, (image, title) in zip(axes, panels, strict=True):
+        vmin, vmax = (None, None) if title.startswith("uncert") else (0.0, 1.0)
+        ax.imshow(image, cmap="magma" if vmin is None else "gray", vmin=vmin, vmax=vmax)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
