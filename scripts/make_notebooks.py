@@ -46,6 +46,17 @@ def show(images, titles, cmap="gray"):
     plt.tight_layout()
     plt.show()"""
 
+# How both isotropic notebooks enhance, look (xz views) and measure.
+ISOTROPIC_RESULT = {
+    "input": "anisotropic.ome.zarr",
+    "compare": "out.shape[0] == (degraded.shape[0] - 1) * k + 1",
+    "slice": "y = truth.shape[1] // 2\nshow([truth[:, y], np.repeat(degraded[:, y], k, axis=0), "
+    "out[:, y], std[:, y]], ['truth (xz)', 'input, slices repeated', 'enhanced (xz)', "
+    "'uncertainty'])",
+    "metric": "n = min(len(out), len(truth))\nprint(f'PSNR enhanced vs truth: "
+    "{metrics.psnr(out[:n], truth[:n]):.2f} dB')",
+}
+
 TASKS = {
     "denoise": {
         "title": "Denoising (EMDiffuse-n)",
@@ -122,13 +133,7 @@ model = train("isotropic", [str(WORK / "isotropic_training.ome.zarr")], WORK / "
               steps=10_000, time_limit=TRAIN_SECONDS, patch=32, region=64, batch_size=4, val_every=10_000,
               ckpt_every=10_000, overwrite=True, progress=False)
 print("model:", model)""",
-        "input": "anisotropic.ome.zarr",
-        "compare": "out.shape[0] == (degraded.shape[0] - 1) * k + 1",
-        "slice": "y = truth.shape[1] // 2\nshow([truth[:, y], np.repeat(degraded[:, y], k, axis=0), "
-        "out[:, y], std[:, y]], ['truth (xz)', 'input, slices repeated', 'enhanced (xz)', "
-        "'uncertainty'])",
-        "metric": "n = min(len(out), len(truth))\nprint(f'PSNR enhanced vs truth: "
-        "{metrics.psnr(out[:n], truth[:n]):.2f} dB')",
+        **ISOTROPIC_RESULT,
     },
     "isotropic_without_isotropic_data": {
         "title": "Isotropic reconstruction without isotropic data (vEMDiffuse-a)",
@@ -150,13 +155,7 @@ model = train("anisotropic", [str(WORK / "anisotropic.ome.zarr")], WORK / "model
               steps=10_000, time_limit=TRAIN_SECONDS, patch=32, region=48, batch_size=4,
               val_every=10_000, ckpt_every=10_000, overwrite=True, progress=False)
 print("model:", model)""",
-        "input": "anisotropic.ome.zarr",
-        "compare": "out.shape[0] == (degraded.shape[0] - 1) * k + 1",
-        "slice": "y = truth.shape[1] // 2\nshow([truth[:, y], np.repeat(degraded[:, y], k, axis=0), "
-        "out[:, y], std[:, y]], ['truth (xz)', 'input, slices repeated', 'enhanced (xz)', "
-        "'uncertainty'])",
-        "metric": "n = min(len(out), len(truth))\nprint(f'PSNR enhanced vs truth: "
-        "{metrics.psnr(out[:n], truth[:n]):.2f} dB')",
+        **ISOTROPIC_RESULT,
     },
 }
 
