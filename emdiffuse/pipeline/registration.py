@@ -6,13 +6,14 @@ smoothed, standardised copies (noisy EM would otherwise drive the estimate), but
 moving image is what gets warped, once, with the combined displacement (shift + flow), so
 its noise statistics are touched by a single interpolation.
 
-Flow solver: ``ilk`` (iterative Lucas-Kanade, scikit-image) by default. On the 128x128
-synthetic EM slices of the tests it is about twice as fast as ``tvl1`` and, on a noisy
-moving image (dose 10 e-/voxel), recovers a smooth ~2 px warp with about half the residual
-error of TV-L1 (whose data-attachment term follows the noise); the smooth deformations of
-EM pairs (drift, charging, section distortion) suit its local-window model. The ILK flow is
-further smoothed by a Gaussian (``flow_sigma``) to damp the noise that remains in flat
-regions. ``tvl1`` stays available for pairs with sharp discontinuities.
+Flow solver: ``ilk`` (iterative Lucas-Kanade, scikit-image) by default. Measured on
+synthetic EM slices with a smooth ~2 px warp (512x512, 2 CPU cores), ILK takes 1.2 s per slice
+against 1.9 s for ``tvl1``, and on noisy moving images (dose 10-20 e-/voxel) leaves about half
+the residual displacement of TV-L1 (0.4-0.5 px against 0.8-1.3 px; TV-L1's data term follows
+the noise), while TV-L1 is a little better on clean pairs (0.10 against 0.18 px). The smooth
+deformations of EM pairs (drift, charging, section distortion) suit ILK's local-window
+model; its flow is further smoothed by a Gaussian (``flow_sigma``) to damp the noise left in
+flat regions. ``tvl1`` stays available for clean pairs or sharp discontinuities.
 
 RAFT (torchvision) is used only with ``method="raft"`` and a local weights file; nothing is
 ever downloaded.
@@ -600,7 +601,13 @@ def register_volumes(
     import dask
     from dask import delayed
 
-    from emdiffuse.pipeline.io import create_image, finalize_image, open_volume, refuse_output
+    from emdiffuse.pipeline.io import (
+        check_finite,
+        create_image,
+        finalize_image,
+        open_volume,
+        refuse_output,
+    )
 
     _check_method(method, raft_weights)
     if solver not in SOLVERS:
@@ -619,6 +626,8 @@ def register_volumes(
         raise InputError(
             f"chunks {tuple(chunks)} has {len(chunks)} values but the image has {fixed.ndim} axes"
         )
+    check_finite(moving)
+    check_finite(fixed)
     raft = load_raft(raft_weights) if method == "raft" else None
 
     three_d = fixed.ndim == 3
