@@ -1,8 +1,18 @@
 """The `emdiffuse` command: a thin argparse front over the library.
 
 Each subcommand lives in `emdiffuse/_cli/<name>.py` with `HELP`, `add_arguments(parser)` and
-`run(args) -> int`. Bad input raises `emdiffuse.errors.InputError`: printed on one line,
-exit code 2, no traceback.
+`run(args) -> int` (and optionally `IO_ERROR_HINT`, what to do after an I/O failure, and
+`INTERRUPTED`, what to say after Ctrl-C).
+
+Exit codes, each failure reported on one line of stderr without a traceback:
+
+- 0: done.
+- 2: bad input (`emdiffuse.errors.InputError`, or a bad option): what is wrong and what to do.
+  Nothing has been written.
+- 74 (`EX_IOERR` of sysexits.h): the operating system refused a read or write during the run
+  (disk full, file too large, output folder gone or read-only). What was finished is kept:
+  `enhance` continues with `--resume` once the cause is fixed.
+- 130: interrupted (Ctrl-C); `enhance` and `train` continue with `--resume`.
 """
 
 from __future__ import annotations
@@ -14,6 +24,16 @@ import sys
 from emdiffuse import __version__
 from emdiffuse.errors import InputError
 
+EXIT_INPUT = 2
+EXIT_IO = 74  # EX_IOERR (sysexits.h)
+EXIT_INTERRUPTED = 130
+DEFAULT_IO_HINT = "fix the cause (free disk space, permissions) and run again"
+EPILOG = (
+    "exit codes: 0 done; 2 bad input (nothing written); 74 an I/O failure during the run "
+    "(disk full, output unwritable: what was finished is kept, `enhance --resume` continues); "
+    "130 interrupted (`enhance --resume` continues). Errors are reported on one line."
+)
+
 # name -> module under emdiffuse._cli; order is the order in --help.
 COMMANDS = {
     "demo": "demo",
@@ -23,6 +43,7 @@ COMMANDS = {
     "enhance": "enhance",
     "train": "train",
     "register": "register",
+    "import-reference": "import_reference",
     "view": "view",
 }
 
@@ -43,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="emdiffuse",
         description="Diffusion models that enhance electron microscopy volumes "
         "(denoise, super-resolve, isotropic reconstruction) over OME-Zarr.",
+        epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"emdiffuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -51,8 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP)
         )
         module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run)
+        command_parser.set_defaults(
+            _run=module.run,
+            _io_hint=getattr(module, "IO_ERROR_HINT", DEFAULT_IO_HINT),
+            _interrupted=getattr(module, "INTERRUPTED", "interrupted"),
+        )
     return parser
+
+
+def describe_os_error(error: OSError) -> str:
+    """``[Errno 28] No space left on device: '/data/out.zarr/0/c/1/0/0'`` on one line."""
+    text = error.strerror or str(error) or type(error).__name__
+    if error.errno is not None and error.strerror:
+        text = f"[Errno {error.errno}] {text}"
+    if error.filename is not None:
+        text += f": {str(error.filename)!r}"
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except InputError as error:
-        print(f"emdiffuse {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        message = " ".join(str(error).split())  # always one line
+        print(f"emdiffuse {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as error:
         print(
-            f"emdiffuse {args.command}: interrupted; finished chunks are kept, rerun with --resume",
+            f"emdiffuse {args.command}: error: I/O failed ({describe_os_error(error)}); "
+            f"{args._io_hint}",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_IO
+    except KeyboardInterrupt:
+        print(f"emdiffuse {args.command}: {args._interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

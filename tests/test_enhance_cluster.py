@@ -1,5 +1,6 @@
-"""Enhancement on a real LocalCluster (2 worker processes): same output as one worker, and a
-worker killed mid-run has its tasks retried with a complete, identical output.
+"""Enhancement on a real LocalCluster (2 worker processes): same output as one worker, each
+lattice tile run once across the cluster, tile tasks only on GPU workers, metadata of every
+task, and a worker killed mid-run has its tasks retried with a complete, identical output.
 
 One cluster for the module (each start costs seconds).
 """
@@ -21,9 +22,13 @@ from distributed import Client, LocalCluster
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline.enhance import enhance
-from emdiffuse.pipeline.io import write_image
+from emdiffuse.pipeline import resume as record
+from emdiffuse.pipeline.enhance import enhance, prepare
+from emdiffuse.pipeline.graph import cluster_has_gpus, cpu_count
+from emdiffuse.pipeline.io import open_volume, write_image
 from emdiffuse.pipeline.lattice import iter_chunks
+from emdiffuse.pipeline.plan import make_plan
+from emdiffuse.pipeline.workers import run_in_process
 
 # the hook below travels to the workers by value (they cannot import this test module)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -103,3 +108,129 @@ def test_killed_worker_tasks_are_retried(client, inputs, tmp_path):
 
     result = zarr.open_array(f"{out}/0", mode="r")[...]
     assert np.abs(result - reference).max() < 1e-4
+
+
+def _tiles_run() -> int:
+    return __import__("emdiffuse.pipeline.workers").pipeline.workers.tiles_run()
+
+
+def test_each_tile_runs_once_across_the_cluster(client, inputs, tmp_path):
+    path, model, reference = inputs
+    spec, _, _ = prepare(path, model, tmp_path / "unused.zarr", **_prepare_kw(RUN))
+    plan = make_plan(spec.lattice, spec.chunks, steps=2, samples=1, sampler="dpmpp_2m")
+    assert plan.tiles_per_chunk_sum > plan.n_tiles  # tiles straddle chunk borders here
+    before = client.run(_tiles_run)
+    out = enhance(path, model, tmp_path / "once.zarr", client=client, **RUN)
+    after = client.run(_tiles_run)
+    ran = {w: after[w] - before[w] for w in after}
+    assert sum(ran.values()) == spec.lattice.n_tiles, ran  # not once per chunk
+    assert np.abs(np.asarray(out) - reference).max() < 1e-4
+    # the in-process loop shares tiles the same way
+    stats = run_in_process(spec)
+    assert stats["tiles"] == spec.lattice.n_tiles and stats["chunks"] == plan.n_chunks
+
+
+def _prepare_kw(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "progress"}
+
+
+async def _set_gpus(count, dask_worker=None):
+    await dask_worker.set_resources(GPU=count)
+
+
+def test_tile_tasks_run_only_on_gpu_workers(client, inputs, tmp_path):
+    path, model, reference = inputs
+    workers = sorted(client.scheduler_info()["workers"])
+    gpu_worker = workers[0]
+    client.run(_set_gpus, 1, workers=[gpu_worker])
+    try:
+        assert cluster_has_gpus(client)
+        before = client.run(_tiles_run)
+        out = enhance(path, model, tmp_path / "gpu.zarr", client=client, **RUN)
+        after = client.run(_tiles_run)
+    finally:
+        client.run(_set_gpus, 0, workers=[gpu_worker])
+    ran = {w: after[w] - before[w] for w in after}
+    spec, _, _ = prepare(path, model, tmp_path / "unused.zarr", **_prepare_kw(RUN))
+    assert ran[gpu_worker] == spec.lattice.n_tiles  # every tile ran on the GPU worker
+    assert all(n == 0 for w, n in ran.items() if w != gpu_worker), ran
+    assert np.abs(np.asarray(out) - reference).max() < 1e-4
+
+
+def test_threaded_scheduler_does_not_oversubscribe_torch(inputs, tmp_path):
+    import torch
+
+    path, model, reference = inputs
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    out = enhance(
+        path,
+        model,
+        tmp_path / "threads.zarr",
+        **dict(RUN, scheduler="threads", workers=2),
+        chunk_hook=lambda index: seen.append(torch.get_num_threads()),
+    )
+    assert seen and set(seen) == {max(1, cpu_count() // 2)}  # 2 task threads share the cores
+    assert torch.get_num_threads() == before  # restored after the run
+    assert np.abs(np.asarray(out) - reference).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def task_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task-models")
+    paths = {}
+    for variant, k in (("emdiffuse-r", 2), ("vemdiffuse-i", 3)):
+        config = make_config(variant, "tiny", scale_factor=k, normalization={"low": 0, "high": 1})
+        paths[variant] = str(root / f"{variant}.safetensors")
+        save_checkpoint(
+            paths[variant], Enhancer.from_config(config, seed=2).net.state_dict(), config
+        )
+    rng = np.random.default_rng(1)
+    aniso = str(root / "aniso.ome.zarr")
+    data = rng.uniform(0.2, 0.8, size=(3, 40, 44)).astype(np.float32)
+    write_image(da.from_array(data), aniso, voxel_size=(24.0, 8.0, 8.0), translation=(0, 80, 40))
+    return paths, aniso
+
+
+def _levels(path) -> list:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return group.attrs["ome"]["multiscales"][0]["datasets"]
+
+
+def test_metadata_of_every_task_scales_and_levels(client, inputs, task_models, tmp_path):
+    """Output grid, voxel size, translation and pyramid levels for denoise,
+    super-resolution x2 and isotropic x3, each run on the cluster."""
+    path, model, _ = inputs
+    models, aniso = task_models
+    kw = dict(RUN, chunks=None)
+    cases = [
+        # (input, model, output shape, voxel zyx nm, translation zyx nm, level-1 shape)
+        (path, model, (2, 32, 40), (8, 8, 8), (0, 0, 0), (2, 16, 20)),
+        (path, models["emdiffuse-r"], (2, 64, 80), (8, 4, 4), (0, -2, -2), (2, 32, 40)),
+        (aniso, models["vemdiffuse-i"], (7, 40, 44), (8, 8, 8), (0, 80, 40), (7, 20, 22)),
+    ]
+    for i, (inp, ckpt, shape, voxel, translation, level1) in enumerate(cases):
+        out = tmp_path / f"task{i}.zarr"
+        enhance(inp, ckpt, out, client=client, **kw)
+        vol = open_volume(str(out))
+        assert vol.shape == shape
+        assert vol.voxel_size == pytest.approx(voxel)
+        assert vol.translation == pytest.approx(translation)
+        datasets = _levels(out)
+        assert len(datasets) >= 2, datasets  # a pyramid, not level 0 only
+        for level in range(len(datasets)):
+            lv = open_volume(str(out), level=level)
+            factors = [a / b for a, b in zip(vol.shape, lv.shape, strict=True)]
+            expected = [v * round(f) for v, f in zip(voxel, factors, strict=True)]
+            assert lv.voxel_size == pytest.approx(expected), (i, level)
+        assert open_volume(str(out), level=1).shape == level1
+        assert len(record.done_chunks(out)) == len(list(iter_chunks(shape, _chunks_of(out))))
+        assert record.is_complete(out)
+
+
+def _chunks_of(out) -> tuple:
+    import zarr
+
+    return zarr.open_array(f"{out}/0", mode="r").chunks

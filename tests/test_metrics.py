@@ -62,3 +62,35 @@ def test_spectrum_error_zero_for_same_and_high_for_blur():
 def test_shape_mismatch_raises():
     with pytest.raises(InputError, match="shapes differ"):
         metrics.psnr(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+def test_calibration_of_a_calibrated_and_a_useless_uncertainty_map():
+    rng = np.random.default_rng(5)
+    truth = _image(shape=(128, 128)).astype(np.float64)
+    sigma = 0.02 + 0.2 * rng.random(truth.shape)  # the real, varying error scale
+    mean = truth + sigma * rng.standard_normal(truth.shape)
+    good = metrics.calibration(mean, sigma, truth)
+    assert good["coverage"] == pytest.approx(0.954, abs=0.01)  # Gaussian, k = 2
+    assert good["spearman"] > 0.4 and good["pearson"] > 0.4
+    assert good["rmse"] == pytest.approx(np.sqrt(np.mean(sigma**2)), rel=0.05)
+    shuffled = rng.permutation(sigma.ravel()).reshape(sigma.shape)  # right scale, no info
+    bad = metrics.calibration(mean, shuffled, truth)
+    assert abs(bad["spearman"]) < 0.05 and abs(bad["pearson"]) < 0.05
+    assert bad["coverage"] < good["coverage"]
+    flat = metrics.calibration(mean, np.full(truth.shape, 0.1), truth)
+    assert math.isnan(flat["spearman"]) and math.isnan(flat["pearson"])
+    with pytest.raises(InputError, match="std"):
+        metrics.calibration(mean, -sigma, truth)
+
+
+def test_reliability_curve_follows_the_diagonal_when_calibrated():
+    rng = np.random.default_rng(6)
+    truth = np.zeros((64, 256))
+    sigma = np.repeat(np.linspace(0.01, 0.5, 8), 64 * 256 // 8).reshape(truth.shape)
+    mean = truth + sigma * rng.standard_normal(truth.shape)
+    curve = metrics.reliability(mean, sigma, truth, bins=8)
+    assert curve["count"].sum() == truth.size and len(curve["std"]) == 8
+    np.testing.assert_allclose(curve["std"], np.linspace(0.01, 0.5, 8), rtol=1e-9)
+    np.testing.assert_allclose(curve["rmse"], curve["std"], rtol=0.1)
+    over = metrics.reliability(mean, 3 * sigma, truth, bins=8)  # over-cautious: 3x the real error
+    assert np.all(over["rmse"] < over["std"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emdiffuse.errors import InputError
-from emdiffuse.models import samplers
+from emdiffuse.models import sampler_names, samplers
 from emdiffuse.models.diffusion import Schedule
 
 SCHED = Schedule("linear", 1000, 1e-4, 0.02)
@@ -50,7 +50,8 @@ def test_ddim_eta0_deterministic_given_noise():
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("dpmpp_2m", 1), ("dpmpp_2m", 5),
-                                           ("ddpm", 20), ("dpmpp_2m_sde", 5)])  # fmt: skip
+                                           ("ddpm", 20), ("dpmpp_2m_sde", 5),
+                                           ("dpmpp_3m_sde", 1), ("dpmpp_3m_sde", 6)])  # fmt: skip
 def test_oracle_denoiser_reaches_x0(sampler, steps):
     target = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
     x = x_T((2, 1, 8, 8))
@@ -81,7 +82,14 @@ def test_ode_samplers_converge_to_known_point_dpmpp_faster():
 
 # first-order ancestral steps use the posterior (lower) variance: exact only at many steps
 @pytest.mark.parametrize(
-    "sampler,eta,steps", [("ddpm", 0.0, 1000), ("ddim", 1.0, 1000), ("dpmpp_2m_sde", 1.0, 50)]
+    "sampler,eta,steps",
+    [
+        ("ddpm", 0.0, 1000),
+        ("ddim", 1.0, 1000),
+        ("dpmpp_2m_sde", 1.0, 50),
+        ("dpmpp_3m_sde", 1.0, 50),
+        ("dpmpp_3m_sde", 0.5, 50),
+    ],  # fmt: skip
 )
 def test_stochastic_samplers_right_mean_and_variance(sampler, eta, steps):
     shape = (4, 1, 64, 64)  # 16384 independent pixels
@@ -91,7 +99,9 @@ def test_stochastic_samplers_right_mean_and_variance(sampler, eta, steps):
     assert float(out.std()) == pytest.approx(S, rel=0.03)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpmpp_2m_sde", 1.0)])
+@pytest.mark.parametrize(
+    "sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpmpp_2m_sde", 1.0), ("dpmpp_3m_sde", 1.0)]
+)
 def test_stochastic_needs_step_noise_and_is_reproducible(sampler, eta):
     x = x_T()
     with pytest.raises(InputError, match="step_noise"):
@@ -103,6 +113,45 @@ def test_stochastic_needs_step_noise_and_is_reproducible(sampler, eta):
     c = samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=4,
                         step_noise=keyed(x.shape, 2), eta=eta)  # fmt: skip
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_dpmpp_3m_ode_limit_is_third_order():
+    """3M with eta = 0 is a third-order ODE solver: it reaches the probability-flow answer,
+    halving the step divides its error by ~8 (2M: ~4), and at 40 steps it beats 2M."""
+    x = x_T((1, 1, 32, 32))
+    want = ode_answer(x, float(SCHED.timesteps(1)[0]))
+    errs = {}
+    for steps in (20, 40, 500):
+        alphas = SCHED.timesteps(steps, "logsnr")
+        out3 = samplers.sample_dpmpp_3m_sde(gaussian_denoiser, x, alphas, eta=0.0)
+        out2 = samplers.sample_dpmpp_2m(gaussian_denoiser, x, alphas)
+        errs[3, steps] = float((out3 - want).abs().max())
+        errs[2, steps] = float((out2 - want).abs().max())
+    assert errs[3, 500] < 1e-3, errs
+    assert errs[3, 20] / errs[3, 40] > 6 and errs[2, 20] / errs[2, 40] < 6, errs
+    assert errs[3, 40] < 0.5 * errs[2, 40], errs
+
+
+@pytest.mark.parametrize("sampler", sorted(samplers.STOCHASTIC))
+def test_stochastic_noise_only_from_step_noise(sampler):
+    """Every step's noise comes from step_noise(i), each i once, in order, and the global
+    torch generator is left alone."""
+    x = x_T()
+    asked = []
+
+    def step_noise(i):
+        asked.append(i)
+        return keyed(x.shape, 5)(i)
+
+    state = torch.get_rng_state()
+    out = samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=6,
+                          step_noise=step_noise, eta=1.0)  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), state)
+    assert asked == list(range(5))  # the last step (to clean) adds no noise
+    torch.manual_seed(123)  # a different global state changes nothing
+    again = samplers.sample(gaussian_denoiser, x, SCHED, sampler=sampler, steps=6,
+                            step_noise=keyed(x.shape, 5), eta=1.0)  # fmt: skip
+    assert torch.equal(out, again)
 
 
 def test_ddpm_matches_reference_posterior_loop():
@@ -140,8 +189,12 @@ def test_sample_many_mean_and_std():
 
 
 def test_registry_nfe_and_bad_input():
-    assert set(samplers.SAMPLERS) >= {"ddpm", "ddim", "dpmpp_2m"}
-    assert samplers.network_evaluations("dpmpp_2m", 8) == 8
+    assert set(samplers.SAMPLERS) >= {"ddpm", "ddim", "dpmpp_2m", "dpmpp_3m_sde"}
+    assert set(samplers.SAMPLERS) == set(sampler_names.SAMPLER_NAMES)  # the torch-free list
+    assert samplers.STOCHASTIC <= set(samplers.SAMPLERS)
+    assert samplers.DEFAULT_SAMPLER in samplers.SAMPLERS
+    for name in samplers.SAMPLERS:
+        assert samplers.network_evaluations(name, 8) == 8
     with pytest.raises(InputError):
         samplers.network_evaluations("euler", 8)
     with pytest.raises(InputError):
@@ -151,3 +204,24 @@ def test_registry_nfe_and_bad_input():
     with pytest.raises(InputError):
         samplers.sample(gaussian_denoiser, x_T(), SCHED, sampler="ddpm", steps=3,
                         step_noise=lambda i: torch.zeros(3))  # fmt: skip
+
+
+def test_pipeline_plan_and_cli_take_the_samplers_list():
+    """One list: the pipeline's check, the plan's NFE count and the CLI's --sampler choices
+    and defaults all come from emdiffuse.models.sampler_names."""
+    import argparse
+
+    from emdiffuse._cli import enhance as cli
+    from emdiffuse.pipeline import enhance, plan
+
+    assert tuple(enhance.SAMPLERS) == sampler_names.SAMPLER_NAMES
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    assert list(actions["sampler"].choices) == list(sampler_names.SAMPLER_NAMES)
+    assert actions["sampler"].default == sampler_names.DEFAULT_SAMPLER
+    assert actions["steps"].default == sampler_names.DEFAULT_STEPS
+    for name in sampler_names.SAMPLER_NAMES:
+        assert plan.network_evaluations(name, 7) == samplers.network_evaluations(name, 7) == 7
+    with pytest.raises(InputError):
+        plan.network_evaluations("euler", 7)

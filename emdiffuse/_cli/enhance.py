@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
 
+INTERRUPTED = "interrupted; finished chunks are kept, rerun with --resume"
+IO_ERROR_HINT = (
+    "finished chunks are kept: fix the cause (free disk space, permissions) and rerun the same "
+    "command with --resume"
+)
 HELP = "enhance a volume (denoise, super-resolve, isotropic) with a trained model"
 DESCRIPTION = (
     "Enhance IN (OME-Zarr or TIFF) with the model checkpoint into the OME-Zarr OUT, chunk by "
@@ -35,7 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="input volume: OME-Zarr (path or URL) or TIFF")
     parser.add_argument("output", help="output OME-Zarr path")
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")
-    parser.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
+    parser.add_argument(
+        "--task",
+        choices=["denoise", "super-resolve", "isotropic"],
+        default=None,
+        help="refuse a checkpoint made for another task (default: the checkpoint's task)",
+    )
+    parser.add_argument(
+        "--factor",
+        type=int,
+        default=None,
+        help="refuse a checkpoint with another scale factor (super-resolve, isotropic)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"sampler steps = network evaluations per sample (default {DEFAULT_STEPS})",
+    )
     parser.add_argument(
         "--samples",
         type=int,
@@ -51,9 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sampler",
-        default="dpmpp_2m",
-        choices=["dpmpp_2m", "ddim", "ddpm"],
-        help="sampler (default dpmpp_2m; ddpm is the reference's ancestral sampler)",
+        default=DEFAULT_SAMPLER,
+        choices=list(SAMPLER_NAMES),
+        help=f"sampler (default {DEFAULT_SAMPLER}; ddpm is the reference's ancestral sampler; "
+        "see benchmarks/results/sampler_quality.md)",
     )
     parser.add_argument(
         "--chunks", type=_chunks, default=None, help="output chunk shape, e.g. 4,512,512"
@@ -110,7 +134,34 @@ def run(args: argparse.Namespace) -> int:
     if args.threads and args.scheduler_address:
         raise InputError("pass either --threads or --scheduler-address, not both")
     scheduler = "threads" if args.threads else args.scheduler_address
-    result = enhance(
+    try:
+        result = _enhance(enhance, args, scheduler)
+    except OSError:
+        args._io_hint = _io_hint(args.output)
+        raise
+    if not args.dry_run:
+        print(f"wrote {args.output}: {dict(result.sizes)} {result.dtype}")
+    return 0
+
+
+def _io_hint(output: str) -> str:
+    """What to do after an I/O failure: resume if the run was recorded, else start over."""
+    from emdiffuse.pipeline.resume import read_run_config
+
+    try:
+        recorded = "://" not in output and read_run_config(output) is not None
+    except (OSError, ValueError):
+        recorded = False
+    if recorded:
+        return IO_ERROR_HINT
+    return (
+        "nothing was finished: fix the cause (free disk space, permissions, output location) "
+        "and run again (with --overwrite if the output now exists)"
+    )
+
+
+def _enhance(enhance, args: argparse.Namespace, scheduler):
+    return enhance(
         args.input,
         args.model,
         args.output,
@@ -135,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         dry_run=args.dry_run,
+        task=args.task,
+        scale_factor=args.factor,
     )
-    if not args.dry_run:
-        print(f"wrote {args.output}: {dict(result.sizes)} {result.dtype}")
-    return 0

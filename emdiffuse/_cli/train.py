@@ -6,6 +6,7 @@ import argparse
 
 from emdiffuse.errors import InputError
 
+INTERRUPTED = "interrupted; rerun with --resume to continue from the last saved checkpoint"
 HELP = "train a denoise / super-resolve / isotropic model on OME-Zarr or TIFF data"
 DESCRIPTION = (
     "Train a diffusion model from patches read straight from OME-Zarr (or TIFF). "

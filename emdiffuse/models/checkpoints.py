@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.reference import load_reference_checkpoint  # re-exported (internals.md)
 from emdiffuse.models.variants import ModelConfig
 
 CONFIG_KEY = "emdiffuse_config"
@@ -246,6 +247,7 @@ def config_from_file(path: str | os.PathLike) -> ModelConfig:
 
 
 __all__ = [
+    "load_reference_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "check_state_dict",

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.variants import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -330,14 +330,7 @@ class Enhancer:
         k = self.xy_scale
         if k == 1:
             return cond
-        if cond.ndim == 4:
-            up = F.interpolate(cond, scale_factor=k, mode="bicubic", align_corners=False)
-        else:
-            b, c, d, h, w = cond.shape
-            flat = cond.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
-            up = F.interpolate(flat, scale_factor=k, mode="bicubic", align_corners=False)
-            up = up.reshape(b, d, c, h * k, w * k).permute(0, 2, 1, 3, 4)
-        up = up.clamp(-1.0, 1.0)
+        up = upsample_xy(cond, k, self.config.cond_upsample)
         if self.channels_last and up.ndim == 4:
             up = up.contiguous(memory_format=torch.channels_last)
         return up.contiguous() if not self.channels_last else up

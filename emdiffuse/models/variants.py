@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.conditioning import UPSAMPLE_MODES
 from emdiffuse.models.unet import UNetConfig
 
 VARIANTS: dict[str, str] = {
@@ -108,6 +109,9 @@ class ModelConfig:
 
     ``normalization`` holds the raw-intensity percentiles ``{"low", "high"}`` (0.5 % and
     99.5 %) of the training data; ``voxel_size_nm`` its voxel size (zyx, nm) or None.
+    ``cond_upsample`` is how super-resolution puts its input on the output grid
+    (:mod:`emdiffuse.models.conditioning`): ``"bicubic"``, or ``"bilinear"`` for reference
+    weights.
     """
 
     variant: str
@@ -121,6 +125,7 @@ class ModelConfig:
     voxel_size_nm: tuple[float, ...] | None = None
     training_data: str = ""
     use_index_embedding: bool = False
+    cond_upsample: str = "bicubic"
     emdiffuse_version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
@@ -227,6 +232,11 @@ class ModelConfig:
             )
         _validate_schedule(self.schedule)
         _validate_normalization(self.normalization)
+        if self.cond_upsample not in UPSAMPLE_MODES:
+            raise InputError(
+                f"model config: unknown cond_upsample {self.cond_upsample!r}; "
+                f"choose one of {', '.join(UPSAMPLE_MODES)}"
+            )
         if self.voxel_size_nm is not None and (
             len(self.voxel_size_nm) not in (2, 3)
             or not all(math.isfinite(v) and v > 0 for v in self.voxel_size_nm)

@@ -19,10 +19,14 @@ Output grid and voxel size per task (input voxel size ``(vz, vy, vx)`` nm):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import SAMPLER_NAMES
 from emdiffuse.pipeline import resume as record
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import Lattice, iter_chunks
@@ -37,7 +42,7 @@ from emdiffuse.pipeline.normalize import from_model, sample_percentiles
 from emdiffuse.pipeline.plan import Plan, make_plan
 from emdiffuse.pipeline.workers import RunSpec, get_enhancer
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = SAMPLER_NAMES  # the samplers' own list (emdiffuse.models.sampler_names)
 DEFAULT_TILE_MAX = 256
 DEFAULT_CHUNK_YX = 512
 
@@ -230,10 +235,13 @@ def prepare(
     resume: bool = False,
     overwrite: bool = False,
     check_output: bool = True,
+    task: str | None = None,
+    scale_factor: int | None = None,
 ) -> tuple[RunSpec, dict, object]:
     """Validate everything and build the run's :class:`RunSpec` (nothing is written).
 
-    Returns ``(spec, run_config, volume)``.
+    Returns ``(spec, run_config, volume)``. ``task`` / ``scale_factor`` (when given) refuse a
+    checkpoint made for another task or factor.
     """
     from emdiffuse.models.checkpoints import load_checkpoint
     from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output
@@ -263,7 +271,7 @@ def prepare(
         raise InputError(f"output dtype {dtype} is not an integer or float type")
 
     model = str(model)
-    config, _ = load_checkpoint(model)
+    config, _ = load_checkpoint(model, expect_task=task, expect_scale_factor=scale_factor)
     _check_model_fits(volume, config)
     if check_output:
         refuse_output(str(output), str(input), overwrite=overwrite, resume=resume)
@@ -371,20 +379,67 @@ def _make_client(workers: int | None, threads_per_worker: int | None, address: s
     import torch
 
     if torch.cuda.is_available():
-        n = workers or torch.cuda.device_count()
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=threads_per_worker or 1,
-            processes=True,
-            resources={"GPU": 1},
-        )
+        kwargs = dict(n_workers=workers or torch.cuda.device_count(), resources={"GPU": 1})
     else:
-        cluster = LocalCluster(
-            n_workers=workers or 2,
-            threads_per_worker=threads_per_worker or 1,
-            processes=True,
-        )
+        kwargs = dict(n_workers=workers or 2)
+    with _sigint_ignored_by_children(), warnings.catch_warnings():
+        # When 8787 is taken the dashboard moves to a free port; the printed link says where.
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
+        cluster = LocalCluster(threads_per_worker=threads_per_worker or 1, processes=True, **kwargs)
     return Client(cluster), True
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Start worker processes with SIGINT ignored (they inherit that), so a Ctrl-C in the
+    terminal reaches only this process, which stops the run and closes the cluster itself.
+    Only from the main thread (signals cannot be changed elsewhere, and arrive only there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _drop_all_exit(record) -> bool:
+    """Logging filter: distributed's internal ``AllExit`` of an abandoned gather."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return type(exc).__name__ != "AllExit"
+
+
+def _drop_all_exit_logs() -> None:
+    """Keep asyncio from logging, as "Task exception was never retrieved" with a traceback,
+    the ``AllExit`` that distributed uses internally when a gather is abandoned (Ctrl-C)."""
+    import logging
+
+    asyncio_log = logging.getLogger("asyncio")
+    if _drop_all_exit not in asyncio_log.filters:
+        asyncio_log.addFilter(_drop_all_exit)
+
+
+def _silence_distributed(level: int | None = None) -> int:
+    """Set the ``distributed`` log level (default ERROR); return the previous one."""
+    import logging
+
+    logger = logging.getLogger("distributed")
+    previous = logger.level
+    logger.setLevel(logging.ERROR if level is None else level)
+    return previous
+
+
+def _quiet_shutdown(client, *, workers_too: bool) -> int:
+    """After Ctrl-C the run stops on purpose: hide the shutdown chatter (cancelled tasks,
+    workers killed while computing) so the user sees one line. ``workers_too``: on the
+    workers as well (only for a cluster this run started). Returns this process's previous
+    ``distributed`` log level, to restore after closing."""
+    previous = _silence_distributed()
+    if workers_too:
+        with contextlib.suppress(Exception):
+            client.run(_silence_distributed)
+    return previous
 
 
 def enhance(
@@ -416,6 +471,8 @@ def enhance(
     dry_run: bool = False,
     seconds_per_tile: float | None = None,
     chunk_hook: Callable[[tuple], None] | None = None,
+    task: str | None = None,
+    scale_factor: int | None = None,
 ):
     """Enhance ``input`` (OME-Zarr or TIFF) with checkpoint ``model`` into OME-Zarr ``output``.
 
@@ -430,6 +487,7 @@ def enhance(
     standard deviation over samples. ``resume`` continues an interrupted run with the same
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
     ``chunk_hook(index)`` is called at the start of every chunk task (instrumentation).
+    ``task`` / ``scale_factor`` refuse a checkpoint made for another task or factor.
     """
     from emdiffuse.pipeline.io import open_volume
 
@@ -458,6 +516,8 @@ def enhance(
         resume=resume,
         overwrite=overwrite,
         check_output=not dry_run,
+        task=task,
+        scale_factor=scale_factor,
     )
     if chunk_hook is not None:
         spec = replace(spec, extra={**spec.extra, "chunk_hook": chunk_hook})
@@ -491,11 +551,6 @@ def enhance(
         if dry_run:
             return plan
 
-    if not resuming:
-        _create_outputs(spec, volume, voxel, translation, overwrite=overwrite or exists)
-        record.write_run_config(output, run_config)
-
-    owned = None
     if (
         client is None
         and scheduler not in (None, "threads")
@@ -504,11 +559,18 @@ def enhance(
         raise InputError(
             f"scheduler must be 'threads' or an address like tcp://host:8786, got {scheduler!r}"
         )
+    if not resuming:
+        _create_outputs(spec, volume, voxel, translation, overwrite=overwrite or exists)
+        record.write_run_config(output, run_config)
+
+    owned = quieted = None
     if client is None and scheduler != "threads":
         client, _ = _make_client(workers, threads_per_worker, scheduler)
         owned = client
         if progress:
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+    if client is not None:
+        _drop_all_exit_logs()
     try:
         graph, keys = build_graph(spec, todo)
         run_graph(
@@ -518,12 +580,18 @@ def enhance(
             num_workers=(workers or 1) if scheduler == "threads" else None,
             progress=progress,
         )
+    except KeyboardInterrupt:
+        if client is not None:
+            quieted = _quiet_shutdown(client, workers_too=owned is not None)
+        raise
     finally:
         if owned is not None:
             cluster = getattr(owned, "cluster", None)
             owned.close()
             if cluster is not None:
                 cluster.close()
+        if quieted is not None:
+            _silence_distributed(quieted)
 
     _finalize(spec, voxel, translation)
     record.mark_complete(output)

@@ -93,7 +93,10 @@ def parse_voxel_size(text: str | float | Sequence[float], ndim: int = 3) -> tupl
     if len(values) != ndim:
         raise InputError(f"voxel size {text!r} has {len(values)} values but the image has {ndim} axes")
     if not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"voxel size {text!r} must be positive (nm per voxel, zyx)")
+        raise InputError(
+            f"voxel size {text!r} must be positive numbers; pass --voxel-size as nm per voxel, "
+            "Z,Y,X (e.g. 30,8,8)"
+        )
     return tuple(values)
 
 
@@ -154,6 +157,18 @@ def _transforms(transforms: list[dict], ndim: int) -> tuple[list[float], list[fl
 
 def _open_ome_zarr(path: str, level: int) -> tuple[da.Array, str, list[float] | None, list[float]]:
     location = path if _is_url(path) else str(_local(path))
+    local = None if _is_url(path) else _local(path)
+    zarr_files = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
+    if local is not None and local.is_dir() and not any((local / f).is_file() for f in zarr_files):
+        raise InputError(
+            f"{path} is a folder but not a Zarr (no zarr.json or .zgroup); give an OME-Zarr or "
+            "a TIFF, or convert the data with `emdiffuse convert`"
+        )
+    if local is not None and local.is_file():
+        raise InputError(
+            f"{path} is neither an OME-Zarr folder nor a .tif/.tiff file; give an OME-Zarr or "
+            "a TIFF, or convert the data with `emdiffuse convert`"
+        )
     try:
         node = zarr.open(location, mode="r")
     except Exception as error:  # zarr raises several types for "not a zarr"
@@ -202,6 +217,9 @@ def _open_ome_zarr(path: str, level: int) -> tuple[da.Array, str, list[float] | 
     axes = "".join(names[i] for i in keep)
     voxel = [scale[i] * f for i, f in zip(keep, factors, strict=True)]
     offset = [translation[i] * f for i, f in zip(keep, factors, strict=True)]
+    transforms = [*datasets[level].get("coordinateTransformations", []), *ms.get("coordinateTransformations", [])]
+    if not any(t.get("type") == "scale" for t in transforms if isinstance(t, dict)):
+        voxel = None  # no scale recorded: the voxel size is unknown, not 1 nm
     return data, axes, voxel, offset
 
 
@@ -273,14 +291,22 @@ def open_volume(
         data, axes, voxel, offset = _open_ome_zarr(path, level)
     _check_dtype(data.dtype, path)
     if data.ndim not in (2, 3):
-        raise InputError(f"{path} has {data.ndim} axes; a 2D image (yx) or a 3D volume (zyx) is needed")
+        axes = "axis" if data.ndim == 1 else "axes"
+        raise InputError(
+            f"{path} has {data.ndim} {axes} ({data.shape}); a 2D image (yx) or a 3D volume (zyx) "
+            "is needed: give one of those"
+        )
     _check_ndim(data.ndim, ndim, path)
     if any(n == 0 for n in data.shape):
-        raise InputError(f"{path} has an axis of size zero (shape {tuple(data.shape)}); nothing to do")
+        raise InputError(
+            f"{path} has an axis of size zero (shape {tuple(data.shape)}), so it holds no voxels; "
+            "give a non-empty image"
+        )
     if voxel_size is not None:
         voxel = list(parse_voxel_size(voxel_size, data.ndim))
     if voxel is None:
-        raise InputError(f"{path} does not record its voxel size; pass --voxel-size Z,Y,X (nm)")
+        example = "Z,Y,X" if data.ndim == 3 else "Y,X"
+        raise InputError(f"{path} does not record its voxel size; pass --voxel-size {example} (nm)")
     if not all(v is not None and math.isfinite(v) and v > 0 for v in voxel):
         raise InputError(
             f"{path} records voxel size {voxel}, which is not positive; pass --voxel-size Z,Y,X (nm)"
@@ -308,7 +334,7 @@ def check_finite(volume: Volume, *, max_chunks: int = 256) -> None:
         where = "in a sampled chunk" if sampled else ""
         raise InputError(
             f"{volume.path} contains NaN or inf values {where}".rstrip()
-            + "; replace them (e.g. with the background value) before enhancing"
+            + "; replace them (e.g. with the background value) first"
         )
 
 
@@ -332,9 +358,30 @@ def refuse_output(
             raise InputError(f"output {path_out} contains the input {path_in}; choose an output elsewhere")
     if out_path.exists() and not (overwrite or resume):
         raise InputError(f"output {path_out} exists; pass --overwrite to replace it or --resume to continue")
+    if out_path.exists() and not out_path.is_dir():
+        raise InputError(f"output {path_out} is a file, not an OME-Zarr folder; choose another output")
     parent = out_path.parent
     if not parent.exists():
         raise InputError(f"the folder {parent} for output {path_out} does not exist; create it first")
+    if not parent.is_dir():
+        raise InputError(f"{parent} is a file, not a folder, so output {path_out} cannot go there; choose another output")
+    _check_writable(out_path if out_path.exists() else parent, path_out)
+
+
+def _check_writable(folder: Path, path_out) -> None:
+    """Refuse an output whose folder cannot take new entries (read-only file system, no
+    permission, a virtual file system such as /proc): try to make and remove an empty folder
+    there, which catches what ``os.access`` misses (it says yes to root everywhere)."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=".emdiffuse-write-test-", dir=folder)
+    except OSError as error:
+        raise InputError(
+            f"cannot write output {path_out}: {folder} is not writable ({error.strerror or error}); "
+            "choose an output in a writable folder"
+        ) from None
+    Path(probe).rmdir()
 
 
 def _ngff_axes(axes: str) -> list[dict]:

@@ -235,6 +235,14 @@ class Lattice:
             self.x.input_extent(tile.ix),
         )
 
+    def input_box_of(self, tiles: list[Tile]) -> Box | None:
+        """Input-grid union of the tiles' input boxes (None for no tiles)."""
+        return _union([self.tile_input_box(t) for t in tiles])
+
+    def output_box_of(self, tiles: list[Tile]) -> Box | None:
+        """Output-grid union of the tiles' output boxes (None for no tiles)."""
+        return _union([self.tile_output_box(t) for t in tiles])
+
     def read_box(self, box: Box) -> Box | None:
         """Input-grid region an output chunk needs: the union of its tiles' inputs and the
         kept original slices (isotropic). None when it needs nothing."""
@@ -243,9 +251,14 @@ class Lattice:
         k = self.xy_scale
         for _, zin in self.kept_slices(z0, z1):
             boxes.append(((zin, zin + 1), (y0 // k, -(-y1 // k)), (x0 // k, -(-x1 // k))))
-        if not boxes:
-            return None
-        return tuple((min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(3))
+        return _union(boxes)
+
+
+def _union(boxes: list[Box]) -> Box | None:
+    """Bounding box of ``boxes`` (None when empty)."""
+    if not boxes:
+        return None
+    return tuple((min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(3))
 
 
 def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
@@ -265,3 +278,78 @@ def iter_chunks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tup
 
 def box_slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
+
+
+# --- ownership: every tile is computed once, by the block of the chunk grid holding its origin
+@dataclass(frozen=True)
+class Ownership:
+    """Tiles of a lattice assigned to the blocks of an output chunk grid.
+
+    A tile belongs to the block (same indexing as the chunks) that holds its output origin:
+    first output z of its unit, and its y and x origins. So every tile has exactly one
+    owner and is computed once per run, whatever the number of chunks it overlaps; a chunk
+    is blended from the tiles of its *source* blocks (itself and the blocks just before it
+    along y and x whose tiles reach into it). Everything is separable per axis, so the
+    tables cost microseconds per chunk row, not a walk over the tiles.
+    """
+
+    lattice: Lattice
+    chunks: tuple[int, int, int]
+
+    @cached_property
+    def _starts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lat = self.lattice
+        if lat.isotropic:
+            z = np.arange(lat.n_units, dtype=np.int64) * lat.z_scale + 1
+        else:
+            z = np.arange(lat.n_units, dtype=np.int64)
+        return z, lat.y.origins, lat.x.origins
+
+    @cached_property
+    def grid(self) -> tuple[int, ...]:
+        return chunk_grid(self.lattice.output_shape, self.chunks)
+
+    @cached_property
+    def _owned(self) -> tuple[tuple[range, ...], ...]:
+        """Per axis, per block row: the range of entries (units, y or x tiles) it owns."""
+        tables = []
+        for starts, c, n in zip(self._starts, self.chunks, self.grid, strict=True):
+            owner = starts // c
+            lo = np.searchsorted(owner, np.arange(n), side="left")
+            hi = np.searchsorted(owner, np.arange(n), side="right")
+            tables.append(tuple(range(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
+        return tuple(tables)
+
+    @cached_property
+    def _sources(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Per axis, per chunk row: the block rows owning entries that meet the row."""
+        lat = self.lattice
+        shape = lat.output_shape
+        tables = []
+        betweens = (lat.units_between, lat.y.tiles_between, lat.x.tiles_between)
+        for axis, (starts, between) in enumerate(zip(self._starts, betweens, strict=True)):
+            c = self.chunks[axis]
+            owner = starts // c
+            rows = []
+            for r in range(self.grid[axis]):
+                met = between(r * c, min((r + 1) * c, shape[axis]))
+                # owners rise with the entry index: the rows from the first's to the last's
+                first, last = (int(owner[met[0]]), int(owner[met[-1]])) if met else (0, -1)
+                rows.append(tuple(range(first, last + 1)))
+            tables.append(tuple(rows))
+        return tuple(tables)
+
+    def owned_tiles(self, block: tuple[int, ...]) -> list[Tile]:
+        """The tiles block ``block`` owns, in global lattice order."""
+        units, ys, xs = (table[i] for table, i in zip(self._owned, block, strict=True))
+        return [Tile(u, iy, ix) for u in units for iy in ys for ix in xs]
+
+    def n_owned(self, block: tuple[int, ...]) -> int:
+        """How many tiles block ``block`` owns."""
+        return math.prod(len(table[i]) for table, i in zip(self._owned, block, strict=True))
+
+    def sources(self, index: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """Blocks owning the tiles that chunk ``index`` blends, in C order (each owns at
+        least one of those tiles)."""
+        zs, ys, xs = (table[i] for table, i in zip(self._sources, index, strict=True))
+        return [(bz, by, bx) for bz in zs for by in ys for bx in xs if self.n_owned((bz, by, bx))]

@@ -157,6 +157,58 @@ def frc_resolution(
     return float(freqs[below[0]]) if below.size else 0.5
 
 
+def calibration(
+    mean: np.ndarray, std: np.ndarray, truth: np.ndarray, *, k: float = 2.0
+) -> dict[str, float]:
+    """How well an uncertainty map (per-voxel ``std`` of samples around ``mean``) predicts
+    the actual error ``|mean - truth|``.
+
+    Returns ``pearson`` and ``spearman`` (correlation of std and error over voxels; NaN
+    when either is constant), ``coverage`` (fraction of voxels with ``truth`` inside
+    ``mean ± k·std``; 0.954 would be Gaussian-calibrated for k = 2), ``mean_std`` and
+    ``rmse``.
+    """
+    from scipy import stats
+
+    m, t = _pair(mean, truth)
+    s, _ = _pair(std, truth)
+    if np.any(s < 0) or not np.all(np.isfinite(s)):
+        raise InputError("calibration: std must be finite and >= 0")
+    error = np.abs(m - t).ravel()
+    s = s.ravel()
+    constant = bool(np.ptp(s) == 0 or np.ptp(error) == 0)
+    return {
+        "pearson": math.nan if constant else float(np.corrcoef(s, error)[0, 1]),
+        "spearman": math.nan if constant else float(stats.spearmanr(s, error)[0]),
+        "coverage": float(np.mean(error <= k * s)),
+        "mean_std": float(np.mean(s)),
+        "rmse": float(np.sqrt(np.mean(error**2))),
+    }
+
+
+def reliability(
+    mean: np.ndarray, std: np.ndarray, truth: np.ndarray, *, bins: int = 10
+) -> dict[str, np.ndarray]:
+    """Reliability curve of an uncertainty map: voxels binned by predicted ``std`` (equal-
+    count bins, quantiles of std), and per bin the mean predicted std and the actual RMSE of
+    ``mean`` against ``truth``. A calibrated map lies on the diagonal.
+
+    Returns arrays ``std``, ``rmse`` and ``count`` (one value per non-empty bin).
+    """
+    m, t = _pair(mean, truth)
+    s, _ = _pair(std, truth)
+    if int(bins) < 1:
+        raise InputError(f"reliability: bins must be >= 1, got {bins}")
+    s, sq = s.ravel(), ((m - t) ** 2).ravel()
+    edges = np.quantile(s, np.linspace(0.0, 1.0, int(bins) + 1))
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, int(bins) - 1)
+    count = np.bincount(which, minlength=int(bins)).astype(np.float64)
+    keep = count > 0
+    mean_std = np.bincount(which, weights=s, minlength=int(bins))[keep] / count[keep]
+    rmse = np.sqrt(np.bincount(which, weights=sq, minlength=int(bins))[keep] / count[keep])
+    return {"std": mean_std, "rmse": rmse, "count": count[keep].astype(np.int64)}
+
+
 __all__ = [
     "mse",
     "psnr",
@@ -165,4 +217,6 @@ __all__ = [
     "frc_resolution",
     "radial_power_spectrum",
     "spectrum_error",
+    "calibration",
+    "reliability",
 ]

@@ -11,15 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from emdiffuse.models.sampler_names import network_evaluations  # NFE: the samplers' own count
 from emdiffuse.pipeline.lattice import Lattice, chunk_grid
-
-# Network evaluations per sampler step (first-order and multistep samplers: one).
-_EVALS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmpp_2m": 1}
-
-
-def network_evaluations(sampler: str, steps: int) -> int:
-    """Network evaluations (NFE) one tile costs for ``steps`` steps of ``sampler``."""
-    return _EVALS_PER_STEP.get(sampler, 1) * int(steps)
 
 
 @dataclass(frozen=True)
@@ -32,9 +25,7 @@ class Plan:
     tile: int
     overlap: int
     n_tiles: int  # distinct lattice tiles
-    tiles_computed: (
-        int  # tiles run, summed over chunks (a tile at a chunk border runs once per chunk)
-    )
+    tiles_computed: int  # tiles run: each lattice tile once, whatever the chunks it overlaps
     samples: int
     steps: int
     sampler: str
@@ -43,6 +34,7 @@ class Plan:
     seconds_per_tile: float | None  # one tile, all steps, one sample
     workers: int
     estimated_seconds: float | None
+    tiles_per_chunk_sum: int = 0  # tiles met, summed over chunks (what a per-chunk graph runs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +51,8 @@ class Plan:
                 else ""
             ),
             f"tiles: {self.n_tiles} of {self.tile}x{self.tile}, overlap {self.overlap}; "
-            f"{self.tiles_computed} runs over all chunks",
+            f"each runs once ({self.tiles_computed} runs) and is shared by the chunks it "
+            f"overlaps",
             f"network evaluations: {self.evaluations} "
             f"({self.sampler}, {self.steps} steps, {self.samples} sample(s))",
             f"redundancy: {self.redundancy:.2f} computed voxels per output voxel",
@@ -109,9 +102,14 @@ def make_plan(
     workers: int = 1,
     done: int = 0,
 ) -> Plan:
-    """Plan of a run. ``done``: chunks already finished (resume)."""
+    """Plan of a run. ``done``: chunks already finished (resume).
+
+    Every lattice tile runs once (its output is shared by the chunks it overlaps); the time
+    estimate for a resumed run scales the tiles by the share of chunks left to run.
+    """
     counts = tiles_per_chunk_axis(lattice, chunks)
-    tiles_computed = int(np.prod([c.sum() for c in counts]))
+    per_chunk_sum = int(np.prod([c.sum() for c in counts]))
+    tiles_computed = lattice.n_tiles
     n_chunks = int(np.prod([len(c) for c in counts]))
     out_shape = lattice.output_shape
     computed_voxels = tiles_computed * lattice.tile_output_slices * lattice.tile**2
@@ -141,4 +139,5 @@ def make_plan(
         seconds_per_tile=seconds_per_tile,
         workers=workers,
         estimated_seconds=estimate,
+        tiles_per_chunk_sum=per_chunk_sum,
     )

@@ -38,10 +38,17 @@ def file_sha256(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (against a crashed or killed process): a hidden
+    temporary file renamed over ``path``. On failure (disk full, ...) the temporary file is
+    removed and ``path`` keeps its old content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_run_config(out: str | os.PathLike, config: dict) -> None:
@@ -52,7 +59,16 @@ def read_run_config(out: str | os.PathLike) -> dict | None:
     path = record_dir(out) / "run.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise InputError(
+            f"the run record {path} is unreadable, so {out} cannot be resumed; "
+            "pass --overwrite to start over"
+        )
+    return config
 
 
 def check_run_config(out: str | os.PathLike, config: dict) -> None:

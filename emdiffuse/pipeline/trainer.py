@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.conditioning import upsample_xy
 
 TASK_VARIANTS = {
     "denoise": "emdiffuse-n",
@@ -50,6 +50,7 @@ TASK_VARIANTS = {
     "anisotropic": "vemdiffuse-a",
 }
 FINAL_NAME = "model.safetensors"
+OBJECTIVES = ("diffusion", "regression")
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TrainSettings:
     voxel_size: list[float] | None = None
     schedule: dict[str, Any] | None = None
     time_limit: float | None = None  # seconds; stops early (demo)
+    objective: str = "diffusion"  # or "regression" (CARE-style baseline, see train())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -123,12 +125,10 @@ def keyed_noise(
     return torch.stack(noise), torch.stack(uniforms)
 
 
-def upsample_cond(cond: torch.Tensor, k: int) -> torch.Tensor:
-    """Condition onto the output grid, as the Enhancer does (bicubic, clamped)."""
-    if k == 1:
-        return cond
-    up = F.interpolate(cond, scale_factor=k, mode="bicubic", align_corners=False)
-    return up.clamp(-1.0, 1.0)
+def upsample_cond(cond: torch.Tensor, k: int, mode: str = "bicubic") -> torch.Tensor:
+    """Condition onto the output grid, as the Enhancer does (``mode``: the model's
+    ``cond_upsample``; clamped to [-1, 1])."""
+    return upsample_xy(cond, k, mode)
 
 
 def training_loss(
@@ -483,6 +483,13 @@ def train(
     Other settings are the fields of :class:`TrainSettings` (``factor``, ``val_steps``,
     ``val_batch``, ``lr_schedule``, ``workers``, ``time_limit``, …). Returns the path of
     the final checkpoint (EMA weights).
+
+    ``objective="regression"`` trains the same network as a plain regression model (the
+    CARE-style baseline): every sample sits at the noisiest level of the schedule, where the
+    noisy-target channel holds no information about the target, and the network predicts
+    the clean target directly (``prediction="x0"``, ``loss="l1"``, both forced). The
+    checkpoint is an ordinary one; run it with ``steps=1`` (one network evaluation: the
+    first step of every sampler returns the network's prediction).
     """
     if task not in TASK_VARIANTS:
         raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASK_VARIANTS)}")
@@ -517,6 +524,10 @@ def train(
         raise InputError(f"lr must be positive, got {s.lr}")
     if s.lr_schedule not in ("constant", "cosine"):
         raise InputError(f"lr_schedule must be constant or cosine, got {s.lr_schedule!r}")
+    if s.objective not in OBJECTIVES:
+        raise InputError(f"objective must be {' or '.join(OBJECTIVES)}, got {s.objective!r}")
+    if s.objective == "regression":
+        s.prediction, s.loss, s.val_steps = "x0", "l1", 1
     out = Path(out)
     _check_out(out, resume, overwrite)
 
@@ -550,7 +561,8 @@ def _train(
         if ckpt is not None:
             state = _load_state(ckpt)
             saved = json.loads(state["settings"])
-            for name in ("task", "batch_size", "patch", "seed", "prediction", "size"):
+            saved.setdefault("objective", "diffusion")  # checkpoints from before the option
+            for name in ("task", "batch_size", "patch", "seed", "prediction", "size", "objective"):
                 if saved.get(name) != getattr(s, name):
                     raise InputError(
                         f"--resume: {name} was {saved.get(name)!r} in {ckpt.name} but is "
@@ -563,6 +575,11 @@ def _train(
         from emdiffuse.models.checkpoints import load_checkpoint
 
         init_config, init_state = load_checkpoint(s.init)
+        if s.objective == "regression" and init_config.prediction != "x0":
+            raise InputError(
+                f"--init model predicts {init_config.prediction!r}; a regression run "
+                "fine-tunes only a regression (x0) model"
+            )
 
     start = 0 if state is None else int(state["step"])
     dataset = build_dataset(s, sources, normalization=normalization, start_step=start)
@@ -642,7 +659,7 @@ def _train(
                 save_validation_png(
                     out / "validation" / f"step_{step:08d}.png",
                     val_batch["cond"].numpy() if config.xy_scale == 1 else
-                    upsample_cond(val_batch["cond"], config.xy_scale).numpy(),
+                    upsample_cond(val_batch["cond"], config.xy_scale, config.cond_upsample).numpy(),
                     output,
                     val_batch["target"].numpy(),
                 )  # fmt: skip
@@ -702,8 +719,10 @@ def _state(step, net, ema_net, optimizer, config, s, dataset, dev, t0) -> dict[s
 def _step(model, net, optimizer, batch, schedule, config, s, dev, amp) -> tuple[float, float]:
     cond = batch["cond"].to(dev, non_blocking=True)
     target = batch["target"].to(dev, non_blocking=True)
-    cond = upsample_cond(cond, config.xy_scale)
+    cond = upsample_cond(cond, config.xy_scale, config.cond_upsample)
     noise, uniforms = keyed_noise(batch["key"].tolist(), target.shape[1:], s.seed)
+    if s.objective == "regression":  # always the noisiest level: the sampler's first step
+        uniforms = torch.ones_like(uniforms)
     index = batch.get("index")
     if index is not None:
         index = index.to(dev)

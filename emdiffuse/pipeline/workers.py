@@ -1,11 +1,18 @@
-"""What runs inside one task: read a chunk's input region, run its tiles, blend, write.
+"""What runs inside the tasks: run each tile once, blend chunks from the tiles, write.
+
+Two task kinds (see :mod:`emdiffuse.pipeline.graph`). :func:`produce_block` runs the tiles
+one block of the chunk grid *owns* (:class:`~emdiffuse.pipeline.lattice.Ownership`: each
+lattice tile has exactly one owner, so no tile runs twice however many chunks it overlaps)
+and returns their window-weighted sums cut to the chunks they reach. :func:`run_chunk` adds
+the sums of its source blocks, divides by the summed windows, writes its region of the
+output and marks the chunk done.
 
 Everything a task needs travels in a small :class:`RunSpec` (paths and numbers, no arrays);
-the task opens the input and output stores itself and keeps one Enhancer per process
+the tasks open the input and output stores themselves and keep one Enhancer per process
 (:func:`get_enhancer`), so a worker loads a model once whatever the number of tasks.
-:func:`compute_chunk` is the pure core (input region in, blended output out); it is also
-what :func:`run_in_process` loops over, with no Dask and no Zarr writes (the reference for
-benchmarks and tests).
+:func:`run_in_process` loops over the same functions with no Dask and no Zarr writes (the
+reference for benchmarks and tests); :func:`compute_chunk` is the self-contained form for
+one chunk (all its tiles, nothing shared).
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
 from emdiffuse.pipeline.blend import Accumulator, window_2d
-from emdiffuse.pipeline.lattice import Box, Lattice, Tile, chunk_box
+from emdiffuse.pipeline.lattice import Box, Lattice, Ownership, Tile, chunk_box
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
 from emdiffuse.pipeline.normalize import Normalization, to_dtype
 from emdiffuse.pipeline.resume import mark_done
@@ -59,6 +67,13 @@ _ENHANCERS: dict[tuple, object] = {}
 _INPUTS: dict[tuple, object] = {}
 _OUTPUTS: dict[str, object] = {}
 _THREADS_SET = False
+_TILES_RUN = [0]  # tiles this process has run through a network (all runs, all samples)
+
+
+def tiles_run() -> int:
+    """How many tiles this process has run through a network so far (instrumentation:
+    each lattice tile of a run counts once per sample, whatever the chunking)."""
+    return _TILES_RUN[0]
 
 
 def resolve_device(device: str) -> str:
@@ -114,10 +129,11 @@ def get_enhancer(checkpoint: str, device: str = "cpu", precision: str = "auto"):
 
 
 def _open_input(spec: RunSpec):
+    """The run's input ``(volume, backing zarr array or None)``, opened once per process."""
     key = (spec.input_path, spec.input_level, spec.input_voxel_size, spec.input_ndim)
     with _LOCK:
-        volume = _INPUTS.get(key)
-        if volume is None:
+        entry = _INPUTS.get(key)
+        if entry is None:
             from emdiffuse.pipeline.io import open_volume
 
             volume = open_volume(
@@ -126,8 +142,31 @@ def _open_input(spec: RunSpec):
                 voxel_size=spec.input_voxel_size,
                 ndim=spec.input_ndim,
             )
-            _INPUTS[key] = volume
-        return volume
+            entry = (volume, backing_array(volume.data))
+            _INPUTS[key] = entry
+        return entry
+
+
+def backing_array(data):
+    """The (read-only) zarr array that the dask array ``data`` reads whole — what
+    ``dask.array.from_zarr`` wraps — or None when ``data`` is anything else (sliced,
+    squeezed, computed). Reading a region from it directly skips building and running a
+    dask graph per read (about 10 ms a task on a 2-core machine)."""
+    import zarr
+
+    graph = data.__dask_graph__()
+    layers = getattr(graph, "layers", None) or {"": graph}
+    for name, layer in layers.items():
+        if not str(name).startswith("original-"):
+            continue
+        for value in layer.values():
+            if (
+                isinstance(value, zarr.Array)
+                and tuple(value.shape) == tuple(data.shape)
+                and value.dtype == data.dtype
+            ):
+                return value
+    return None
 
 
 def read_input(spec: RunSpec, box: Box) -> np.ndarray:
@@ -135,15 +174,16 @@ def read_input(spec: RunSpec, box: Box) -> np.ndarray:
 
     Only the store chunks that intersect ``box`` are read, synchronously in this task.
     """
-    volume = _open_input(spec)
-    data = volume.data
+    volume, backing = _open_input(spec)
     slices = tuple(slice(a, b) for a, b in box)
     if spec.input_ndim == 2:
-        block = data[slices[1:]]
+        slices = slices[1:]
+    if backing is not None:
+        block = backing[slices]
     else:
-        block = data[slices]
-    if hasattr(block, "compute"):
-        block = block.compute(scheduler="sync")
+        block = volume.data[slices]
+        if hasattr(block, "compute"):
+            block = block.compute(scheduler="sync")
     block = np.asarray(block)
     return block[None] if spec.input_ndim == 2 else block
 
@@ -178,89 +218,237 @@ def _batches(items: Sequence, size: int):
         yield items[start : start + size]
 
 
+def run_tiles(
+    spec: RunSpec,
+    enhancer,
+    tiles: Sequence[Tile],
+    cond_region: np.ndarray,
+    read_box: Box,
+    sample: int,
+) -> Iterator[tuple[Sequence[Tile], np.ndarray]]:
+    """Run ``tiles`` (one sample) in batches of ``spec.batch_size``: yields ``(batch, out)``
+    with ``out`` (len(batch), out_slices, T, T) float32 in model space.
+
+    ``cond_region`` is the normalised input over ``read_box``. A tile's noise is keyed on
+    its global origin, so its output does not depend on the batch it runs in (up to the
+    float rounding of batched kernels)."""
+    lattice = spec.lattice
+    T = lattice.tile
+    noise_shape = (lattice.tile_output_slices, T, T)
+    for batch in _batches(tiles, max(1, spec.batch_size)):
+        cond = np.stack([_tile_condition(lattice, t, cond_region, read_box) for t in batch])
+        origins = [lattice.tile_origin(t) for t in batch]
+        noise = np.stack(
+            [tile_noise(spec.seed, sample, o, INITIAL_STEP, noise_shape) for o in origins]
+        )
+
+        def step_noise(step: int, origins=origins, sample=sample, shape=noise_shape):
+            return np.stack([tile_noise(spec.seed, sample, o, step, shape) for o in origins])
+
+        out = enhancer.enhance(
+            cond.astype(np.float32),
+            noise,
+            sampler=spec.sampler,
+            steps=spec.steps,
+            step_noise=step_noise,
+        )
+        with _LOCK:
+            _TILES_RUN[0] += len(batch)
+        yield batch, np.asarray(out, dtype=np.float32)
+
+
 def compute_chunk(
     spec: RunSpec, index: tuple[int, int, int], enhancer, region: np.ndarray | None, read_box
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Blend one output chunk from its input ``region`` (raw units, covering ``read_box``).
+    """Blend one output chunk from its input ``region`` (raw units, covering ``read_box``),
+    running every tile that touches it here (no sharing with other chunks).
 
-    Returns ``(mean in raw units as float64, std in raw units or None, tiles run)``.
+    Returns ``(mean in raw units as float64, std in raw units or None, tiles run)``. The
+    pipeline computes the same values with each tile run once (:func:`produce_block`,
+    :func:`blend_chunk`); this is the self-contained form.
     """
     lattice = spec.lattice
     box = chunk_box(index, lattice.output_shape, spec.chunks)
     tiles = lattice.tiles_in(box)
     norm = spec.normalization
-    T = lattice.tile
-    window = window_2d(T, lattice.overlap)
-    out_slices = lattice.tile_output_slices
+    window = window_2d(lattice.tile, lattice.overlap)
     shape = tuple(b - a for a, b in box)
-    total = np.zeros(shape)
-    squares = np.zeros(shape) if spec.samples > 1 else None
+    totals = np.zeros((spec.samples, *shape))
     cond_region = np.clip(norm.forward(region), -1.0, 1.0) if tiles else None
     for sample in range(spec.samples):
         acc = Accumulator(box)
-        for batch in _batches(tiles, max(1, spec.batch_size)):
-            cond = np.stack([_tile_condition(lattice, t, cond_region, read_box) for t in batch])
-            origins = [lattice.tile_origin(t) for t in batch]
-            noise_shape = (out_slices, T, T)
-            noise = np.stack(
-                [tile_noise(spec.seed, sample, o, INITIAL_STEP, noise_shape) for o in origins]
-            )
-
-            def step_noise(step: int, origins=origins, sample=sample, shape=noise_shape):
-                return np.stack([tile_noise(spec.seed, sample, o, step, shape) for o in origins])
-
-            out = enhancer.enhance(
-                cond.astype(np.float32),
-                noise,
-                sampler=spec.sampler,
-                steps=spec.steps,
-                step_noise=step_noise,
-            )
-            out = np.asarray(out, dtype=np.float64)
+        for batch, out in run_tiles(spec, enhancer, tiles, cond_region, read_box, sample):
             for tile, values in zip(batch, out, strict=True):
                 acc.add(lattice.tile_output_box(tile), values, window)
-        result = acc.result()
-        total += np.nan_to_num(result)
-        if squares is not None:
-            squares += np.nan_to_num(result) ** 2
-    mean_model = total / spec.samples
-    mean = norm.inverse(mean_model)
-    std = None
-    if squares is not None:
-        var = np.maximum(squares / spec.samples - mean_model**2, 0.0)
-        std = norm.scale_std(np.sqrt(var))
-    # isotropic: the original slices are kept unchanged
-    (z0, z1), (y0, y1), (x0, x1) = box
-    for z_out, z_in in lattice.kept_slices(z0, z1):
-        rz, ry, rx = (a for a, _ in read_box)
-        mean[z_out - z0] = region[z_in - rz, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
-        if std is not None:
-            std[z_out - z0] = 0.0
+        totals[sample] = acc.total
+    mean, std = _finish(spec, box, totals, chunk_weight(lattice, box), region, read_box)
     return mean, std, len(tiles)
 
 
-def run_chunk(spec: RunSpec, index: tuple[int, int, int]) -> dict:
-    """One Dask task: read, enhance, blend and write output chunk ``index``, then mark it
-    done. Idempotent (a retried task writes the same bytes)."""
+def chunk_weight(lattice: Lattice, box: Box) -> np.ndarray:
+    """Summed blend weights over output ``box`` (dz, dy, dx) float64: the windows of all
+    lattice tiles covering each voxel; 0 where the model writes nothing (kept slices)."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    window = window_2d(lattice.tile, lattice.overlap)
+    plane = np.zeros((y1 - y0, x1 - x0))
+    xs = [lattice.x.output_extent(i) for i in lattice.x.tiles_between(x0, x1)]
+    for iy in lattice.y.tiles_between(y0, y1):
+        ta, tb = lattice.y.output_extent(iy)
+        ly, hy = max(y0, ta), min(y1, tb)
+        for ua, ub in xs:
+            lx, hx = max(x0, ua), min(x1, ub)
+            plane[ly - y0 : hy - y0, lx - x0 : hx - x0] += window[
+                ly - ta : hy - ta, lx - ua : hx - ua
+            ]
+    rows = np.zeros(z1 - z0)
+    for unit in lattice.units_between(z0, z1):
+        a, b = lattice.unit_output_z(unit)
+        rows[max(a, z0) - z0 : min(b, z1) - z0] = 1.0
+    return rows[:, None, None] * plane[None]
+
+
+def _finish(
+    spec: RunSpec,
+    box: Box,
+    totals: np.ndarray,
+    weight: np.ndarray,
+    kept_region: np.ndarray | None,
+    kept_box: Box | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weighted totals (samples, dz, dy, dx) in model space -> (mean, std or None) in raw
+    units; the kept original slices (isotropic) are copied from ``kept_region``."""
+    norm = spec.normalization
+    covered = weight > 0
+    safe = np.where(covered, weight, 1.0)
+    blends = np.where(covered, totals / safe, 0.0)  # uncovered voxels: 0, replaced below
+    mean_model = blends.sum(axis=0) / spec.samples
+    mean = norm.inverse(mean_model)
+    std = None
+    if spec.samples > 1:
+        var = np.maximum((blends**2).sum(axis=0) / spec.samples - mean_model**2, 0.0)
+        std = norm.scale_std(np.sqrt(var))
+    (z0, z1), (y0, y1), (x0, x1) = box
+    for z_out, z_in in spec.lattice.kept_slices(z0, z1):
+        rz, ry, rx = (a for a, _ in kept_box)
+        mean[z_out - z0] = kept_region[z_in - rz, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+        if std is not None:
+            std[z_out - z0] = 0.0
+    return mean, std
+
+
+@lru_cache(maxsize=32)
+def ownership(lattice: Lattice, chunks: tuple[int, int, int]) -> Ownership:
+    """The (cached) :class:`Ownership` of a run's tiles by its chunk grid."""
+    return Ownership(lattice, tuple(chunks))
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    box = tuple((max(p, q), min(r, s)) for (p, r), (q, s) in zip(a, b, strict=True))
+    return box if all(lo < hi for lo, hi in box) else None
+
+
+def _add_weighted(dst: np.ndarray, dst_box: Box, tile_box: Box, values, window) -> None:
+    """``dst[box ∩ tile] += values * window`` (values on the tile's box, padding ignored)."""
+    inter = _intersect(dst_box, tile_box)
+    if inter is None:
+        return
+    d = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, dst_box, strict=True))
+    s = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, tile_box, strict=True))
+    dst[d] += values[s] * window[s[1], s[2]]
+
+
+def produce_block(
+    spec: RunSpec,
+    block: tuple[int, int, int],
+    targets: Sequence[tuple[int, int, int]],
+    *,
+    enhancer=None,
+) -> dict:
+    """One Dask task: run every tile block ``block`` owns (each tile of the run is owned by
+    exactly one block) and return their window-weighted sums over each target chunk.
+
+    Returns ``{"block", "pieces": {chunk index: (box, float32 (samples, dz, dy, dx))},
+    "tiles", "seconds"}``; a piece covers only the part of the chunk those tiles reach.
+    All owned tiles run whatever the targets (a resumed run batches them as the first run
+    did, so it writes the same bytes).
+    """
+    start = time.perf_counter()
+    lattice = spec.lattice
+    tiles = ownership(lattice, spec.chunks).owned_tiles(tuple(block))
+    reach = lattice.output_box_of(tiles)
+    pieces: dict = {}
+    if tiles:
+        for index in targets:
+            inter = _intersect(chunk_box(index, lattice.output_shape, spec.chunks), reach)
+            if inter is not None:
+                shape = (spec.samples, *(b - a for a, b in inter))
+                pieces[tuple(index)] = (inter, np.zeros(shape, dtype=np.float32))
+    if pieces:
+        read_box = lattice.input_box_of(tiles)
+        region = read_input(spec, read_box)
+        cond_region = np.clip(spec.normalization.forward(region), -1.0, 1.0)
+        if enhancer is None:
+            enhancer = get_enhancer(spec.checkpoint, spec.device, spec.precision)
+        window = window_2d(lattice.tile, lattice.overlap)
+        for sample in range(spec.samples):
+            for batch, out in run_tiles(spec, enhancer, tiles, cond_region, read_box, sample):
+                for tile, values in zip(batch, out, strict=True):
+                    tile_box = lattice.tile_output_box(tile)
+                    for box, total in pieces.values():
+                        _add_weighted(total[sample], box, tile_box, values, window)
+    return {
+        "block": tuple(block),
+        "pieces": pieces,
+        "tiles": len(tiles) if pieces else 0,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def blend_chunk(
+    spec: RunSpec, index: tuple[int, int, int], parts: Sequence[dict]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Chunk ``index`` from the :func:`produce_block` results of its source blocks:
+    ``(mean in raw units as float64, std in raw units or None)``. Parts are summed in the
+    order given (the graph gives them in block order, so a rerun adds in the same order)."""
+    lattice = spec.lattice
+    box = chunk_box(index, lattice.output_shape, spec.chunks)
+    shape = tuple(b - a for a, b in box)
+    totals = np.zeros((spec.samples, *shape))
+    for part in parts:
+        piece = part["pieces"].get(tuple(index))
+        if piece is None:
+            continue
+        pbox, values = piece
+        sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(pbox, box, strict=True))
+        totals[(slice(None), *sl)] += values
+    kept_region = kept_box = None
+    kept = lattice.kept_slices(*box[0])
+    if kept:
+        (y0, y1), (x0, x1) = box[1], box[2]
+        kept_box = ((kept[0][1], kept[-1][1] + 1), (y0, y1), (x0, x1))
+        kept_region = read_input(spec, kept_box)
+    return _finish(spec, box, totals, chunk_weight(lattice, box), kept_region, kept_box)
+
+
+def run_chunk(spec: RunSpec, index: tuple[int, int, int], *parts: dict) -> dict:
+    """One Dask task: blend output chunk ``index`` from its source blocks' ``parts`` (see
+    :func:`produce_block`), write it and mark it done. Idempotent (a retried task writes
+    the same bytes)."""
     start = time.perf_counter()
     hook = spec.extra.get("chunk_hook")
     if hook is not None:
         hook(index)
-    lattice = spec.lattice
-    box = chunk_box(index, lattice.output_shape, spec.chunks)
-    read_box = lattice.read_box(box)
-    region = read_input(spec, read_box)
-    enhancer = (
-        get_enhancer(spec.checkpoint, spec.device, spec.precision)
-        if lattice.tiles_in(box)
-        else None
-    )
-    mean, std, n_tiles = compute_chunk(spec, index, enhancer, region, read_box)
+    box = chunk_box(index, spec.lattice.output_shape, spec.chunks)
+    mean, std = blend_chunk(spec, index, parts)
     _write(spec.output_path, box, to_dtype(mean, spec.dtype), spec.input_ndim)
     if std is not None:
         _write(spec.uncertainty_path, box, std.astype(np.float32), spec.input_ndim)
     mark_done(spec.output_path, index)
-    return {"index": tuple(index), "tiles": n_tiles, "seconds": time.perf_counter() - start}
+    return {
+        "index": tuple(index),
+        "tiles": len(spec.lattice.tiles_in(box)),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _write(path: str, box: Box, block: np.ndarray, ndim: int) -> None:
@@ -279,27 +467,62 @@ def run_in_process(
     enhancer=None,
     on_chunk: Callable[[tuple, np.ndarray], None] | None = None,
 ) -> dict:
-    """Run the chunks' tiles in a plain loop in this process — no Dask, no Zarr writes.
+    """Run the chunks in a plain loop in this process — no Dask, no Zarr writes.
 
-    The same reads, tiles, batches and blending as the pipeline; ``on_chunk(index, mean)``
-    receives each blended chunk. Returns ``{"seconds", "tiles", "chunks"}``: the
-    in-process baseline the pipeline's efficiency is measured against.
+    The same reads, tiles (each run once), batches and blending as the pipeline, in chunk
+    order; a block's tiles are dropped once every chunk that needs them is blended.
+    ``on_chunk(index, mean)`` receives each blended chunk. Returns ``{"seconds", "tiles",
+    "chunks"}``: the in-process baseline the pipeline's efficiency is measured against.
     """
     from emdiffuse.pipeline.lattice import iter_chunks
 
     lattice = spec.lattice
     if indices is None:
         indices = list(iter_chunks(lattice.output_shape, spec.chunks))
+    indices = [tuple(int(i) for i in index) for index in indices]
     if enhancer is None:
         enhancer = get_enhancer(spec.checkpoint, spec.device, spec.precision)
     start = time.perf_counter()
+    plan = block_plan(spec, indices)
+    consumers: dict = {}
+    for index in indices:
+        for block in plan.sources[index]:
+            consumers[block] = consumers.get(block, 0) + 1
+    parts: dict = {}
     tiles = 0
     for index in indices:
-        box = chunk_box(index, lattice.output_shape, spec.chunks)
-        read_box = lattice.read_box(box)
-        region = read_input(spec, read_box)
-        mean, _, n = compute_chunk(spec, index, enhancer, region, read_box)
-        tiles += n
+        for block in plan.sources[index]:
+            if block not in parts:
+                parts[block] = produce_block(spec, block, plan.targets[block], enhancer=enhancer)
+                tiles += parts[block]["tiles"]
+        mean, _ = blend_chunk(spec, index, [parts[b] for b in plan.sources[index]])
+        for block in plan.sources[index]:
+            consumers[block] -= 1
+            if not consumers[block]:
+                del parts[block]
         if on_chunk is not None:
-            on_chunk(tuple(index), mean)
+            on_chunk(index, mean)
     return {"seconds": time.perf_counter() - start, "tiles": tiles, "chunks": len(indices)}
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Which blocks a set of chunks needs: ``sources[chunk]`` (blocks, in order) and
+    ``targets[block]`` (the chunks of the set it feeds, in order)."""
+
+    sources: dict
+    targets: dict
+
+
+def block_plan(spec: RunSpec, indices: Sequence[tuple[int, int, int]]) -> BlockPlan:
+    """The blocks that chunks ``indices`` need, and the chunks each block feeds."""
+    own = ownership(spec.lattice, spec.chunks)
+    sources: dict = {}
+    targets: dict = {}
+    for index in indices:
+        index = tuple(int(i) for i in index)
+        blocks = own.sources(index)
+        sources[index] = blocks
+        for block in blocks:
+            targets.setdefault(block, []).append(index)
+    return BlockPlan(sources, {b: tuple(t) for b, t in targets.items()})

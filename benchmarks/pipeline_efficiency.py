@@ -1,0 +1,481 @@
+"""Pipeline efficiency: the same tiles in a plain in-process loop / end to end through Dask + Zarr.
+
+    python benchmarks/pipeline_efficiency.py [--shape 2,512,512] [--tile 128] [--overlap 32]
+        [--chunks 1,256,256] [--steps 8] [--repeats 3] [--workers 2] [--with-run-in-process]
+
+Goal (issue 4): efficiency >= 0.9 on CPU with 2 single-threaded worker processes.
+
+Model: the ``tiny`` emdiffuse-n preset with *seeded random weights* (a network's cost does
+not depend on its weights; no training needed for a timing). Input: a synthetic EM volume
+(``emdiffuse.pipeline.synthetic``) with Poisson-Gaussian noise, uint8 OME-Zarr.
+
+What is timed, in one process, each repeat (the order is reversed on odd repeats, so a
+drift of the machine's load does not favour one side):
+
+* **plain loop** (the numerator): the whole input read into memory, then every lattice tile
+  run once, in lattice order, in batches of ``--batch-size``, with the pipeline's
+  conditioning, global noise and window blending into one in-memory volume; torch gets all
+  the cores (2 threads = the 2 workers x 1 thread of the cluster). No Dask, no Zarr writes,
+  no pyramid. It is what a person would write for a volume that fits in memory.
+* **plain loop, ideal**: the same loop with 1 torch thread, its time divided by the number
+  of workers — perfect scaling to 2 cores, a stricter numerator. On a loaded 2-core machine
+  torch's 2 intra-op threads can be several times slower than 1 (a descheduled thread
+  stalls every parallel region), which flatters the pipeline; the *strict* efficiency
+  (ideal / pipeline) does not depend on that.
+* ``run_in_process`` (``--with-run-in-process``): the library's own loop (the pipeline's
+  task functions called in order, no Dask, no writes), for reference.
+* **LocalCluster, full**: start a LocalCluster (2 worker processes x 1 thread) + one
+  ``emdiffuse.enhance`` call with cold workers (each loads torch and the model on its first
+  task). End to end as a user sees it from a Python session: open and check the input,
+  model checksum, output creation, graph, all tasks, zarr writes and done markers, the
+  multiscale pyramid and metadata.
+* **LocalCluster, warm**: a second ``enhance`` on the same cluster (workers hold the model):
+  the same minus the one-off start-up (cluster start, worker imports, model load).
+* **threads**: ``enhance(scheduler="threads", workers=2)`` in this process.
+
+Efficiency = plain loop seconds / pipeline seconds, per repeat (strict: ideal / pipeline);
+the table gives the median and the range over repeats. A one-off warm-up batch runs in
+this process before the repeats (the cluster's workers warm up inside the cold run). The pyramid's share is timed separately (``finalize_image`` run
+again on the finished output). Every pipeline output is checked against the plain loop's
+(at most 1 grey level apart in uint8), so both really do the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- shared with pipeline_scaling.py and graph_scaling.py --------------------------------
+def machine_info() -> dict:
+    """Machine, versions and load, for the results file."""
+    import dask
+    import distributed
+    import torch
+    import zarr
+
+    import emdiffuse
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "emdiffuse": emdiffuse.__version__,
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the machine is shared: noise)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def make_model(path: Path, *, seed: int = 0, size: str = "tiny") -> str:
+    """A denoiser checkpoint of the ``size`` preset with seeded random weights, for uint8."""
+    from emdiffuse.models.checkpoints import save_checkpoint
+    from emdiffuse.models.enhancer import Enhancer
+    from emdiffuse.models.variants import make_config
+
+    config = make_config("emdiffuse-n", size, normalization={"low": 0.0, "high": 255.0})
+    enhancer = Enhancer.from_config(config, seed=seed)
+    save_checkpoint(path, enhancer.net.state_dict(), config)
+    return str(path)
+
+
+def make_input(path: Path, shape: tuple[int, int, int], *, store_chunks=None) -> str:
+    """A noisy synthetic EM volume (uint8 OME-Zarr, 8 nm voxels) of ``shape``."""
+    import dask.array as da
+
+    from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise
+    from emdiffuse.pipeline.io import write_image
+    from emdiffuse.pipeline.synthetic import synthetic_volume
+
+    store_chunks = store_chunks or (1, min(shape[1], 512), min(shape[2], 512))
+    clean = synthetic_volume(shape, seed=0, chunks=store_chunks)
+
+    def noisy(block, block_info=None):
+        origin = tuple(lo for lo, _ in block_info[0]["array-location"])
+        image = add_poisson_gaussian_noise(block, dose=20.0, seed=1, origin=origin)
+        return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+
+    data = da.map_blocks(noisy, clean, dtype=np.uint8)
+    write_image(data, path, voxel_size=(8.0, 8.0, 8.0), chunks=store_chunks)
+    return str(path)
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def start_cluster(workers: int, threads: int = 1):
+    """A LocalCluster of ``workers`` processes x ``threads`` threads and its Client."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        dashboard_address=None,
+    )
+    return cluster, Client(cluster)
+
+
+def stop_cluster(cluster, client) -> None:
+    client.close()
+    cluster.close()
+
+
+def worker_cpu_seconds(client) -> float:
+    """User + system CPU seconds used so far by the client's worker processes."""
+    import psutil
+
+    total = 0.0
+    for pid in client.run(os.getpid).values():
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+# ---- the plain loop ---------------------------------------------------------------------------
+def plain_loop(spec, enhancer) -> tuple[np.ndarray, dict]:
+    """Every lattice tile once, blended into one in-memory volume (raw units, uint8)."""
+    from emdiffuse.pipeline.blend import Accumulator, window_2d
+    from emdiffuse.pipeline.io import open_volume
+    from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
+    from emdiffuse.pipeline.normalize import to_dtype
+    from emdiffuse.pipeline.workers import _tile_condition
+
+    t0 = time.perf_counter()
+    raw = np.asarray(open_volume(spec.input_path).data)
+    t_read = time.perf_counter() - t0
+    lattice = spec.lattice
+    norm = spec.normalization
+    full = tuple((0, n) for n in raw.shape)
+    cond_all = np.clip(norm.forward(raw), -1.0, 1.0)
+    acc = Accumulator(tuple((0, n) for n in lattice.output_shape))
+    window = window_2d(lattice.tile, lattice.overlap)
+    tiles = list(lattice.all_tiles())
+    T = lattice.tile
+    shape = (lattice.tile_output_slices, T, T)
+    for start in range(0, len(tiles), spec.batch_size):
+        batch = tiles[start : start + spec.batch_size]
+        cond = np.stack([_tile_condition(lattice, t, cond_all, full) for t in batch])
+        origins = [lattice.tile_origin(t) for t in batch]
+        noise = np.stack([tile_noise(spec.seed, 0, o, INITIAL_STEP, shape) for o in origins])
+
+        def step_noise(step, origins=origins):
+            return np.stack([tile_noise(spec.seed, 0, o, step, shape) for o in origins])
+
+        out = enhancer.enhance(
+            cond, noise, sampler=spec.sampler, steps=spec.steps, step_noise=step_noise
+        )
+        for tile, values in zip(batch, out, strict=True):
+            acc.add(lattice.tile_output_box(tile), values, window)
+    result = to_dtype(norm.inverse(np.nan_to_num(acc.result())), spec.dtype)
+    seconds = time.perf_counter() - t0
+    return result, {"seconds": seconds, "read_seconds": t_read, "tiles": len(tiles)}
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def _enhance_timed(inp, model, out, run: dict, **kw) -> float:
+    from emdiffuse.pipeline.enhance import enhance
+
+    t0 = time.perf_counter()
+    enhance(inp, model, out, progress=False, **run, **kw)
+    return time.perf_counter() - t0
+
+
+def _max_diff(out: Path, reference: np.ndarray) -> int:
+    import zarr
+
+    values = zarr.open_array(f"{out}/0", mode="r")[...]
+    return int(np.abs(values.astype(np.int32) - reference.astype(np.int32)).max())
+
+
+def _pyramid_seconds(out: Path) -> float:
+    from emdiffuse.pipeline.io import finalize_image
+
+    t0 = time.perf_counter()
+    finalize_image(out)
+    return time.perf_counter() - t0
+
+
+PIPELINE_MODES = ("run_in_process", "cluster_full", "cluster_cold", "cluster_warm", "threads")
+
+
+def warm_up(model: str, spec) -> None:
+    """One batch through this process's enhancer (torch's first calls are slow)."""
+    from emdiffuse.pipeline.workers import get_enhancer
+
+    enhancer = get_enhancer(model, "cpu")
+    t = spec.lattice.tile
+    cond = np.zeros((spec.batch_size, 1, t, t), np.float32)
+    enhancer.enhance(cond, np.zeros_like(cond), sampler=spec.sampler, steps=1)
+
+
+def one_repeat(r: int, work: Path, inp: str, model: str, spec, run: dict, args) -> dict:
+    """All modes once; returns seconds per mode and the checks."""
+    import torch
+
+    from emdiffuse.pipeline.workers import get_enhancer, run_in_process
+
+    row: dict = {"repeat": r, "load_before": load_average()}
+    checks: dict = {}
+    reference: dict = {}
+
+    def plain():
+        torch.set_num_threads(args.workers)
+        values, stats = plain_loop(spec, get_enhancer(model, "cpu"))
+        reference["values"] = values
+        row["plain_loop"] = stats["seconds"]
+        row["plain_loop_read"] = stats["read_seconds"]
+        row["tiles"] = stats["tiles"]
+
+    def plain_one_thread():
+        torch.set_num_threads(1)
+        _, stats = plain_loop(spec, get_enhancer(model, "cpu"))
+        row["plain_loop_1_thread"] = stats["seconds"]
+        row["plain_loop_ideal"] = stats["seconds"] / args.workers
+        torch.set_num_threads(args.workers)
+
+    def in_process():
+        torch.set_num_threads(args.workers)
+        stats = run_in_process(spec)
+        row["run_in_process"] = stats["seconds"]
+        row["run_in_process_tiles"] = stats["tiles"]
+
+    def cluster():
+        t0 = time.perf_counter()
+        lc, client = start_cluster(args.workers)
+        row["cluster_start"] = time.perf_counter() - t0
+        try:
+            cpu0 = worker_cpu_seconds(client)
+            out = work / f"cold-{r}.zarr"
+            row["cluster_cold"] = _enhance_timed(inp, model, out, run, client=client)
+            row["cluster_full"] = row["cluster_start"] + row["cluster_cold"]
+            cpu1 = worker_cpu_seconds(client)
+            row["cluster_cold_worker_cpu_use"] = (cpu1 - cpu0) / (
+                row["cluster_cold"] * args.workers
+            )
+            checks["cluster_cold"] = out
+            out = work / f"warm-{r}.zarr"
+            row["cluster_warm"] = _enhance_timed(inp, model, out, run, client=client)
+            row["cluster_warm_worker_cpu_use"] = (worker_cpu_seconds(client) - cpu1) / (
+                row["cluster_warm"] * args.workers
+            )
+            checks["cluster_warm"] = out
+        finally:
+            stop_cluster(lc, client)
+
+    def threads():
+        out = work / f"threads-{r}.zarr"
+        row["threads"] = _enhance_timed(
+            inp, model, out, run, scheduler="threads", workers=args.workers
+        )
+        checks["threads"] = out
+
+    modes = [plain, plain_one_thread, cluster, threads]
+    if args.with_run_in_process:
+        modes.insert(1, in_process)
+    if r % 2:
+        modes = modes[::-1]
+    for mode in modes:
+        mode()
+        print(f"  repeat {r}: {mode.__name__} done", file=sys.stderr, flush=True)
+    row["pyramid"] = _pyramid_seconds(checks["cluster_warm"])
+    row["max_diff_grey_levels"] = {k: _max_diff(v, reference["values"]) for k, v in checks.items()}
+    for out in checks.values():
+        shutil.rmtree(out, ignore_errors=True)
+    for mode in PIPELINE_MODES:
+        if mode in row:
+            row[f"efficiency_{mode}"] = row["plain_loop"] / row[mode]
+            row[f"strict_efficiency_{mode}"] = row["plain_loop_ideal"] / row[mode]
+    row["load_after"] = load_average()
+    return row
+
+
+def summarize(rows: list[dict], key: str) -> dict:
+    values = [row[key] for row in rows]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="2,512,512")
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--chunks", default="1,256,256")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--with-run-in-process", action="store_true", help="also time the library's loop"
+    )
+    parser.add_argument("--name", default="pipeline_efficiency")
+    args = parser.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    chunks = tuple(int(v) for v in args.chunks.split(","))
+
+    from emdiffuse.pipeline.enhance import prepare
+    from emdiffuse.pipeline.plan import make_plan
+
+    info = machine_info()
+    load_start = load_average()
+    print(f"load average at start: {load_start}", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="emdiffuse-eff-"))
+    try:
+        model = make_model(work / "tiny.safetensors")
+        inp = make_input(work / "in.ome.zarr", shape)
+        run = dict(
+            steps=args.steps,
+            tile=args.tile,
+            overlap=args.overlap,
+            chunks=chunks,
+            sampler=args.sampler,
+            batch_size=args.batch_size,
+        )
+        spec, _, _ = prepare(inp, model, work / "unused.zarr", **run)
+        plan = make_plan(
+            spec.lattice, spec.chunks, steps=args.steps, samples=1, sampler=args.sampler
+        )
+        print(plan.report(), file=sys.stderr)
+        warm_up(model, spec)
+        rows = [one_repeat(r, work, inp, model, spec, run, args) for r in range(args.repeats)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    keys = [
+        "plain_loop",
+        "plain_loop_1_thread",
+        "plain_loop_ideal",
+        "run_in_process",
+        "cluster_start",
+        "cluster_full",
+        "cluster_cold",
+        "cluster_warm",
+        "threads",
+        "pyramid",
+    ]
+    keys = [k for k in keys if k in rows[0]]
+    seconds = {k: summarize(rows, k) for k in keys}
+    efficiency = {k: summarize(rows, f"efficiency_{k}") for k in PIPELINE_MODES if k in rows[0]}
+    strict = {k: summarize(rows, f"strict_efficiency_{k}") for k in PIPELINE_MODES if k in rows[0]}
+    payload = {
+        "benchmark": args.name,
+        "command": "python benchmarks/pipeline_efficiency.py " + " ".join(argv or sys.argv[1:]),
+        "model": "emdiffuse-n tiny preset, seeded random weights (timing only)",
+        "settings": {
+            "shape": shape,
+            "dtype": "uint8",
+            "tile": args.tile,
+            "overlap": args.overlap,
+            "chunks": chunks,
+            "steps": args.steps,
+            "sampler": args.sampler,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "threads_per_worker": 1,
+            "repeats": args.repeats,
+            "tiles": plan.n_tiles,
+            "tiles_met_summed_over_chunks": getattr(
+                plan, "tiles_per_chunk_sum", plan.tiles_computed
+            ),
+            "network_evaluations": plan.evaluations,
+            "chunks_in_output": plan.n_chunks,
+        },
+        "definitions": {
+            "plain_loop": "every lattice tile once, in-memory blend, whole input read first; "
+            "torch threads = workers",
+            "cluster_full": "LocalCluster start + enhance() with cold workers (model load)",
+            "cluster_cold": "enhance() with cold workers, cluster already started",
+            "cluster_warm": "enhance() on a running cluster whose workers hold the model "
+            "(full run minus one-off start-up); includes prepare, writes, pyramid, metadata",
+            "threads": "enhance(scheduler='threads', workers=2) in this process",
+            "pyramid": "finalize_image() on the finished output (part of every enhance time)",
+            "plain_loop_ideal": "plain loop with 1 torch thread / workers: perfect 2-core "
+            "scaling of the single-threaded loop (a stricter numerator: torch's intra-op "
+            "threads scale badly on a loaded 2-core machine)",
+            "efficiency_X": "plain_loop seconds / X seconds, within one repeat",
+            "strict_efficiency_X": "plain_loop_ideal seconds / X seconds, within one repeat",
+        },
+        "seconds": seconds,
+        "efficiency": efficiency,
+        "strict_efficiency": strict,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "rows": rows,
+        **info,
+    }
+    path = write_results(args.name, payload)
+
+    print(
+        f"\n{'mode':<20}{'seconds':>9}{'range':>16}{'efficiency':>12}{'range':>14}"
+        f"{'strict':>8}{'range':>14}"
+    )
+    for k in keys:
+        s = seconds[k]
+        line = f"{k:<20}{s['median']:>9.2f}{s['min']:>8.2f}-{s['max']:<7.2f}"
+        for table in (efficiency, strict):
+            e = table.get(k)
+            if e:
+                line += f"{e['median']:>10.3f}{e['min']:>8.3f}-{e['max']:<5.3f}"
+        print(line)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

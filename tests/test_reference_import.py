@@ -1,0 +1,340 @@
+"""Import of reference EMDiffuse checkpoints: numerics against the reference, and errors.
+
+The fixture in ``tests/data/reference/`` was written by the reference's own code (see its
+README): its ``Network.state_dict()`` as its trainer saves it, its JSON config, a fixed input
+and the reference network's output. Our importer must reproduce that output to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emdiffuse.cli import main
+from emdiffuse.errors import InputError
+from emdiffuse.models.checkpoints import load_checkpoint
+from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.reference import (
+    convert_reference_checkpoint,
+    load_reference_checkpoint,
+    read_reference_config,
+    strip_json_comments,
+)
+from emdiffuse.models.unet import UNet
+
+DATA = Path(__file__).parent / "data" / "reference"
+N_PTH, N_JSON = DATA / "emdiffuse_n_Network.pth", DATA / "emdiffuse_n.json"
+V_PTH, V_JSON = DATA / "vemdiffuse_i_Network_ema.pth", DATA / "vemdiffuse_i.json"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks gain nothing from threads; on a busy 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _io(stem: str) -> dict[str, torch.Tensor]:
+    with np.load(DATA / f"{stem}_io.npz", allow_pickle=False) as data:
+        return {key: torch.from_numpy(data[key]) for key in data.files}
+
+
+def _forward(config, state_dict, x, gammas, index=None) -> torch.Tensor:
+    net = UNet(config.unet).eval()
+    net.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        return net(x, gammas.reshape(-1), index)
+
+
+def _max_diff(config, state_dict, stem: str) -> float:
+    """Our output against the reference's on the fixture input (vEMDiffuse: our slice order)."""
+    io = _io(stem)
+    x, index = io["x"], None
+    if config.use_index_embedding:
+        x = x[:, [1, 0, 2]]  # reference (below, above, noisy) -> ours (above, below, noisy)
+        index = io["index"]
+    return float((_forward(config, state_dict, x, io["gammas"], index) - io["out"]).abs().max())
+
+
+def _edit_config(tmp_path: Path, source: Path, edit) -> Path:
+    opt = read_reference_config(source)
+    edit(opt)
+    path = tmp_path / f"edited_{source.name}"
+    path.write_text(json.dumps(opt))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# numerics
+# --------------------------------------------------------------------------------------
+def test_2d_network_matches_reference():
+    config, state_dict = load_reference_checkpoint(N_PTH, N_JSON)
+    assert (config.variant, config.task, config.scale_factor) == ("emdiffuse-n", "denoise", 1)
+    u = config.unet
+    assert (u.dims, u.in_channels, u.out_channels, u.base_channels) == (2, 2, 1, 16)
+    assert (u.channel_mults, u.num_res_blocks, u.attention_resolutions) == ((1, 1), 0, (1,))
+    assert (u.num_head_channels, u.legacy_attention_order, u.use_index_embedding) == (8, True, False)
+    assert config.schedule == {"kind": "linear", "steps": 2000, "beta_start": 1e-6, "beta_end": 0.01}
+    assert (config.prediction, config.loss) == ("eps", "mse")
+    assert config.normalization == {"low": 0.0, "high": 255.0}
+    assert "EMDiffuse-n" in config.training_data
+    assert not any(k.startswith("denoise_fn.") or k == "gammas" for k in state_dict)
+    assert _max_diff(config, state_dict, "emdiffuse_n") < TOLERANCE
+
+
+def test_vemdiffuse_network_matches_reference():
+    config, state_dict = load_reference_checkpoint(V_PTH, V_JSON)
+    assert (config.variant, config.task, config.scale_factor) == ("vemdiffuse-i", "isotropic", 4)
+    assert config.use_index_embedding and config.unet.num_indices == 3
+    assert (config.unet.in_channels, config.unet.out_channels) == (3, 1)
+    assert (config.in_slices, config.out_slices, config.passes) == (2, 3, 3)
+    assert "channel_embed.0.weight" in state_dict
+    assert _max_diff(config, state_dict, "vemdiffuse_i") < TOLERANCE
+
+
+def test_vemdiffuse_slice_order_matters():
+    """Feeding the reference's own order to the imported network must not match: the import
+    really reorders the conditioning (and this test would catch it if it stopped)."""
+    config, state_dict = load_reference_checkpoint(V_PTH, V_JSON)
+    io = _io("vemdiffuse_i")
+    out = _forward(config, state_dict, io["x"], io["gammas"], io["index"])
+    assert float((out - io["out"]).abs().max()) > 1e-2
+    # and the index matters: all indices 0 differ from the recorded (0, 1, 2)
+    x = io["x"][:, [1, 0, 2]]
+    zeros = torch.zeros_like(io["index"])
+    out = _forward(config, state_dict, x, io["gammas"], zeros)
+    assert float((out[1:] - io["out"][1:]).abs().max()) > 1e-2
+    assert float((out[:1] - io["out"][:1]).abs().max()) < TOLERANCE
+
+
+def test_prefixes_stripped(tmp_path):
+    """DataParallel's ``module.`` and a bare UNet state dict (no ``denoise_fn.``) load too."""
+    raw = torch.load(N_PTH, weights_only=True)
+    wrapped = tmp_path / "wrapped_Network.pth"
+    torch.save({f"module.{k}": v for k, v in raw.items()}, wrapped)
+    bare = tmp_path / "bare_Network.pth"
+    torch.save({k[len("denoise_fn.") :]: v for k, v in raw.items() if k.startswith("denoise_fn.")},
+               bare)  # fmt: skip
+    _, expected = load_reference_checkpoint(N_PTH, N_JSON)
+    for path in (wrapped, bare):
+        config, state_dict = load_reference_checkpoint(path, N_JSON)
+        assert state_dict.keys() == expected.keys()
+        assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
+        assert _max_diff(config, state_dict, "emdiffuse_n") < TOLERANCE
+
+
+def test_convert_to_safetensors_and_enhance(tmp_path):
+    out = convert_reference_checkpoint(V_PTH, V_JSON, tmp_path / "vem.safetensors")
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    config, state_dict = load_checkpoint(out, expect_task="isotropic", expect_scale_factor=4)
+    assert _max_diff(config, state_dict, "vemdiffuse_i") < TOLERANCE
+    enhancer = Enhancer.load(out)
+    assert (enhancer.in_slices, enhancer.out_slices, enhancer.z_scale) == (2, 3, 4)
+    cond = np.zeros((1, 2, 16, 16), np.float32)
+    noise = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    result = enhancer.enhance(cond, noise, sampler="ddim", steps=2)
+    assert result.shape == (1, 3, 16, 16) and np.isfinite(result).all()
+    with pytest.raises(InputError, match="exists"):
+        convert_reference_checkpoint(V_PTH, V_JSON, out)
+    convert_reference_checkpoint(V_PTH, V_JSON, out, overwrite=True)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "n.safetensors"
+    assert main(["import-reference", str(N_PTH), str(N_JSON), str(out)]) == 0
+    assert "emdiffuse-n (denoise)" in capsys.readouterr().out
+    config, state_dict = load_checkpoint(out)
+    assert _max_diff(config, state_dict, "emdiffuse_n") < TOLERANCE
+    assert main(["import-reference", str(N_PTH), str(N_JSON), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    # the same weights as a 4x super-resolution model, with an intensity range
+    args = ["--variant", "emdiffuse-r", "--scale-factor", "4", "--low", "10", "--high", "4000"]
+    assert main(["import-reference", str(N_PTH), str(N_JSON), str(out), "--overwrite", *args]) == 0
+    config = load_checkpoint(out)[0]
+    assert (config.variant, config.scale_factor, config.xy_scale) == ("emdiffuse-r", 4, 4)
+    assert config.normalization == {"low": 10.0, "high": 4000.0}
+    assert main(["import-reference", str(N_PTH), str(N_JSON), str(out), "--overwrite",
+                 "--variant", "emdiffuse-r"]) == 2  # fmt: skip
+    assert "super-resolution factor" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# config reading
+# --------------------------------------------------------------------------------------
+def test_strip_json_comments():
+    text = '{"a": "x // y", // gone\n "b": "q\\" // r", /* block\n */ "c": 1} // end'
+    assert json.loads(strip_json_comments(text)) == {"a": "x // y", "b": 'q" // r', "c": 1}
+
+
+def test_fixture_config_has_comments():
+    assert "//" in N_JSON.read_text()
+    opt = read_reference_config(N_JSON)
+    assert opt["model"]["which_networks"][0]["name"] == ["models.EMDiffuse_network", "Network"]
+
+
+def test_saved_config_name_prefix_and_variant_guess(tmp_path):
+    # the reference writes its parsed config with the phase prefixed to the name
+    path = _edit_config(tmp_path, N_JSON, lambda o: o.update(name="train_EMDiffuse-r_big"))
+    config, _ = load_reference_checkpoint(N_PTH, path, scale_factor=2)
+    assert (config.variant, config.scale_factor) == ("emdiffuse-r", 2)
+    assert config.cond_upsample == "bilinear"  # the reference enlarges its input bilinearly
+    path = _edit_config(tmp_path, N_JSON, lambda o: o.update(name="my-experiment"))
+    with pytest.raises(InputError, match=r"denoises or super-resolves.*--variant"):
+        load_reference_checkpoint(N_PTH, path)
+    assert load_reference_checkpoint(N_PTH, path, variant="emdiffuse-n")[0].variant == "emdiffuse-n"
+
+    def anonymous(opt):
+        opt["name"] = "liver"
+        del opt["datasets"]["train"]["which_dataset"]["args"]["method"]
+
+    path = _edit_config(tmp_path, V_JSON, anonymous)
+    with pytest.raises(InputError, match="vEMDiffuse-i from vEMDiffuse-a"):
+        load_reference_checkpoint(V_PTH, path)
+    config, _ = load_reference_checkpoint(V_PTH, path, variant="vemdiffuse-a")
+    assert config.variant == "vemdiffuse-a"
+
+
+def test_z_factor_from_config_and_mismatch(tmp_path):
+    with pytest.raises(InputError, match="z_times 4"):
+        load_reference_checkpoint(V_PTH, V_JSON, scale_factor=6)
+    assert load_reference_checkpoint(V_PTH, V_JSON, scale_factor=4)[0].scale_factor == 4
+    path = _edit_config(
+        tmp_path, V_JSON, lambda o: o["datasets"]["train"]["which_dataset"]["args"].pop("z_times")
+    )
+    with pytest.raises(InputError, match="no z_times"):
+        load_reference_checkpoint(V_PTH, path)
+    config, _ = load_reference_checkpoint(V_PTH, path, scale_factor=8)
+    assert (config.scale_factor, config.unet.num_indices, config.out_slices) == (8, 7, 7)
+
+
+# --------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------
+class _SystemCall:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_objects_refused_without_running(tmp_path):
+    marker = tmp_path / "executed.txt"
+    raw = torch.load(N_PTH, weights_only=True)
+    evil = tmp_path / "evil_Network.pth"
+    torch.save({**raw, "payload": _SystemCall(marker)}, evil)
+    with pytest.raises(InputError, match="refusing to load"):
+        load_reference_checkpoint(evil, N_JSON)
+    assert not marker.exists()
+
+
+def test_unreadable_and_non_tensor_files(tmp_path):
+    truncated = tmp_path / "cut_Network.pth"
+    truncated.write_bytes(N_PTH.read_bytes()[:1000])
+    with pytest.raises(InputError, match="not a readable torch file"):
+        load_reference_checkpoint(truncated, N_JSON)
+    numbers = tmp_path / "numbers_Network.pth"
+    torch.save({"denoise_fn.x": 3}, numbers)
+    with pytest.raises(InputError, match="not tensors"):
+        load_reference_checkpoint(numbers, N_JSON)
+    with pytest.raises(InputError, match="does not exist"):
+        load_reference_checkpoint(tmp_path / "missing.pth", N_JSON)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ this is not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_reference_checkpoint(N_PTH, bad)
+
+
+def test_weights_for_another_config_named():
+    # vEMDiffuse weights with the 2D config: the index embedding is unexpected
+    with pytest.raises(InputError, match=r"unexpected key\(s\) denoise_fn\.channel_embed"):
+        load_reference_checkpoint(V_PTH, N_JSON)
+    # 2D weights with the vEMDiffuse config: its keys are missing
+    with pytest.raises(InputError, match=r"(unexpected|missing) key"):
+        load_reference_checkpoint(N_PTH, V_JSON)
+
+
+def test_shape_mismatch_named(tmp_path):
+    path = _edit_config(
+        tmp_path, N_JSON,
+        lambda o: o["model"]["which_networks"][0]["args"]["unet"].update(inner_channel=32),
+    )  # fmt: skip
+    with pytest.raises(InputError, match=r"denoise_fn\.\S+ has shape \[\d+(, \d+)*\], the config"):
+        load_reference_checkpoint(N_PTH, path)
+
+
+def test_schedule_mismatch_named(tmp_path):
+    def edit(opt):
+        opt["model"]["which_networks"][0]["args"]["beta_schedule"]["train"]["n_timestep"] = 1500
+
+    path = _edit_config(tmp_path, N_JSON, edit)
+    with pytest.raises(InputError, match=r"2000 steps.*not the config's training schedule.*1500"):
+        load_reference_checkpoint(N_PTH, path)
+    # the EMA weights carry no schedule: nothing to compare, the config's schedule is taken
+    path = _edit_config(tmp_path, V_JSON, edit)
+    assert load_reference_checkpoint(V_PTH, path)[0].schedule["steps"] == 1500
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda n, u: u.update(use_spatial_transformer=True), "unsupported UNet option.*use_spatial_transformer"),
+        (lambda n, u: n["args"]["beta_schedule"]["train"].update(schedule="quad"), "unsupported noise schedule 'quad'"),
+        (lambda n, u: n["args"].update(norm=False), "unsupported option norm false"),
+        (lambda n, u: n.update(name=["models.sr3_network", "Network"]), "unsupported network"),
+        (lambda n, u: u.update(resblock_updown=False, conv_resample=False), "conv_resample false"),
+        (lambda n, u: u.pop("inner_channel"), "no 'inner_channel'"),
+        (lambda n, u: u.update(in_channel=4), "in_channel 4 and out_channel 1"),
+    ],
+)  # fmt: skip
+def test_unsupported_config_named(tmp_path, edit, match):
+    def apply(opt):
+        network = opt["model"]["which_networks"][0]
+        edit(network, network["args"]["unet"])
+
+    path = _edit_config(tmp_path, N_JSON, apply)
+    with pytest.raises(InputError, match=match):
+        load_reference_checkpoint(N_PTH, path)
+
+
+def test_variant_must_fit_network():
+    with pytest.raises(InputError, match="does not fit the config's vEMDiffuse"):
+        load_reference_checkpoint(V_PTH, V_JSON, variant="emdiffuse-n")
+    with pytest.raises(InputError, match="does not fit the config's EMDiffuse"):
+        load_reference_checkpoint(N_PTH, N_JSON, variant="vemdiffuse-i")
+    with pytest.raises(InputError, match="unknown variant"):
+        load_reference_checkpoint(N_PTH, N_JSON, variant="emdiffuse-x")
+    with pytest.raises(InputError, match="for a denoiser"):
+        load_reference_checkpoint(N_PTH, N_JSON, scale_factor=2)
+
+
+def test_messages_are_one_line(tmp_path):
+    path = _edit_config(tmp_path, N_JSON, lambda o: o.update(name="x"))
+    for call in (
+        lambda: load_reference_checkpoint(V_PTH, N_JSON),
+        lambda: load_reference_checkpoint(N_PTH, path),
+        lambda: load_reference_checkpoint(V_PTH, V_JSON, scale_factor=5),
+    ):
+        with pytest.raises(InputError) as info:
+            call()
+        assert "\n" not in str(info.value) and re.search(r"[;(]", str(info.value))
+
+
+def test_reference_module_imports_no_pipeline():
+    code = (
+        "import sys, emdiffuse.models.reference, emdiffuse.models.checkpoints\n"
+        "bad = [m for m in ('dask', 'zarr', 'xarray', 'emdiffuse.pipeline') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
