@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from emdiffuse.pipeline.workers import RunSpec, block_plan, produce_block, run_chunk
 
 TASK_NAME = "emdiffuse-chunk"
+GRAPH_BYTES_PER_TASK = 2048  # generous bound on one pickled task of ours
 TILES_NAME = "emdiffuse-tiles"
 
 
@@ -138,8 +139,15 @@ def run_graph(
     if not keys:
         return []
     if client is not None:
+        import dask
+
         submitted = gpu_annotated(graph) if cluster_has_gpus(client) else graph
-        futures = client.get(submitted, keys, sync=False)
+        # The graph holds no array data, only ~0.5 KB of task description per task: at 10^4
+        # chunks that passes distributed's 10 MB "large graph" warning, which is about data
+        # embedded in graphs. Warn only above what our tasks can account for.
+        threshold = max(10_000_000, GRAPH_BYTES_PER_TASK * len(graph))
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}):
+            futures = client.get(submitted, keys, sync=False)
         try:
             if progress:
                 from distributed import progress as distributed_progress
