@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -125,32 +125,37 @@ def check_expected(
 
 
 def check_state_dict(
-    config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, where: str = "state_dict"
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    where: str = "state_dict",
+    what: str | None = None,
+    key_prefix: str = "",
+    unexpected: Sequence[str] = (),
+    hint: str = "the file was written for another architecture",
 ) -> None:
-    """Refuse weights that do not fit ``config.unet``: missing or unexpected keys, shapes."""
+    """Refuse weights that do not fit ``config.unet``: missing or unexpected keys, shapes.
+
+    Messages name ``where`` (the file), ``what`` (the config; default ``config.describe()``)
+    and each bad key as it is stored (``key_prefix`` + our name), and end with ``hint``.
+    ``unexpected`` adds keys already found to be foreign (e.g. outside the network)."""
     expected = expected_shapes(config)
     bad = [name for name, t in state_dict.items() if not isinstance(t, torch.Tensor)]
     if bad:
         raise InputError(f"{where}: entries that are not tensors: {_names(bad)}")
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    what = config.describe()
+    missing = [key_prefix + name for name in expected if name not in state_dict]
+    extra = [*unexpected, *(key_prefix + name for name in state_dict if name not in expected)]
+    head = f"{where}: weights do not match the config ({what or config.describe()})"
+    if extra:  # first: they name what the file has and the config lacks
+        raise InputError(f"{head}: {len(extra)} unexpected key(s) {_names(extra)}; {hint}")
     if missing:
-        raise InputError(
-            f"{where}: weights do not match the config ({what}): {len(missing)} missing "
-            f"key(s) {_names(missing)}; the file was written for another architecture"
-        )
-    if unexpected:
-        raise InputError(
-            f"{where}: weights do not match the config ({what}): {len(unexpected)} unexpected "
-            f"key(s) {_names(unexpected)}; the file was written for another architecture"
-        )
+        raise InputError(f"{head}: {len(missing)} missing key(s) {_names(missing)}; {hint}")
     for name, shape in expected.items():
         got = tuple(state_dict[name].shape)
         if got != shape:
             raise InputError(
-                f"{where}: weights do not match the config ({what}): {name} has shape "
-                f"{list(got)}, the config needs {list(shape)}"
+                f"{head}: {key_prefix}{name} has shape {list(got)}, the config needs "
+                f"{list(shape)}; {hint}"
             )
 
 

@@ -249,7 +249,9 @@ def _schedule(args: Mapping[str, Any], where: str, phase: str = "train") -> dict
     def number(key: str, default: float) -> float:
         value = train.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: beta_schedule.{phase}.{key} must be a number, got {value!r}")
+            raise InputError(
+                f"{where}: beta_schedule.{phase}.{key} must be a number, got {value!r}"
+            )
         return float(value)
 
     if kind == "linear":
@@ -445,7 +447,9 @@ def read_reference_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"reference checkpoint {path} does not hold a dict of tensors")
     bad = [str(k) for k, v in payload.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise InputError(f"reference checkpoint {path}: entries that are not tensors: {_names(bad)}")
+        raise InputError(
+            f"reference checkpoint {path}: entries that are not tensors: {_names(bad)}"
+        )
     return {str(k): v for k, v in payload.items()}
 
 
@@ -463,7 +467,7 @@ def convert_reference_state_dict(
     of ``other_schedules``, e.g. the reference's inference schedule) and, for vEMDiffuse,
     reorders the conditioning inputs to increasing z.
     """
-    from emdiffuse.models.checkpoints import expected_shapes
+    from emdiffuse.models.checkpoints import check_state_dict, expected_shapes
 
     stripped: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
@@ -485,30 +489,17 @@ def convert_reference_state_dict(
             unexpected.append(key)
         else:
             weights[key] = tensor
-    expected = expected_shapes(config)
-    unexpected += [f"denoise_fn.{k}" if has_prefix else k for k in weights if k not in expected]
-    missing = [f"denoise_fn.{k}" for k in expected if k not in weights]
-    what = f"{config.describe()}, {_architecture(config)}"
-    if unexpected:
-        raise InputError(
-            f"{where}: weights do not match the config ({what}): {len(unexpected)} unexpected "
-            f"key(s) {_names(unexpected)}; is the JSON the one these weights were trained with?"
-        )
-    if missing:
-        raise InputError(
-            f"{where}: weights do not match the config ({what}): {len(missing)} missing "
-            f"key(s) {_names(missing)}; is the JSON the one these weights were trained with?"
-        )
-    for key, shape in expected.items():
-        got = tuple(weights[key].shape)
-        if got != shape:
-            raise InputError(
-                f"{where}: weights do not match the config ({what}): denoise_fn.{key} has "
-                f"shape {list(got)}, the config needs {list(shape)}; is the JSON the one these "
-                "weights were trained with?"
-            )
+    check_state_dict(
+        config,
+        weights,
+        where=where,
+        what=f"{config.describe()}, {_architecture(config)}",
+        key_prefix="denoise_fn." if has_prefix else "",
+        unexpected=unexpected,
+        hint="is the JSON the one these weights were trained with?",
+    )
     _check_schedule(buffers.get("gammas"), config, other_schedules, where)
-    out = {key: weights[key].detach().clone().contiguous() for key in expected}
+    out = {key: weights[key].detach().clone().contiguous() for key in expected_shapes(config)}
     if config.use_index_embedding:
         first = "input_blocks.0.0.weight"
         # reference: (deeper slice, upper slice, noisy target); ours: (upper, deeper, noisy)
