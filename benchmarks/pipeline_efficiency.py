@@ -5,6 +5,9 @@
 
 Goal (issue 4): efficiency >= 0.9 on CPU with 2 single-threaded worker processes.
 
+Writes ``benchmarks/results/<--name>.json`` and redraws ``pipeline_efficiency.png`` from every
+``pipeline_efficiency*.json`` there (``--plot-only`` redraws it without running).
+
 Model: the ``tiny`` emdiffuse-n preset with *seeded random weights* (a network's cost does
 not depend on its weights; no training needed for a timing). Input: a synthetic EM volume
 (``emdiffuse.pipeline.synthetic``) with Poisson-Gaussian noise, uint8 OME-Zarr.
@@ -340,6 +343,50 @@ def one_repeat(r: int, work: Path, inp: str, model: str, spec, run: dict, args) 
     return row
 
 
+def plot_results(paths: list[Path], out: Path) -> Path:
+    """Bar chart of efficiency per mode (median, with the range over repeats) for each
+    result file, the 0.9 goal marked: ``benchmarks/results/pipeline_efficiency.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(path.read_text()) for path in paths]
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.4), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        modes = [m for m in ("cluster_full", "cluster_cold", "cluster_warm", "threads")
+                 if m in result["efficiency"]]  # fmt: skip
+        for offset, (kind, colour) in enumerate((("efficiency", "C0"),
+                                                 ("strict_efficiency", "C1"))):  # fmt: skip
+            med = [result[kind][m]["median"] for m in modes]
+            low = [result[kind][m]["median"] - result[kind][m]["min"] for m in modes]
+            high = [result[kind][m]["max"] - result[kind][m]["median"] for m in modes]
+            x = np.arange(len(modes)) + (offset - 0.5) * 0.38
+            label = "plain loop / pipeline" if offset == 0 else "strict: 1-thread loop / 2"
+            ax.bar(x, med, 0.38, yerr=[low, high], color=colour, label=label, capsize=3)
+        ax.axhline(0.9, color="k", ls="--", lw=0.8, label="goal 0.9")
+        settings = result["settings"]
+        shape = "x".join(str(v) for v in settings["shape"])
+        ax.set_title(f"{shape} voxels, {settings['tiles']} tiles x {settings['steps']} steps, "
+                     f"{settings['repeats']} repeat(s)", fontsize=9)  # fmt: skip
+        ax.set_xticks(np.arange(len(modes)))
+        ax.set_xticklabels([m.replace("cluster_", "cluster\n") for m in modes], fontsize=8)
+        ax.set_ylim(0, 1.3)
+        ax.set_ylabel("efficiency")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("pipeline efficiency, 2 CPU workers x 1 thread", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def replot() -> Path:
+    """Redraw ``pipeline_efficiency.png`` from every ``pipeline_efficiency*.json`` result."""
+    paths = sorted(RESULTS.glob("pipeline_efficiency*.json"))
+    return plot_results(paths, RESULTS / "pipeline_efficiency.png")
+
+
 def summarize(rows: list[dict], key: str) -> dict:
     values = [row[key] for row in rows]
     return {
@@ -365,7 +412,13 @@ def main(argv=None) -> int:
         "--with-run-in-process", action="store_true", help="also time the library's loop"
     )
     parser.add_argument("--name", default="pipeline_efficiency")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the PNG from the committed results"
+    )
     args = parser.parse_args(argv)
+    if args.plot_only:
+        print(f"wrote {replot()}")
+        return 0
     shape = tuple(int(v) for v in args.shape.split(","))
     chunks = tuple(int(v) for v in args.chunks.split(","))
 
@@ -463,6 +516,7 @@ def main(argv=None) -> int:
         **info,
     }
     path = write_results(args.name, payload)
+    replot()
 
     print(
         f"\n{'mode':<20}{'seconds':>9}{'range':>16}{'efficiency':>12}{'range':>14}"
