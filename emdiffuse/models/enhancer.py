@@ -28,10 +28,11 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.conditioning import upsample_xy
+from emdiffuse.models.sampler_names import SAMPLER_NAMES, check_sampler
 from emdiffuse.models.variants import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = SAMPLER_NAMES  # every sampler of emdiffuse.models.samplers
 
 
 def normalize(raw: np.ndarray, config: ModelConfig | Mapping, *, clip: bool = True) -> np.ndarray:
@@ -225,13 +226,13 @@ class Enhancer:
         """Sample the enhanced tiles for a batch: see the module docstring for shapes.
 
         ``noise`` is the sampler's starting noise x_T; ``step_noise(i)`` gives step ``i``'s
-        noise (same shape as ``noise``) for stochastic samplers (ddpm, ddim with ``eta > 0``).
+        noise (same shape as ``noise``) for stochastic samplers (ddpm, the SDE solvers, ddim
+        with ``eta > 0``).
         ``index`` (isotropic models) restricts the output to these in-between slices (0-based,
         ``0..k-2``). Index-embedding models then run only those (``noise`` has one channel per
         index); output-channel models still take full ``noise`` and return the chosen slices.
         """
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         indices = self._indices(index)
