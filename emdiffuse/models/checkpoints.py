@@ -15,7 +15,6 @@ names it.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.reference import load_reference_checkpoint  # re-exported (internals.md)
+from emdiffuse.models.torch_files import load_tensor_mapping
 from emdiffuse.models.variants import ModelConfig
 
 CONFIG_KEY = "emdiffuse_config"
@@ -191,21 +191,7 @@ def _read_safetensors(path: Path) -> tuple[ModelConfig | None, dict[str, torch.T
 
 
 def _read_torch(path: Path) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise InputError(
-            f"checkpoint {path} holds pickled objects that are not plain tensors; refusing to "
-            f"load it (it could run code). Convert it to .safetensors. ({first})"
-        ) from None
-    except Exception as error:
-        raise InputError(
-            f"checkpoint {path} is not a readable torch file (corrupt or truncated?): "
-            f"{type(error).__name__}"
-        ) from None
-    if not isinstance(payload, Mapping):
-        raise InputError(f"checkpoint {path} does not hold a dict of tensors")
+    payload = load_tensor_mapping(path, "checkpoint", pickled_hint="Convert it to .safetensors.")
     config = None
     if "state_dict" in payload and isinstance(payload["state_dict"], Mapping):
         state_dict = dict(payload["state_dict"])

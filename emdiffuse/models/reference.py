@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.torch_files import load_tensor_mapping
 from emdiffuse.models.unet import UNetConfig
 from emdiffuse.models.variants import VARIANTS, ModelConfig
 
@@ -428,19 +428,7 @@ def read_reference_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"reference checkpoint {path} does not exist or is not a file")
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise InputError(
-            f"reference checkpoint {path} holds pickled objects that are not plain tensors; "
-            f"refusing to load it (it could run code). ({first})"
-        ) from None
-    except Exception as error:
-        raise InputError(
-            f"reference checkpoint {path} is not a readable torch file (corrupt or "
-            f"truncated?): {type(error).__name__}"
-        ) from None
+    payload = load_tensor_mapping(path, "reference checkpoint")
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping):
