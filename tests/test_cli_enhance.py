@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -61,6 +66,21 @@ def test_enhance_threads_then_resume_complete(files, tmp_path, capsys):
     )
     assert code == 0
     assert "already complete" in capsys.readouterr().err
+
+
+def test_finished_cluster_run_prints_no_worker_tracebacks(files, tmp_path):
+    """The CLI's own LocalCluster (2 worker processes) is shut down quietly: no worker log
+    errors or tracebacks on stderr after a successful run (a heartbeat can race the
+    scheduler's exit)."""
+    out = tmp_path / "quiet.zarr"
+    args = ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], "--workers", "2",
+            "--steps", "2", "--tile", "16", "--overlap", "4", "--quiet"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-m", "emdiffuse.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and " ERROR " not in done.stderr, done.stderr
+    assert out.is_dir()
 
 
 def test_enhance_local_cluster_with_dashboard(files, tmp_path, capsys):

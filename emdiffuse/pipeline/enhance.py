@@ -20,6 +20,7 @@ Output grid and voxel size per task (input voxel size ``(vz, vy, vx)`` nm):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -587,6 +588,10 @@ def enhance(
     finally:
         if owned is not None:
             cluster = getattr(owned, "cluster", None)
+            # Our own workers are shut down on purpose: a heartbeat racing the scheduler's
+            # exit must not print a worker traceback after a finished run.
+            with contextlib.suppress(Exception):
+                owned.run(_silence_distributed, logging.CRITICAL)
             owned.close()
             if cluster is not None:
                 cluster.close()
