@@ -59,8 +59,9 @@ RESULTS = Path(__file__).parent / "results"
 STEPS = (1, 2, 4, 6, 8, 10, 16, 50, 1000)
 LONG_FROM = 100  # step counts >= this run only for the samplers named in --long
 REFERENCE = "ddpm"
-# label -> (sampler, eta, spacing); every sampler of emdiffuse.models.samplers, plus ancestral
-# DDPM on log-SNR spacing (the reference's sampler with a few-step schedule)
+# label -> (sampler, eta, spacing); every sampler of emdiffuse.models.samplers on its default
+# spacing, ancestral DDPM on log-SNR spacing (the reference's sampler with a few-step schedule),
+# and the DPM-Solver++ samplers on Karras et al.'s spacing (denser at low noise)
 CONFIGS: dict[str, tuple[str, float, str | None]] = {
     "ddpm": ("ddpm", 0.0, "time"),
     "ddpm_logsnr": ("ddpm", 0.0, "logsnr"),
@@ -68,6 +69,8 @@ CONFIGS: dict[str, tuple[str, float, str | None]] = {
     "dpmpp_2m": ("dpmpp_2m", 0.0, None),
     "dpmpp_2m_sde": ("dpmpp_2m_sde", 1.0, None),
     "dpmpp_3m_sde": ("dpmpp_3m_sde", 1.0, None),
+    "dpmpp_2m_karras": ("dpmpp_2m", 0.0, "karras"),
+    "dpmpp_2m_sde_karras": ("dpmpp_2m_sde", 1.0, "karras"),
 }
 PSNR_TOL_DB = 0.3
 Z90 = 1.645  # one-sided 95 % = two one-sided tests at 5 %: the 90 % interval
@@ -410,7 +413,8 @@ def plot(result: dict, path: Path) -> None:
             pts = [r for r in rows if r["sampler"] == name]
             err = [r.get(f"se_{key}", 0.0) for r in pts] if key == "psnr" else None
             ax.errorbar([r["nfe"] for r in pts], [r[key] for r in pts], yerr=err, marker="o",
-                        ms=3.5, capsize=2, label=name)  # fmt: skip
+                        ms=3.5, capsize=2, label=name,
+                        ls="--" if name.endswith("_karras") else "-")  # fmt: skip
         ax.axhline(rows[0][key], color="gray", ls=":", label="noisy input")
         ax.axhline(ref[key], color="k", ls="--", lw=0.8, label=f"{result['verdict']['reference']}")
         if key == "psnr":

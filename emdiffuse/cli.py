@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from emdiffuse import __version__
 from emdiffuse.errors import InputError
@@ -59,8 +60,17 @@ def _available_commands() -> dict[str, object]:
     return modules
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (what is wrong, where to read more)
+    and exit 2, like every other bad input; its subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {text}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="emdiffuse",
         description="Diffusion models that enhance electron microscopy volumes "
         "(denoise, super-resolve, isotropic reconstruction) over OME-Zarr.",
@@ -93,7 +103,12 @@ def describe_os_error(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a usage error, already reported on one line
+        if stop.code != EXIT_INPUT:
+            raise  # --help and --version exit 0 as usual
+        return EXIT_INPUT
     if args.command is None:
         parser.print_help()
         return 2

@@ -20,6 +20,7 @@ from emdiffuse.pipeline.enhance import enhance, prepare
 from emdiffuse.pipeline.io import open_volume, write_image
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.plan import Plan
+from emdiffuse.pipeline.resume import read_run_config
 from emdiffuse.pipeline.workers import get_enhancer, run_in_process
 
 RUN = dict(steps=2, tile=16, overlap=4, scheduler="threads", progress=False)
@@ -260,6 +261,11 @@ def test_resume_refuses_other_settings(models, volumes, tmp_path):
     enhance(volumes["3d"], models["n"], out, **RUN)
     with pytest.raises(InputError, match="steps"):
         enhance(volumes["3d"], models["n"], out, resume=True, **dict(RUN, steps=3))
+    # the spacing is part of the run: the default (logsnr for dpmpp_2m) is recorded by name
+    assert read_run_config(out)["spacing"] == "logsnr"
+    with pytest.raises(InputError, match="spacing: 'logsnr' -> 'karras'"):
+        enhance(volumes["3d"], models["n"], out, resume=True, spacing="karras", **RUN)
+    enhance(volumes["3d"], models["n"], out, resume=True, spacing="logsnr", **RUN)  # same run
 
 
 def test_metadata_denoise_same_grid(models, volumes, tmp_path):

@@ -168,6 +168,23 @@ def test_every_listed_sampler_runs_and_is_keyed_on_its_noise(sampler):
     assert args.sampler == sampler and enhance_cli.run is args._run
 
 
+def test_spacing_reaches_the_sampler():
+    """``spacing`` changes the result of a few-step run, and the default is the sampler's
+    own spacing (logsnr for dpmpp_2m_sde)."""
+    enhancer = Enhancer.from_config(make_config("emdiffuse-n", "tiny"), seed=3)
+    cond, noise = _inputs(enhancer, 1, 16, 16)
+
+    def step_noise(i):
+        return np.random.default_rng((5, i)).standard_normal(noise.shape).astype(np.float32)
+
+    run = {"sampler": "dpmpp_2m_sde", "steps": 4, "step_noise": step_noise}
+    default = enhancer.enhance(cond, noise, **run)
+    logsnr = enhancer.enhance(cond, noise, spacing="logsnr", **run)
+    karras = enhancer.enhance(cond, noise, spacing="karras", **run)
+    np.testing.assert_array_equal(default, logsnr)
+    assert np.abs(karras - logsnr).max() > 1e-3
+
+
 @pytest.mark.parametrize("variant,k", [("emdiffuse-n", 1), ("emdiffuse-r", 2)])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_inputs_not_modified(variant, k, sampler):
@@ -220,6 +237,8 @@ def test_bad_calls():
         enhancer.enhance(cond, noise, sampler="euler-a")
     with pytest.raises(InputError, match="steps"):
         enhancer.enhance(cond, noise, steps=0)
+    with pytest.raises(InputError, match="unknown spacing"):
+        enhancer.enhance(cond, noise, spacing="uniform")
     with pytest.raises(InputError, match="only for isotropic"):
         enhancer.enhance(cond, noise, index=0)
     with pytest.raises(InputError, match="precision"):

@@ -206,6 +206,38 @@ def test_registry_nfe_and_bad_input():
                         step_noise=lambda i: torch.zeros(3))  # fmt: skip
 
 
+@pytest.mark.parametrize("sampler", sampler_names.SAMPLER_NAMES)
+@pytest.mark.parametrize("spacing", [None, *sampler_names.SPACING_NAMES])
+def test_spacing_places_the_steps(sampler, spacing):
+    """Every sampler evaluates the denoiser exactly at the chosen spacing's noise levels
+    (the last level is clean, so n steps call it at the first n); None is the default."""
+    seen = []
+
+    def recording(x, a):
+        seen.append(float(a))
+        return gaussian_denoiser(x, a)
+
+    x = x_T((1, 1, 4, 4))
+    samplers.sample(recording, x, SCHED, sampler=sampler, steps=6, spacing=spacing,
+                    step_noise=keyed(x.shape, 1))  # fmt: skip
+    want = sampler_names.resolve_spacing(sampler, spacing)
+    assert want == (spacing or ("time" if sampler == "ddpm" else "logsnr"))
+    expected = SCHED.timesteps(6, want)[:-1].tolist()
+    assert seen == pytest.approx(expected, rel=1e-12)
+    others = [SCHED.timesteps(6, s)[:-1].tolist() for s in sampler_names.SPACING_NAMES if s != want]
+    assert all(seen != pytest.approx(o, rel=1e-6) for o in others)  # the spacings differ
+
+
+def test_unknown_spacing_refused_everywhere():
+    from emdiffuse.models.diffusion import SPACINGS
+
+    assert SPACINGS == sampler_names.SPACING_NAMES  # one list
+    with pytest.raises(InputError, match="unknown spacing 'cosine'; choose one of time"):
+        samplers.sample(gaussian_denoiser, x_T(), SCHED, sampler="ddim", steps=4, spacing="cosine")
+    with pytest.raises(InputError, match="unknown sampler"):
+        sampler_names.resolve_spacing("euler", "karras")
+
+
 def test_pipeline_plan_and_cli_take_the_samplers_list():
     """One list: the pipeline's check, the plan's NFE count and the CLI's --sampler choices
     and defaults all come from emdiffuse.models.sampler_names."""
@@ -221,6 +253,8 @@ def test_pipeline_plan_and_cli_take_the_samplers_list():
     assert list(actions["sampler"].choices) == list(sampler_names.SAMPLER_NAMES)
     assert actions["sampler"].default == sampler_names.DEFAULT_SAMPLER
     assert actions["steps"].default == sampler_names.DEFAULT_STEPS
+    assert list(actions["spacing"].choices) == list(sampler_names.SPACING_NAMES)
+    assert actions["spacing"].default is None  # the sampler's own default
     for name in sampler_names.SAMPLER_NAMES:
         assert plan.network_evaluations(name, 7) == samplers.network_evaluations(name, 7) == 7
     with pytest.raises(InputError):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
+from emdiffuse.models.sampler_names import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLER_NAMES,
+    SPACING_NAMES,
+)
 
 INTERRUPTED = "interrupted; finished chunks are kept, rerun with --resume"
 IO_ERROR_HINT = (
@@ -78,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(SAMPLER_NAMES),
         help=f"sampler (default {DEFAULT_SAMPLER}; ddpm is the reference's ancestral sampler; "
         "see benchmarks/results/sampler_quality.md)",
+    )
+    parser.add_argument(
+        "--spacing",
+        default=None,
+        choices=list(SPACING_NAMES),
+        help="how the steps are placed between noise and clean: time (the reference's), "
+        "logsnr, or karras (denser at low noise); default time for ddpm, logsnr for the others",
     )
     parser.add_argument(
         "--chunks", type=_chunks, default=None, help="output chunk shape, e.g. 4,512,512"
@@ -171,6 +183,7 @@ def _enhance(enhance, args: argparse.Namespace, scheduler):
         tile=args.tile,
         overlap=args.overlap,
         sampler=args.sampler,
+        spacing=args.spacing,
         chunks=args.chunks,
         resume=args.resume,
         overwrite=args.overwrite,

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import SPACING_NAMES
 
 PREDICTIONS = ("eps", "x0", "v")
 LOSSES = ("mse", "l1")
 KINDS = ("linear", "cosine")
-SPACINGS = ("time", "logsnr", "karras")
+SPACINGS = SPACING_NAMES
 
 Denoiser = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
 

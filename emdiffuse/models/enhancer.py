@@ -28,7 +28,7 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.conditioning import upsample_xy
-from emdiffuse.models.sampler_names import SAMPLER_NAMES, check_sampler
+from emdiffuse.models.sampler_names import SAMPLER_NAMES, check_sampler, resolve_spacing
 from emdiffuse.models.variants import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -222,17 +222,21 @@ class Enhancer:
         step_noise: Callable[[int], np.ndarray] | None = None,
         index: int | Sequence[int] | None = None,
         eta: float = 0.0,
+        spacing: str | None = None,
     ) -> np.ndarray:
         """Sample the enhanced tiles for a batch: see the module docstring for shapes.
 
         ``noise`` is the sampler's starting noise x_T; ``step_noise(i)`` gives step ``i``'s
         noise (same shape as ``noise``) for stochastic samplers (ddpm, the SDE solvers, ddim
         with ``eta > 0``).
+        ``spacing`` places the steps (``time``, ``logsnr``, ``karras``; None: the sampler's
+        default, see :func:`emdiffuse.models.samplers.sample`).
         ``index`` (isotropic models) restricts the output to these in-between slices (0-based,
         ``0..k-2``). Index-embedding models then run only those (``noise`` has one channel per
         index); output-channel models still take full ``noise`` and return the chosen slices.
         """
         check_sampler(sampler)
+        spacing = resolve_spacing(sampler, spacing)
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         indices = self._indices(index)
@@ -250,6 +254,7 @@ class Enhancer:
                         step_noise=_channel(step_noise, j, self._to_tensor),
                         index=i,
                         eta=eta,
+                        spacing=spacing,
                     )
                     for j, i in enumerate(indices)
                 ]
@@ -263,6 +268,7 @@ class Enhancer:
                     step_noise=_channel(step_noise, None, self._to_tensor),
                     index=None,
                     eta=eta,
+                    spacing=spacing,
                 )
                 if index is not None:
                     out = out[:, list(indices)]
@@ -351,6 +357,7 @@ class Enhancer:
         step_noise: Callable[[int], torch.Tensor] | None,
         index: int | None,
         eta: float,
+        spacing: str,
     ) -> torch.Tensor:
         from emdiffuse.models import diffusion, samplers
 
@@ -368,6 +375,7 @@ class Enhancer:
             steps=steps,
             step_noise=step_noise,
             eta=eta,
+            spacing=spacing,
         )
 
 

@@ -1,4 +1,4 @@
-"""The samplers' names, defaults and network-evaluation counts, without importing torch.
+"""The samplers' names, step spacings, defaults and network-evaluation counts, without torch.
 
 The one list the pipeline, its plan and the CLI take their choices from (importing
 :mod:`emdiffuse.models.samplers` would pull in torch, which the CLI and the plan do not need).
@@ -14,6 +14,11 @@ SAMPLER_NAMES: tuple[str, ...] = ("dpmpp_2m", "ddpm", "ddim", "dpmpp_2m_sde", "d
 STOCHASTIC: frozenset[str] = frozenset({"ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde"})  # ddim if eta > 0
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 8
+# how the steps are placed between the noisiest and the clean level (Schedule.timesteps):
+# uniform in the schedule's time (the reference's), uniform in log-SNR, or Karras et al.'s
+# rho = 7 spacing of sigma (denser at low noise)
+SPACING_NAMES: tuple[str, ...] = ("time", "logsnr", "karras")
+_DEFAULT_SPACING = {"ddpm": "time"}  # the reference's sampler on the reference's schedule
 # network evaluations per step: every sampler here is single-step or multistep (one call a step)
 _EVALS_PER_STEP = dict.fromkeys(SAMPLER_NAMES, 1)
 
@@ -25,12 +30,24 @@ def check_sampler(sampler: str) -> str:
     return sampler
 
 
+def resolve_spacing(sampler: str, spacing: str | None = None) -> str:
+    """``spacing``, or ``sampler``'s default when None: ``time`` for ddpm (the reference's
+    schedule), ``logsnr`` for the others (far better at few steps). Unknown names raise
+    :class:`~emdiffuse.errors.InputError`."""
+    check_sampler(sampler)
+    if spacing is None:
+        return _DEFAULT_SPACING.get(sampler, "logsnr")
+    if spacing not in SPACING_NAMES:
+        raise InputError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACING_NAMES)}")
+    return spacing
+
+
 def network_evaluations(sampler: str, steps: int) -> int:
     """Network evaluations (NFE) one sample of one tile costs: ``steps`` of ``sampler``."""
     return _EVALS_PER_STEP[check_sampler(sampler)] * int(steps)
 
 
 __all__ = [
-    "SAMPLER_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "check_sampler",
-    "network_evaluations",
+    "SAMPLER_NAMES", "SPACING_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS",
+    "check_sampler", "resolve_spacing", "network_evaluations",
 ]  # fmt: skip

@@ -25,9 +25,10 @@ from emdiffuse.models.sampler_names import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     SAMPLER_NAMES,
+    SPACING_NAMES,
     STOCHASTIC,
-    check_sampler,
     network_evaluations,
+    resolve_spacing,
 )
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
@@ -247,7 +248,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 if set(SAMPLERS) != set(SAMPLER_NAMES):  # the torch-free list must name exactly these
     raise RuntimeError("emdiffuse.models.sampler_names.SAMPLER_NAMES is out of date")
-DEFAULT_SPACING = {"ddpm": "time"}
 _SDE = {"dpmpp_2m_sde", "dpmpp_3m_sde"}  # eta = 0 given to sample() means their default, 1
 
 
@@ -264,12 +264,10 @@ def sample(
 ) -> torch.Tensor:
     """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing)``.
 
-    ``spacing=None`` picks ``"time"`` for ddpm (the reference's schedule) and ``"logsnr"`` for
-    the others (far better at few steps).
+    ``spacing`` (one of ``SPACING_NAMES``; None: the sampler's default, ``"time"`` for ddpm
+    — the reference's schedule — and ``"logsnr"`` for the others, far better at few steps).
     """
-    check_sampler(sampler)
-    if spacing is None:
-        spacing = DEFAULT_SPACING.get(sampler, "logsnr")
+    spacing = resolve_spacing(sampler, spacing)
     alphas = as_schedule(schedule).timesteps(steps, spacing)
     fn = SAMPLERS[sampler]
     if sampler == "ddim":
@@ -318,7 +316,7 @@ def sample_many(
 
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS",
+    "SAMPLERS", "SAMPLER_NAMES", "SPACING_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS",
     "network_evaluations", "sample", "sample_many", "sample_ddpm",
     "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
 ]  # fmt: skip

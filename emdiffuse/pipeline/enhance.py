@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.sampler_names import SAMPLER_NAMES
+from emdiffuse.models.sampler_names import SAMPLER_NAMES, resolve_spacing
 from emdiffuse.pipeline import resume as record
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import Lattice, iter_chunks
@@ -172,6 +172,7 @@ def _run_config(
     tile,
     overlap,
     sampler,
+    spacing,
     chunks,
     norm,
     dtype,
@@ -192,6 +193,7 @@ def _run_config(
         "tile": int(tile),
         "overlap": int(overlap),
         "sampler": sampler,
+        "spacing": spacing,
         "chunks": list(map(int, chunks)),
         "normalization": norm.to_dict(),
         "dtype": str(np.dtype(dtype)),
@@ -199,7 +201,9 @@ def _run_config(
     }
 
 
-def measure_seconds_per_tile(enhancer, lattice: Lattice, *, steps: int, sampler: str) -> float:
+def measure_seconds_per_tile(
+    enhancer, lattice: Lattice, *, steps: int, sampler: str, spacing: str | None = None
+) -> float:
     """Time one tile (all steps, one sample) on this process's enhancer."""
     t = lattice.tile // lattice.xy_scale
     cond = np.zeros((1, enhancer.in_slices, t, t), dtype=np.float32)
@@ -209,7 +213,12 @@ def measure_seconds_per_tile(enhancer, lattice: Lattice, *, steps: int, sampler:
     shape = noise.shape
     start = time.perf_counter()
     enhancer.enhance(
-        cond, noise, sampler=sampler, steps=steps, step_noise=lambda i: np.zeros(shape, np.float32)
+        cond,
+        noise,
+        sampler=sampler,
+        steps=steps,
+        step_noise=lambda i: np.zeros(shape, np.float32),
+        spacing=spacing,
     )
     return time.perf_counter() - start
 
@@ -225,6 +234,7 @@ def prepare(
     tile: int | None = None,
     overlap: int | None = None,
     sampler: str = "dpmpp_2m",
+    spacing: str | None = None,
     chunks=None,
     normalize: str = "model",
     dtype=None,
@@ -254,6 +264,7 @@ def prepare(
         raise InputError(f"seed must be an integer, got {seed!r}")
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    spacing = resolve_spacing(sampler, spacing)
     if normalize not in ("model", "auto"):
         raise InputError(f"normalize must be 'model' or 'auto', got {normalize!r}")
     if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
@@ -306,6 +317,7 @@ def prepare(
         steps=steps,
         samples=samples,
         sampler=sampler,
+        spacing=spacing,
         batch_size=batch_size,
     )
     run_config = _run_config(
@@ -319,6 +331,7 @@ def prepare(
         tile=tile,
         overlap=overlap,
         sampler=sampler,
+        spacing=spacing,
         chunks=out_chunks,
         norm=norm,
         dtype=dtype,
@@ -455,6 +468,7 @@ def enhance(
     overlap: int | None = None,
     client=None,
     sampler: str = "dpmpp_2m",
+    spacing: str | None = None,
     chunks=None,
     resume: bool = False,
     overwrite: bool = False,
@@ -484,6 +498,8 @@ def enhance(
     runs on Dask's threaded scheduler in this process (small jobs); ``scheduler`` an address
     (``tcp://...``) connects to that cluster; otherwise a LocalCluster is started (one
     worker per GPU, or ``workers`` CPU worker processes) and closed at the end.
+    ``spacing`` places the sampler's steps: ``time``, ``logsnr`` or ``karras`` (None: the
+    sampler's default, ``time`` for ddpm and ``logsnr`` for the others).
     ``samples >= 2`` writes the mean and, as the child image ``uncertainty``, the per-voxel
     standard deviation over samples. ``resume`` continues an interrupted run with the same
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
@@ -506,6 +522,7 @@ def enhance(
         tile=tile,
         overlap=overlap,
         sampler=sampler,
+        spacing=spacing,
         chunks=chunks,
         normalize=normalize,
         dtype=dtype,
@@ -540,7 +557,7 @@ def enhance(
         if seconds_per_tile is None and todo:
             enhancer = get_enhancer(spec.checkpoint, device, precision)
             seconds_per_tile = measure_seconds_per_tile(
-                enhancer, spec.lattice, steps=steps, sampler=sampler
+                enhancer, spec.lattice, steps=steps, sampler=sampler, spacing=spec.spacing
             )
         plan = estimate_plan(
             spec,
@@ -632,6 +649,7 @@ def estimate_plan(
         steps=spec.steps,
         samples=spec.samples,
         sampler=spec.sampler,
+        spacing=spec.spacing or "",
         seconds_per_tile=seconds_per_tile,
         workers=workers,
         done=done,

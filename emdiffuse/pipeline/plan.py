@@ -35,6 +35,7 @@ class Plan:
     workers: int
     estimated_seconds: float | None
     tiles_per_chunk_sum: int = 0  # tiles met, summed over chunks (what a per-chunk graph runs)
+    spacing: str = ""  # how the sampler's steps are placed ("" when not given)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +55,9 @@ class Plan:
             f"each runs once ({self.tiles_computed} runs) and is shared by the chunks it "
             f"overlaps",
             f"network evaluations: {self.evaluations} "
-            f"({self.sampler}, {self.steps} steps, {self.samples} sample(s))",
+            f"({self.sampler}, {self.steps} steps"
+            + (f" on {self.spacing} spacing" if self.spacing else "")
+            + f", {self.samples} sample(s))",
             f"redundancy: {self.redundancy:.2f} computed voxels per output voxel",
         ]
         if self.estimated_seconds is not None:
@@ -101,6 +104,7 @@ def make_plan(
     seconds_per_tile: float | None = None,
     workers: int = 1,
     done: int = 0,
+    spacing: str = "",
 ) -> Plan:
     """Plan of a run. ``done``: chunks already finished (resume).
 
@@ -134,6 +138,7 @@ def make_plan(
         samples=samples,
         steps=steps,
         sampler=sampler,
+        spacing=spacing,
         evaluations=evaluations,
         redundancy=redundancy,
         seconds_per_tile=seconds_per_tile,

@@ -55,6 +55,7 @@ class RunSpec:
     samples: int = 1
     sampler: str = "dpmpp_2m"
     batch_size: int = 4
+    spacing: str | None = None  # the sampler's step spacing (None: its default)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -286,6 +287,7 @@ def run_tiles(
             sampler=spec.sampler,
             steps=spec.steps,
             step_noise=step_noise,
+            spacing=spec.spacing,
         )
         with _LOCK:
             _TILES_RUN[0] += len(batch)
