@@ -144,7 +144,7 @@ class StandIn:
         self.k = lattice.xy_scale
         self.constant = constant
 
-    def enhance(self, cond, noise, *, sampler, steps, step_noise=None):
+    def enhance(self, cond, noise, *, sampler, steps, step_noise=None, spacing=None):
         if self.constant is not None:
             return np.full(noise.shape, self.constant, dtype=np.float32)
         return stand_in(cond, noise, self.k)
