@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES, SPACING_NAMES
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -15,6 +17,10 @@ def parser(description: str) -> argparse.ArgumentParser:
                    "(dask-jobqueue, dask-gateway, `dask scheduler`); default: a LocalCluster")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: one per GPU, else 2)")
     p.add_argument("--steps", type=int, default=8, help="sampler steps (network evaluations per sample)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
+                   help=f"sampler (default {DEFAULT_SAMPLER}; ddpm is the reference's)")
+    p.add_argument("--spacing", default=None, choices=SPACING_NAMES,
+                   help="step spacing (default: time for ddpm, logsnr for the others)")
     p.add_argument("--samples", type=int, default=1, help="samples per voxel; >=2 also writes uncertainty/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="tile side in voxels on the output grid")
@@ -48,6 +54,8 @@ def run(args: argparse.Namespace) -> None:
             args.model,
             args.output,
             steps=args.steps,
+            sampler=args.sampler,
+            spacing=args.spacing,
             samples=args.samples,
             seed=args.seed,
             tile=args.tile,
