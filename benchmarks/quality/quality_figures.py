@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,8 @@ def panel(task: str, per_level: list[dict[str, Any]], path: Path) -> Path:
             ax.imshow(image, cmap=cmap, interpolation="nearest", **kw)
             ax.set_title(title, fontsize=7)
             if c == 0:
-                ax.set_ylabel(entry["label"], fontsize=7)
+                # wrapped: a long level label on one line runs into the next row's
+                ax.set_ylabel(textwrap.fill(entry["label"], 26), fontsize=7)
     view = "xz sections (z down)" if xz else f"xy crops {CROP}×{CROP}"
     fig.suptitle(f"{task}: held-out synthetic EM, {view}", fontsize=9)
     fig.tight_layout()
