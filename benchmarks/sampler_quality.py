@@ -448,7 +448,10 @@ def main() -> int:
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
     p.add_argument("--dose", type=float, default=d.dose, help="electrons per voxel")
     p.add_argument("--tiles", type=int, default=48, help="held-out 64x64 tiles")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (part of the cache key)")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed of the sampling noise (default: --seed + 12345); another value "
+                   "repeats the evaluation with fresh noise on the same model")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared CPU more threads spin-wait (measured: 2 "
                    "threads 6x slower than 1 at load 12 on 2 cores)")  # fmt: skip
@@ -479,7 +482,8 @@ def main() -> int:
 
     tile = 64
     ev = held_out(args.tiles, tile=tile, dose=settings.dose, read_noise=settings.read_noise,
-                  volume_seed=settings.volume_seed + 1, seed=args.seed + 12345)  # fmt: skip
+                  volume_seed=settings.volume_seed + 1,
+                  seed=args.seed + 12345 if args.noise_seed is None else args.noise_seed)  # fmt: skip
     x_T = ev.x_T()
     denoise = diffusion.make_denoiser(net, ev.cond, SCHEDULE, settings.prediction)
     t_eval = time.perf_counter()

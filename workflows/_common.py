@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES, SPACING_NAMES
+from emdiffuse.models.sampler_names import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLER_NAMES,
+    SPACING_NAMES,
+)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -16,7 +21,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--scheduler-address", help="tcp://host:port of a running Dask scheduler "
                    "(dask-jobqueue, dask-gateway, `dask scheduler`); default: a LocalCluster")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: one per GPU, else 2)")
-    p.add_argument("--steps", type=int, default=8, help="sampler steps (network evaluations per sample)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"sampler steps = network evaluations per sample (default {DEFAULT_STEPS})")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
                    help=f"sampler (default {DEFAULT_SAMPLER}; ddpm is the reference's)")
     p.add_argument("--spacing", default=None, choices=SPACING_NAMES,

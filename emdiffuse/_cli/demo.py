@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from emdiffuse.models.sampler_names import DEFAULT_STEPS
+
 HELP = "train a tiny denoiser on synthetic EM (or reuse it) and enhance a held-out volume"
 
 
@@ -11,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="emdiffuse-demo", help="output folder (default ./emdiffuse-demo)")
     parser.add_argument("--size", default="small", choices=["small", "medium"], help="volume size")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget on first run")
-    parser.add_argument("--steps", type=int, default=8, help="sampler steps")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"sampler steps (default {DEFAULT_STEPS})")
     parser.add_argument("--samples", type=int, default=2, help="samples (>=2 writes uncertainty)")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     parser.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/emdiffuse)")

@@ -13,6 +13,7 @@ import numpy as np
 
 from emdiffuse import __version__
 from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import DEFAULT_STEPS
 
 SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
 HELD_OUT_ORIGIN = (10_000, 5_000, 5_000)  # far from the training region (origin 0)
@@ -56,7 +57,7 @@ def run_demo(
     size: str = "small",
     shape: tuple[int, int, int] | None = None,
     minutes: float = 5.0,
-    steps: int = 8,
+    steps: int = DEFAULT_STEPS,
     samples: int = 2,
     workers: int = 2,
     cache: str | os.PathLike | None = None,

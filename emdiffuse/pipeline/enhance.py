@@ -35,7 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.sampler_names import SAMPLER_NAMES, resolve_spacing
+from emdiffuse.models.sampler_names import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLER_NAMES,
+    resolve_spacing,
+)
 from emdiffuse.pipeline import resume as record
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import Lattice, iter_chunks
@@ -228,12 +233,12 @@ def prepare(
     model,
     output,
     *,
-    steps: int = 8,
+    steps: int = DEFAULT_STEPS,
     samples: int = 1,
     seed: int = 0,
     tile: int | None = None,
     overlap: int | None = None,
-    sampler: str = "dpmpp_2m",
+    sampler: str = DEFAULT_SAMPLER,
     spacing: str | None = None,
     chunks=None,
     normalize: str = "model",
@@ -461,13 +466,13 @@ def enhance(
     model,
     output,
     *,
-    steps: int = 8,
+    steps: int = DEFAULT_STEPS,
     samples: int = 1,
     seed: int = 0,
     tile: int | None = None,
     overlap: int | None = None,
     client=None,
-    sampler: str = "dpmpp_2m",
+    sampler: str = DEFAULT_SAMPLER,
     spacing: str | None = None,
     chunks=None,
     resume: bool = False,

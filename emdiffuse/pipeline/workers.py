@@ -27,6 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
 from emdiffuse.pipeline.blend import Accumulator, window_2d
 from emdiffuse.pipeline.lattice import Box, Lattice, Ownership, Tile, chunk_box
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
@@ -51,9 +52,9 @@ class RunSpec:
     normalization: Normalization
     dtype: str
     seed: int = 0
-    steps: int = 8
+    steps: int = DEFAULT_STEPS
     samples: int = 1
-    sampler: str = "dpmpp_2m"
+    sampler: str = DEFAULT_SAMPLER
     batch_size: int = 4
     spacing: str | None = None  # the sampler's step spacing (None: its default)
     extra: dict = field(default_factory=dict)
