@@ -259,3 +259,21 @@ def test_pipeline_plan_and_cli_take_the_samplers_list():
         assert plan.network_evaluations(name, 7) == samplers.network_evaluations(name, 7) == 7
     with pytest.raises(InputError):
         plan.network_evaluations("euler", 7)
+
+
+def test_run_default_is_a_passing_setting_of_the_committed_benchmark():
+    """The run default (sampler, steps, its spacing) is one the committed sampler benchmark
+    shows within 0.3 dB of ddpm@1000 with its texture, at <= 10 evaluations."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks/results/sampler_quality.json"
+    result = json.loads(path.read_text())
+    default = f"{sampler_names.DEFAULT_SAMPLER}@{sampler_names.DEFAULT_STEPS}"
+    assert result["verdict"]["goal_met"] and default in result["verdict"]["passing"]
+    config = result["samplers"][sampler_names.DEFAULT_SAMPLER]
+    assert config["spacing"] == sampler_names.resolve_spacing(sampler_names.DEFAULT_SAMPLER)
+    row = next(r for r in result["rows"] if f"{r['sampler']}@{r['steps']}" == default)
+    nfe = samplers.network_evaluations(sampler_names.DEFAULT_SAMPLER, sampler_names.DEFAULT_STEPS)
+    assert row["nfe"] == nfe <= 10
+    assert abs(row["d_psnr"]) + 1.645 * row["se_psnr"] <= 0.3
