@@ -3,7 +3,7 @@
 Runs on any Dask cluster given its scheduler address, or on a LocalCluster without one::
 
     python workflows/denoise.py INPUT.ome.zarr OUTPUT.ome.zarr --model MODEL.safetensors \
-        [--scheduler-address tcp://HOST:8786] [--steps 10 --samples 2]
+        [--scheduler-address tcp://HOST:8786] [--steps 8 --samples 2]
 """
 
 from _common import parser, run
