@@ -28,7 +28,7 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.conditioning import upsample_xy
-from emdiffuse.models.sampler_names import SAMPLER_NAMES, check_sampler, resolve_spacing
+from emdiffuse.models.sampler_names import SAMPLER_NAMES, resolve_spacing
 from emdiffuse.models.variants import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -235,8 +235,7 @@ class Enhancer:
         ``0..k-2``). Index-embedding models then run only those (``noise`` has one channel per
         index); output-channel models still take full ``noise`` and return the chosen slices.
         """
-        check_sampler(sampler)
-        spacing = resolve_spacing(sampler, spacing)
+        spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         indices = self._indices(index)

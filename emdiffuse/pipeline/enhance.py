@@ -267,9 +267,7 @@ def prepare(
     batch_size = _check_positive_int("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InputError(f"seed must be an integer, got {seed!r}")
-    if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    spacing = resolve_spacing(sampler, spacing)
+    spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
     if normalize not in ("model", "auto"):
         raise InputError(f"normalize must be 'model' or 'auto', got {normalize!r}")
     if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
@@ -562,7 +560,7 @@ def enhance(
         if seconds_per_tile is None and todo:
             enhancer = get_enhancer(spec.checkpoint, device, precision)
             seconds_per_tile = measure_seconds_per_tile(
-                enhancer, spec.lattice, steps=steps, sampler=sampler, spacing=spec.spacing
+                enhancer, spec.lattice, steps=spec.steps, sampler=spec.sampler, spacing=spec.spacing
             )
         plan = estimate_plan(
             spec,
