@@ -13,13 +13,19 @@ Exit codes, each failure reported on one line of stderr without a traceback:
   (disk full, file too large, output folder gone or read-only). What was finished is kept:
   `enhance` continues with `--resume` once the cause is fixed.
 - 130: interrupted (Ctrl-C); `enhance` and `train` continue with `--resume`.
+- 143 (128 + SIGTERM): terminated by SIGTERM (`kill`, a cancelled SLURM job), handled like
+  Ctrl-C: the run stops cleanly and continues with `--resume`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import NoReturn
 
 from emdiffuse import __version__
@@ -28,11 +34,13 @@ from emdiffuse.errors import InputError
 EXIT_INPUT = 2
 EXIT_IO = 74  # EX_IOERR (sysexits.h)
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 DEFAULT_IO_HINT = "fix the cause (free disk space, permissions) and run again"
 EPILOG = (
     "exit codes: 0 done; 2 bad input (nothing written); 74 an I/O failure during the run "
     "(disk full, output unwritable: what was finished is kept, `enhance --resume` continues); "
-    "130 interrupted (`enhance --resume` continues). Errors are reported on one line."
+    "130 interrupted, 143 terminated by SIGTERM (`enhance --resume` continues). Errors are "
+    "reported on one line."
 )
 
 # name -> module under emdiffuse._cli; order is the order in --help.
@@ -47,6 +55,29 @@ COMMANDS = {
     "import-reference": "import_reference",
     "view": "view",
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every
+    ``except KeyboardInterrupt`` cleanup (closing a cluster, keeping finished chunks) runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the main thread as Ctrl-C does (as :class:`Terminated`).
+    Only from the main thread, where signal handlers can be set and run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _available_commands() -> dict[str, object]:
@@ -113,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except InputError as error:
         message = " ".join(str(error).split())  # always one line
         print(f"emdiffuse {args.command}: error: {message}", file=sys.stderr)
@@ -125,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_IO
+    except Terminated:
+        said = args._interrupted.replace("interrupted", "interrupted by SIGTERM", 1)
+        print(f"emdiffuse {args.command}: {said}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"emdiffuse {args.command}: {args._interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -255,6 +255,8 @@ def test_bad_input_table(world, tmp_path, capsys, row):
         args = [args[0], *FAST, *args[1:]]  # the row's own options come last and win
     existing = [a for a in args if a in world.values() and Path(a).exists()]
     before = {path: _digest(path) for path in existing}
+    places = [Path(world["root"]), tmp_path]  # where a refused run could leave something
+    files_before = {p for place in places for p in place.rglob("*")}
 
     code = main(args)
 
@@ -267,7 +269,7 @@ def test_bad_input_table(world, tmp_path, capsys, row):
     for word in words:
         assert word in err, (word, err)
     assert not out.exists()  # nothing written
-    assert not Path("/proc/emdiffuse-out.zarr").exists()
+    assert {p for place in places for p in place.rglob("*")} == files_before  # nor elsewhere
     assert {path: _digest(path) for path in existing} == before  # inputs untouched
     assert not Path(world["marker"]).exists()  # pickled code never ran
     assert sorted(p.name for p in Path(world["existing"]).iterdir()) == ["keep.txt"]

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -174,6 +175,27 @@ def test_truncated_and_garbage_files(tmp_path):
         load_checkpoint(cut_pt)
     with pytest.raises(InputError, match="does not exist"):
         load_checkpoint(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors", ".bin"])
+def test_random_bytes_are_not_a_checkpoint(tmp_path, suffix, capsys):
+    """A file of random bytes given as a model is "not a checkpoint", through the library
+    and the CLI (one line, exit 2), never refused as "pickled objects … could run code"."""
+    from emdiffuse.cli import main
+    from emdiffuse.pipeline.io import write_image
+
+    junk = tmp_path / f"junk{suffix}"
+    junk.write_bytes(np.random.default_rng(3).bytes(4096))
+    with pytest.raises(InputError, match="is not a checkpoint") as error:
+        load_checkpoint(junk)
+    assert "could run code" not in str(error.value)
+    volume = tmp_path / "in.zarr"
+    write_image(np.zeros((2, 16, 16), np.float32), volume, voxel_size=(8.0, 8.0, 8.0))
+    out = tmp_path / "out.zarr"
+    assert main(["enhance", str(volume), str(out), "--model", str(junk), "--threads"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a checkpoint" in err and "could run" not in err
+    assert not out.exists()
 
 
 def test_missing_config(tmp_path):

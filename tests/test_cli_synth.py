@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 
 from emdiffuse.cli import main
+from emdiffuse.pipeline import io
 from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise, blur_downsample_xy, subsample_z
 from emdiffuse.pipeline.synthetic import synthetic_block
 
 SHAPE = (16, 48, 40)
-
-
-@pytest.fixture
-def io():
-    return pytest.importorskip("emdiffuse.pipeline.io")
 
 
 def _synth(out, task, *extra):
@@ -35,7 +31,7 @@ def _synth(out, task, *extra):
     )
 
 
-def test_denoise_writes_clean_and_noisy(tmp_path, capsys, io):
+def test_denoise_writes_clean_and_noisy(tmp_path, capsys):
     out = tmp_path / "den"
     assert _synth(out, "denoise", "--dose", "10", "--voxel-size", "6") == 0
     assert "clean.ome.zarr" in capsys.readouterr().out
@@ -57,7 +53,7 @@ def test_denoise_writes_clean_and_noisy(tmp_path, capsys, io):
     assert np.std(n.astype(float) - c) > 10  # really noisy at 10 e-/voxel
 
 
-def test_super_resolve_writes_lowres_with_coarser_xy(tmp_path, io):
+def test_super_resolve_writes_lowres_with_coarser_xy(tmp_path):
     out = tmp_path / "sr"
     assert _synth(out, "super-resolve", "--factor", "4", "--dtype", "float32") == 0
     low = io.open_volume(str(out / "lowres.ome.zarr"))
@@ -68,7 +64,7 @@ def test_super_resolve_writes_lowres_with_coarser_xy(tmp_path, io):
     np.testing.assert_allclose(low.data.compute(), blur_downsample_xy(clean, 4), atol=1e-5)
 
 
-def test_isotropic_writes_anisotropic_with_coarser_z(tmp_path, io):
+def test_isotropic_writes_anisotropic_with_coarser_z(tmp_path):
     out = tmp_path / "iso"
     assert _synth(out, "isotropic", "--factor", "2", "--dtype", "uint16") == 0
     aniso = io.open_volume(str(out / "anisotropic.ome.zarr"))
@@ -80,14 +76,20 @@ def test_isotropic_writes_anisotropic_with_coarser_z(tmp_path, io):
     assert np.abs(aniso.data.compute().astype(float) - np.floor(want)).max() <= 1
 
 
-def test_existing_output_needs_overwrite(tmp_path, io):
+def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("data")
     assert _synth(out, "denoise") == 2
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert _synth(out, "denoise", "--overwrite") == 0
-    assert (out / "noisy.ome.zarr").exists()
+    # --overwrite replaces only what synth wrote, never a folder of the user's files
+    assert _synth(out, "denoise", "--overwrite") == 2
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    ours = tmp_path / "ours"
+    assert _synth(ours, "denoise") == 0
+    assert _synth(ours, "denoise") == 2
+    assert _synth(ours, "denoise", "--overwrite") == 0
+    assert (ours / "noisy.ome.zarr").exists()
 
 
 @pytest.mark.parametrize(

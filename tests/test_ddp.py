@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.multiprocessing as mp
 import zarr
 from zarr.storage import LocalStore
 
-pytest.importorskip("emdiffuse.models.unet")
-pytest.importorskip("emdiffuse.models.diffusion")
+from emdiffuse.models import diffusion
+from emdiffuse.pipeline import trainer
 
 PER_RANK = 2
 
@@ -36,9 +35,6 @@ def _sources(paths):
 
 def _gradients(paths, batch_size, rank, world, model_wrap=None):
     """One training step's gradients (sum of per-sample keys as the trainer draws them)."""
-    from emdiffuse.models import diffusion
-    from emdiffuse.pipeline import trainer
-
     s = trainer.TrainSettings(task="denoise", data=[], batch_size=batch_size, patch=16,
                               region=32, seed=7)  # fmt: skip
     ds = trainer.build_dataset(s, _sources(paths), rank=rank, world_size=world)

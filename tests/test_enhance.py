@@ -388,14 +388,22 @@ def test_bad_inputs_raise_before_writing(models, volumes, tmp_path, case, match)
         write_image(da.from_array(_smooth_volume((1, 16, 16))), inp, voxel_size=(24.0, 8.0, 8.0))
     elif case == "aniso_mismatch":
         model = models["i"]  # x3 in z, but the volume is isotropic
+    before = {path: _files(path) for path in (inp, model)}
     with pytest.raises(InputError, match=match):
         enhance(inp, model, out, **kw)
     if case == "exists":
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    elif case != "inside_input":
-        assert not out.exists()
     else:
         assert not out.exists()
+    assert {path: _files(path) for path in (inp, model)} == before  # input and model untouched
+
+
+def _files(path) -> dict[str, bytes]:
+    """Every file under ``path`` (or the file itself): relative name -> bytes."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_auto_normalization_is_global_and_recorded(models, volumes, tmp_path):

@@ -120,14 +120,13 @@ def test_killed_worker_tasks_are_retried(client, inputs, tmp_path):
     thread = threading.Thread(target=run)
     thread.start()
     done_dir = out / ".emdiffuse" / "done"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (done_dir.exists() and any(done_dir.iterdir())):
+    # no wall-clock bound: wait for a finished chunk while the run goes on
+    while thread.is_alive() and not (done_dir.exists() and any(done_dir.iterdir())):
         time.sleep(0.05)
-    assert done_dir.exists(), "no chunk finished before the kill"
+    assert done_dir.exists() and any(done_dir.iterdir()), "no chunk finished before the kill"
     victim = next(iter(pids_before.values()))
     os.kill(victim, signal.SIGKILL)
-    thread.join(timeout=180)
-    assert not thread.is_alive()
+    thread.join()  # no wall-clock bound: the suite's timeout guards
     assert not error, error
     assert victim not in client.run(os.getpid).values()  # the worker really died
     n_chunks = len(list(iter_chunks(SHAPE, CHUNKS)))

@@ -19,7 +19,7 @@ def stack(tmp_path):
     data = (np.random.default_rng(0).random((24, 80, 96)) * 60000).astype(np.uint16)
     path = tmp_path / "stack.tif"
     tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.008, 1 / 0.008),
-                     metadata={"spacing": 0.03, "unit": "um"})
+                     metadata={"axes": "ZYX", "spacing": 0.03, "unit": "um"})
     return path, data
 
 
@@ -41,7 +41,7 @@ def test_tiff_to_ome_zarr_round_trip_keeps_voxel_size(stack, tmp_path):
 
 def test_tiff_without_voxel_size_asks_for_it(tmp_path):
     path = tmp_path / "plain.tif"
-    tifffile.imwrite(path, np.zeros((4, 16, 16), np.uint8))
+    tifffile.imwrite(path, np.zeros((4, 16, 16), np.uint8), photometric="minisblack")
     with pytest.raises(InputError, match="--voxel-size"):
         io.open_volume(path)
     assert io.open_volume(path, voxel_size="40,4,4").voxel_size == (40.0, 4.0, 4.0)

@@ -7,6 +7,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from emdiffuse.errors import InputError
+from emdiffuse.pipeline import io
 from emdiffuse.pipeline.augment import NONE
 from emdiffuse.pipeline.loader import PatchDataset, make_loader
 
@@ -116,7 +117,6 @@ def test_super_resolve_pair_and_synthesised(tmp_path, coords):
         s = ds.sample(key)
         assert s["cond"].shape == (1, 8, 8) and s["target"].shape == (1, 16, 16)
         np.testing.assert_array_equal(decode(s["cond"][0]), decode(s["target"][0, ::2, ::2]))
-    pytest.importorskip("emdiffuse.pipeline.degrade")
     ds1 = dataset("super-resolve", [arr], 16, factor=2, region=24)
     s = ds1.sample(0)
     assert s["cond"].shape == (1, 8, 8) and s["target"].shape == (1, 16, 16)
@@ -222,7 +222,6 @@ def test_bad_inputs_raise(coords, tmp_path):
 
 
 def test_ome_zarr_path_reads_the_zarr_array_directly(tmp_path):
-    io = pytest.importorskip("emdiffuse.pipeline.io")
     import dask.array as da
 
     vol = coord_volume((6, 32, 32)) / SCALE

@@ -14,10 +14,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import trainer
-
-pytest.importorskip("emdiffuse.models.unet")
-pytest.importorskip("emdiffuse.models.diffusion")
+from emdiffuse.pipeline import io, trainer
 
 
 def _smooth(shape, seed):
@@ -123,7 +120,6 @@ def test_lr_warmup_and_keyed_noise():
 def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     from emdiffuse.cli import main
 
-    io = pytest.importorskip("emdiffuse.pipeline.io")
     paths = []
     for name, arr in zip(("noisy", "clean"), pair, strict=True):
         p = tmp_path / f"{name}.ome.zarr"

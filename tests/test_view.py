@@ -34,11 +34,13 @@ def server(volume):
     srv.stop()
 
 
-def _request(srv, method: str, path: str, body: bytes | None = None):
+def _request(srv, method: str, path: str, body: bytes | None = None, headers=()):
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
     try:
         conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
         conn.putheader("Content-Length", str(len(body or b"")))
+        for name, value in dict(headers).items():
+            conn.putheader(name, value)
         conn.endheaders(body)
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), resp.read()
@@ -59,13 +61,37 @@ def test_binds_loopback_and_serves_metadata_and_chunk(server, volume):
     assert url.startswith(f"http://127.0.0.1:{srv.server_address[1]}/v/view/#!")
     status, headers, body = _request(srv, "GET", "/em.zarr/zarr.json")
     assert status == 200
-    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert not any(h.lower().startswith("access-control-") for h in headers)  # same-origin
     assert json.loads(body)["attributes"]["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
     status, _, body = _request(srv, "GET", "/em.zarr/0/c/0/1/1")
     assert status == 200
     assert body == (volume / "0" / "c" / "0" / "1" / "1").read_bytes()
     status, headers, body = _request(srv, "HEAD", "/em.zarr/uncertainty/zarr.json")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
+FOREIGN = "https://evil.example"
+
+
+@pytest.mark.parametrize(
+    "method, path, extra",
+    [
+        ("GET", "/em.zarr/zarr.json", {}),
+        ("GET", "/em.zarr/0/c/0/1/1", {}),
+        ("HEAD", "/em.zarr/zarr.json", {}),
+        ("GET", "/em.zarr/0/c/9/9/9", {}),  # 404
+        ("PUT", "/em.zarr/zarr.json", {}),  # 405
+        ("OPTIONS", "/em.zarr/zarr.json", {"Access-Control-Request-Method": "GET"}),
+    ],
+)
+def test_cross_origin_request_gets_no_cors_grant(server, method, path, extra):
+    """A page from another origin open in the same browser must not read the served data
+    (or the run record, which names the input's absolute path): no response carries an
+    Access-Control-Allow-Origin grant, to it or to everyone. The client is same-origin."""
+    srv, _ = server
+    _, headers, _ = _request(srv, method, path, headers={"Origin": FOREIGN, **extra})
+    granted = {k.lower(): v for k, v in headers.items() if k.lower().startswith("access-control")}
+    assert granted == {}, granted
 
 
 def test_missing_chunk_is_404(server):
@@ -223,11 +249,58 @@ def test_cli_serves_until_interrupted(volume):
         with urllib.request.urlopen(origin + "/em.zarr/zarr.json", timeout=10) as resp:
             assert resp.status == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait() == 0  # no wall-clock bound: the suite's timeout guards
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_interrupted_right_after_printing_the_url_stops_cleanly(volume):
+    """Ctrl-C that lands just after the URL is printed still stops the server cleanly
+    (exit 0), wherever the command then is. Made deterministic, not timed: the command's
+    stderr is a pipe filled to the brim, so its next line waits there until the signal."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with pytest.raises(BlockingIOError):
+        while True:
+            os.write(write_end, b"#" * 65536)
+    os.set_blocking(write_end, True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emdiffuse.cli", "view", str(volume), "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=write_end,
+        text=True,
+    )
+    os.close(write_end)
+    drained: list[bytes] = []
+
+    def drain() -> None:  # the filler, then what the command writes, until it exits
+        while chunk := os.read(read_end, 1 << 16):
+            drained.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and "#!" in url
+        proc.send_signal(signal.SIGINT)
+        reader.start()
+        code = proc.wait()  # no wall-clock bound: the suite's timeout guards
+        reader.join()
+        assert code == 0, b"".join(drained).lstrip(b"#").decode()
+        assert proc.stdout.read().strip() == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if reader.ident is not None:
+            reader.join()
+        os.close(read_end)
 
 
 def test_client_event_stream_is_comments_only(server):

@@ -17,19 +17,29 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _levels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more (0: level 0 only)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="TIFF stack (.tif/.tiff) or OME-Zarr")
     parser.add_argument("output", help="output OME-Zarr path (e.g. out.ome.zarr)")
     parser.add_argument("--voxel-size", help="Z,Y,X in nm (or one number); required if the input lacks it")
     parser.add_argument("--chunks", type=_ints, default=None, help="output chunks Z,Y,X (default 64,256,256)")
-    parser.add_argument("--levels", type=int, default=None, help="extra pyramid levels (default: automatic)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--levels", type=_levels, default=None, help="extra pyramid levels (default: automatic)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an OME-Zarr that emdiffuse wrote")
 
 
 def run(args: argparse.Namespace) -> int:
     from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output, write_image
 
-    refuse_output(args.output, args.input, overwrite=args.overwrite)
+    refuse_output(args.output, args.input, overwrite=args.overwrite, resumable=False)
     volume = open_volume(args.input, voxel_size=args.voxel_size)
     check_finite(volume)
     if args.chunks is not None and len(args.chunks) != volume.ndim:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.sampler_names import (
@@ -12,6 +16,7 @@ from emdiffuse.models.sampler_names import (
     SAMPLER_NAMES,
     SPACING_NAMES,
 )
+from emdiffuse.pipeline.preflight import CONNECT_TIMEOUT
 
 INTERRUPTED = "interrupted; finished chunks are kept, rerun with --resume"
 IO_ERROR_HINT = (
@@ -132,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run on an existing Dask cluster, e.g. tcp://host:8786",
     )
     parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        help=f"seconds to wait for --scheduler-address to answer (default {CONNECT_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--threads",
         action="store_true",
         help="run in this process on Dask's threaded scheduler (small jobs)",
@@ -149,13 +160,37 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("pass either --threads or --scheduler-address, not both")
     scheduler = "threads" if args.threads else args.scheduler_address
     try:
-        result = _enhance(enhance, args, scheduler)
+        with warnings_on_stderr():
+            result = _enhance(enhance, args, scheduler)
     except OSError:
         args._io_hint = _io_hint(args.output)
         raise
     if not args.dry_run:
         print(f"wrote {args.output}: {dict(result.sizes)} {result.dtype}")
     return 0
+
+
+class _StderrHandler(logging.Handler):
+    """Prints ``emdiffuse enhance: warning: ...`` on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"emdiffuse enhance: warning: {record.getMessage()}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """Within the block, the library's warnings (the ``emdiffuse`` logger) are one line each
+    on stderr, and only there."""
+    logger = logging.getLogger("emdiffuse")
+    handler = _StderrHandler(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _io_hint(output: str) -> str:
@@ -203,4 +238,5 @@ def _enhance(enhance, args: argparse.Namespace, scheduler):
         dry_run=args.dry_run,
         task=args.task,
         scale_factor=args.factor,
+        connect_timeout=args.connect_timeout,
     )

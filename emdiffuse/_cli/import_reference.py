@@ -33,12 +33,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--low", type=float, default=None, help="raw intensity mapped to -1 (default 0)")
     parser.add_argument("--high", type=float, default=None, help="raw intensity mapped to +1 (default 255)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint that emdiffuse wrote"
+    )
+
+
+def _refuse_outputs(args: argparse.Namespace) -> None:
+    """The checkpoint and the config written beside it may replace only a checkpoint that
+    emdiffuse wrote (with --overwrite), never an input."""
+    from emdiffuse.models.checkpoints import sidecar_path
+    from emdiffuse.pipeline.io import refuse_output
+
+    reads = [("reference weights", args.network), ("reference config", args.config)]
+    refuse_output(args.output, overwrite=args.overwrite, reads=reads, kind="checkpoint")
+    refuse_output(
+        sidecar_path(args.output),
+        overwrite=args.overwrite,
+        reads=reads,
+        kind="checkpoint",
+        name=f"the config written beside {args.output},",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from emdiffuse.errors import InputError
     from emdiffuse.models.reference import convert_reference_checkpoint
+
+    _refuse_outputs(args)
 
     normalization = None
     if args.low is not None or args.high is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import shutil
 import time
 from pathlib import Path
 
@@ -61,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="uint8", help="uint8 (default), uint16 or float32")
     parser.add_argument("--chunks", default="64,256,256", help="chunk shape Z,Y,X")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an OUT that an earlier synth wrote"
+    )
 
 
 def _triple(text: str, what: str) -> tuple[int, int, int]:
@@ -113,11 +114,9 @@ def _check(args) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
                 f"shape {args.shape} is smaller than the factor {args.factor} in {where}; "
                 "give a larger --shape or a smaller --factor"
             )
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"output {out} exists; choose another path or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a directory; remove it first")
+    from emdiffuse.pipeline.io import refuse_output
+
+    refuse_output(args.output, overwrite=args.overwrite, kind="synth")
     return shape, chunks
 
 
@@ -137,10 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from emdiffuse.pipeline.degrade import degrade_volume, degraded_grid
     from emdiffuse.pipeline.synthetic import synthetic_volume
 
-    out = Path(args.output)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = io.make_output_folder(args.output, "synth", replace=args.overwrite)
     start = time.perf_counter()
     v = float(args.voxel_size)
     chunks = tuple(min(c, n) for c, n in zip(chunks, shape, strict=True))

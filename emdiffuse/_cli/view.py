@@ -33,13 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from emdiffuse.pipeline.view import serve
 
     server, url = serve(args.paths, port=args.port, bind=args.bind)
-    if args.bind not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.bind}; anyone who can reach it can read these files")
-    print(url, flush=True)
-    print("serving read-only; press Ctrl-C to stop", file=sys.stderr, flush=True)
-    if not args.no_browser:
-        webbrowser.open(url)
-    try:
+    try:  # from here on a Ctrl-C, wherever it lands, stops the server cleanly
+        if args.bind not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"warning: listening on {args.bind}; anyone who can reach it can read these files"
+            )
+        print(url, flush=True)
+        print("serving read-only; press Ctrl-C to stop", file=sys.stderr, flush=True)
+        if not args.no_browser:
+            webbrowser.open(url)
         threading.Event().wait()
     except KeyboardInterrupt:
         print("stopped")

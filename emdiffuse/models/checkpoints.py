@@ -14,6 +14,8 @@ names it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,18 +80,7 @@ def load_checkpoint(
     ``expect_task`` / ``expect_variant`` / ``expect_scale_factor`` refuse a model made for
     something else. ``config`` overrides the stored config (e.g. for a bare ``.pth``).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} is not a file")
-    if path.suffix in TORCH_SUFFIXES:
-        stored, state_dict = _read_torch(path)
-    else:
-        stored, state_dict = _read_safetensors(path)
-    if config is None:
-        config = stored if stored is not None else _read_sidecar(path)
-    check_state_dict(config, state_dict, where=str(path))
+    config, state_dict, _ = read_checkpoint(path, config=config)
     check_expected(
         config,
         expect_task=expect_task,
@@ -97,6 +88,28 @@ def load_checkpoint(
         expect_scale_factor=expect_scale_factor,
     )
     return config, state_dict
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """``(config, state_dict, sha256)`` from one read of the file: the weights are parsed
+    from exactly the bytes that ``sha256`` identifies (a cache keyed on it is never stale,
+    even if the file is replaced while it is read)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} is not a file")
+    data = path.read_bytes()
+    if path.suffix in TORCH_SUFFIXES:
+        stored, state_dict = _read_torch(path, data)
+    else:
+        stored, state_dict = _read_safetensors(path, data)
+    if config is None:
+        config = stored if stored is not None else _read_sidecar(path)
+    check_state_dict(config, state_dict, where=str(path))
+    return config, state_dict, hashlib.sha256(data).hexdigest()
 
 
 def check_expected(
@@ -173,25 +186,33 @@ def _names(names: list[str], limit: int = 4) -> str:
     return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
 
-def _read_safetensors(path: Path) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
+def _read_safetensors(
+    path: Path, data: bytes
+) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            state_dict = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types and OSError
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size]) if 0 < size <= len(data) - 8 else None
+        if not isinstance(header, dict):
+            raise ValueError("no safetensors header")
+        metadata = header.get("__metadata__") or {}
+        state_dict = load(data)
+    except Exception as error:  # safetensors raises its own error types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InputError(
-            f"checkpoint {path} is not a readable .safetensors file (corrupt or truncated?): "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            f"{path} is not a checkpoint: not a readable .safetensors file (corrupt or "
+            f"truncated?): {reason}"
         ) from None
     text = metadata.get(CONFIG_KEY)
     config = None if text is None else ModelConfig.from_json(text)
     return config, state_dict
 
 
-def _read_torch(path: Path) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
-    payload = load_tensor_mapping(path, "checkpoint", pickled_hint="Convert it to .safetensors.")
+def _read_torch(path: Path, data: bytes) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
+    payload = load_tensor_mapping(
+        path, "checkpoint", pickled_hint="Convert it to .safetensors.", data=data
+    )
     config = None
     if "state_dict" in payload and isinstance(payload["state_dict"], Mapping):
         state_dict = dict(payload["state_dict"])
@@ -231,7 +252,10 @@ def config_from_file(path: str | os.PathLike) -> ModelConfig:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 text = (handle.metadata() or {}).get(CONFIG_KEY)
         except Exception:
-            raise InputError(f"checkpoint {path} is not a readable .safetensors file") from None
+            raise InputError(
+                f"{path} is not a checkpoint: not a readable .safetensors file (corrupt or "
+                "truncated?)"
+            ) from None
         if text is not None:
             return ModelConfig.from_json(text)
     return load_checkpoint(path)[0]
@@ -241,6 +265,7 @@ __all__ = [
     "load_reference_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
     "check_state_dict",
     "check_expected",
     "config_from_file",

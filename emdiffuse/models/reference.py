@@ -599,15 +599,20 @@ def convert_reference_checkpoint(
 ) -> Path:
     """Import a reference checkpoint and write it as our ``.safetensors`` (plus ``.json``).
 
-    Refuses an existing ``out`` unless ``overwrite``. Returns the written path.
+    Refuses an existing ``out`` unless ``overwrite``, and an ``out`` (or its ``.json``
+    sidecar) that is one of the inputs. Returns the written path.
     """
-    from emdiffuse.models.checkpoints import save_checkpoint
+    from emdiffuse.models.checkpoints import save_checkpoint, sidecar_path
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InputError(f"output {out} must end in .safetensors")
     if out.exists() and not overwrite:
         raise InputError(f"output {out} exists; pass overwrite (--overwrite) to replace it")
+    for written in (out, sidecar_path(out)):  # never write over an input
+        for read in (Path(pth), Path(json_path)):
+            if written.resolve() == read.resolve():
+                raise InputError(f"output {written} is the input {read}; choose another output name")
     config, state_dict = load_reference_checkpoint(
         pth, json_path, variant=variant, scale_factor=scale_factor, normalization=normalization
     )

@@ -4,6 +4,7 @@ failures into one-line :class:`~emdiffuse.errors.InputError` messages."""
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,15 +14,38 @@ import torch
 
 from emdiffuse.errors import InputError
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 
-def load_tensor_mapping(path: Path, label: str, *, pickled_hint: str = "") -> Mapping[str, Any]:
+
+def is_torch_file(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) starts a torch file: a zip archive, or the
+    legacy format, whose first pickle is torch's magic number (PROTO n, LONG1 of 10 bytes)."""
+    legacy = len(head) >= 4 and head[0] == 0x80 and head[2:4] == b"\x8a\x0a"
+    return head.startswith(ZIP_MAGIC) or legacy
+
+
+def load_tensor_mapping(
+    path: Path, label: str, *, pickled_hint: str = "", data: bytes | None = None
+) -> Mapping[str, Any]:
     """The mapping stored in the torch file ``path`` (tensors, numbers, strings only).
 
     ``label`` names the file in messages ("checkpoint", "reference checkpoint");
     ``pickled_hint`` is appended to the refusal of a file holding other pickled objects.
+    ``data``: the file's bytes, already read (they are parsed instead of the file).
     """
+    if data is None:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    else:
+        head = data[:8]
+    if not is_torch_file(head):
+        raise InputError(
+            f"{path} is not a {label}: it is not a torch file (it starts with neither a zip "
+            "nor a pickle header); check that the path names the model file"
+        )
+    source = io.BytesIO(data) if data is not None else str(path)
     try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).splitlines()[0] if str(error) else ""
         hint = f" {pickled_hint}" if pickled_hint else ""
@@ -39,4 +63,4 @@ def load_tensor_mapping(path: Path, label: str, *, pickled_hint: str = "") -> Ma
     return payload
 
 
-__all__ = ["load_tensor_mapping"]
+__all__ = ["is_torch_file", "load_tensor_mapping"]

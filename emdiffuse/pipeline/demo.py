@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from emdiffuse.models.sampler_names import DEFAULT_STEPS
 
 SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
 HELD_OUT_ORIGIN = (10_000, 5_000, 5_000)  # far from the training region (origin 0)
-MARKER = ".emdiffuse-demo"
 
 
 def cache_dir() -> Path:
@@ -26,16 +24,12 @@ def cache_dir() -> Path:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"{out} exists and is not a folder; choose another --out")
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise InputError(f"{out} exists and is not an earlier demo folder; choose another --out")
-        if not overwrite and (out / MARKER).exists():
-            raise InputError(f"{out} holds an earlier demo; pass --overwrite to redo it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text(__version__)
+    """A fresh demo folder: new, empty, or (with ``overwrite``) an earlier demo's, replaced.
+    Anything else is refused (``io.refuse_output``)."""
+    from emdiffuse.pipeline import io
+
+    io.refuse_output(out, overwrite=overwrite, kind="demo", name="--out")
+    io.make_output_folder(out, "demo", replace=True)
 
 
 def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ from emdiffuse.models.sampler_names import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     SAMPLER_NAMES,
+    network_evaluations,
     resolve_spacing,
 )
 from emdiffuse.pipeline import resume as record
@@ -46,6 +48,16 @@ from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import Lattice, iter_chunks
 from emdiffuse.pipeline.normalize import from_model, sample_percentiles
 from emdiffuse.pipeline.plan import Plan, make_plan
+from emdiffuse.pipeline.preflight import (
+    CONNECT_TIMEOUT,
+    check_device,
+    check_seed,
+    check_tile_memory,
+    check_worker_devices,
+    connect,
+    device_problem,
+    warn_if_far_from_training_range,
+)
 from emdiffuse.pipeline.workers import RunSpec, get_enhancer
 
 SAMPLERS = SAMPLER_NAMES  # the samplers' own list (emdiffuse.models.sampler_names)
@@ -70,12 +82,18 @@ def choose_tile(
 
     Default tile: the smallest multiple of ``multiple`` covering the larger yx side, at most
     256 (rounded up to ``multiple``); default overlap: a quarter of the tile, rounded down to
-    a multiple of ``xy_scale``.
+    a multiple of ``xy_scale``. A larger tile is capped to that covering side (the padded
+    image: one tile per axis), and an overlap that no longer fits falls back to the default.
     """
     step = math.lcm(multiple, xy_scale)
+    whole = _round_up(max(output_yx), step)  # one tile covers the (padded) image
     if tile is None:
-        tile = min(_round_up(max(output_yx), step), _round_up(DEFAULT_TILE_MAX, step))
+        tile = min(whole, _round_up(DEFAULT_TILE_MAX, step))
     tile = _check_positive_int("tile", tile)
+    if tile > whole:
+        tile = whole
+        if overlap is not None and not isinstance(overlap, bool) and overlap >= tile:
+            overlap = None
     if tile % step:
         raise InputError(
             f"tile {tile} must be a multiple of {step} for this model (output-grid voxels); "
@@ -209,23 +227,22 @@ def _run_config(
 def measure_seconds_per_tile(
     enhancer, lattice: Lattice, *, steps: int, sampler: str, spacing: str | None = None
 ) -> float:
-    """Time one tile (all steps, one sample) on this process's enhancer."""
-    t = lattice.tile // lattice.xy_scale
-    cond = np.zeros((1, enhancer.in_slices, t, t), dtype=np.float32)
-    noise = np.random.default_rng(0).standard_normal(
-        (1, enhancer.out_slices, lattice.tile, lattice.tile), dtype=np.float32
-    )
-    shape = noise.shape
-    start = time.perf_counter()
-    enhancer.enhance(
-        cond,
-        noise,
-        sampler=sampler,
-        steps=steps,
-        step_noise=lambda i: np.zeros(shape, np.float32),
-        spacing=spacing,
-    )
-    return time.perf_counter() - start
+    """Estimated seconds of one tile (all steps, one sample) on this process's enhancer:
+    one sampler step (one network evaluation; one per in-between slice for index-embedding
+    models) is timed and multiplied by the sampler's evaluations, so a dry run stays cheap
+    whatever ``steps`` is. A step on the smallest tile first takes the one-time costs (device
+    context, thread pools) out of the timing. ``spacing`` does not change the cost."""
+
+    def one_step(side: int) -> float:
+        t = side // lattice.xy_scale
+        cond = np.zeros((1, enhancer.in_slices, t, t), np.float32)
+        noise = np.zeros((1, enhancer.out_slices, side, side), np.float32)
+        start = time.perf_counter()
+        enhancer.enhance(cond, noise, sampler="ddim", steps=1)  # deterministic: one evaluation
+        return time.perf_counter() - start
+
+    one_step(enhancer.multiple)
+    return one_step(lattice.tile) * network_evaluations(sampler, steps)
 
 
 def prepare(
@@ -253,25 +270,30 @@ def prepare(
     check_output: bool = True,
     task: str | None = None,
     scale_factor: int | None = None,
+    local: bool = True,
 ) -> tuple[RunSpec, dict, object]:
     """Validate everything and build the run's :class:`RunSpec` (nothing is written).
 
     Returns ``(spec, run_config, volume)``. ``task`` / ``scale_factor`` (when given) refuse a
-    checkpoint made for another task or factor.
+    checkpoint made for another task or factor. ``local``: the run computes on this machine,
+    so its device and the memory of a tile batch are checked here (a remote cluster's
+    workers are checked once connected). With ``normalize="model"``, an input whose sampled
+    intensities lie far from the model's training range logs one warning.
     """
-    from emdiffuse.models.checkpoints import load_checkpoint
+    from emdiffuse.models.checkpoints import check_expected, read_checkpoint
     from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output
 
     steps = _check_positive_int("steps", steps)
     samples = _check_positive_int("samples", samples)
     batch_size = _check_positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"seed must be an integer, got {seed!r}")
+    seed = check_seed(seed)
     spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
     if normalize not in ("model", "auto"):
         raise InputError(f"normalize must be 'model' or 'auto', got {normalize!r}")
     if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
         raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if local:
+        check_device(device)
 
     volume = open_volume(str(input), level=level, voxel_size=voxel_size)
     if volume.ndim not in (2, 3):
@@ -286,10 +308,14 @@ def prepare(
         raise InputError(f"output dtype {dtype} is not an integer or float type")
 
     model = str(model)
-    config, _ = load_checkpoint(model, expect_task=task, expect_scale_factor=scale_factor)
+    # one read: the config checked here and the hash recorded are of the same bytes
+    config, _, model_sha256 = read_checkpoint(model)
+    check_expected(config, expect_task=task, expect_scale_factor=scale_factor)
     _check_model_fits(volume, config)
     if check_output:
-        refuse_output(str(output), str(input), overwrite=overwrite, resume=resume)
+        refuse_output(
+            str(output), str(input), overwrite=overwrite, resume=resume, reads=[("model", model)]
+        )
     check_finite(volume)
 
     in_shape = tuple(volume.shape) if volume.ndim == 3 else (1, *volume.shape)
@@ -299,6 +325,8 @@ def prepare(
     tile, overlap = choose_tile(out_yx, multiple, k_xy, tile, overlap)
     lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale)
     out_chunks = _parse_chunks(chunks, lattice.output_shape, config.z_scale, volume.ndim)
+    if local:
+        check_tile_memory(config.unet, tile, min(batch_size, lattice.n_tiles), device)
 
     norm = (
         from_model(config) if normalize == "model" else sample_percentiles(volume.data, seed=seed)
@@ -309,6 +337,7 @@ def prepare(
         input_voxel_size=tuple(float(v) for v in volume.voxel_size),
         input_ndim=volume.ndim,
         checkpoint=os.path.abspath(model),
+        checkpoint_sha256=model_sha256,
         device=device,
         precision=precision,
         lattice=lattice,
@@ -326,7 +355,7 @@ def prepare(
     run_config = _run_config(
         volume=volume,
         level=level,
-        model_hash=record.file_sha256(model),
+        model_hash=spec.checkpoint_sha256,
         config=config,
         steps=steps,
         samples=samples,
@@ -340,6 +369,8 @@ def prepare(
         dtype=dtype,
         output_shape=lattice.output_shape,
     )
+    if normalize == "model":  # last: a warning, never followed by a refusal
+        warn_if_far_from_training_range(volume.data, norm, seed=seed)
     return spec, run_config, volume
 
 
@@ -351,9 +382,7 @@ def _create_outputs(
     axes = "zyx" if spec.input_ndim == 3 else "yx"
     shape = spec.lattice.output_shape if spec.input_ndim == 3 else spec.lattice.output_shape[1:]
     chunks = spec.chunks if spec.input_ndim == 3 else spec.chunks[1:]
-    if overwrite:
-        record.clear_record(spec.output_path)
-    create_image(
+    create_image(  # with overwrite: removes the earlier image, run record included
         spec.output_path,
         shape=shape,
         dtype=spec.dtype,
@@ -386,20 +415,26 @@ def _finalize(spec: RunSpec, voxel: tuple, translation: tuple) -> None:
         finalize_image(spec.uncertainty_path, voxel_size=voxel, axes=axes, translation=translation)
 
 
-def _make_client(workers: int | None, threads_per_worker: int | None, address: str | None):
-    """A Client: to ``address``, or a LocalCluster (one worker per GPU with GPU=1, else
+def _make_client(
+    workers: int | None,
+    threads_per_worker: int | None,
+    address: str | None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+):
+    """A Client: to ``address`` (InputError when it cannot be reached within
+    ``connect_timeout`` s), or a LocalCluster (one worker per GPU with GPU=1, else
     ``workers`` CPU worker processes). Returns ``(client, owned)``."""
     from distributed import Client, LocalCluster
 
     if address:
-        return Client(address), True
+        return connect(address, connect_timeout), True
     import torch
 
     if torch.cuda.is_available():
         kwargs = dict(n_workers=workers or torch.cuda.device_count(), resources={"GPU": 1})
     else:
         kwargs = dict(n_workers=workers or 2)
-    with _sigint_ignored_by_children(), warnings.catch_warnings():
+    with _stop_signals_ignored_by_children(), warnings.catch_warnings():
         # When 8787 is taken the dashboard moves to a free port; the printed link says where.
         warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
         cluster = LocalCluster(threads_per_worker=threads_per_worker or 1, processes=True, **kwargs)
@@ -407,18 +442,21 @@ def _make_client(workers: int | None, threads_per_worker: int | None, address: s
 
 
 @contextlib.contextmanager
-def _sigint_ignored_by_children():
-    """Start worker processes with SIGINT ignored (they inherit that), so a Ctrl-C in the
-    terminal reaches only this process, which stops the run and closes the cluster itself.
-    Only from the main thread (signals cannot be changed elsewhere, and arrive only there)."""
+def _stop_signals_ignored_by_children():
+    """Start worker processes with SIGINT and SIGTERM ignored (they inherit that), so a
+    Ctrl-C in the terminal or a SIGTERM to the process group (a cancelled SLURM job) stops
+    only this process, which stops the run and closes the cluster itself (its nannies end
+    the workers). Only from the main thread (signals cannot be changed elsewhere)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, signal.SIG_IGN) for s in stops]
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in zip(stops, previous, strict=True):
+            signal.signal(s, handler)
 
 
 def _drop_all_exit(record) -> bool:
@@ -491,6 +529,7 @@ def enhance(
     chunk_hook: Callable[[tuple], None] | None = None,
     task: str | None = None,
     scale_factor: int | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ):
     """Enhance ``input`` (OME-Zarr or TIFF) with checkpoint ``model`` into OME-Zarr ``output``.
 
@@ -508,11 +547,29 @@ def enhance(
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
     ``chunk_hook(index)`` is called at the start of every chunk task (instrumentation).
     ``task`` / ``scale_factor`` refuse a checkpoint made for another task or factor.
+    Everything is checked before the output is created: options, input, model, output
+    path, device, tile memory and, with ``scheduler`` an address, that the scheduler answers
+    within ``connect_timeout`` seconds.
     """
     from emdiffuse.pipeline.io import open_volume
 
     if resume and overwrite:
         raise InputError("pass either resume or overwrite, not both")
+    for name, value in (
+        ("workers (--workers)", workers),
+        ("threads per worker (--threads-per-worker)", threads_per_worker),
+    ):
+        if value is not None:
+            _check_positive_int(name, value)
+    remote = client is not None or scheduler not in (None, "threads")
+    if (
+        client is None
+        and remote
+        and not str(scheduler).startswith(("tcp://", "tls://", "ucx://", "inproc://"))
+    ):
+        raise InputError(
+            f"scheduler must be 'threads' or an address like tcp://host:8786, got {scheduler!r}"
+        )
     output = str(output)
     exists = Path(output).exists() if "://" not in output else False
     spec, run_config, volume = prepare(
@@ -539,6 +596,7 @@ def enhance(
         check_output=not dry_run,
         task=task,
         scale_factor=scale_factor,
+        local=not remote,
     )
     if chunk_hook is not None:
         spec = replace(spec, extra={**spec.extra, "chunk_hook": chunk_hook})
@@ -557,8 +615,8 @@ def enhance(
     todo = [c for c in all_chunks if tuple(c) not in done]
 
     if progress or dry_run:
-        if seconds_per_tile is None and todo:
-            enhancer = get_enhancer(spec.checkpoint, device, precision)
+        if seconds_per_tile is None and todo and device_problem(device) is None:
+            enhancer = get_enhancer(spec.checkpoint, device, precision, spec.checkpoint_sha256)
             seconds_per_tile = measure_seconds_per_tile(
                 enhancer, spec.lattice, steps=spec.steps, sampler=spec.sampler, spacing=spec.spacing
             )
@@ -572,24 +630,22 @@ def enhance(
         if dry_run:
             return plan
 
-    if (
-        client is None
-        and scheduler not in (None, "threads")
-        and not str(scheduler).startswith(("tcp://", "tls://", "ucx://", "inproc://"))
-    ):
-        raise InputError(
-            f"scheduler must be 'threads' or an address like tcp://host:8786, got {scheduler!r}"
-        )
-    if not resuming:
-        _create_outputs(spec, volume, voxel, translation, overwrite=overwrite or exists)
-        record.write_run_config(output, run_config)
-
-    owned = quieted = None
-    if client is None and scheduler != "threads":
-        client, _ = _make_client(workers, threads_per_worker, scheduler)
+    owned = quieted = damaged = None
+    if client is None and scheduler != "threads":  # connect (or start) before creating
+        client, _ = _make_client(workers, threads_per_worker, scheduler, connect_timeout)
         owned = client
-        if progress:
-            print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+    try:
+        if remote:
+            check_worker_devices(client, device)
+        if not resuming:
+            _create_outputs(spec, volume, voxel, translation, overwrite=overwrite or exists)
+            record.write_run_config(output, run_config)
+    except BaseException:
+        if owned is not None:
+            _close_owned(owned)
+        raise
+    if owned is not None and progress:
+        print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
     if client is not None:
         _drop_all_exit_logs()
     try:
@@ -605,22 +661,41 @@ def enhance(
         if client is not None:
             quieted = _quiet_shutdown(client, workers_too=owned is not None)
         raise
+    except InputError as error:  # the input proved unreadable mid-run (a damaged chunk)
+        damaged = error
+        if client is not None:  # one line: no shutdown chatter of workers stopped mid-task
+            quieted = _quiet_shutdown(client, workers_too=owned is not None)
     finally:
         if owned is not None:
-            cluster = getattr(owned, "cluster", None)
-            # Our own workers are shut down on purpose: a heartbeat racing the scheduler's
-            # exit must not print a worker traceback after a finished run.
-            with contextlib.suppress(Exception):
-                owned.run(_silence_distributed, logging.CRITICAL)
-            owned.close()
-            if cluster is not None:
-                cluster.close()
+            _close_owned(owned)
         if quieted is not None:
             _silence_distributed(quieted)
+    if damaged is not None:
+        # No task of ours still writes (threads joined, own cluster closed): an output this
+        # run created goes; one that outside workers may still write to, or a resumed one, stays.
+        if not resuming and "://" not in output and (client is None or owned is not None):
+            shutil.rmtree(output, ignore_errors=True)
+            raise damaged
+        raise InputError(
+            f"{damaged}; finished chunks are kept in {output}: repair the input, then rerun "
+            "with --resume"
+        ) from damaged
 
     _finalize(spec, voxel, translation)
     record.mark_complete(output)
     return open_volume(output).to_xarray()
+
+
+def _close_owned(owned) -> None:
+    """Close a client this run made, and its LocalCluster if it started one."""
+    cluster = getattr(owned, "cluster", None)
+    # Our own workers are shut down on purpose: a heartbeat racing the scheduler's
+    # exit must not print a worker traceback after a finished run.
+    with contextlib.suppress(Exception):
+        owned.run(_silence_distributed, logging.CRITICAL)
+    owned.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def _expected_workers(client, scheduler, workers) -> int:

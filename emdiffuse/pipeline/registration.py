@@ -267,7 +267,8 @@ def load_raft(weights: str | Path):
         raise InputError(
             f"RAFT weights {weights} not found; give a local .pth/.safetensors file, or use --method flow"
         )
-    key = str(path.resolve())
+    stat = path.stat()  # content identity, not the path: a file replaced in place is reloaded
+    key = f"{path.resolve()}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
     if key in _RAFT_CACHE:
         return _RAFT_CACHE[key]
     try:

@@ -20,6 +20,10 @@ Output directory::
     out/scalars.csv                        step, loss, lr, grad_norm, val_* , elapsed_s
     out/validation/step_00000100.png       cond | output | target
     out/settings.json                      the run's settings
+    out/.emdiffuse/output.json             marks the folder as an emdiffuse training run
+
+``--overwrite`` replaces only a training run emdiffuse wrote; nothing is written before the
+data, the model and the settings (the patch side included) are checked.
 """
 
 from __future__ import annotations
@@ -436,16 +440,27 @@ def save_validation_png(
 # --------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------
-def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory; choose another path")
-    if resume or not out.exists():
-        return
-    taken = (out / FINAL_NAME).exists() or latest_checkpoint(out) is not None
-    if taken and not overwrite:
+def _check_out(out: Path, sources: Sequence[Any], init, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``out`` that is not free for this run (see ``io.refuse_output``): it may be
+    new, an empty folder or, with --resume/--overwrite, a training run emdiffuse wrote; it
+    may not hold, equal or lie inside the training data or the --init model."""
+    from emdiffuse.pipeline.io import refuse_output
+
+    if resume and overwrite:
+        raise InputError("pass either --resume or --overwrite, not both")
+    reads = [("training data", s) for s in sources if isinstance(s, (str, os.PathLike))]
+    if init is not None:
+        reads.append(("--init model", init))
+    refuse_output(out, overwrite=overwrite, resume=resume, reads=reads, kind="train", name="--out")
+
+
+def _check_patch(s: TrainSettings, config) -> None:
+    """The patch side must suit the network (its downsampling) and the scale factor."""
+    multiple = math.lcm(config.unet.multiple, config.xy_scale)
+    if s.patch % multiple:
         raise InputError(
-            f"--out {out} already holds a training run; pass --resume to continue it, or "
-            "choose another directory"
+            f"--patch {s.patch} must be a multiple of {multiple} for this model; "
+            f"try --patch {-(-s.patch // multiple) * multiple}"
         )
 
 
@@ -529,11 +544,11 @@ def train(
     if s.objective == "regression":
         s.prediction, s.loss, s.val_steps = "x0", "l1", 1
     out = Path(out)
-    _check_out(out, resume, overwrite)
+    _check_out(out, sources, init, resume, overwrite)
 
     d = _setup_distributed("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        return _train(s, sources, out, resume, device, d, progress, normalization)
+        return _train(s, sources, out, resume, device, d, progress, normalization, overwrite)
     finally:
         if d.owns_group:
             import torch.distributed as dist
@@ -550,8 +565,10 @@ def _train(
     d: _Dist,
     progress: bool,
     normalization: dict[str, float] | None,
+    overwrite: bool = False,
 ) -> Path:
     from emdiffuse.models import diffusion
+    from emdiffuse.pipeline.io import make_output_folder
 
     dev = _resolve_device(device_name, d)
     # ---- state to resume from (read before anything is written) ----
@@ -585,6 +602,7 @@ def _train(
     dataset = build_dataset(s, sources, normalization=normalization, start_step=start)
     dataset.rank, dataset.world_size = d.rank, d.world
     config = build_config(s, dataset, init_config)
+    _check_patch(s, config)
     if init_config is not None:  # fine-tuning keeps the model's prediction target
         s.prediction = config.prediction
     schedule = diffusion.Schedule.from_dict(dict(config.schedule))
@@ -614,13 +632,13 @@ def _train(
 
         model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(s.to_json() + "\n")
-    scalars = _Scalars(out, start, d.main)
     val_batch = None
     if d.main and dataset.regions["val"]:
         val_batch = dataset.batch(range(s.val_batch), split="val")
+    if d.main:  # the first write: everything above is checked
+        make_output_folder(out, "train", replace=overwrite and not resume)
+        (out / "settings.json").write_text(s.to_json() + "\n")
+    scalars = _Scalars(out, start, d.main)
     amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
 
     from emdiffuse.pipeline.loader import make_loader

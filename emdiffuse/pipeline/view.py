@@ -1,9 +1,11 @@
 """Serve OME-Zarr outputs and the bundled neuroglancer client from one local, read-only HTTP server.
 
-The server answers GET and HEAD (plus CORS preflight OPTIONS; writes get 405), sends ``Access-Control-Allow-Origin: *``, and serves files
-that resolve (symlinks followed) inside one of the given roots or the client folder; anything
-else is a 404. Layer sources in the viewer state are ``zarr3://`` (or ``zarr://`` for Zarr v2)
-URLs pointing back at this server.
+The server answers GET and HEAD (OPTIONS names them; writes get 405) and serves files that
+resolve (symlinks followed) inside one of the given roots or the client folder; anything else
+is a 404. It grants no CORS access: the bundled client is served from the same origin, and a
+page from any other origin open in the same browser must not read the volumes or the run
+record (which holds the input's absolute path). Layer sources in the viewer state are
+``zarr3://`` (or ``zarr://`` for Zarr v2) URLs pointing back at this server.
 
 The bundled client is neuroglancer's Python-integration build: it must be loaded from
 ``/v/<token>/`` and listens for state on ``/events/<token>``. The server answers that event stream
@@ -238,7 +240,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(HTTPStatus.METHOD_NOT_ALLOWED)
         self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
         self.send_header("Allow", "GET, HEAD")
-        self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Content-Length", "0")
         self.send_header("Connection", "close")
         self.end_headers()
@@ -250,9 +251,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(HTTPStatus.NO_CONTENT)
         self.send_response(HTTPStatus.NO_CONTENT)
         self.send_header("Allow", "GET, HEAD")
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Methods", "GET, HEAD")
-        self.send_header("Access-Control-Allow-Headers", "*")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -305,7 +303,6 @@ class _Handler(BaseHTTPRequestHandler):
         if target is None:
             self._record(HTTPStatus.NOT_FOUND)
             self.send_response(HTTPStatus.NOT_FOUND)
-            self.send_header("Access-Control-Allow-Origin", "*")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -317,7 +314,6 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self._record(HTTPStatus.OK)
         self.send_response(HTTPStatus.OK)
-        self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")

@@ -17,6 +17,7 @@ one chunk (all its tiles, nothing shared).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -24,9 +25,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from emdiffuse.errors import InputError
 from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
 from emdiffuse.pipeline.blend import Accumulator, window_2d
 from emdiffuse.pipeline.lattice import Box, Lattice, Ownership, Tile, chunk_box
@@ -57,6 +60,7 @@ class RunSpec:
     sampler: str = DEFAULT_SAMPLER
     batch_size: int = 4
     spacing: str | None = None  # the sampler's step spacing (None: its default)
+    checkpoint_sha256: str | None = None  # the run record's hash: workers load exactly this
     extra: dict = field(default_factory=dict)
 
     @property
@@ -66,9 +70,12 @@ class RunSpec:
 
 # ---- per-process caches -------------------------------------------------------------------
 _LOCK = threading.RLock()
-_ENHANCERS: dict[tuple, object] = {}
-_INPUTS: dict[tuple, object] = {}
-_OUTPUTS: dict[str, object] = {}
+# Every cache is keyed on content identity (DESIGN.md, "Content, not paths"):
+# (sha256, device, precision) -> (path, Enhancer); input key -> (identity, opened input);
+# output path -> (metadata bytes, opened array).
+_ENHANCERS: dict[tuple, tuple[str, object]] = {}
+_INPUTS: dict[tuple, tuple[tuple, object]] = {}
+_OUTPUTS: dict[str, tuple[bytes, object]] = {}
 _THREADS_SET = False
 _TILES_RUN = [0]  # tiles this process has run through a network (all runs, all samples)
 
@@ -148,29 +155,110 @@ def tune_malloc() -> bool:
     return ok
 
 
-def get_enhancer(checkpoint: str, device: str = "cpu", precision: str = "auto"):
-    """The process's Enhancer for ``checkpoint`` on ``device`` (loaded on first use)."""
+def get_enhancer(
+    checkpoint: str, device: str = "cpu", precision: str = "auto", sha256: str | None = None
+):
+    """The process's Enhancer for ``checkpoint`` on ``device`` (loaded on first use).
+
+    Cached on the content's identity, the sha256 of the bytes loaded, never on the path: a
+    file replaced at the same path is loaded anew. ``sha256`` (the run record's hash) asks
+    for exactly that content: served from the cache if loaded before, else the file is read
+    and refused (InputError) if its bytes no longer hash to it.
+    """
     device = resolve_device(device)
-    key = (os.path.abspath(checkpoint), device, precision)
+    path = os.path.abspath(checkpoint)
     with _LOCK:
-        enhancer = _ENHANCERS.get(key)
-        if enhancer is None:
+        if sha256 is not None and (sha256, device, precision) in _ENHANCERS:
+            return _ENHANCERS[(sha256, device, precision)][1]
+        from emdiffuse.errors import InputError
+        from emdiffuse.models.checkpoints import read_checkpoint
+
+        config, state_dict, digest = read_checkpoint(path)
+        if sha256 is not None and digest != sha256:
+            raise InputError(
+                f"checkpoint {path} changed since the run started (its sha256 is now "
+                f"{digest[:12]}…, the run recorded {sha256[:12]}…); start a new run to use it"
+            )
+        key = (digest, device, precision)
+        if key not in _ENHANCERS:
             if device == "cpu":
                 _set_torch_threads()
             tune_malloc()
             from emdiffuse.models.enhancer import Enhancer
 
-            enhancer = Enhancer.load(checkpoint, device=device, precision=precision)
-            _ENHANCERS[key] = enhancer
-        return enhancer
+            enhancer = Enhancer.from_config(config, state_dict, device=device, precision=precision)
+            for old in [k for k, (p, _) in _ENHANCERS.items() if p == path]:
+                del _ENHANCERS[old]  # an older content of this path: free it
+            _ENHANCERS[key] = (path, enhancer)
+        return _ENHANCERS[key][1]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _metadata_bytes(location: str, names: Sequence[str]) -> bytes:
+    """The bytes of the metadata documents ``names`` under the Zarr folder or URL
+    ``location``, each followed by a NUL (absent ones count as empty)."""
+    parts = []
+    for name in names:
+        try:
+            if _is_url(location):
+                import fsspec
+
+                with fsspec.open(f"{location.rstrip('/')}/{name}", "rb") as handle:
+                    parts.append(handle.read())
+            else:
+                parts.append(Path(location.removeprefix("file://"), name).read_bytes())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            parts.append(b"")
+        parts.append(b"\0")
+    return b"".join(parts)
+
+
+_ZARR_META = ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata")
+
+
+def _level_path(group_metadata: bytes, level: int) -> str | None:
+    """The path of multiscale ``level`` named in a group's metadata documents, if any."""
+    import json
+
+    for document in group_metadata.split(b"\0"):
+        try:
+            attrs = json.loads(document)
+            attrs = attrs.get("attributes", attrs)
+            return str(attrs.get("ome", attrs)["multiscales"][0]["datasets"][level]["path"])
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            continue
+    return None
+
+
+def input_identity(path: str, level: int = 0) -> tuple:
+    """The identity of the input's content, as far as an opened input depends on it.
+
+    A file (TIFF): device, inode, size and modification time, so a file replaced or
+    rewritten at the same path differs. A Zarr: the bytes of the group's metadata and of
+    the level array's metadata (shape, chunks, codecs, scale); its chunks are read afresh
+    on every access, so the metadata is all that an opened array keeps.
+    """
+    local = None if _is_url(path) else Path(path.removeprefix("file://"))
+    if local is not None and local.is_file():
+        st = local.stat()
+        return ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    group = _metadata_bytes(path, _ZARR_META)
+    sub = _level_path(group, level)
+    array = b"" if sub is None else _metadata_bytes(f"{path.rstrip('/')}/{sub}", _ZARR_META)
+    return ("zarr", group, array)
 
 
 def _open_input(spec: RunSpec):
-    """The run's input ``(volume, backing zarr array or None)``, opened once per process."""
+    """The run's input ``(volume, backing zarr array or None)``, opened once per process
+    for each state of its content (:func:`input_identity`)."""
     key = (spec.input_path, spec.input_level, spec.input_voxel_size, spec.input_ndim)
+    identity = input_identity(spec.input_path, spec.input_level)
     with _LOCK:
-        entry = _INPUTS.get(key)
-        if entry is None:
+        cached = _INPUTS.get(key)
+        if cached is None or cached[0] != identity:
             from emdiffuse.pipeline.io import open_volume
 
             volume = open_volume(
@@ -179,9 +267,9 @@ def _open_input(spec: RunSpec):
                 voxel_size=spec.input_voxel_size,
                 ndim=spec.input_ndim,
             )
-            entry = (volume, backing_array(volume.data))
-            _INPUTS[key] = entry
-        return entry
+            cached = (identity, (volume, backing_array(volume.data)))
+            _INPUTS[key] = cached  # replaces the entry of an older content
+        return cached[1]
 
 
 def backing_array(data):
@@ -215,25 +303,43 @@ def read_input(spec: RunSpec, box: Box) -> np.ndarray:
     slices = tuple(slice(a, b) for a, b in box)
     if spec.input_ndim == 2:
         slices = slices[1:]
-    if backing is not None:
-        block = backing[slices]
-    else:
-        block = volume.data[slices]
-        if hasattr(block, "compute"):
-            block = block.compute(scheduler="sync")
+    try:  # a damaged chunk is an InputError naming it (the opened array checks every read)
+        if backing is not None:
+            block = backing[slices]
+        else:
+            block = volume.data[slices]
+            if hasattr(block, "compute"):
+                block = block.compute(scheduler="sync")
+    except InputError:
+        worker_log = logging.getLogger("distributed.worker")
+        if _drop_input_errors not in worker_log.filters:
+            worker_log.addFilter(_drop_input_errors)
+        raise
     block = np.asarray(block)
     return block[None] if spec.input_ndim == 2 else block
 
 
+def _drop_input_errors(record: logging.LogRecord) -> bool:
+    """Logging filter for Dask workers: no "Compute Failed" report of an InputError (the
+    client re-raises it and the CLI prints it on one line; the worker's copy is ~10 more)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    failed = str(record.msg).startswith("Compute Failed")
+    return not (failed and any(str(a).startswith("InputError(") for a in args))
+
+
 def _open_output(path: str):
+    """The output array ``path/0`` opened for writing, once per process for each state of
+    its metadata (an output overwritten at the same path with another shape or chunking is
+    opened anew)."""
+    identity = _metadata_bytes(f"{path}/0", _ZARR_META)
     with _LOCK:
-        array = _OUTPUTS.get(path)
-        if array is None:
+        cached = _OUTPUTS.get(path)
+        if cached is None or cached[0] != identity:
             import zarr
 
-            array = zarr.open_array(f"{path}/0", mode="r+")
-            _OUTPUTS[path] = array
-        return array
+            cached = (identity, zarr.open_array(f"{path}/0", mode="r+"))
+            _OUTPUTS[path] = cached
+        return cached[1]
 
 
 # ---- the pure core ------------------------------------------------------------------------
@@ -426,7 +532,9 @@ def produce_block(
         region = read_input(spec, read_box)
         cond_region = np.clip(spec.normalization.forward(region), -1.0, 1.0)
         if enhancer is None:
-            enhancer = get_enhancer(spec.checkpoint, spec.device, spec.precision)
+            enhancer = get_enhancer(
+                spec.checkpoint, spec.device, spec.precision, spec.checkpoint_sha256
+            )
         window = window_2d(lattice.tile, lattice.overlap)
         for sample in range(spec.samples):
             for batch, out in run_tiles(spec, enhancer, tiles, cond_region, read_box, sample):
@@ -519,7 +627,9 @@ def run_in_process(
         indices = list(iter_chunks(lattice.output_shape, spec.chunks))
     indices = [tuple(int(i) for i in index) for index in indices]
     if enhancer is None:
-        enhancer = get_enhancer(spec.checkpoint, spec.device, spec.precision)
+        enhancer = get_enhancer(
+            spec.checkpoint, spec.device, spec.precision, spec.checkpoint_sha256
+        )
     start = time.perf_counter()
     plan = block_plan(spec, indices)
     consumers: dict = {}
