@@ -37,9 +37,9 @@ def main() -> int:
     args = p.parse_args()
 
     import emdiffuse
-    from emdiffuse.pipeline import io, metrics
-    from emdiffuse.pipeline.demo import HELD_OUT_ORIGIN, SIZES, cache_dir, demo_model
-    from emdiffuse.pipeline.trainer import demo_pair
+    from emdiffuse import io, metrics
+    from emdiffuse.demo import HELD_OUT_ORIGIN, SIZES, cache_dir, demo_model
+    from emdiffuse.training.trainer import demo_pair
 
     model, reused = demo_model(args.minutes, cache=args.cache or cache_dir(), progress=False)
     noisy, clean = demo_pair(SIZES["small"], origin=HELD_OUT_ORIGIN, seed=0, noise_seed=101)

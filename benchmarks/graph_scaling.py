@@ -51,9 +51,9 @@ from pipeline_efficiency import (  # noqa: E402
     write_results,
 )
 
+from emdiffuse.models.normalization import Normalization  # noqa: E402
 from emdiffuse.pipeline.graph import build_graph, is_tile_task  # noqa: E402
 from emdiffuse.pipeline.lattice import Lattice, iter_chunks  # noqa: E402
-from emdiffuse.pipeline.normalize import Normalization  # noqa: E402
 from emdiffuse.pipeline.workers import RunSpec  # noqa: E402
 
 DEFAULT_CHUNKS = (4, 512, 512)
@@ -170,9 +170,9 @@ def measure_run(n_chunks: int, client, workers: int, work: Path) -> dict:
     import psutil
     from distributed import get_task_stream, wait
 
-    from emdiffuse.pipeline import resume as record
+    from emdiffuse.io import open_volume, write_image
+    from emdiffuse.pipeline import run_record as record
     from emdiffuse.pipeline.enhance import _create_outputs, _finalize, _output_geometry, prepare
-    from emdiffuse.pipeline.io import open_volume, write_image
     from emdiffuse.pipeline.lattice import chunk_box
 
     shape = (n_chunks // 100, 320, 320)

@@ -25,8 +25,8 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from emdiffuse.pipeline import trainer
-from emdiffuse.pipeline.loader import PatchDataset, make_loader
+from emdiffuse.training import trainer
+from emdiffuse.training.loader import PatchDataset, make_loader
 
 RESULTS = Path(__file__).parent / "results" / "loader_throughput.json"
 

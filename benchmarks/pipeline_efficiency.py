@@ -10,7 +10,7 @@ Writes ``benchmarks/results/<--name>.json`` and redraws ``pipeline_efficiency.pn
 
 Model: the ``tiny`` emdiffuse-n preset with *seeded random weights* (a network's cost does
 not depend on its weights; no training needed for a timing). Input: a synthetic EM volume
-(``emdiffuse.pipeline.synthetic``) with Poisson-Gaussian noise, uint8 OME-Zarr.
+(``emdiffuse.training.synthetic``) with Poisson-Gaussian noise, uint8 OME-Zarr.
 
 What is timed, in one process, each repeat (the order is reversed on odd repeats, so a
 drift of the machine's load does not favour one side):
@@ -122,9 +122,9 @@ def make_input(path: Path, shape: tuple[int, int, int], *, store_chunks=None) ->
     """A noisy synthetic EM volume (uint8 OME-Zarr, 8 nm voxels) of ``shape``."""
     import dask.array as da
 
-    from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise
-    from emdiffuse.pipeline.io import write_image
-    from emdiffuse.pipeline.synthetic import synthetic_volume
+    from emdiffuse.io import write_image
+    from emdiffuse.training.degrade import add_poisson_gaussian_noise
+    from emdiffuse.training.synthetic import synthetic_volume
 
     store_chunks = store_chunks or (1, min(shape[1], 512), min(shape[2], 512))
     clean = synthetic_volume(shape, seed=0, chunks=store_chunks)
@@ -188,10 +188,10 @@ def worker_cpu_seconds(client) -> float:
 # ---- the plain loop ---------------------------------------------------------------------------
 def plain_loop(spec, enhancer) -> tuple[np.ndarray, dict]:
     """Every lattice tile once, blended into one in-memory volume (raw units, uint8)."""
+    from emdiffuse.io import open_volume
+    from emdiffuse.models.normalization import to_dtype
     from emdiffuse.pipeline.blend import Accumulator, window_2d
-    from emdiffuse.pipeline.io import open_volume
     from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
-    from emdiffuse.pipeline.normalize import to_dtype
     from emdiffuse.pipeline.workers import _tile_condition
 
     t0 = time.perf_counter()
@@ -242,7 +242,7 @@ def _max_diff(out: Path, reference: np.ndarray) -> int:
 
 
 def _pyramid_seconds(out: Path) -> float:
-    from emdiffuse.pipeline.io import finalize_image
+    from emdiffuse.io import finalize_image
 
     t0 = time.perf_counter()
     finalize_image(out)

@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emdiffuse import metrics
 from emdiffuse.models import diffusion, samplers
 from emdiffuse.models.unet import UNet, UNetConfig
-from emdiffuse.pipeline import metrics
-from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
-from emdiffuse.pipeline.synthetic import synthetic_block
+from emdiffuse.training.degrade import add_poisson_gaussian_noise
+from emdiffuse.training.synthetic import synthetic_block
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = (1, 2, 4, 6, 8, 10, 16, 50, 1000)

@@ -27,11 +27,11 @@ GOAL_MB = 2048.0
 
 # --proxy: the same generation and degradation graph as `emdiffuse synth --task denoise`,
 # written with plain dask.array.to_zarr (level 0 only, no pyramid, no OME metadata); for
-# when emdiffuse.pipeline.io is not available. Recorded as such in the JSON.
+# when emdiffuse.io is not available. Recorded as such in the JSON.
 PROXY = """
 import sys, dask.array as da, numpy as np
-from emdiffuse.pipeline.synthetic import synthetic_volume
-from emdiffuse.pipeline.degrade import degrade_volume
+from emdiffuse.training.synthetic import synthetic_volume
+from emdiffuse.training.degrade import degrade_volume
 out, shape, chunks = sys.argv[1], eval(sys.argv[2]), eval(sys.argv[3])
 clean = synthetic_volume(shape, seed=0, chunks=chunks)
 (clean.clip(0, 1) * 255 + 0.5).astype(np.uint8).to_zarr(out + '/clean.zarr')
@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument(
         "--proxy",
         action="store_true",
-        help="measure the generation graph written with plain to_zarr (no emdiffuse.pipeline.io)",
+        help="measure the generation graph written with plain to_zarr (no emdiffuse.io)",
     )
     args = parser.parse_args()
 

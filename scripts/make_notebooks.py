@@ -23,8 +23,9 @@ import numpy as np
 from distributed import Client, LocalCluster
 
 import emdiffuse
-from emdiffuse.pipeline import {modules}
-from emdiffuse.pipeline.trainer import train
+from emdiffuse import io, metrics
+from emdiffuse.training import {modules}
+from emdiffuse.training.trainer import train
 
 SMALL = os.environ.get("EMDIFFUSE_SMALL", "1") == "1"
 WORK = Path(os.environ.get("EMDIFFUSE_WORKDIR") or tempfile.mkdtemp(prefix="emdiffuse-nb-"))
@@ -113,7 +114,7 @@ print("model:", model)""",
     },
     "isotropic_with_isotropic_data": {
         "title": "Isotropic reconstruction, trained on isotropic data (vEMDiffuse-i)",
-        "modules": "io, metrics, synthetic",
+        "modules": "synthetic",
         "intro": "An anisotropic volume (z step 4x the xy pixel) gets 4x more z-slices. The "
         "model learns from an isotropic volume (e.g. FIB-SEM of similar tissue): two slices k "
         "apart condition the k-1 slices between.",
@@ -137,7 +138,7 @@ print("model:", model)""",
     },
     "isotropic_without_isotropic_data": {
         "title": "Isotropic reconstruction without isotropic data (vEMDiffuse-a)",
-        "modules": "io, metrics, synthetic",
+        "modules": "synthetic",
         "intro": "No isotropic volume is needed: inside each xy plane, rows k pixels apart play "
         "the two bounding slices and the rows between are the targets (xy is isotropic, so y "
         "stands in for z). The model is trained on the anisotropic volume itself.",
@@ -174,7 +175,7 @@ def notebook(task: dict) -> nbformat.NotebookNode:
     cells = [
         new_markdown_cell(f"# {task['title']}\n\n{task['intro']}\n\nTiny settings by default "
                           "(`EMDIFFUSE_SMALL=1`) so the notebook runs on a laptop CPU in minutes."),
-        new_code_cell(SETUP.format(modules=task.get("modules", "degrade, io, metrics, synthetic"))),
+        new_code_cell(SETUP.format(modules=task.get("modules", "degrade, synthetic"))),
         new_markdown_cell("## Data\nSynthetic EM-like volumes with known ground truth."),
         new_code_cell(task["data"]),
         new_markdown_cell("## Train a tiny model\nA real training run, cut short by a time limit."),

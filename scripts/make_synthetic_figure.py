@@ -14,12 +14,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from emdiffuse.pipeline.degrade import (  # noqa: E402
+from emdiffuse.training.degrade import (  # noqa: E402
     add_poisson_gaussian_noise,
     blur_downsample_xy,
     subsample_z,
 )
-from emdiffuse.pipeline.synthetic import synthetic_block  # noqa: E402
+from emdiffuse.training.synthetic import synthetic_block  # noqa: E402
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ import torch
 import zarr
 
 from emdiffuse.cli import main
+from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline.io import write_image
 
 FAST = ["--steps", "1", "--tile", "16", "--overlap", "4", "--threads", "--quiet"]
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.normalization import Normalization, from_model, sample_percentiles, to_dtype
 from emdiffuse.pipeline.blend import Accumulator, window_1d, window_2d
 from emdiffuse.pipeline.noise import INITIAL_STEP, noise_key, tile_noise
-from emdiffuse.pipeline.normalize import Normalization, from_model, sample_percentiles, to_dtype
 
 
 @pytest.mark.parametrize("tile,overlap", [(16, 4), (32, 8), (8, 0), (9, 5), (64, 32)])

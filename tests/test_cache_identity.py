@@ -20,12 +20,12 @@ import tifffile
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline import resume as record
+from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.enhance import enhance
-from emdiffuse.pipeline.io import open_volume, write_image
 from emdiffuse.pipeline.workers import get_enhancer
 
 SHAPE = (3, 32, 32)

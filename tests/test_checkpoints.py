@@ -182,7 +182,7 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path, suffix, capsys):
     """A file of random bytes given as a model is "not a checkpoint", through the library
     and the CLI (one line, exit 2), never refused as "pickled objects … could run code"."""
     from emdiffuse.cli import main
-    from emdiffuse.pipeline.io import write_image
+    from emdiffuse.io import write_image
 
     junk = tmp_path / f"junk{suffix}"
     junk.write_bytes(np.random.default_rng(3).bytes(4096))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from emdiffuse.cli import main
+from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline.io import open_volume, write_image
 
 FAST = ["--steps", "2", "--tile", "16", "--overlap", "4", "--quiet"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from emdiffuse import io
 from emdiffuse.cli import main
-from emdiffuse.pipeline import io
-from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise, blur_downsample_xy, subsample_z
-from emdiffuse.pipeline.synthetic import synthetic_block
+from emdiffuse.training.degrade import add_poisson_gaussian_noise, blur_downsample_xy, subsample_z
+from emdiffuse.training.synthetic import synthetic_block
 
 SHAPE = (16, 48, 40)
 

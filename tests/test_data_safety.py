@@ -23,14 +23,14 @@ import zarr
 
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
+from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline import trainer
 from emdiffuse.pipeline.enhance import enhance
-from emdiffuse.pipeline.io import write_image
-from emdiffuse.pipeline.resume import read_run_config
+from emdiffuse.pipeline.run_record import read_run_config
+from emdiffuse.training import trainer
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 FAST = ["--steps", "1", "--tile", "16", "--overlap", "4", "--threads", "--quiet"]

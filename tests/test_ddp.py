@@ -9,7 +9,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from emdiffuse.models import diffusion
-from emdiffuse.pipeline import trainer
+from emdiffuse.training import trainer
 
 PER_RANK = 2
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from emdiffuse import io
 from emdiffuse.cli import main
-from emdiffuse.pipeline import io
-from emdiffuse.pipeline.demo import run_demo
+from emdiffuse.demo import run_demo
 
 
 @pytest.mark.slow

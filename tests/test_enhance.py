@@ -13,14 +13,14 @@ import pytest
 import zarr
 
 from emdiffuse.errors import InputError
+from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
 from emdiffuse.pipeline.enhance import enhance, prepare
-from emdiffuse.pipeline.io import open_volume, write_image
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.plan import Plan
-from emdiffuse.pipeline.resume import read_run_config
+from emdiffuse.pipeline.run_record import read_run_config
 from emdiffuse.pipeline.workers import get_enhancer, run_in_process
 
 RUN = dict(steps=2, tile=16, overlap=4, scheduler="threads", progress=False)

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
+from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline import resume as record
+from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.enhance import enhance, prepare
 from emdiffuse.pipeline.graph import cluster_has_gpus, cpu_count
-from emdiffuse.pipeline.io import open_volume, write_image
 from emdiffuse.pipeline.lattice import iter_chunks
 from emdiffuse.pipeline.plan import make_plan
 from emdiffuse.pipeline.workers import run_in_process

@@ -16,12 +16,12 @@ import pytest
 import tifffile
 import zarr
 
+from emdiffuse import io
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline import io
 
 FAST = ["--steps", "1", "--tile", "16", "--overlap", "4", "--quiet"]
 STACK = (np.random.default_rng(0).random((5, 32, 40)) * 255).astype(np.uint8)

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 import zarr
 
+from emdiffuse import io
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import io
 
 
 @pytest.fixture()

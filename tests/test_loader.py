@@ -6,10 +6,10 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
+from emdiffuse import io
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import io
-from emdiffuse.pipeline.augment import NONE
-from emdiffuse.pipeline.loader import PatchDataset, make_loader
+from emdiffuse.training.augment import NONE
+from emdiffuse.training.loader import PatchDataset, make_loader
 
 IDENT = {"low": 0.0, "high": 2.0}  # x = raw - 1: keeps coordinate codes exact in float32
 

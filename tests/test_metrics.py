@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
+from emdiffuse import metrics
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import metrics
 
 
 def _image(seed=0, shape=(64, 64)):

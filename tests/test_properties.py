@@ -25,11 +25,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emdiffuse.io import write_image
+from emdiffuse.models.normalization import Normalization
 from emdiffuse.pipeline.blend import Accumulator, window_1d, window_2d
-from emdiffuse.pipeline.io import write_image
 from emdiffuse.pipeline.lattice import Lattice, chunk_box, iter_chunks
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
-from emdiffuse.pipeline.normalize import Normalization
 from emdiffuse.pipeline.workers import RunSpec, run_in_process
 
 SETTINGS = settings(max_examples=40, deadline=None,

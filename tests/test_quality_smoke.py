@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import trainer
+from emdiffuse.training import trainer
 
 FAST = dict(
     size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=1000, val_batch=2,

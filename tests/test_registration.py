@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from emdiffuse import io
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import io
-from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise
-from emdiffuse.pipeline.registration import RegistrationReport, ncc, register_pair, warp_image
-from emdiffuse.pipeline.synthetic import synthetic_block
+from emdiffuse.training.degrade import add_poisson_gaussian_noise
+from emdiffuse.training.registration import RegistrationReport, ncc, register_pair, warp_image
+from emdiffuse.training.synthetic import synthetic_block
 
 N = 128
 PAD = 16

@@ -28,12 +28,12 @@ import pytest
 
 from emdiffuse.cli import EXIT_INTERRUPTED, EXIT_IO, EXIT_TERMINATED, main
 from emdiffuse.errors import InputError
+from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline import resume as record
+from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.enhance import enhance
-from emdiffuse.pipeline.io import write_image
 from emdiffuse.pipeline.lattice import iter_chunks
 
 # hooks defined here travel to the workers by value (they cannot import this module)

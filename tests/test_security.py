@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import load_checkpoint, save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline.io import write_image
-from emdiffuse.pipeline.view import serve
+from emdiffuse.viewer.server import serve
 
 REPO = Path(__file__).parents[1]
 
@@ -73,7 +73,7 @@ LOADERS = {
         "emdiffuse.models.reference", fromlist=["x"]
     ).read_reference_weights(p),
     "training state": lambda p: __import__(
-        "emdiffuse.pipeline.trainer", fromlist=["x"]
+        "emdiffuse.training.trainer", fromlist=["x"]
     )._load_state(Path(p)),
 }
 

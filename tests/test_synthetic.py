@@ -6,14 +6,14 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from emdiffuse.pipeline.degrade import (
+from emdiffuse.training.degrade import (
     add_poisson_gaussian_noise,
     blur_downsample_xy,
     degrade_volume,
     degraded_grid,
     subsample_z,
 )
-from emdiffuse.pipeline.synthetic import synthetic_block, synthetic_volume
+from emdiffuse.training.synthetic import synthetic_block, synthetic_volume
 
 SHAPE = (24, 96, 96)
 

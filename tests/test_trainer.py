@@ -13,8 +13,9 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
+from emdiffuse import io
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline import io, trainer
+from emdiffuse.training import trainer
 
 
 def _smooth(shape, seed):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline.io import write_image
-from emdiffuse.pipeline.synthetic import synthetic_block
-from emdiffuse.pipeline.view import serve, viewer_state
+from emdiffuse.io import write_image
+from emdiffuse.training.synthetic import synthetic_block
+from emdiffuse.viewer.server import serve, viewer_state
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from emdiffuse.pipeline.io import write_image
-from emdiffuse.pipeline.synthetic import synthetic_block
-from emdiffuse.pipeline.view import serve
+from emdiffuse.io import write_image
+from emdiffuse.training.synthetic import synthetic_block
+from emdiffuse.viewer.server import serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

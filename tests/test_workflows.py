@@ -10,11 +10,11 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline.io import open_volume, write_image
-from emdiffuse.pipeline.resume import read_run_config
+from emdiffuse.pipeline.run_record import read_run_config
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 

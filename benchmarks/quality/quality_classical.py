@@ -17,7 +17,7 @@ from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 from skimage.restoration import denoise_nl_means
 
-from emdiffuse.pipeline import metrics
+from emdiffuse import metrics
 
 GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
 NLM_H = (0.5, 0.7, 0.9, 1.1, 1.4, 1.8, 2.4)  # h as a multiple of the estimated noise sigma

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise, blur_downsample_xy
-from emdiffuse.pipeline.synthetic import synthetic_block
+from emdiffuse.training.degrade import add_poisson_gaussian_noise, blur_downsample_xy
+from emdiffuse.training.synthetic import synthetic_block
 
 VOXEL_NM = 8.0  # isotropic voxel of the synthetic volume
 WORLD_SEED = 0  # seed of the synthetic generator (one "world")

@@ -38,7 +38,7 @@ def peer_inputs(data: TaskData) -> dict[str, dict[str, Any]]:
         return {"n2v": {"x": noisy, "y": None, "predict": tests},
                 "care": {"x": noisy, "y": clean, "predict": tests}}  # fmt: skip
     if level.task == "super-resolve":
-        from emdiffuse.pipeline.degrade import blur_downsample_xy
+        from emdiffuse.training.degrade import blur_downsample_xy
 
         clean = data.train["clean"]
         x = bicubic_xy(blur_downsample_xy(clean, k), k)

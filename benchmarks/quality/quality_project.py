@@ -1,4 +1,4 @@
-"""The project's own path: models trained with ``emdiffuse.pipeline.trainer.train`` and test
+"""The project's own path: models trained with ``emdiffuse.training.trainer.train`` and test
 volumes enhanced with ``emdiffuse.enhance`` on OME-Zarr (default sampler and steps).
 
 Trained models are cached outside the repository, keyed on every setting that decides them,
@@ -18,8 +18,9 @@ import numpy as np
 from quality_data import VOXEL_NM, Level, Sizes, TaskData, settings_key
 
 import emdiffuse
-from emdiffuse.pipeline import io, trainer
+from emdiffuse import io
 from emdiffuse.pipeline.enhance import enhance
+from emdiffuse.training import trainer
 
 KINDS = ("diffusion", "regression", "diffusion-a")  # -a: vemdiffuse-a (anisotropic recipe)
 

@@ -185,13 +185,13 @@ def write_markdown(result: dict, path: Path, *, reading: Path | None = None) -> 
            f"`{result['enhance_defaults']['sampler']}` at {result['enhance_defaults']['steps']} "
            "steps, 1 sample and mean of 4; the regression UNet through the same call with "
            "`steps=1` (one network evaluation).",
-           f"- Data: synthetic EM (`emdiffuse.pipeline.synthetic`, seed {result['seeds']['world']}, "
+           f"- Data: synthetic EM (`emdiffuse.training.synthetic`, seed {result['seeds']['world']}, "
            f"{result['voxel_nm']:g} nm voxels). Training volume {result['sizes']['train_shape']} "
            f"at origin {result['origins']['train']}; test volumes at origin "
            f"{result['origins']['test']} (never seen in training), noise seeds train "
            f"{result['seeds']['train_noise']}, test {result['seeds']['test_noise']}; training "
            f"seed {result['seeds']['training']}, sampler seeds {result['seeds']['sampler']}.",
-           "- Degradations (`emdiffuse.pipeline.degrade`): Poisson-Gaussian noise at a dose; "
+           "- Degradations (`emdiffuse.training.degrade`): Poisson-Gaussian noise at a dose; "
            "Gaussian blur (FWHM k) + k×k block mean for super-resolution; for isotropic "
            "reconstruction every k-th thin slice of the isotropic volume (what vemdiffuse-i is "
            "trained on: slices z and z+k → the slices between), not slab averaging, whose "
@@ -199,7 +199,7 @@ def write_markdown(result: dict, path: Path, *, reading: Path | None = None) -> 
            "- Scores on the clean [0, 1] scale (data range 1), outputs unclipped; isotropic: "
            "only the slices between input slices. FRC: Fourier ring correlation summed over "
            "the scored slices, resolution = voxel / first frequency below 1/7.",
-           f"- Project training: `emdiffuse.pipeline.trainer.train`, the demo's tiny-CPU "
+           f"- Project training: `emdiffuse.training.trainer.train`, the demo's tiny-CPU "
            f"recipe {result['train_settings']}; the regression UNet is the same call with "
            "`objective=\"regression\"` (same network, data, steps; x0 prediction, L1 loss).",
            "- CAREamics runs in its own venv (`.venv-peers`) as a subprocess "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from quality_data import VOXEL_NM
 
-from emdiffuse.pipeline import metrics
+from emdiffuse import metrics
 
 FRC_THRESHOLD = 1.0 / 7.0
 RELIABILITY_BINS = 12

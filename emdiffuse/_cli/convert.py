@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output, write_image
+    from emdiffuse.io import check_finite, open_volume, refuse_output, write_image
 
     refuse_output(args.output, args.input, overwrite=args.overwrite, resumable=False)
     volume = open_volume(args.input, voxel_size=args.voxel_size)

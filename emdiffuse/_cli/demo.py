@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emdiffuse.pipeline.demo import run_demo
+    from emdiffuse.demo import run_demo
 
     report = run_demo(
         args.out, size=args.size, minutes=args.minutes, steps=args.steps, samples=args.samples,

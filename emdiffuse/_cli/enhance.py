@@ -195,7 +195,7 @@ def warnings_on_stderr() -> Iterator[None]:
 
 def _io_hint(output: str) -> str:
     """What to do after an I/O failure: resume if the run was recorded, else start over."""
-    from emdiffuse.pipeline.resume import read_run_config
+    from emdiffuse.pipeline.run_record import read_run_config
 
     try:
         recorded = "://" not in output and read_run_config(output) is not None

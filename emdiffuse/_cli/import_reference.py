@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _refuse_outputs(args: argparse.Namespace) -> None:
     """The checkpoint and the config written beside it may replace only a checkpoint that
     emdiffuse wrote (with --overwrite), never an input."""
+    from emdiffuse.io import refuse_output
     from emdiffuse.models.checkpoints import sidecar_path
-    from emdiffuse.pipeline.io import refuse_output
 
     reads = [("reference weights", args.network), ("reference config", args.config)]
     refuse_output(args.output, overwrite=args.overwrite, reads=reads, kind="checkpoint")

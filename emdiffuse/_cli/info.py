@@ -20,7 +20,7 @@ def _nm(voxel: Sequence[float | None]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emdiffuse.pipeline.io import describe
+    from emdiffuse.io import describe
 
     facts = describe(args.path)
     print(f"{facts['path']}")

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from emdiffuse.errors import InputError
-    from emdiffuse.pipeline.registration import register_volumes
+    from emdiffuse.training.registration import register_volumes
 
     if args.report_json is not None and not Path(args.report_json).parent.exists():
         raise InputError(

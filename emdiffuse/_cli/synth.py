@@ -114,14 +114,14 @@ def _check(args) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
                 f"shape {args.shape} is smaller than the factor {args.factor} in {where}; "
                 "give a larger --shape or a smaller --factor"
             )
-    from emdiffuse.pipeline.io import refuse_output
+    from emdiffuse.io import refuse_output
 
     refuse_output(args.output, overwrite=args.overwrite, kind="synth")
     return shape, chunks
 
 
 def _write(data, path: Path, *, voxel_size, translation, chunks) -> None:
-    from emdiffuse.pipeline import io
+    from emdiffuse import io
 
     kwargs = {"voxel_size": voxel_size, "chunks": chunks, "overwrite": False}
     if "translation" in inspect.signature(io.write_image).parameters:
@@ -132,9 +132,9 @@ def _write(data, path: Path, *, voxel_size, translation, chunks) -> None:
 def run(args: argparse.Namespace) -> int:
     shape, chunks = _check(args)
 
-    from emdiffuse.pipeline import io
-    from emdiffuse.pipeline.degrade import degrade_volume, degraded_grid
-    from emdiffuse.pipeline.synthetic import synthetic_volume
+    from emdiffuse import io
+    from emdiffuse.training.degrade import degrade_volume, degraded_grid
+    from emdiffuse.training.synthetic import synthetic_volume
 
     out = io.make_output_folder(args.output, "synth", replace=args.overwrite)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`emdiffuse train`: train a model on OME-Zarr / TIFF data (see emdiffuse.pipeline.trainer)."""
+"""`emdiffuse train`: train a model on OME-Zarr / TIFF data (see emdiffuse.training.trainer)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _voxel_size(text: str | None) -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emdiffuse.pipeline.trainer import train
+    from emdiffuse.training.trainer import train
 
     path = train(
         args.task,

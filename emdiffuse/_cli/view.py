@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
     import webbrowser
 
-    from emdiffuse.pipeline.view import serve
+    from emdiffuse.viewer.server import serve
 
     server, url = serve(args.paths, port=args.port, bind=args.bind)
     try:  # from here on a Ctrl-C, wherever it lands, stops the server cleanly

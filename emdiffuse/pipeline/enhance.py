@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.normalization import from_model, sample_percentiles
 from emdiffuse.models.sampler_names import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
@@ -43,10 +44,9 @@ from emdiffuse.models.sampler_names import (
     network_evaluations,
     resolve_spacing,
 )
-from emdiffuse.pipeline import resume as record
+from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import Lattice, iter_chunks
-from emdiffuse.pipeline.normalize import from_model, sample_percentiles
 from emdiffuse.pipeline.plan import Plan, make_plan
 from emdiffuse.pipeline.preflight import (
     CONNECT_TIMEOUT,
@@ -280,8 +280,8 @@ def prepare(
     workers are checked once connected). With ``normalize="model"``, an input whose sampled
     intensities lie far from the model's training range logs one warning.
     """
+    from emdiffuse.io import check_finite, open_volume, refuse_output
     from emdiffuse.models.checkpoints import check_expected, read_checkpoint
-    from emdiffuse.pipeline.io import check_finite, open_volume, refuse_output
 
     steps = _check_positive_int("steps", steps)
     samples = _check_positive_int("samples", samples)
@@ -377,7 +377,7 @@ def prepare(
 def _create_outputs(
     spec: RunSpec, volume, config_voxel: tuple, config_translation: tuple, overwrite: bool
 ):
-    from emdiffuse.pipeline.io import create_image
+    from emdiffuse.io import create_image
 
     axes = "zyx" if spec.input_ndim == 3 else "yx"
     shape = spec.lattice.output_shape if spec.input_ndim == 3 else spec.lattice.output_shape[1:]
@@ -407,7 +407,7 @@ def _create_outputs(
 
 
 def _finalize(spec: RunSpec, voxel: tuple, translation: tuple) -> None:
-    from emdiffuse.pipeline.io import finalize_image
+    from emdiffuse.io import finalize_image
 
     axes = "zyx" if spec.input_ndim == 3 else "yx"
     finalize_image(spec.output_path, voxel_size=voxel, axes=axes, translation=translation)
@@ -551,7 +551,7 @@ def enhance(
     path, device, tile memory and, with ``scheduler`` an address, that the scheduler answers
     within ``connect_timeout`` seconds.
     """
-    from emdiffuse.pipeline.io import open_volume
+    from emdiffuse.io import open_volume
 
     if resume and overwrite:
         raise InputError("pass either resume or overwrite, not both")

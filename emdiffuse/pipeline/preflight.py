@@ -142,7 +142,7 @@ def far_from_training_range(low: float, high: float, sample_low: float, sample_h
 def warn_if_far_from_training_range(data, model_norm, *, seed: int = 0) -> bool:
     """Sample ``data``'s percentiles (as ``normalize="auto"`` would) and log one warning when
     they are far from the model's training range ``model_norm``. Returns whether it warned."""
-    from emdiffuse.pipeline.normalize import PERCENTILES, sample_percentiles
+    from emdiffuse.models.normalization import PERCENTILES, sample_percentiles
 
     try:
         sample = sample_percentiles(data, seed=seed)

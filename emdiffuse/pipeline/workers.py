@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.normalization import Normalization, to_dtype
 from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
 from emdiffuse.pipeline.blend import Accumulator, window_2d
 from emdiffuse.pipeline.lattice import Box, Lattice, Ownership, Tile, chunk_box
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
-from emdiffuse.pipeline.normalize import Normalization, to_dtype
-from emdiffuse.pipeline.resume import mark_done
+from emdiffuse.pipeline.run_record import mark_done
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def _open_input(spec: RunSpec):
     with _LOCK:
         cached = _INPUTS.get(key)
         if cached is None or cached[0] != identity:
-            from emdiffuse.pipeline.io import open_volume
+            from emdiffuse.io import open_volume
 
             volume = open_volume(
                 spec.input_path,

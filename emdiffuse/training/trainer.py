@@ -212,7 +212,7 @@ def _split_data(data) -> list[Any]:
 
 
 def build_dataset(s: TrainSettings, sources: Sequence[Any], **kw) -> Any:
-    from emdiffuse.pipeline.loader import PatchDataset
+    from emdiffuse.training.loader import PatchDataset
 
     recipe = s.task
     return PatchDataset(
@@ -391,8 +391,8 @@ def validate(
     device: torch.device,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Few-step sampling of the fixed validation batch with the EMA weights."""
+    from emdiffuse import metrics
     from emdiffuse.models.enhancer import Enhancer
-    from emdiffuse.pipeline import metrics
 
     net = copy.deepcopy(ema_net)
     enhancer = Enhancer(config, net, device=device, precision="auto", channels_last=False)
@@ -444,7 +444,7 @@ def _check_out(out: Path, sources: Sequence[Any], init, resume: bool, overwrite:
     """Refuse an ``out`` that is not free for this run (see ``io.refuse_output``): it may be
     new, an empty folder or, with --resume/--overwrite, a training run emdiffuse wrote; it
     may not hold, equal or lie inside the training data or the --init model."""
-    from emdiffuse.pipeline.io import refuse_output
+    from emdiffuse.io import refuse_output
 
     if resume and overwrite:
         raise InputError("pass either --resume or --overwrite, not both")
@@ -567,8 +567,8 @@ def _train(
     normalization: dict[str, float] | None,
     overwrite: bool = False,
 ) -> Path:
+    from emdiffuse.io import make_output_folder
     from emdiffuse.models import diffusion
-    from emdiffuse.pipeline.io import make_output_folder
 
     dev = _resolve_device(device_name, d)
     # ---- state to resume from (read before anything is written) ----
@@ -641,7 +641,7 @@ def _train(
     scalars = _Scalars(out, start, d.main)
     amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    from emdiffuse.pipeline.loader import make_loader
+    from emdiffuse.training.loader import make_loader
 
     loader = iter(make_loader(dataset, workers=s.workers))
     bar = None
@@ -805,8 +805,8 @@ def demo_pair(
     noise_seed: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic (noisy, clean) pair of EM-like data, float32 raw units."""
-    from emdiffuse.pipeline.degrade import add_poisson_gaussian_noise
-    from emdiffuse.pipeline.synthetic import synthetic_block
+    from emdiffuse.training.degrade import add_poisson_gaussian_noise
+    from emdiffuse.training.synthetic import synthetic_block
 
     clean = np.asarray(synthetic_block(origin, shape, seed=seed), dtype=np.float32)
     noisy = add_poisson_gaussian_noise(clean, seed=noise_seed, **DEMO_NOISE)
@@ -825,8 +825,8 @@ def evaluate_denoiser(
 ) -> dict[str, float]:
     """PSNR/SSIM of the noisy input and of the enhanced output against ``clean`` (raw units,
     data range of ``clean``), slice by slice with whole-slice tiles."""
+    from emdiffuse import metrics
     from emdiffuse.models.enhancer import Enhancer, denormalize, normalize
-    from emdiffuse.pipeline import metrics
 
     enhancer = Enhancer.load(checkpoint, device=device, expect_task="denoise")
     m = enhancer.multiple

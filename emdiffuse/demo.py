@@ -26,7 +26,7 @@ def cache_dir() -> Path:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """A fresh demo folder: new, empty, or (with ``overwrite``) an earlier demo's, replaced.
     Anything else is refused (``io.refuse_output``)."""
-    from emdiffuse.pipeline import io
+    from emdiffuse import io
 
     io.refuse_output(out, overwrite=overwrite, kind="demo", name="--out")
     io.make_output_folder(out, "demo", replace=True)
@@ -34,7 +34,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
     """The demo denoiser: reused from ``cache`` when an earlier run trained it, else trained."""
-    from emdiffuse.pipeline.trainer import DEMO_NOISE, DEMO_SETTINGS, train_demo_denoiser
+    from emdiffuse.training.trainer import DEMO_NOISE, DEMO_SETTINGS, train_demo_denoiser
 
     key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE], sort_keys=True, default=str)
     folder = cache / f"demo-denoise-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -60,9 +60,9 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the denoising demo end to end; returns the metrics and the paths written."""
-    from emdiffuse.pipeline import io, metrics
+    from emdiffuse import io, metrics
     from emdiffuse.pipeline.enhance import enhance
-    from emdiffuse.pipeline.trainer import demo_pair
+    from emdiffuse.training.trainer import demo_pair
 
     if size not in SIZES and shape is None:
         raise InputError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")

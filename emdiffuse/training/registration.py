@@ -602,7 +602,7 @@ def register_volumes(
     import dask
     from dask import delayed
 
-    from emdiffuse.pipeline.io import (
+    from emdiffuse.io import (
         check_finite,
         create_image,
         finalize_image,

@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emdiffuse.errors import InputError
-from emdiffuse.pipeline.augment import NONE, Augment, augment_pair
+from emdiffuse.training.augment import NONE, Augment, augment_pair
 
 RECIPES = ("denoise", "super-resolve", "isotropic", "anisotropic")
 SPLITS = {"train": 1, "val": 2}
@@ -212,7 +212,7 @@ class SourceInfo:
 def _open(source, voxel_size) -> tuple[Any, tuple[float, ...] | None, str]:
     """``source`` -> (3D sliceable array, voxel size zyx nm or None, label)."""
     if isinstance(source, (str, os.PathLike)):
-        from emdiffuse.pipeline.io import open_volume
+        from emdiffuse.io import open_volume
 
         try:
             volume = open_volume(str(source), voxel_size=voxel_size)
@@ -254,7 +254,7 @@ def _open(source, voxel_size) -> tuple[Any, tuple[float, ...] | None, str]:
 class PatchDataset(IterableDataset):
     """Random training patches of one recipe; see the module docstring.
 
-    ``sources``: paths (OME-Zarr or TIFF), :class:`~emdiffuse.pipeline.io.Volume` objects or
+    ``sources``: paths (OME-Zarr or TIFF), :class:`~emdiffuse.io.Volume` objects or
     arrays (zyx or yx): ``(noisy, clean)`` for denoise, ``(low, high)`` or ``(high,)`` for
     super-resolve, ``(volume,)`` for isotropic / anisotropic. ``patch``: target patch (H, W)
     in voxels (an int for square). ``factor``: k. ``normalization``: ``{"low", "high"}`` raw
@@ -507,7 +507,7 @@ class PatchDataset(IterableDataset):
             cond = readers[0].read((z, y // k, x // k), (1, ph // k, pw // k))
             target = readers[1].read(origin, (1, ph, pw))
         elif self.recipe == "super-resolve":
-            from emdiffuse.pipeline.degrade import blur_downsample_xy
+            from emdiffuse.training.degrade import blur_downsample_xy
 
             region = readers[0].read(origin, (1, ph + 2 * m, pw + 2 * m)).astype(np.float32)
             low = np.asarray(blur_downsample_xy(region, k), dtype=np.float32)

@@ -1059,7 +1059,7 @@ def describe(path: str | Path) -> dict:
             facts["levels"].append(
                 {"level": i, "shape": tuple(level.data.shape), "voxel_size_nm": tuple(level.voxel)}
             )
-        from emdiffuse.pipeline.resume import RECORD_DIR
+        from emdiffuse.pipeline.run_record import RECORD_DIR
 
         with warnings.catch_warnings():
             # zarr warns about each folder that is not a Zarr node, our run record among them

@@ -1,0 +1,1 @@
+"""Training: chunked patch loader, augmentation, degradations, registration, trainer, synthetic EM."""
