@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT = ["dpmpp_2m@8", "dpmpp_2m_sde@10", "ddim@10", "dpmpp_2m@50", "ddpm@100"]
@@ -35,11 +36,12 @@ def main() -> int:
     p.add_argument("--samplers", nargs="+", default=DEFAULT, help="SAMPLER@STEPS")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    record = provenance()
 
     import emdiffuse
     from emdiffuse import io, metrics
     from emdiffuse.demo import HELD_OUT_ORIGIN, SIZES, cache_dir, demo_model
-    from emdiffuse.training.trainer import demo_pair
+    from emdiffuse.training.demo_model import demo_pair
 
     model, reused = demo_model(args.minutes, cache=args.cache or cache_dir(), progress=False)
     noisy, clean = demo_pair(SIZES["small"], origin=HELD_OUT_ORIGIN, seed=0, noise_seed=101)
@@ -68,7 +70,7 @@ def main() -> int:
     result = {
         "command": "python benchmarks/demo_samplers.py --samplers " + " ".join(args.samplers),
         "model": str(model), "model_reused": reused, "machine": platform.processor() or platform.machine(),
-        "noisy_psnr": noisy_scores["psnr"], "rows": rows,
+        "noisy_psnr": noisy_scores["psnr"], "rows": rows, "provenance": record,
     }  # fmt: skip
     md = [
         "# Samplers on the demo's 5-minute model",

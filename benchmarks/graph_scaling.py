@@ -36,25 +36,24 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_efficiency import (  # noqa: E402
+from common import (
     RESULTS,
     load_average,
     machine_info,
+    make_model,
     start_cluster,
+    start_record,
     stop_cluster,
     write_results,
 )
 
-from emdiffuse.models.normalization import Normalization  # noqa: E402
-from emdiffuse.pipeline.graph import build_graph, is_tile_task  # noqa: E402
-from emdiffuse.pipeline.lattice import Lattice, iter_chunks  # noqa: E402
-from emdiffuse.pipeline.workers import RunSpec  # noqa: E402
+from emdiffuse.models.normalization import Normalization
+from emdiffuse.pipeline.graph import build_graph, is_tile_task
+from emdiffuse.pipeline.lattice import Lattice, iter_chunks
+from emdiffuse.pipeline.settings import RunSettings, RunSpec
 
 DEFAULT_CHUNKS = (4, 512, 512)
 
@@ -65,19 +64,18 @@ def virtual_spec(n_chunks: int, *, tile: int = 256, overlap: int = 64) -> RunSpe
     cz, cy, cx = DEFAULT_CHUNKS
     shape = (cz * n_chunks // 100, 10 * cy, 10 * cx)
     return RunSpec(
+        settings=RunSettings(
+            device="cpu", precision="auto", tile=tile, overlap=overlap, chunks=DEFAULT_CHUNKS,
+            dtype="uint8", steps=8,
+        ),
         input_path="(virtual)",
         input_level=0,
         input_voxel_size=(8.0, 8.0, 8.0),
         input_ndim=3,
         checkpoint="(virtual)",
-        device="cpu",
-        precision="auto",
         lattice=Lattice(shape, tile, overlap),
-        chunks=DEFAULT_CHUNKS,
         output_path="(virtual)",
         normalization=Normalization(0.0, 255.0),
-        dtype="uint8",
-        steps=8,
     )
 
 
@@ -151,17 +149,8 @@ def map_overlap_graph(spec: RunSpec) -> dict:
 
 def micro_model(path: Path) -> str:
     """A real checkpoint of a micro UNet (4 channels, 3 levels, seeded random weights)."""
-    from emdiffuse.models.checkpoints import save_checkpoint
-    from emdiffuse.models.enhancer import Enhancer
-    from emdiffuse.models.variants import make_config
-
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 255.0})
-    unet = replace(
-        config.unet, base_channels=4, channel_mults=(1, 1, 1), num_res_blocks=1, norm_groups=4
-    )
-    config = replace(config, unet=unet)
-    save_checkpoint(path, Enhancer.from_config(config, seed=0).net.state_dict(), config)
-    return str(path)
+    unet = dict(base_channels=4, channel_mults=(1, 1, 1), num_res_blocks=1, norm_groups=4)
+    return make_model(path, unet=unet)
 
 
 def measure_run(n_chunks: int, client, workers: int, work: Path) -> dict:
@@ -172,8 +161,10 @@ def measure_run(n_chunks: int, client, workers: int, work: Path) -> dict:
 
     from emdiffuse.io import open_volume, write_image
     from emdiffuse.pipeline import run_record as record
-    from emdiffuse.pipeline.enhance import _create_outputs, _finalize, _output_geometry, prepare
     from emdiffuse.pipeline.lattice import chunk_box
+    from emdiffuse.pipeline.outputs import create_outputs, finalize_outputs
+    from emdiffuse.pipeline.prepare import prepare
+    from emdiffuse.pipeline.settings import Source
 
     shape = (n_chunks // 100, 320, 320)
     chunks = (1, 32, 32)
@@ -184,12 +175,12 @@ def measure_run(n_chunks: int, client, workers: int, work: Path) -> dict:
     model = micro_model(work / "micro.safetensors")
     out = work / f"out-{n_chunks}.zarr"
     t0 = time.perf_counter()
-    spec, run_config, volume = prepare(
-        inp, model, out, steps=1, tile=32, overlap=8, chunks=chunks, sampler="ddim"
-    )
-    geometry = _output_geometry(volume, spec.lattice)
-    _create_outputs(spec, volume, *geometry, overwrite=False)
-    record.write_run_config(out, run_config)
+    spec = prepare(
+        Source(inp, model), out,
+        RunSettings(steps=1, tile=32, overlap=8, chunks=chunks, sampler="ddim"),
+    )  # fmt: skip
+    create_outputs(spec, overwrite=False)
+    record.write_run_config(out, spec.record())
     t_prepare = time.perf_counter() - t0
     indices = list(iter_chunks(spec.lattice.output_shape, spec.chunks))
     t0 = time.perf_counter()
@@ -221,7 +212,7 @@ def measure_run(n_chunks: int, client, workers: int, work: Path) -> dict:
                 computed.add(task["key"])
     done = record.done_chunks(out)
     t0 = time.perf_counter()
-    _finalize(spec, *geometry)
+    finalize_outputs(spec)
     t_finalize = time.perf_counter() - t0
     written = open_volume(str(out)).data
     sample = indices[len(indices) // 2]
@@ -324,7 +315,8 @@ def main(argv=None) -> int:
     builds = [int(v) for v in args.build.split(",") if v]
     runs = [int(v) for v in args.run.split(",") if v]
 
-    info = machine_info()
+    record = start_record(__file__, argv)
+    info = machine_info(record)
     load_start = load_average()
     print(f"load average at start: {load_start}", file=sys.stderr)
     build_rows = []
@@ -370,6 +362,7 @@ def main(argv=None) -> int:
         "load_average_end": load_average(),
         "plot": str(png.relative_to(RESULTS.parent.parent)),
         **info,
+        "provenance": record,
     }
     path = write_results("graph_scaling", payload)
 

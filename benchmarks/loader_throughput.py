@@ -23,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from provenance import provenance
 from zarr.storage import LocalStore
 
-from emdiffuse.training import trainer
+from emdiffuse.training.build import build_config, build_net
 from emdiffuse.training.loader import PatchDataset, make_loader
+from emdiffuse.training.settings import TrainSettings
+from emdiffuse.training.step import train_step
 
 RESULTS = Path(__file__).parent / "results" / "loader_throughput.json"
 
@@ -60,18 +63,18 @@ def loader_rate(dataset: PatchDataset, workers: int, batches: int) -> float:
 def trainer_rate(dataset: PatchDataset, steps: int) -> float:
     from emdiffuse.models import diffusion
 
-    s = trainer.TrainSettings(task="denoise", data=[], batch_size=dataset.batch_size,
-                              patch=dataset.patch[0])  # fmt: skip
-    config = trainer.build_config(s, dataset)
-    net = trainer.build_net(config, 0)
+    s = TrainSettings(task="denoise", data=[], batch_size=dataset.batch_size,
+                      patch=dataset.patch[0])  # fmt: skip
+    config = build_config(s, dataset)
+    net = build_net(config, 0)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     schedule = diffusion.Schedule.from_dict(dict(config.schedule))
     batch = dataset.batch(range(dataset.batch_size))
     dev = torch.device("cpu")
-    trainer._step(net, net, opt, batch, schedule, config, s, dev, False)  # warm-up
+    train_step(net, net, opt, batch, schedule, config, s, dev, False)  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer._step(net, net, opt, batch, schedule, config, s, dev, False)
+        train_step(net, net, opt, batch, schedule, config, s, dev, False)
     dt = time.perf_counter() - t0
     return steps * dataset.batch_size / dt
 
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    record = provenance()
     torch.manual_seed(0)
     shape, chunks = (32, 512, 512), (8, 128, 128)
     rows = []
@@ -122,6 +126,7 @@ def main() -> None:
         "rows": rows,
         "loader_never_bottleneck": all(r["ratio_to_trainer"] >= 1 for r in rows),
         "command": "python benchmarks/loader_throughput.py",
+        "provenance": record,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -48,130 +48,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-RESULTS = Path(__file__).parent / "results"
-
-
-# ---- shared with pipeline_scaling.py and graph_scaling.py --------------------------------
-def machine_info() -> dict:
-    """Machine, versions and load, for the results file."""
-    import dask
-    import distributed
-    import torch
-    import zarr
-
-    import emdiffuse
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "emdiffuse": emdiffuse.__version__,
-        "git_commit": commit,
-        "torch": torch.__version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages (the machine is shared: noise)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def make_model(path: Path, *, seed: int = 0, size: str = "tiny") -> str:
-    """A denoiser checkpoint of the ``size`` preset with seeded random weights, for uint8."""
-    from emdiffuse.models.checkpoints import save_checkpoint
-    from emdiffuse.models.enhancer import Enhancer
-    from emdiffuse.models.variants import make_config
-
-    config = make_config("emdiffuse-n", size, normalization={"low": 0.0, "high": 255.0})
-    enhancer = Enhancer.from_config(config, seed=seed)
-    save_checkpoint(path, enhancer.net.state_dict(), config)
-    return str(path)
-
-
-def make_input(path: Path, shape: tuple[int, int, int], *, store_chunks=None) -> str:
-    """A noisy synthetic EM volume (uint8 OME-Zarr, 8 nm voxels) of ``shape``."""
-    import dask.array as da
-
-    from emdiffuse.io import write_image
-    from emdiffuse.training.degrade import add_poisson_gaussian_noise
-    from emdiffuse.training.synthetic import synthetic_volume
-
-    store_chunks = store_chunks or (1, min(shape[1], 512), min(shape[2], 512))
-    clean = synthetic_volume(shape, seed=0, chunks=store_chunks)
-
-    def noisy(block, block_info=None):
-        origin = tuple(lo for lo, _ in block_info[0]["array-location"])
-        image = add_poisson_gaussian_noise(block, dose=20.0, seed=1, origin=origin)
-        return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-
-    data = da.map_blocks(noisy, clean, dtype=np.uint8)
-    write_image(data, path, voxel_size=(8.0, 8.0, 8.0), chunks=store_chunks)
-    return str(path)
-
-
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    return path
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    return str(value)
-
-
-def start_cluster(workers: int, threads: int = 1):
-    """A LocalCluster of ``workers`` processes x ``threads`` threads and its Client."""
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        processes=True,
-        dashboard_address=None,
-    )
-    return cluster, Client(cluster)
-
-
-def stop_cluster(cluster, client) -> None:
-    client.close()
-    cluster.close()
+from common import (
+    RESULTS,
+    add_run_arguments,
+    load_average,
+    machine_info,
+    make_input,
+    make_model,
+    run_options,
+    start_cluster,
+    start_record,
+    stop_cluster,
+    write_results,
+)
 
 
 def worker_cpu_seconds(client) -> float:
@@ -190,9 +87,9 @@ def plain_loop(spec, enhancer) -> tuple[np.ndarray, dict]:
     """Every lattice tile once, blended into one in-memory volume (raw units, uint8)."""
     from emdiffuse.io import open_volume
     from emdiffuse.models.normalization import to_dtype
-    from emdiffuse.pipeline.blend import Accumulator, window_2d
+    from emdiffuse.pipeline.blend import add_weighted, finish_chunk, window_2d
     from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
-    from emdiffuse.pipeline.workers import _tile_condition
+    from emdiffuse.pipeline.tasks import tile_condition
 
     t0 = time.perf_counter()
     raw = np.asarray(open_volume(spec.input_path).data)
@@ -201,26 +98,29 @@ def plain_loop(spec, enhancer) -> tuple[np.ndarray, dict]:
     norm = spec.normalization
     full = tuple((0, n) for n in raw.shape)
     cond_all = np.clip(norm.forward(raw), -1.0, 1.0)
-    acc = Accumulator(tuple((0, n) for n in lattice.output_shape))
+    s = spec.settings
+    whole = tuple((0, n) for n in lattice.output_shape)
+    totals = np.zeros((1, *lattice.output_shape))
     window = window_2d(lattice.tile, lattice.overlap)
     tiles = list(lattice.all_tiles())
     T = lattice.tile
     shape = (lattice.tile_output_slices, T, T)
-    for start in range(0, len(tiles), spec.batch_size):
-        batch = tiles[start : start + spec.batch_size]
-        cond = np.stack([_tile_condition(lattice, t, cond_all, full) for t in batch])
+    for start in range(0, len(tiles), s.batch_size):
+        batch = tiles[start : start + s.batch_size]
+        cond = np.stack([tile_condition(lattice, t, cond_all, full) for t in batch])
         origins = [lattice.tile_origin(t) for t in batch]
-        noise = np.stack([tile_noise(spec.seed, 0, o, INITIAL_STEP, shape) for o in origins])
+        noise = np.stack([tile_noise(s.seed, 0, o, INITIAL_STEP, shape) for o in origins])
 
         def step_noise(step, origins=origins):
-            return np.stack([tile_noise(spec.seed, 0, o, step, shape) for o in origins])
+            return np.stack([tile_noise(s.seed, 0, o, step, shape) for o in origins])
 
         out = enhancer.enhance(
-            cond, noise, sampler=spec.sampler, steps=spec.steps, step_noise=step_noise
+            cond, noise, sampler=s.sampler, steps=s.steps, step_noise=step_noise
         )
         for tile, values in zip(batch, out, strict=True):
-            acc.add(lattice.tile_output_box(tile), values, window)
-    result = to_dtype(norm.inverse(np.nan_to_num(acc.result())), spec.dtype)
+            add_weighted(totals[0], whole, lattice.tile_output_box(tile), values, window)
+    mean, _ = finish_chunk(lattice, whole, totals, norm, raw, full)
+    result = to_dtype(mean, s.dtype)
     seconds = time.perf_counter() - t0
     return result, {"seconds": seconds, "read_seconds": t_read, "tiles": len(tiles)}
 
@@ -254,19 +154,20 @@ PIPELINE_MODES = ("run_in_process", "cluster_full", "cluster_cold", "cluster_war
 
 def warm_up(model: str, spec) -> None:
     """One batch through this process's enhancer (torch's first calls are slow)."""
-    from emdiffuse.pipeline.workers import get_enhancer
+    from emdiffuse.pipeline.runtime import get_enhancer
 
     enhancer = get_enhancer(model, "cpu")
     t = spec.lattice.tile
-    cond = np.zeros((spec.batch_size, 1, t, t), np.float32)
-    enhancer.enhance(cond, np.zeros_like(cond), sampler=spec.sampler, steps=1)
+    cond = np.zeros((spec.settings.batch_size, 1, t, t), np.float32)
+    enhancer.enhance(cond, np.zeros_like(cond), sampler=spec.settings.sampler, steps=1)
 
 
 def one_repeat(r: int, work: Path, inp: str, model: str, spec, run: dict, args) -> dict:
     """All modes once; returns seconds per mode and the checks."""
     import torch
 
-    from emdiffuse.pipeline.workers import get_enhancer, run_in_process
+    from emdiffuse.pipeline.inprocess import run_in_process
+    from emdiffuse.pipeline.runtime import get_enhancer
 
     row: dict = {"repeat": r, "load_before": load_average()}
     checks: dict = {}
@@ -400,13 +301,7 @@ def summarize(rows: list[dict], key: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="2,512,512")
-    parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--overlap", type=int, default=32)
-    parser.add_argument("--chunks", default="1,256,256")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser, chunks="1,256,256")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--with-run-in-process", action="store_true", help="also time the library's loop"
@@ -419,31 +314,25 @@ def main(argv=None) -> int:
     if args.plot_only:
         print(f"wrote {replot()}")
         return 0
+    record = start_record(__file__, argv)
     shape = tuple(int(v) for v in args.shape.split(","))
-    chunks = tuple(int(v) for v in args.chunks.split(","))
+    run = run_options(args)
 
-    from emdiffuse.pipeline.enhance import prepare
     from emdiffuse.pipeline.plan import make_plan
-    from emdiffuse.pipeline.workers import tune_malloc
+    from emdiffuse.pipeline.prepare import prepare
+    from emdiffuse.pipeline.runtime import tune_malloc
+    from emdiffuse.pipeline.settings import RunSettings, Source
 
     # The plain loop gets the same glibc malloc settings the pipeline's tasks use (they are
     # process-wide: without this, the loop would speed up after the first threaded run).
-    info = machine_info() | {"malloc_tuned_in_this_process": tune_malloc()}
+    info = machine_info(record) | {"malloc_tuned_in_this_process": tune_malloc()}
     load_start = load_average()
     print(f"load average at start: {load_start}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="emdiffuse-eff-"))
     try:
         model = make_model(work / "tiny.safetensors")
         inp = make_input(work / "in.ome.zarr", shape)
-        run = dict(
-            steps=args.steps,
-            tile=args.tile,
-            overlap=args.overlap,
-            chunks=chunks,
-            sampler=args.sampler,
-            batch_size=args.batch_size,
-        )
-        spec, _, _ = prepare(inp, model, work / "unused.zarr", **run)
+        spec = prepare(Source(inp, model), work / "unused.zarr", RunSettings(**run))
         plan = make_plan(
             spec.lattice, spec.chunks, steps=args.steps, samples=1, sampler=args.sampler
         )
@@ -478,7 +367,7 @@ def main(argv=None) -> int:
             "dtype": "uint8",
             "tile": args.tile,
             "overlap": args.overlap,
-            "chunks": chunks,
+            "chunks": run["chunks"],
             "steps": args.steps,
             "sampler": args.sampler,
             "batch_size": args.batch_size,
@@ -514,6 +403,7 @@ def main(argv=None) -> int:
         "load_average_end": load_average(),
         "rows": rows,
         **info,
+        "provenance": record,
     }
     path = write_results(args.name, payload)
     replot()

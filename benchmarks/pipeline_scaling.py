@@ -40,14 +40,16 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_efficiency import (  # noqa: E402
+from common import (
     RESULTS,
+    add_run_arguments,
     load_average,
     machine_info,
     make_input,
     make_model,
+    run_options,
     start_cluster,
+    start_record,
     stop_cluster,
     write_results,
 )
@@ -74,7 +76,7 @@ def _warm(checkpoint: str, tile: int, batch: int) -> int:
     import numpy as np
 
     import emdiffuse.pipeline.graph  # noqa: F401 - the task modules' imports
-    from emdiffuse.pipeline.workers import get_enhancer
+    from emdiffuse.pipeline.runtime import get_enhancer
 
     enhancer = get_enhancer(checkpoint, "auto")
     cond = np.zeros((batch, enhancer.in_slices, tile, tile), np.float32)
@@ -119,9 +121,12 @@ def child(args) -> int:
         stop.set()
         sampler.join()
         worker_hwm = client.run(vm_hwm_bytes)
-        from emdiffuse.pipeline.enhance import prepare
+        from emdiffuse.pipeline.prepare import prepare
+        from emdiffuse.pipeline.settings import RunSettings, Source
 
-        spec, _, _ = prepare(args.input, args.model, "unused.zarr", check_output=False, **run)
+        spec = prepare(
+            Source(args.input, args.model), "unused.zarr", RunSettings(**run), check_output=False
+        )
         plan = make_plan(
             spec.lattice, spec.chunks, steps=run["steps"], samples=1, sampler=run["sampler"]
         )
@@ -191,13 +196,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="2,384,384")
     parser.add_argument("--factors", default="1,4,16")
-    parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--overlap", type=int, default=32)
-    parser.add_argument("--chunks", default="2,256,256")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser, chunks="2,256,256")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -207,18 +206,11 @@ def main(argv=None) -> int:
     if args.child:
         return child(args)
 
+    record = start_record(__file__, argv)
     base = tuple(int(v) for v in args.base.split(","))
     factors = [int(v) for v in args.factors.split(",")]
-    chunks = [int(v) for v in args.chunks.split(",")]
-    run = dict(
-        steps=args.steps,
-        tile=args.tile,
-        overlap=args.overlap,
-        chunks=chunks,
-        sampler=args.sampler,
-        batch_size=args.batch_size,
-    )
-    info = machine_info()
+    run = run_options(args)
+    info = machine_info(record)
     load_start = load_average()
     print(f"load average at start: {load_start}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="emdiffuse-scaling-"))
@@ -288,6 +280,7 @@ def main(argv=None) -> int:
         "load_average_end": load_average(),
         "plot": str(png.relative_to(RESULTS.parent.parent)),
         **info,
+        "provenance": record,
     }
     path = write_results("pipeline_scaling", payload)
     mib = 2**20

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 RESULTS = Path(__file__).parent / "results" / "synth_memory.json"
 GOAL_MB = 2048.0
 
@@ -69,6 +71,7 @@ def main() -> int:
         help="measure the generation graph written with plain to_zarr (no emdiffuse.io)",
     )
     args = parser.parse_args()
+    record = provenance()
 
     if not Path("/usr/bin/time").exists():
         print("/usr/bin/time is missing: install it with `apt-get install time`", file=sys.stderr)
@@ -138,6 +141,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "provenance": record,
     }
     rows = [
         ("shape", "x".join(map(str, shape)) + f" {args.dtype} ({args.task})"),

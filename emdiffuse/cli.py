@@ -4,6 +4,10 @@ Each subcommand lives in `emdiffuse/_cli/<name>.py` with `HELP`, `add_arguments(
 `run(args) -> int` (and optionally `IO_ERROR_HINT`, what to do after an I/O failure, and
 `INTERRUPTED`, what to say after Ctrl-C).
 
+What the library logs (the ``emdiffuse`` loggers) is shown on stderr: notes as plain lines,
+warnings as ``emdiffuse COMMAND: warning: ...``; ``--log-level`` chooses how much (default
+info). ``python -m emdiffuse`` is the same command.
+
 Exit codes, each failure reported on one line of stderr without a traceback:
 
 - 0: done.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import signal
 import sys
 import threading
@@ -55,6 +60,8 @@ COMMANDS = {
     "import-reference": "import_reference",
     "view": "view",
 }
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
 
 
 class Terminated(KeyboardInterrupt):
@@ -78,6 +85,53 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class StderrLines(logging.Handler):
+    """The library's log records on the current ``sys.stderr``: notes (info) as plain lines,
+    anything else as ``<prefix><level>: <message>`` (e.g. ``emdiffuse enhance: warning: ...``)."""
+
+    def __init__(self, prefix: str, level: int = logging.NOTSET):
+        super().__init__(level)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno != logging.INFO:
+                message = f"{self.prefix}{record.levelname.lower()}: {message}"
+            print(message, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def log_to_stderr(level: str = DEFAULT_LOG_LEVEL, prefix: str = "emdiffuse: ") -> Iterator[None]:
+    """Within the block, the ``emdiffuse`` loggers' records at ``level`` and above are shown
+    on stderr (:class:`StderrLines`), and only there."""
+    logger = logging.getLogger("emdiffuse")
+    handler = StderrLines(prefix)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level.upper()))
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """The ``--log-level`` option (the command's and the workflow scripts')."""
+    parser.add_argument(
+        "--log-level",
+        default=DEFAULT_LOG_LEVEL,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help=f"how much to say on stderr: {', '.join(LOG_LEVELS)} (default {DEFAULT_LOG_LEVEL})",
+    )
 
 
 def _available_commands() -> dict[str, object]:
@@ -108,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"emdiffuse {__version__}")
+    add_log_level(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _available_commands().items():
         command_parser = sub.add_parser(
@@ -144,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), log_to_stderr(args.log_level, f"emdiffuse {args.command}: "):
             return int(args._run(args) or 0)
     except InputError as error:
         message = " ".join(str(error).split())  # always one line

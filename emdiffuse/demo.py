@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from emdiffuse import __version__
+from emdiffuse import __version__, io, metrics
 from emdiffuse.errors import InputError
 from emdiffuse.models.sampler_names import DEFAULT_STEPS
+from emdiffuse.pipeline.enhance import enhance
+from emdiffuse.training.demo_model import demo_pair, train_demo_denoiser
+from emdiffuse.training.settings import DEMO_NOISE, DEMO_SETTINGS
 
 SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
 HELD_OUT_ORIGIN = (10_000, 5_000, 5_000)  # far from the training region (origin 0)
@@ -26,16 +29,12 @@ def cache_dir() -> Path:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """A fresh demo folder: new, empty, or (with ``overwrite``) an earlier demo's, replaced.
     Anything else is refused (``io.refuse_output``)."""
-    from emdiffuse import io
-
     io.refuse_output(out, overwrite=overwrite, kind="demo", name="--out")
     io.make_output_folder(out, "demo", replace=True)
 
 
 def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
     """The demo denoiser: reused from ``cache`` when an earlier run trained it, else trained."""
-    from emdiffuse.training.trainer import DEMO_NOISE, DEMO_SETTINGS, train_demo_denoiser
-
     key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE], sort_keys=True, default=str)
     folder = cache / f"demo-denoise-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     model = folder / "model.safetensors"
@@ -60,10 +59,6 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the denoising demo end to end; returns the metrics and the paths written."""
-    from emdiffuse import io, metrics
-    from emdiffuse.pipeline.enhance import enhance
-    from emdiffuse.training.trainer import demo_pair
-
     if size not in SIZES and shape is None:
         raise InputError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")
     out = Path(out)
@@ -111,6 +106,8 @@ def run_demo(
 
 def save_figure(path: Path, clean, noisy, enhanced, uncertainty=None) -> Path:
     """clean | noisy | enhanced | uncertainty of the middle slice, side by side."""
+    # imported here: selecting the Agg backend on import would change the caller's (a
+    # notebook importing this module), and matplotlib takes ~1 s to load
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from skimage.metrics import structural_similarity
 
 from emdiffuse.errors import InputError
 
@@ -44,8 +45,6 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0
 
     Stacks (``ndim > 2``) are scored image by image over the last two axes and averaged.
     """
-    from skimage.metrics import structural_similarity
-
     a, b = _pair(estimate, reference)
     if a.ndim < 2:
         raise InputError(f"ssim: need images (…, y, x), got shape {a.shape}")
@@ -168,7 +167,7 @@ def calibration(
     ``mean ± k·std``; 0.954 would be Gaussian-calibrated for k = 2), ``mean_std`` and
     ``rmse``.
     """
-    from scipy import stats
+    from scipy import stats  # lazy: scipy.stats takes about a second to import; only here
 
     m, t = _pair(mean, truth)
     s, _ = _pair(std, truth)

@@ -2,7 +2,8 @@
 
 Each notebook runs top to bottom on a CPU in a few minutes with tiny settings
 (EMDIFFUSE_SMALL=1, the default): synthetic data, a short training run, enhancement on a
-LocalCluster (the dashboard link is printed), pictures inline and PSNR/SSIM against the truth.
+LocalCluster (the dashboard link is printed and the run's plan logged), pictures inline and
+PSNR/SSIM against the truth.
 Set EMDIFFUSE_SMALL=0 for bigger volumes and longer training.
 """
 
@@ -14,6 +15,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 SETUP = """\
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +28,10 @@ import emdiffuse
 from emdiffuse import io, metrics
 from emdiffuse.training import {modules}
 from emdiffuse.training.trainer import train
+
+# emdiffuse logs what a run does (its plan, warnings): show it here as plain lines
+logging.basicConfig(format="%(message)s")
+logging.getLogger("emdiffuse").setLevel(logging.INFO)
 
 SMALL = os.environ.get("EMDIFFUSE_SMALL", "1") == "1"
 WORK = Path(os.environ.get("EMDIFFUSE_WORKDIR") or tempfile.mkdtemp(prefix="emdiffuse-nb-"))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
+from reference_blend import Accumulator
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.normalization import Normalization, from_model, sample_percentiles, to_dtype
-from emdiffuse.pipeline.blend import Accumulator, window_1d, window_2d
+from emdiffuse.models.normalization import Normalization, from_model, to_dtype
+from emdiffuse.pipeline.blend import window_1d, window_2d
+from emdiffuse.pipeline.intensity import sample_percentiles
 from emdiffuse.pipeline.noise import INITIAL_STEP, noise_key, tile_noise
 
 

@@ -26,7 +26,7 @@ from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
 from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.enhance import enhance
-from emdiffuse.pipeline.workers import get_enhancer
+from emdiffuse.pipeline.runtime import get_enhancer
 
 SHAPE = (3, 32, 32)
 SETTINGS = dict(steps=2, tile=16, overlap=4, chunks=(1, 16, 16), dtype="float32")

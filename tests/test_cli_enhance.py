@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -132,6 +133,20 @@ def test_dry_run_prints_plan_only(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tiles:" in err and "estimated time" in err
     assert not out.exists()
+
+
+def test_log_level_warning_hides_the_plan(files, tmp_path, capsys):
+    """The plan is a note on the emdiffuse logger: shown at the default --log-level info,
+    not at warning; the library's handler is gone once the command returns."""
+    argv = ["enhance", files["in"], str(tmp_path / "dry.zarr"), "--model", files["emdiffuse-n"],
+            "--dry-run", "--steps", "3", "--tile", "16", "--overlap", "4"]  # fmt: skip
+    assert main(["--log-level", "warning", *argv]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["--log-level", "info", *argv]) == 0
+    assert "network evaluations" in capsys.readouterr().err
+    logger = logging.getLogger("emdiffuse")
+    assert logger.level == logging.NOTSET and logger.propagate
+    assert all(isinstance(h, logging.NullHandler) for h in logger.handlers)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import zarr
 from zarr.storage import LocalStore
 
 from emdiffuse.models import diffusion
-from emdiffuse.training import trainer
+from emdiffuse.training.build import build_config, build_dataset, build_net
+from emdiffuse.training.settings import TrainSettings
+from emdiffuse.training.step import keyed_noise, training_loss
 
 PER_RANK = 2
 
@@ -35,17 +37,17 @@ def _sources(paths):
 
 def _gradients(paths, batch_size, rank, world, model_wrap=None):
     """One training step's gradients (sum of per-sample keys as the trainer draws them)."""
-    s = trainer.TrainSettings(task="denoise", data=[], batch_size=batch_size, patch=16,
-                              region=32, seed=7)  # fmt: skip
-    ds = trainer.build_dataset(s, _sources(paths), rank=rank, world_size=world)
-    config = trainer.build_config(s, ds)
-    net = trainer.build_net(config, seed=7)
+    s = TrainSettings(task="denoise", data=[], batch_size=batch_size, patch=16,
+                      region=32, seed=7)  # fmt: skip
+    ds = build_dataset(s, _sources(paths), rank=rank, world_size=world)
+    config = build_config(s, ds)
+    net = build_net(config, seed=7)
     model = model_wrap(net) if model_wrap else net
     schedule = diffusion.Schedule.from_dict(dict(config.schedule))
     batch = ds.batch(ds.keys_for_step(0))
-    noise, u = trainer.keyed_noise(batch["key"].tolist(), batch["target"].shape[1:], s.seed)
-    loss = trainer.training_loss(model, batch["cond"], batch["target"], schedule,
-                                 config.prediction, config.loss, noise, u)  # fmt: skip
+    noise, u = keyed_noise(batch["key"].tolist(), batch["target"].shape[1:], s.seed)
+    loss = training_loss(model, batch["cond"], batch["target"], schedule,
+                         config.prediction, config.loss, noise, u)  # fmt: skip
     loss.backward()
     return {n: p.grad.detach().clone() for n, p in net.named_parameters()}, batch["key"].tolist()
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from emdiffuse.errors import InputError
 from emdiffuse.models import diffusion
-from emdiffuse.models.diffusion import EMA, Schedule
+from emdiffuse.models.diffusion import Schedule
+from emdiffuse.models.ema import EMA
 
 
 class TinyNet(nn.Module):

@@ -17,11 +17,14 @@ from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
-from emdiffuse.pipeline.enhance import enhance, prepare
+from emdiffuse.pipeline.enhance import enhance
+from emdiffuse.pipeline.inprocess import run_in_process
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.plan import Plan
+from emdiffuse.pipeline.prepare import prepare
 from emdiffuse.pipeline.run_record import read_run_config
-from emdiffuse.pipeline.workers import get_enhancer, run_in_process
+from emdiffuse.pipeline.runtime import get_enhancer
+from emdiffuse.pipeline.settings import RunSettings, Source
 
 RUN = dict(steps=2, tile=16, overlap=4, scheduler="threads", progress=False)
 
@@ -152,8 +155,8 @@ SMOOTH = dict(RUN, sampler="ddim", tile=16, overlap=8, dtype="float32")
 def test_no_seams_at_chunk_borders(models, volumes, tmp_path):
     from dataclasses import replace
 
+    from emdiffuse.pipeline.inprocess import compute_chunk
     from emdiffuse.pipeline.lattice import Lattice
-    from emdiffuse.pipeline.workers import compute_chunk
 
     chunks = (1, 12, 16)
     inp, model = volumes["3d"], models["smooth"]
@@ -164,15 +167,17 @@ def test_no_seams_at_chunk_borders(models, volumes, tmp_path):
     ours = max(_border_ratio(chunked, chunks[1], 1), _border_ratio(chunked, chunks[2], 2))
     assert ours < 1.5
     # the statistic does see a seam: enhance each chunk as a volume of its own
-    spec, _, _ = prepare(inp, model, tmp_path / "x.zarr", steps=2, tile=16, overlap=8)
-    spec = replace(spec, sampler="ddim")
+    spec = prepare(Source(inp, model), tmp_path / "x.zarr", RunSettings(steps=2, tile=16, overlap=8))
+    spec = replace(spec, settings=replace(spec.settings, sampler="ddim"))
     enhancer = get_enhancer(model, "cpu")
     raw = np.asarray(open_volume(inp).data)
     naive = np.empty_like(whole)
     for index in iter_chunks(whole.shape, chunks):
         sl = tuple(slice(a, b) for a, b in chunk_box(index, whole.shape, chunks))
         piece = raw[sl]
-        local = replace(spec, lattice=Lattice(piece.shape, 16, 8), chunks=piece.shape)
+        local = replace(
+            spec, lattice=Lattice(piece.shape, 16, 8), settings=replace(spec.settings, chunks=piece.shape)
+        )
         read = tuple((0, n) for n in piece.shape)
         naive[sl] = compute_chunk(local, (0, 0, 0), enhancer, piece, read)[0]
     naive_ratio = max(_border_ratio(naive, chunks[1], 1), _border_ratio(naive, chunks[2], 2))
@@ -318,15 +323,10 @@ def test_in_process_loop_matches_pipeline(models, volumes, tmp_path):
             **RUN,
         )
     )
-    spec, _, _ = prepare(
-        volumes["3d"],
-        models["n"],
+    spec = prepare(
+        Source(volumes["3d"], models["n"]),
         tmp_path / "q.zarr",
-        steps=2,
-        tile=16,
-        overlap=4,
-        chunks=(1, 20, 44),
-        dtype="float32",
+        RunSettings(steps=2, tile=16, overlap=4, chunks=(1, 20, 44), dtype="float32"),
     )
     result = np.empty_like(out)
 

@@ -25,11 +25,13 @@ from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.variants import make_config
 from emdiffuse.pipeline import run_record as record
-from emdiffuse.pipeline.enhance import enhance, prepare
+from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.graph import cluster_has_gpus, cpu_count
+from emdiffuse.pipeline.inprocess import run_in_process
 from emdiffuse.pipeline.lattice import iter_chunks
 from emdiffuse.pipeline.plan import make_plan
-from emdiffuse.pipeline.workers import run_in_process
+from emdiffuse.pipeline.prepare import prepare
+from emdiffuse.pipeline.settings import RunSettings, Source
 
 # the hook below travels to the workers by value (they cannot import this test module)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -73,15 +75,15 @@ def test_two_workers_equal_one(client, inputs, tmp_path):
     assert np.abs(np.asarray(out) - reference).max() < 1e-4
     # the client's workers really ran the tasks: each loaded the model once
     loaded = client.run(
-        lambda: len(__import__("emdiffuse.pipeline.workers").pipeline.workers._ENHANCERS)
+        lambda: len(__import__("emdiffuse.pipeline.runtime").pipeline.runtime._ENHANCERS)
     )
     assert sum(loaded.values()) >= 1 and max(loaded.values()) == 1
 
 
 def _malloc_state():
-    from emdiffuse.pipeline import workers
+    from emdiffuse.pipeline import runtime
 
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), workers._MALLOC_TUNED[0]
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), runtime._MALLOC_TUNED[0]
 
 
 def test_workers_that_load_a_model_keep_buffers_in_the_heap(client, inputs, tmp_path):
@@ -93,12 +95,12 @@ def test_workers_that_load_a_model_keep_buffers_in_the_heap(client, inputs, tmp_
     states = client.run(_malloc_state)
     assert all(trim is not None for trim, _ in states.values())  # what the nanny sets
     loaded = client.run(
-        lambda: len(__import__("emdiffuse.pipeline.workers").pipeline.workers._ENHANCERS)
+        lambda: len(__import__("emdiffuse.pipeline.runtime").pipeline.runtime._ENHANCERS)
     )
     assert any(loaded.values())
     assert all(tuned for w, (_, tuned) in states.items() if loaded[w]), states
     code = (
-        "from emdiffuse.pipeline.workers import tune_malloc; import sys; "
+        "from emdiffuse.pipeline.runtime import tune_malloc; import sys; "
         "sys.exit(0 if tune_malloc() is False else 1)"
     )
     env = dict(os.environ, EMDIFFUSE_KEEP_MALLOC="1")
@@ -138,12 +140,12 @@ def test_killed_worker_tasks_are_retried(client, inputs, tmp_path):
 
 
 def _tiles_run() -> int:
-    return __import__("emdiffuse.pipeline.workers").pipeline.workers.tiles_run()
+    return __import__("emdiffuse.pipeline.runtime").pipeline.runtime.tiles_run()
 
 
 def test_each_tile_runs_once_across_the_cluster(client, inputs, tmp_path):
     path, model, reference = inputs
-    spec, _, _ = prepare(path, model, tmp_path / "unused.zarr", **_prepare_kw(RUN))
+    spec = prepare(Source(path, model), tmp_path / "unused.zarr", RunSettings(**_prepare_kw(RUN)))
     plan = make_plan(spec.lattice, spec.chunks, steps=2, samples=1, sampler="dpmpp_2m")
     assert plan.tiles_per_chunk_sum > plan.n_tiles  # tiles straddle chunk borders here
     before = client.run(_tiles_run)
@@ -178,7 +180,7 @@ def test_tile_tasks_run_only_on_gpu_workers(client, inputs, tmp_path):
     finally:
         client.run(_set_gpus, 0, workers=[gpu_worker])
     ran = {w: after[w] - before[w] for w in after}
-    spec, _, _ = prepare(path, model, tmp_path / "unused.zarr", **_prepare_kw(RUN))
+    spec = prepare(Source(path, model), tmp_path / "unused.zarr", RunSettings(**_prepare_kw(RUN)))
     assert ran[gpu_worker] == spec.lattice.n_tiles  # every tile ran on the GPU worker
     assert all(n == 0 for w, n in ran.items() if w != gpu_worker), ran
     assert np.abs(np.asarray(out) - reference).max() < 1e-4

@@ -11,7 +11,8 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer, denormalize, normalize
+from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.normalization import denormalize, normalize
 from emdiffuse.models.sampler_names import SAMPLER_NAMES
 from emdiffuse.models.variants import make_config
 
@@ -243,6 +244,25 @@ def test_bad_calls():
         enhancer.enhance(cond, noise, index=0)
     with pytest.raises(InputError, match="precision"):
         Enhancer.from_config(make_config("emdiffuse-n", "tiny"), precision="int8")
+
+
+def test_enhance_callback_per_step_does_not_change_results():
+    enhancer = Enhancer.from_config(make_config("emdiffuse-r", "tiny", scale_factor=2))
+    cond, noise = _inputs(enhancer, 1, 8, 8)
+    plain = enhancer.enhance(cond, noise, sampler="dpmpp_2m", steps=3)
+    seen = []
+    out = enhancer.enhance(cond, noise, sampler="dpmpp_2m", steps=3, callback=seen.append)
+    np.testing.assert_array_equal(out, plain)
+    assert [info["i"] for info in seen] == [0, 1, 2]
+    assert all(info["x"].shape == info["denoised"].shape == (1, 1, 16, 16) for info in seen)
+    assert seen[-1]["alpha_bar_next"] == 1.0
+    # index-embedding isotropic models: once per step for each in-between slice
+    config = make_config("vemdiffuse-i", "tiny", scale_factor=3, use_index_embedding=True)
+    iso = Enhancer.from_config(config)
+    cond, noise = _inputs(iso, 1, 8, 8)
+    seen.clear()
+    iso.enhance(cond, noise, sampler="ddim", steps=2, callback=seen.append)
+    assert [info["i"] for info in seen] == [0, 1, 0, 1]
 
 
 def test_normalize_round_trip():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_blend import Accumulator
 
-from emdiffuse.pipeline.blend import Accumulator, window_2d
+from emdiffuse.pipeline.blend import window_2d
 from emdiffuse.pipeline.lattice import AxisTiling, Lattice, Ownership, chunk_box, iter_chunks
 from emdiffuse.pipeline.noise import tile_noise
 from emdiffuse.pipeline.plan import make_plan

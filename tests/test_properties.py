@@ -13,7 +13,7 @@ sample counts and output chunkings.
   padding, global noise keys, windows).
 
 tests/test_lattice.py has the per-axis and ownership properties; the pipeline runs here
-through ``workers.run_in_process`` (the same reads, tiles and blending as a Dask run, minus
+through ``inprocess.run_in_process`` (the same reads, tiles and blending as a Dask run, minus
 Dask and Zarr writes) with a small numpy stand-in for the network.
 """
 
@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_blend import Accumulator
 
 from emdiffuse.io import write_image
 from emdiffuse.models.normalization import Normalization
-from emdiffuse.pipeline.blend import Accumulator, window_1d, window_2d
+from emdiffuse.pipeline.blend import window_1d, window_2d
+from emdiffuse.pipeline.inprocess import run_in_process
 from emdiffuse.pipeline.lattice import Lattice, chunk_box, iter_chunks
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
-from emdiffuse.pipeline.workers import RunSpec, run_in_process
+from emdiffuse.pipeline.settings import RunSettings, RunSpec
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -180,11 +182,14 @@ def input_volume(folder: Path, lattice: Lattice, ndim: int) -> tuple[str, np.nda
 
 
 def make_spec(lattice, ndim, path, chunks, samples, seed=3) -> RunSpec:
+    settings = RunSettings(
+        device="cpu", precision="fp32", chunks=chunks, dtype="float32", seed=seed, steps=1,
+        samples=samples, sampler="ddim", batch_size=3,
+    )
     return RunSpec(
-        input_path=path, input_level=0, input_voxel_size=None, input_ndim=ndim,
-        checkpoint="unused", device="cpu", precision="fp32", lattice=lattice,
-        chunks=chunks, output_path="unused", normalization=Normalization(0.0, 1.0),
-        dtype="float32", seed=seed, steps=1, samples=samples, sampler="ddim", batch_size=3,
+        settings=settings, input_path=path, input_level=0, input_voxel_size=None,
+        input_ndim=ndim, checkpoint="unused", lattice=lattice, output_path="unused",
+        normalization=Normalization(0.0, 1.0),
     )
 
 

@@ -15,6 +15,9 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.training import trainer
+from emdiffuse.training.build import build_config, build_dataset, build_net
+from emdiffuse.training.settings import TrainSettings
+from emdiffuse.training.step import keyed_noise, train_step
 
 FAST = dict(
     size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=1000, val_batch=2,
@@ -37,22 +40,22 @@ def test_regression_step_is_l1_on_x0_at_the_noisiest_level(tmp_path, pair):
     prediction with the noisy-target channel at the schedule's noisiest level."""
     from emdiffuse.models import diffusion
 
-    s = trainer.TrainSettings(task="denoise", data=[], objective="regression", prediction="x0",
-                              loss="l1", patch=16, batch_size=2, region=32, val_fraction=0.25)  # fmt: skip
-    dataset = trainer.build_dataset(s, pair)
-    config = trainer.build_config(s, dataset)
+    s = TrainSettings(task="denoise", data=[], objective="regression", prediction="x0",
+                      loss="l1", patch=16, batch_size=2, region=32, val_fraction=0.25)  # fmt: skip
+    dataset = build_dataset(s, pair)
+    config = build_config(s, dataset)
     schedule = diffusion.Schedule.from_dict(dict(config.schedule))
-    net = trainer.build_net(config, seed=0)
+    net = build_net(config, seed=0)
     batch = dataset.batch(range(2))
-    noise, _ = trainer.keyed_noise(batch["key"].tolist(), batch["target"].shape[1:], s.seed)
+    noise, _ = keyed_noise(batch["key"].tolist(), batch["target"].shape[1:], s.seed)
     top = schedule.alpha_bars[-1].float().expand(2)  # the noisiest level, first sampler step
     with torch.no_grad():
         x_t = diffusion.q_sample(batch["target"], top, noise)
         pred = net(torch.cat([batch["cond"], x_t], dim=1), top, None)
         expected = float(torch.nn.functional.l1_loss(pred, batch["target"]))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    loss, _ = trainer._step(net, net, optimizer, batch, schedule, config, s,
-                            torch.device("cpu"), False)  # fmt: skip
+    loss, _ = train_step(net, net, optimizer, batch, schedule, config, s,
+                         torch.device("cpu"), False)  # fmt: skip
     assert loss == pytest.approx(expected, rel=1e-4)
 
 

@@ -132,7 +132,7 @@ def test_dpmpp_3m_ode_limit_is_third_order():
     assert errs[3, 40] < 0.5 * errs[2, 40], errs
 
 
-@pytest.mark.parametrize("sampler", sorted(samplers.STOCHASTIC))
+@pytest.mark.parametrize("sampler", sorted(sampler_names.STOCHASTIC))
 def test_stochastic_noise_only_from_step_noise(sampler):
     """Every step's noise comes from step_noise(i), each i once, in order, and the global
     torch generator is left alone."""
@@ -188,15 +188,49 @@ def test_sample_many_mean_and_std():
     assert float(std.mean()) > 0.05
 
 
+@pytest.mark.parametrize("sampler", sampler_names.SAMPLER_NAMES)
+def test_callback_once_per_step_with_its_fields_and_no_effect(sampler):
+    """The per-step callback (k-diffusion's shape): called once after each step with the step
+    index, the sample, the step's x0 estimate and its noise levels; results do not change."""
+    steps, x = 5, x_T((1, 1, 8, 8))
+    alphas = SCHED.timesteps(steps, sampler_names.resolve_spacing(sampler))
+    seen = []
+    calls = []
+
+    def denoise(x_t, a):
+        calls.append(float(a))
+        return gaussian_denoiser(x_t, a)
+
+    plain = samplers.sample(gaussian_denoiser, x.clone(), SCHED, sampler=sampler, steps=steps,
+                            step_noise=keyed(x.shape, 2))  # fmt: skip
+    out = samplers.sample(denoise, x.clone(), SCHED, sampler=sampler, steps=steps,
+                          step_noise=keyed(x.shape, 2), callback=seen.append)  # fmt: skip
+    assert torch.equal(out, plain)
+    assert [info["i"] for info in seen] == list(range(steps))
+    for i, info in enumerate(seen):
+        assert set(info) == {"i", "x", "denoised", "alpha_bar", "alpha_bar_next"}
+        assert info["alpha_bar"] == pytest.approx(float(alphas[i]))
+        assert info["alpha_bar"] == pytest.approx(calls[i])  # the level x0 was estimated at
+        assert info["alpha_bar_next"] == pytest.approx(float(alphas[i + 1]))
+        assert info["x"].shape == info["denoised"].shape == x.shape
+    assert torch.equal(seen[-1]["x"], out)
+    # sample_many calls it for every step of every draw
+    many = []
+    samplers.sample_many(gaussian_denoiser, [x, x_T((1, 1, 8, 8), 1)], SCHED, sampler=sampler,
+                         steps=steps, step_noises=[keyed(x.shape, 2), keyed(x.shape, 3)],
+                         callback=many.append)  # fmt: skip
+    assert [info["i"] for info in many] == list(range(steps)) * 2
+
+
 def test_registry_nfe_and_bad_input():
     assert set(samplers.SAMPLERS) >= {"ddpm", "ddim", "dpmpp_2m", "dpmpp_3m_sde"}
     assert set(samplers.SAMPLERS) == set(sampler_names.SAMPLER_NAMES)  # the torch-free list
-    assert samplers.STOCHASTIC <= set(samplers.SAMPLERS)
-    assert samplers.DEFAULT_SAMPLER in samplers.SAMPLERS
+    assert sampler_names.STOCHASTIC <= set(samplers.SAMPLERS)
+    assert sampler_names.DEFAULT_SAMPLER in samplers.SAMPLERS
     for name in samplers.SAMPLERS:
-        assert samplers.network_evaluations(name, 8) == 8
+        assert sampler_names.network_evaluations(name, 8) == 8
     with pytest.raises(InputError):
-        samplers.network_evaluations("euler", 8)
+        sampler_names.network_evaluations("euler", 8)
     with pytest.raises(InputError):
         samplers.sample(gaussian_denoiser, x_T(), SCHED, sampler="euler", steps=4)
     with pytest.raises(InputError):
@@ -251,10 +285,10 @@ def test_pipeline_plan_and_cli_take_the_samplers_list():
                    output="/nonexistent/out.zarr")  # fmt: skip
     for name in sampler_names.SAMPLER_NAMES:  # the pipeline's check passes each listed one
         with pytest.raises(InputError) as error:
-            enhance.prepare(**missing, sampler=name)  # (then refuses the missing files)
+            enhance.enhance(**missing, sampler=name)  # (then refuses the missing files)
         assert "sampler" not in str(error.value)
     with pytest.raises(InputError, match="unknown sampler 'euler'"):  # and refuses others
-        enhance.prepare(**missing, sampler="euler")
+        enhance.enhance(**missing, sampler="euler")
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     actions = {a.dest: a for a in parser._actions}
@@ -311,7 +345,7 @@ def test_reference_match_passes_in_the_committed_benchmark(folder):
     sampler, steps = sampler_names.REFERENCE_MATCH
     assert result["samplers"][sampler]["spacing"] == sampler_names.resolve_spacing(sampler)
     row = next(r for r in result["rows"] if (r["sampler"], r["steps"]) == (sampler, steps))
-    assert row["nfe"] == samplers.network_evaluations(sampler, steps) <= bench.MAX_NFE
+    assert row["nfe"] == sampler_names.network_evaluations(sampler, steps) <= bench.MAX_NFE
     reference = result["reference_row"]
     assert (reference["sampler"], reference["steps"]) == (bench.REFERENCE, 1000)
     tiles = result["per_tile_psnr"]

@@ -73,8 +73,8 @@ LOADERS = {
         "emdiffuse.models.reference", fromlist=["x"]
     ).read_reference_weights(p),
     "training state": lambda p: __import__(
-        "emdiffuse.training.trainer", fromlist=["x"]
-    )._load_state(Path(p)),
+        "emdiffuse.training.state", fromlist=["x"]
+    ).load_state(Path(p)),
 }
 
 

@@ -16,6 +16,8 @@ from zarr.storage import LocalStore
 from emdiffuse import io
 from emdiffuse.errors import InputError
 from emdiffuse.training import trainer
+from emdiffuse.training.settings import TrainSettings
+from emdiffuse.training.step import keyed_noise, lr_at
 
 
 def _smooth(shape, seed):
@@ -108,12 +110,12 @@ def test_finetune_from_init_and_isotropic(tmp_path, pair):
 
 
 def test_lr_warmup_and_keyed_noise():
-    s = trainer.TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
-                              lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
-    assert [trainer.lr_at(i, s) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert trainer.lr_at(9, s) == pytest.approx(0.0, abs=1e-12)
-    n1, u1 = trainer.keyed_noise([3, 4], (1, 4, 4), seed=0)
-    n2, u2 = trainer.keyed_noise([4], (1, 4, 4), seed=0)
+    s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
+                      lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
+    assert [lr_at(i, s) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, s) == pytest.approx(0.0, abs=1e-12)
+    n1, u1 = keyed_noise([3, 4], (1, 4, 4), seed=0)
+    n2, u2 = keyed_noise([4], (1, 4, 4), seed=0)
     torch.testing.assert_close(n1[1], n2[0])
     torch.testing.assert_close(u1[1], u2[0])
 

@@ -21,6 +21,7 @@ import emdiffuse
 from emdiffuse import io
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training import trainer
+from emdiffuse.training.settings import DEMO_SETTINGS
 
 KINDS = ("diffusion", "regression", "diffusion-a")  # -a: vemdiffuse-a (anisotropic recipe)
 
@@ -34,7 +35,7 @@ def enhance_defaults() -> dict[str, Any]:
 def train_settings(sizes: Sizes) -> dict[str, Any]:
     """Trainer settings of every project model: the demo's tiny-CPU recipe, ``sizes.steps``
     steps, one validation and one checkpoint at the end."""
-    settings = {**trainer.DEMO_SETTINGS}
+    settings = {**DEMO_SETTINGS}
     settings.update(patch=sizes.patch, region=sizes.region, val_every=sizes.steps,
                     ckpt_every=sizes.steps)  # fmt: skip
     return settings

@@ -337,6 +337,15 @@ def environment(python: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def provenance_record(argv: list[str] | None) -> dict:
+    """The run's provenance record (``benchmarks/provenance.py``; imported here because only
+    this script's own folder is on ``sys.path``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from provenance import provenance as record
+
+    return record(None if argv is None else [__file__, *argv])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and budgets")
@@ -357,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    record = provenance_record(argv)
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals in small trained nets slow CPU inference
@@ -403,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                   "sampler": [args.seed, args.seed + 1]},
         "origins": {"train": list(TRAIN_ORIGIN), "test": list(TEST_ORIGIN)},
         "voxel_nm": VOXEL_NM, "levels": levels, "real_em": real, "figures": figures,
+        "provenance": record,
     }  # fmt: skip
     (out / "quality.json").write_text(json.dumps(result, indent=1, default=_json_default))
     write_markdown(result, out / "quality.md", reading=Path(__file__).with_name("READING.md"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from emdiffuse.errors import InputError
+
 HELP = "convert a TIFF stack or OME-Zarr into multiscale OME-Zarr 0.5"
 
 
@@ -37,14 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported when the command runs: `emdiffuse --help` must not load Dask and zarr
     from emdiffuse.io import check_finite, open_volume, refuse_output, write_image
 
     refuse_output(args.output, args.input, overwrite=args.overwrite, resumable=False)
     volume = open_volume(args.input, voxel_size=args.voxel_size)
     check_finite(volume)
     if args.chunks is not None and len(args.chunks) != volume.ndim:
-        from emdiffuse.errors import InputError
-
         raise InputError(f"--chunks has {len(args.chunks)} values but the image has {volume.ndim} axes")
     write_image(
         volume.data,

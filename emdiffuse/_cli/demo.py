@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported when the command runs: the demo loads torch, Dask and zarr
     from emdiffuse.demo import run_demo
 
     report = run_demo(

@@ -1,22 +1,25 @@
-"""`emdiffuse enhance IN OUT --model CKPT`: enhance a volume into a multiscale OME-Zarr."""
+"""`emdiffuse enhance IN OUT --model CKPT`: enhance a volume into a multiscale OME-Zarr.
+
+:func:`add_arguments` is the one declaration of the enhance options (the workflow scripts
+in ``workflows/`` reuse it); :func:`enhance_from_args` turns them into the run's records
+(:class:`~emdiffuse.pipeline.settings.RunSettings`, ``Source``, ``Scheduling``) and runs.
+Defaults are the settings' own.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import sys
-from collections.abc import Iterator
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.sampler_names import (
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    REFERENCE_MATCH,
-    SAMPLER_NAMES,
-    SPACING_NAMES,
+from emdiffuse.models.sampler_names import REFERENCE_MATCH, SAMPLER_NAMES, SPACING_NAMES
+from emdiffuse.pipeline.settings import (
+    CONNECT_TIMEOUT,
+    NORMALIZE_MODES,
+    PRECISIONS,
+    RunSettings,
+    Scheduling,
+    Source,
 )
-from emdiffuse.pipeline.preflight import CONNECT_TIMEOUT
 
 INTERRUPTED = "interrupted; finished chunks are kept, rerun with --resume"
 IO_ERROR_HINT = (
@@ -48,7 +51,23 @@ def _voxel_size(text: str) -> tuple[float, ...]:
         ) from None
 
 
+_DEFAULT = RunSettings.defaults()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the enhance options; each setting's option has the setting's name."""
+    _add_what(parser)
+    _add_sampling(parser)
+    _add_data(parser)
+    _add_compute(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan only")
+    parser.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+
+
+def _add_what(parser: argparse.ArgumentParser) -> None:
+    """Input, output and model."""
     parser.add_argument("input", help="input volume: OME-Zarr (path or URL) or TIFF")
     parser.add_argument("output", help="output OME-Zarr path")
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")
@@ -64,51 +83,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="refuse a checkpoint with another scale factor (super-resolve, isotropic)",
     )
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The sampler and the tiles it runs on."""
+    steps = _DEFAULT["steps"]
     parser.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"sampler steps = network evaluations per sample (default {DEFAULT_STEPS})",
+        default=steps,
+        help=f"sampler steps = network evaluations per sample (default {steps})",
     )
     parser.add_argument(
         "--samples",
         type=int,
-        default=1,
+        default=_DEFAULT["samples"],
         help="samples to average; 2 or more also writes the uncertainty (std) image",
     )
-    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument(
-        "--tile", type=int, default=None, help="tile side on the output grid (voxels)"
+        "--seed", type=int, default=_DEFAULT["seed"], help=f"run seed (default {_DEFAULT['seed']})"
     )
     parser.add_argument(
-        "--overlap", type=int, default=None, help="tile overlap (voxels, output grid)"
+        "--tile", type=int, default=_DEFAULT["tile"], help="tile side on the output grid (voxels)"
     )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=_DEFAULT["overlap"],
+        help="tile overlap (voxels, output grid)",
+    )
+    sampler = _DEFAULT["sampler"]
     parser.add_argument(
         "--sampler",
-        default=DEFAULT_SAMPLER,
+        default=sampler,
         choices=list(SAMPLER_NAMES),
-        help=f"sampler (default {DEFAULT_SAMPLER}; ddpm is the reference's ancestral sampler; "
+        help=f"sampler (default {sampler}; ddpm is the reference's ancestral sampler; "
         f"{REFERENCE_MATCH[0]} with --steps {REFERENCE_MATCH[1]} gives the reference's 1000-step "
         "result within 0.3 dB: see benchmarks/results/sampler_quality.md)",
     )
     parser.add_argument(
         "--spacing",
-        default=None,
+        default=_DEFAULT["spacing"],
         choices=list(SPACING_NAMES),
         help="how the steps are placed between noise and clean: time (the reference's), "
         "logsnr, or karras (denser at low noise); default time for ddpm, logsnr for the others",
     )
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    """Output chunks and values, and what the input does not say about itself."""
     parser.add_argument(
-        "--chunks", type=_chunks, default=None, help="output chunk shape, e.g. 4,512,512"
+        "--chunks",
+        type=_chunks,
+        default=_DEFAULT["chunks"],
+        help="output chunk shape, e.g. 4,512,512",
     )
     parser.add_argument(
         "--normalize",
-        choices=["model", "auto"],
-        default="model",
+        choices=list(NORMALIZE_MODES),
+        default=_DEFAULT["normalize"],
         help="intensity range: the model's training range, or percentiles of the input",
     )
     parser.add_argument(
-        "--dtype", default=None, help="output dtype (default: the input's; e.g. float32)"
+        "--dtype",
+        default=_DEFAULT["dtype"],
+        help="output dtype (default: the input's; e.g. float32)",
     )
     parser.add_argument(
         "--voxel-size",
@@ -117,12 +156,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input voxel size in nm (zyx), when the input does not say",
     )
     parser.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
+
+
+def _add_compute(parser: argparse.ArgumentParser) -> None:
+    """Device, precision, batch and cluster."""
     parser.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)"
+        "--device",
+        default=_DEFAULT["device"],
+        help=f"auto, cpu, cuda, cuda:1 ... (default {_DEFAULT['device']})",
     )
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default=_DEFAULT["precision"], choices=list(PRECISIONS))
     parser.add_argument(
-        "--batch-size", type=int, default=4, help="tiles per network call (default 4)"
+        "--batch-size",
+        type=int,
+        default=_DEFAULT["batch_size"],
+        help=f"tiles per network call (default {_DEFAULT['batch_size']})",
     )
     parser.add_argument(
         "--workers",
@@ -147,21 +195,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run in this process on Dask's threaded scheduler (small jobs)",
     )
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan only")
-    parser.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """The run's settings from the parsed options (one option per setting, same name)."""
+    return RunSettings(**{name: getattr(args, name) for name in RunSettings.names()})
+
+
+def source(args: argparse.Namespace) -> Source:
+    return Source(
+        args.input, args.model, level=args.level, voxel_size=args.voxel_size, task=args.task,
+        scale_factor=args.factor,
+    )  # fmt: skip
+
+
+def scheduling(args: argparse.Namespace, client=None) -> Scheduling:
+    """Where the run computes: ``client`` if given, else as the options say."""
+    if args.threads and args.scheduler_address:
+        raise InputError("pass either --threads or --scheduler-address, not both")
+    return Scheduling(
+        client=client,
+        scheduler="threads" if args.threads else args.scheduler_address,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        connect_timeout=args.connect_timeout,
+    )
+
+
+def enhance_from_args(args: argparse.Namespace, client=None):
+    """Run the enhancement the options describe (on ``client`` when given)."""
+    # imported here, not at the top: `emdiffuse --help` must not load torch, Dask or zarr
+    from emdiffuse.pipeline.enhance import run_enhancement
+
+    return run_enhancement(
+        source(args), args.output, run_settings(args), scheduling(args, client),
+        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+        dry_run=args.dry_run,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    from emdiffuse.pipeline.enhance import enhance
-
-    if args.threads and args.scheduler_address:
-        raise InputError("pass either --threads or --scheduler-address, not both")
-    scheduler = "threads" if args.threads else args.scheduler_address
     try:
-        with warnings_on_stderr():
-            result = _enhance(enhance, args, scheduler)
+        result = enhance_from_args(args)
     except OSError:
         args._io_hint = _io_hint(args.output)
         raise
@@ -170,31 +245,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StderrHandler(logging.Handler):
-    """Prints ``emdiffuse enhance: warning: ...`` on the current ``sys.stderr``."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(f"emdiffuse enhance: warning: {record.getMessage()}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def warnings_on_stderr() -> Iterator[None]:
-    """Within the block, the library's warnings (the ``emdiffuse`` logger) are one line each
-    on stderr, and only there."""
-    logger = logging.getLogger("emdiffuse")
-    handler = _StderrHandler(logging.WARNING)
-    propagate = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
 def _io_hint(output: str) -> str:
     """What to do after an I/O failure: resume if the run was recorded, else start over."""
+    # imported here: only after a failure (run_record imports zarr and Dask through io)
     from emdiffuse.pipeline.run_record import read_run_config
 
     try:
@@ -206,37 +259,4 @@ def _io_hint(output: str) -> str:
     return (
         "nothing was finished: fix the cause (free disk space, permissions, output location) "
         "and run again (with --overwrite if the output now exists)"
-    )
-
-
-def _enhance(enhance, args: argparse.Namespace, scheduler):
-    return enhance(
-        args.input,
-        args.model,
-        args.output,
-        steps=args.steps,
-        samples=args.samples,
-        seed=args.seed,
-        tile=args.tile,
-        overlap=args.overlap,
-        sampler=args.sampler,
-        spacing=args.spacing,
-        chunks=args.chunks,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        normalize=args.normalize,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        scheduler=scheduler,
-        workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        voxel_size=args.voxel_size,
-        level=args.level,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        dry_run=args.dry_run,
-        task=args.task,
-        scale_factor=args.factor,
-        connect_timeout=args.connect_timeout,
     )

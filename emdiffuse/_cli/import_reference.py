@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from emdiffuse.errors import InputError
+
 HELP = "convert a reference EMDiffuse *_Network(_ema).pth and its JSON config to .safetensors"
 DESCRIPTION = (
     "Convert weights written by the reference EMDiffuse code (its *_Network.pth or "
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _refuse_outputs(args: argparse.Namespace) -> None:
     """The checkpoint and the config written beside it may replace only a checkpoint that
     emdiffuse wrote (with --overwrite), never an input."""
+    # imported when the command runs: `emdiffuse --help` must not load torch, Dask and zarr
     from emdiffuse.io import refuse_output
     from emdiffuse.models.checkpoints import sidecar_path
 
@@ -56,7 +59,8 @@ def _refuse_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emdiffuse.errors import InputError
+    # imported when the command runs: `emdiffuse --help` must not load torch
+    from emdiffuse.models.checkpoints import config_from_file
     from emdiffuse.models.reference import convert_reference_checkpoint
 
     _refuse_outputs(args)
@@ -77,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
         normalization=normalization,
         overwrite=args.overwrite,
     )
-    from emdiffuse.models.checkpoints import config_from_file
-
     config = config_from_file(path)
     print(f"wrote {path}: {config.describe()}, intensities {config.normalization['low']:g}.."
           f"{config.normalization['high']:g} -> [-1, 1]")  # fmt: skip

@@ -20,6 +20,7 @@ def _nm(voxel: Sequence[float | None]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported when the command runs: `emdiffuse --help` must not load Dask and zarr
     from emdiffuse.io import describe
 
     facts = describe(args.path)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from emdiffuse.errors import InputError
 
 HELP = "register a noisy/clean (or low/high) pair slice by slice and write the aligned moving image"
 DESCRIPTION = (
@@ -73,9 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from emdiffuse.errors import InputError
+    # imported when the command runs: `emdiffuse --help` must not load torch and Dask
     from emdiffuse.training.registration import register_volumes
 
     if args.report_json is not None and not Path(args.report_json).parent.exists():

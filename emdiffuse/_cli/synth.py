@@ -4,7 +4,6 @@ degraded input of a task as multiscale OME-Zarr."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 from pathlib import Path
 
@@ -114,6 +113,7 @@ def _check(args) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
                 f"shape {args.shape} is smaller than the factor {args.factor} in {where}; "
                 "give a larger --shape or a smaller --factor"
             )
+    # imported when the command runs: `emdiffuse --help` must not load Dask and zarr
     from emdiffuse.io import refuse_output
 
     refuse_output(args.output, overwrite=args.overwrite, kind="synth")
@@ -121,17 +121,19 @@ def _check(args) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 
 
 def _write(data, path: Path, *, voxel_size, translation, chunks) -> None:
-    from emdiffuse import io
+    # imported when the command runs: `emdiffuse --help` must not load Dask and zarr
+    from emdiffuse.io import write_image
 
-    kwargs = {"voxel_size": voxel_size, "chunks": chunks, "overwrite": False}
-    if "translation" in inspect.signature(io.write_image).parameters:
-        kwargs["translation"] = translation
-    io.write_image(data, str(path), **kwargs)
+    write_image(
+        data, str(path), voxel_size=voxel_size, chunks=chunks, overwrite=False,
+        translation=translation,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     shape, chunks = _check(args)
 
+    # imported when the command runs: `emdiffuse --help` must not load torch, Dask and zarr
     from emdiffuse import io
     from emdiffuse.training.degrade import degrade_volume, degraded_grid
     from emdiffuse.training.synthetic import synthetic_volume

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
+from emdiffuse.training.settings import AXES, LR_SCHEDULES, TASK_VARIANTS, defaults
 
 INTERRUPTED = "interrupted; rerun with --resume to continue from the last saved checkpoint"
 HELP = "train a denoise / super-resolve / isotropic model on OME-Zarr or TIFF data"
@@ -19,41 +20,56 @@ DESCRIPTION = (
 )
 
 
+# the options that are fields of TrainSettings (their defaults are read from there)
+SETTINGS = (
+    "size", "steps", "batch_size", "patch", "lr", "warmup", "lr_schedule", "ema_decay",
+    "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
+    "axis", "val_fraction", "workers", "init", "seed", "time_limit",
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--task", required=True, choices=("denoise", "super-resolve", "isotropic", "anisotropic")
-    )
+    d = defaults()
+    parser.add_argument("--task", required=True, choices=tuple(TASK_VARIANTS))
     parser.add_argument("--data", required=True, help="comma-separated sources, see above")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--size", default="tiny", help="model preset: tiny, small, reference")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=8, help="per process")
-    parser.add_argument("--patch", type=int, default=64, help="patch side on the output grid")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--prediction", choices=("eps", "x0", "v"), default="v")
-    parser.add_argument("--sampler", default="ddim", help="validation sampler")
-    parser.add_argument("--val-steps", type=int, default=4, help="validation sampler steps")
-    parser.add_argument("--val-every", type=int, default=250)
-    parser.add_argument("--ckpt-every", type=int, default=250)
-    parser.add_argument("--factor", type=int, default=None, help="scale factor k")
+    parser.add_argument("--size", default=d["size"], help="model preset: tiny, small, reference")
+    parser.add_argument("--steps", type=int, default=d["steps"])
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")
     parser.add_argument(
-        "--axis", choices=("y", "x", "both"), default="both", help="anisotropic: rows, cols"
+        "--patch", type=int, default=d["patch"], help="patch side on the output grid"
     )
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--init", default=None, help="fine-tune from this checkpoint")
+    parser.add_argument("--lr", type=float, default=d["lr"])
+    parser.add_argument("--warmup", type=int, default=d["warmup"])
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"])
+    parser.add_argument("--ema-decay", type=float, default=d["ema_decay"])
+    parser.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    parser.add_argument("--prediction", choices=("eps", "x0", "v"), default=d["prediction"])
+    parser.add_argument("--sampler", default=d["sampler"], help="validation sampler")
+    parser.add_argument(
+        "--val-steps", type=int, default=d["val_steps"], help="validation sampler steps"
+    )
+    parser.add_argument("--val-every", type=int, default=d["val_every"])
+    parser.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
+    parser.add_argument("--factor", type=int, default=d["factor"], help="scale factor k")
+    parser.add_argument(
+        "--axis", choices=AXES, default=d["axis"], help="anisotropic: rows, cols"
+    )
+    parser.add_argument("--val-fraction", type=float, default=d["val_fraction"])
+    parser.add_argument(
+        "--workers", type=int, default=d["workers"], help="DataLoader worker processes"
+    )
+    parser.add_argument("--init", default=d["init"], help="fine-tune from this checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a run in --out")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument(
         "--voxel-size", default=None, help="z,y,x nm when the data does not say (TIFF)"
     )
-    parser.add_argument("--time-limit", type=float, default=None, help="stop after N seconds")
+    parser.add_argument(
+        "--time-limit", type=float, default=d["time_limit"], help="stop after N seconds"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -72,38 +88,20 @@ def _voxel_size(text: str | None) -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported when the command runs: `emdiffuse --help` must not load torch
     from emdiffuse.training.trainer import train
 
+    settings = {name: getattr(args, name) for name in SETTINGS}
     path = train(
         args.task,
         args.data,
         args.out,
-        size=args.size,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        patch=args.patch,
-        lr=args.lr,
-        warmup=args.warmup,
-        ema_decay=args.ema_decay,
-        grad_clip=args.grad_clip,
-        prediction=args.prediction,
-        sampler=args.sampler,
-        val_every=args.val_every,
-        ckpt_every=args.ckpt_every,
-        init=args.init,
+        device=args.device,
+        progress=not args.no_progress,
         resume=args.resume,
         overwrite=args.overwrite,
-        device=args.device,
-        seed=args.seed,
-        progress=not args.no_progress,
-        factor=args.factor,
-        axis=args.axis,
-        val_fraction=args.val_fraction,
-        workers=args.workers,
-        val_steps=args.val_steps,
-        lr_schedule=args.lr_schedule,
         voxel_size=_voxel_size(args.voxel_size),
-        time_limit=args.time_limit,
+        **settings,
     )
     print(f"wrote {path}")
     return 0

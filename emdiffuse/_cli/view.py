@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
+import webbrowser
 
 HELP = "view OME-Zarr outputs in neuroglancer (served read-only from this machine)"
 
@@ -26,10 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import threading
-    import webbrowser
-
+    # imported when the command runs: the server loads zarr, the client neuroglancer
     from emdiffuse.viewer.server import serve
 
     server, url = serve(args.paths, port=args.port, bind=args.bind)

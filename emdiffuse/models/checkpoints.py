@@ -21,10 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load, save_file
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.reference import load_reference_checkpoint  # re-exported (internals.md)
 from emdiffuse.models.torch_files import load_tensor_mapping
+from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import ModelConfig
 
 CONFIG_KEY = "emdiffuse_config"
@@ -46,8 +48,6 @@ def save_checkpoint(
     Tensors are stored as they are (dtype and values bit-exact), made contiguous and
     un-shared. Returns the checkpoint path.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"checkpoint path {path} must end in .safetensors")
@@ -155,14 +155,14 @@ def check_state_dict(
     expected = expected_shapes(config)
     bad = [name for name, t in state_dict.items() if not isinstance(t, torch.Tensor)]
     if bad:
-        raise InputError(f"{where}: entries that are not tensors: {_names(bad)}")
+        raise InputError(f"{where}: entries that are not tensors: {name_list(bad)}")
     missing = [key_prefix + name for name in expected if name not in state_dict]
     extra = [*unexpected, *(key_prefix + name for name in state_dict if name not in expected)]
     head = f"{where}: weights do not match the config ({what or config.describe()})"
     if extra:  # first: they name what the file has and the config lacks
-        raise InputError(f"{head}: {len(extra)} unexpected key(s) {_names(extra)}; {hint}")
+        raise InputError(f"{head}: {len(extra)} unexpected key(s) {name_list(extra)}; {hint}")
     if missing:
-        raise InputError(f"{head}: {len(missing)} missing key(s) {_names(missing)}; {hint}")
+        raise InputError(f"{head}: {len(missing)} missing key(s) {name_list(missing)}; {hint}")
     for name, shape in expected.items():
         got = tuple(state_dict[name].shape)
         if got != shape:
@@ -174,14 +174,13 @@ def check_state_dict(
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the network's state dict, built without allocating memory."""
-    from emdiffuse.models.unet import UNet
-
     with torch.device("meta"):
         net = UNet(config.unet)
     return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
-def _names(names: list[str], limit: int = 4) -> str:
+def name_list(names: list[str], limit: int = 4) -> str:
+    """``a, b, c, d, … (+n)``: the first ``limit`` names of a list, for error messages."""
     shown = ", ".join(names[:limit])
     return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
@@ -189,8 +188,6 @@ def _names(names: list[str], limit: int = 4) -> str:
 def _read_safetensors(
     path: Path, data: bytes
 ) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
-    from safetensors.torch import load
-
     try:
         size = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + size]) if 0 < size <= len(data) - 8 else None
@@ -246,8 +243,6 @@ def config_from_file(path: str | os.PathLike) -> ModelConfig:
     if path.suffix == ".json":
         return ModelConfig.from_json(path.read_text())
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 text = (handle.metadata() or {}).get(CONFIG_KEY)
@@ -262,7 +257,6 @@ def config_from_file(path: str | os.PathLike) -> ModelConfig:
 
 
 __all__ = [
-    "load_reference_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint",

@@ -1,4 +1,6 @@
-"""Diffusion core: noise schedules, prediction targets, the training objective, EMA.
+"""Diffusion core: noise schedules, prediction targets, the training objective, the denoiser.
+
+The moving average of the weights is :mod:`emdiffuse.models.ema`.
 
 Conventions (those of the reference EMDiffuse / Palette code):
 
@@ -16,22 +18,17 @@ Conventions (those of the reference EMDiffuse / Palette code):
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.config_fields import SCHEDULE_KINDS
 from emdiffuse.models.sampler_names import SPACING_NAMES
-
-PREDICTIONS = ("eps", "x0", "v")
-LOSSES = ("mse", "l1")
-KINDS = ("linear", "cosine")
-SPACINGS = SPACING_NAMES
+from emdiffuse.models.variants import LOSSES, PREDICTIONS
 
 Denoiser = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
 
@@ -55,9 +52,9 @@ class Schedule:
     s: float = 0.008
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in SCHEDULE_KINDS:
             raise InputError(
-                f"schedule kind {self.kind!r} unknown; choose one of {', '.join(KINDS)}"
+                f"schedule kind {self.kind!r} unknown; choose one of {', '.join(SCHEDULE_KINDS)}"
             )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
             raise InputError(f"schedule steps {self.steps!r} must be an integer >= 2")
@@ -124,8 +121,10 @@ class Schedule:
         """
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
             raise InputError(f"steps {n_steps!r} must be an integer >= 1")
-        if spacing not in SPACINGS:
-            raise InputError(f"spacing {spacing!r} unknown; choose one of {', '.join(SPACINGS)}")
+        if spacing not in SPACING_NAMES:
+            raise InputError(
+                f"spacing {spacing!r} unknown; choose one of {', '.join(SPACING_NAMES)}"
+            )
         if spacing == "time":
             out = self.alpha_bar(torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64))
             out[-1] = 1.0
@@ -308,65 +307,7 @@ def make_denoiser(
     return denoise
 
 
-# --------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of a model's parameters (float32 shadow); buffers copied.
-
-    ``update(model)``: ``shadow = decay * shadow + (1 - decay) * param``. ``warmup=True`` uses
-    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates so short runs leave the random init.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = True) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise InputError(f"EMA decay {decay!r} must lie in [0, 1)")
-        self.decay = float(decay)
-        self.warmup = warmup
-        self.num_updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.named_parameters()}
-        self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        for k, p in model.named_parameters():
-            self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
-        for k, b in model.named_buffers():
-            self.buffers[k] = b.detach().clone()
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged weights (and the latest buffers) into ``model``."""
-        for k, p in model.named_parameters():
-            p.copy_(self.shadow[k].to(p.dtype))
-        for k, b in model.named_buffers():
-            b.copy_(self.buffers[k])
-
-    def averaged(self, model: nn.Module) -> nn.Module:
-        """A deep copy of ``model`` holding the averaged weights."""
-        out = copy.deepcopy(model)
-        self.copy_to(out)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates,
-                "shadow": dict(self.shadow), "buffers": dict(self.buffers)}  # fmt: skip
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
-        self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}
-        self.buffers = {k: v.clone() for k, v in state["buffers"].items()}
-
-
 __all__ = [
     "PREDICTIONS", "LOSSES", "Schedule", "as_schedule", "q_sample", "target_for", "to_x0",
-    "to_eps", "eps_from_x0", "diffusion_loss", "make_denoiser", "EMA",
+    "to_eps", "eps_from_x0", "diffusion_loss", "make_denoiser",
 ]  # fmt: skip

@@ -2,7 +2,9 @@
 
 :class:`Enhancer` wraps one network (eval mode, EMA weights), its
 :class:`~emdiffuse.models.variants.ModelConfig` and a sampler. It knows nothing of Dask or
-Zarr: tiles go in and out as numpy float32 in model space [-1, 1]. The caller supplies the
+Zarr: tiles go in and out as numpy float32 in model space [-1, 1] (raw intensities map to it
+with :mod:`emdiffuse.models.normalization`, the model's ``config.normalization``). The caller
+supplies the
 initial noise (and, for stochastic samplers, each step's noise) so that a tile's result is a
 function of its global position only.
 
@@ -21,58 +23,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.models import samplers
+from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint
 from emdiffuse.models.conditioning import upsample_xy
-from emdiffuse.models.sampler_names import SAMPLER_NAMES, resolve_spacing
+from emdiffuse.models.device import resolve_device
+from emdiffuse.models.diffusion import Schedule, make_denoiser
+from emdiffuse.models.sampler_names import resolve_spacing
+from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SAMPLERS = SAMPLER_NAMES  # every sampler of emdiffuse.models.samplers
-
-
-def normalize(raw: np.ndarray, config: ModelConfig | Mapping, *, clip: bool = True) -> np.ndarray:
-    """Raw intensities -> model space float32: ``2 * (raw - low) / (high - low) - 1``.
-
-    ``low, high`` are the model's training percentiles (``config.normalization``).
-    With ``clip`` (default) values outside ``[low, high]`` are clipped to [-1, 1].
-    """
-    low, high = _low_high(config)
-    x = (np.asarray(raw, dtype=np.float64) - low) * (2.0 / (high - low)) - 1.0
-    if clip:
-        np.clip(x, -1.0, 1.0, out=x)
-    return x.astype(np.float32)
-
-
-def denormalize(
-    x: np.ndarray, config: ModelConfig | Mapping, *, dtype: Any = np.float32
-) -> np.ndarray:
-    """Model space -> raw intensities, the inverse of :func:`normalize`.
-
-    Integer ``dtype`` rounds and clips to the dtype's range.
-    """
-    low, high = _low_high(config)
-    raw = (np.asarray(x, dtype=np.float64) + 1.0) * ((high - low) / 2.0) + low
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(raw), info.min, info.max).astype(dtype)
-    return raw.astype(dtype)
-
-
-def _low_high(config: ModelConfig | Mapping) -> tuple[float, float]:
-    norm = config.normalization if isinstance(config, ModelConfig) else config
-    if isinstance(norm, Mapping):
-        low, high = float(norm["low"]), float(norm["high"])
-    else:
-        low, high = float(norm.low), float(norm.high)
-    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
-        raise InputError(f"normalization low={low}, high={high} must be finite with low < high")
-    return low, high
 
 
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -88,20 +53,6 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise InputError(f"unknown device {device!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            f"device {device} asked for but no CUDA GPU is available; use --device cpu"
-        )
-    return device
-
-
 class Enhancer:
     """A model ready to enhance tiles: see the module docstring for shapes."""
 
@@ -115,7 +66,7 @@ class Enhancer:
         channels_last: bool = True,
     ) -> None:
         self.config = config
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.autocast_dtype = _resolve_precision(precision, self.device)
         self.precision = precision
         self.net = net.to(self.device).eval()
@@ -124,7 +75,7 @@ class Enhancer:
         self.channels_last = bool(channels_last and self.device.type == "cuda" and config.dims == 2)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.schedule = _make_schedule(config.schedule)
+        self.schedule = Schedule.from_dict(dict(config.schedule))
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -139,8 +90,6 @@ class Enhancer:
         expect_scale_factor: int | None = None,
     ) -> Enhancer:
         """Load a checkpoint (safetensors, or weights-only torch) onto ``device``."""
-        from emdiffuse.models.checkpoints import load_checkpoint
-
         config, state_dict = load_checkpoint(
             path, expect_task=expect_task, expect_scale_factor=expect_scale_factor
         )
@@ -161,15 +110,11 @@ class Enhancer:
     ) -> Enhancer:
         """Build the network of ``config``; weights from ``state_dict`` or a seeded random
         initialisation (for tests and demos)."""
-        from emdiffuse.models.unet import UNet
-
         config.validate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = UNet(config.unet)
         if state_dict is not None:
-            from emdiffuse.models.checkpoints import check_state_dict
-
             check_state_dict(config, state_dict)
             net.load_state_dict(state_dict, strict=True)
         return cls(config, net, device=device, precision=precision, channels_last=channels_last)
@@ -223,6 +168,7 @@ class Enhancer:
         index: int | Sequence[int] | None = None,
         eta: float = 0.0,
         spacing: str | None = None,
+        callback: samplers.Callback | None = None,
     ) -> np.ndarray:
         """Sample the enhanced tiles for a batch: see the module docstring for shapes.
 
@@ -234,6 +180,10 @@ class Enhancer:
         ``index`` (isotropic models) restricts the output to these in-between slices (0-based,
         ``0..k-2``). Index-embedding models then run only those (``noise`` has one channel per
         index); output-channel models still take full ``noise`` and return the chosen slices.
+        ``callback`` is the samplers' per-step callback (:mod:`emdiffuse.models.samplers`:
+        a dict of ``i``, ``x``, ``denoised``, ``alpha_bar``, ``alpha_bar_next``, torch tensors
+        on the device, in model space on the output grid); index-embedding models call it once
+        per step for each in-between slice, one slice after another.
         """
         spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -254,6 +204,7 @@ class Enhancer:
                         index=i,
                         eta=eta,
                         spacing=spacing,
+                        callback=callback,
                     )
                     for j, i in enumerate(indices)
                 ]
@@ -268,6 +219,7 @@ class Enhancer:
                     index=None,
                     eta=eta,
                     spacing=spacing,
+                    callback=callback,
                 )
                 if index is not None:
                     out = out[:, list(indices)]
@@ -357,13 +309,12 @@ class Enhancer:
         index: int | None,
         eta: float,
         spacing: str,
+        callback: samplers.Callback | None,
     ) -> torch.Tensor:
-        from emdiffuse.models import diffusion, samplers
-
         index_t = None
         if index is not None:
             index_t = torch.full((cond.shape[0],), index, dtype=torch.long, device=self.device)
-        denoise = diffusion.make_denoiser(
+        denoise = make_denoiser(
             self.net, cond, self.schedule, self.config.prediction, index=index_t
         )
         return samplers.sample(
@@ -375,6 +326,7 @@ class Enhancer:
             step_noise=step_noise,
             eta=eta,
             spacing=spacing,
+            callback=callback,
         )
 
 
@@ -394,9 +346,3 @@ def _channel(
         return to_tensor(array)
 
     return noise_at
-
-
-def _make_schedule(spec: Mapping[str, Any]):
-    from emdiffuse.models.diffusion import Schedule
-
-    return Schedule.from_dict(dict(spec))

@@ -1,15 +1,23 @@
-"""Global intensity normalisation: raw units <-> model space [-1, 1], fixed once per run.
+"""The one intensity normalisation: raw units <-> model space [-1, 1], fixed once per run.
 
-``x = 2 * (raw - low) / (high - low) - 1``. ``low, high`` come from the model's training
-statistics (``config.normalization``) or, with ``normalize="auto"``, from robust percentiles
-of a seeded sample of input chunks read once on the client — never per tile or per chunk,
-which would make seams and break chunking invariance.
+``x = (raw - low) / h - 1`` with ``h = (high - low) / 2``, computed in float64 and returned
+as float32; the inverse ``raw = (x + 1) h + low`` is float64. ``clip=True`` clips the model
+space to [-1, 1] (what the network saw in training: the loader clips, and so does
+:func:`normalize`); the whole-volume pipeline maps without clipping. ``low, high`` come from
+the model's training statistics (``config.normalization``) or, with ``normalize="auto"``,
+from robust :data:`PERCENTILES` of a seeded sample of input chunks read once on the client
+(``emdiffuse.pipeline.intensity``) — never per tile or per chunk, which would make seams and
+break chunking invariance.
+
+Every caller uses this module: the training loader, the Enhancer's users (trainer
+validation, the demo's evaluation), the pipeline's workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,13 +40,27 @@ class Normalization:
                 "check the input's contrast or pass normalize='model'"
             )
 
+    @classmethod
+    def of(cls, norm: Normalization | Mapping[str, float] | Any) -> Normalization:
+        """From itself, a ``{"low", "high"}`` mapping, an object with ``low``/``high``, or a
+        model config (its ``normalization``)."""
+        if isinstance(norm, Normalization):
+            return norm
+        if not isinstance(norm, Mapping) and hasattr(norm, "normalization"):
+            norm = norm.normalization
+        if isinstance(norm, Mapping):
+            return cls(float(norm["low"]), float(norm["high"]))
+        return cls(float(norm.low), float(norm.high))
+
     @property
     def half_range(self) -> float:
         return (self.high - self.low) / 2.0
 
-    def forward(self, raw: np.ndarray) -> np.ndarray:
-        """Raw -> model space, float32."""
+    def forward(self, raw: np.ndarray, *, clip: bool = False) -> np.ndarray:
+        """Raw -> model space: float64 arithmetic, float32 result; ``clip`` to [-1, 1]."""
         x = (np.asarray(raw, dtype=np.float64) - self.low) / self.half_range - 1.0
+        if clip:
+            np.clip(x, -1.0, 1.0, out=x)
         return x.astype(np.float32)
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
@@ -59,33 +81,19 @@ def from_model(config) -> Normalization:
     norm = getattr(config, "normalization", None)
     if norm is None:
         raise InputError("the checkpoint stores no intensity normalisation; pass normalize='auto'")
-    if isinstance(norm, Mapping):
-        return Normalization(float(norm["low"]), float(norm["high"]))
-    return Normalization(float(norm.low), float(norm.high))
+    return Normalization.of(norm)
 
 
-def sample_percentiles(
-    data, *, n_chunks: int = 16, seed: int = 0, percentiles=PERCENTILES
-) -> Normalization:
-    """Robust percentiles of a seeded sample of up to ``n_chunks`` chunks of ``data``
-    (a dask array: only those chunks are read)."""
-    grid = [len(c) for c in data.chunks]
-    total = int(np.prod(grid))
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(total, size=min(n_chunks, total), replace=False)
-    values = []
-    for flat in sorted(int(p) for p in picks):
-        index = np.unravel_index(flat, grid)
-        block = np.asarray(data.blocks[tuple(int(i) for i in index)].compute(scheduler="sync"))
-        values.append(block.ravel())
-    sample = np.concatenate(values).astype(np.float64)
-    low, high = np.percentile(sample, percentiles)
-    if not high > low:
-        raise InputError(
-            "the sampled input chunks have no contrast (all voxels equal); "
-            "pass normalize='model' to use the model's training range"
-        )
-    return Normalization(float(low), float(high))
+def normalize(raw: np.ndarray, norm, *, clip: bool = True) -> np.ndarray:
+    """Raw intensities -> model space float32 (clipped to [-1, 1] by default); ``norm`` is a
+    model config, a ``{"low", "high"}`` mapping or a :class:`Normalization`."""
+    return Normalization.of(norm).forward(raw, clip=clip)
+
+
+def denormalize(x: np.ndarray, norm, *, dtype: Any = np.float32) -> np.ndarray:
+    """Model space -> raw intensities in ``dtype`` (the inverse of :func:`normalize`; integer
+    dtypes are rounded and clipped to their range)."""
+    return to_dtype(Normalization.of(norm).inverse(x), dtype)
 
 
 def to_dtype(raw: np.ndarray, dtype) -> np.ndarray:
@@ -95,3 +103,6 @@ def to_dtype(raw: np.ndarray, dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(raw), info.min, info.max).astype(dtype)
     return np.asarray(raw).astype(dtype)
+
+
+__all__ = ["PERCENTILES", "Normalization", "from_model", "normalize", "denormalize", "to_dtype"]

@@ -1,11 +1,18 @@
 """Samplers: plain functions over a denoiser ``denoise(x_t, alpha_bar) -> x0_hat``.
 
-Every sampler is ``f(denoise, x_T, alphas, *, step_noise=None, ...) -> x0`` where ``alphas`` is
+Every sampler is ``f(denoise, x_T, alphas, *, step_noise=None, callback=None, ...) -> x0`` where
+``alphas`` is
 an ascending alpha-bar sequence of length ``n + 1`` ending at 1.0 (clean), as given by
 :meth:`emdiffuse.models.diffusion.Schedule.timesteps`; ``x_T`` is the initial standard-normal
 noise (the caller derives it from global coordinates). Stochastic samplers draw the noise of
 step ``i`` (0-based, ``i < n``) from ``step_noise(i)`` only — there is no hidden generator — and
 raise :class:`~emdiffuse.errors.InputError` without it.
+
+``callback`` (as in k-diffusion) is called after every step ``i`` with a dict: ``i`` (0-based
+step), ``x`` (the sample after the step), ``denoised`` (the x0 estimate of this step),
+``alpha_bar`` (the noise level that estimate was made at) and ``alpha_bar_next`` (the level
+``x`` is at now; 1.0 after the last step). It sees the sampler's own tensors: read them,
+do not modify them. For progress bars, previews and debugging; results do not depend on it.
 
 Precision: samplers do arithmetic in float32 on whatever ``denoise`` returns; mixed precision
 (bf16/fp16 autocast on GPU) is the caller's job around ``denoise`` (the Enhancer does it).
@@ -16,23 +23,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.diffusion import Schedule, as_schedule
-from emdiffuse.models.sampler_names import (
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    SAMPLER_NAMES,
-    SPACING_NAMES,
-    STOCHASTIC,
-    network_evaluations,
-    resolve_spacing,
-)
+from emdiffuse.models.sampler_names import SAMPLER_NAMES, resolve_spacing
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 StepNoise = Callable[[int], torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
 
 
 def _check_alphas(alphas: torch.Tensor) -> list[float]:
@@ -62,6 +63,14 @@ def _eps(x: torch.Tensor, x0: torch.Tensor, a: float) -> torch.Tensor:
     return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
 
+def _report(
+    callback: Callback | None, i: int, x: torch.Tensor, x0: torch.Tensor, at: float, ap: float
+) -> None:
+    """The per-step callback (module docstring)."""
+    if callback is not None:
+        callback({"i": i, "x": x, "denoised": x0, "alpha_bar": at, "alpha_bar_next": ap})
+
+
 @torch.no_grad()
 def sample_ddpm(
     denoise: Denoiser,
@@ -69,6 +78,7 @@ def sample_ddpm(
     alphas: torch.Tensor,
     *,
     step_noise: StepNoise | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0_hat) (the reference's sampler).
 
@@ -88,6 +98,7 @@ def sample_ddpm(
         var = beta * (1 - ap) / (1 - at)
         if i < len(a) - 2 and var > 0:
             x = x + math.sqrt(var) * _noise(step_noise, i, x, "ddpm")
+        _report(callback, i, x, x0, at, ap)
     return x
 
 
@@ -99,6 +110,7 @@ def sample_ddim(
     *,
     step_noise: StepNoise | None = None,
     eta: float = 0.0,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al.): ``eta = 0`` deterministic, ``eta = 1`` ~ ancestral; noise only if eta > 0."""
     if eta < 0:
@@ -113,6 +125,7 @@ def sample_ddim(
         x = math.sqrt(ap) * x0 + math.sqrt(max(1 - ap - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * _noise(step_noise, i, x, "ddim")
+        _report(callback, i, x, x0, at, ap)
     return x
 
 
@@ -123,6 +136,7 @@ def sample_dpmpp_2m(
     alphas: torch.Tensor,
     *,
     step_noise: StepNoise | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), data-prediction form: deterministic second-order multistep.
 
@@ -139,6 +153,7 @@ def sample_dpmpp_2m(
         x0 = denoise(x, at).float()
         if ap >= 1.0:
             x = x0
+            _report(callback, i, x, x0, at, ap)
             break
         lam, lam_next = 0.5 * math.log(at / (1 - at)), 0.5 * math.log(ap / (1 - ap))
         h = lam_next - lam
@@ -148,6 +163,7 @@ def sample_dpmpp_2m(
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
         x = math.sqrt((1 - ap) / (1 - at)) * x - math.sqrt(ap) * math.expm1(-h) * d
         old, h_last = x0, h
+        _report(callback, i, x, x0, at, ap)
     return x
 
 
@@ -159,6 +175,7 @@ def sample_dpmpp_2m_sde(
     *,
     step_noise: StepNoise | None = None,
     eta: float = 1.0,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE variant (midpoint form): stochastic, noise from ``step_noise``."""
     a = _check_alphas(alphas)
@@ -169,6 +186,7 @@ def sample_dpmpp_2m_sde(
         x0 = denoise(x, at).float()
         if ap >= 1.0:
             x = x0
+            _report(callback, i, x, x0, at, ap)
             break
         lam, lam_next = 0.5 * math.log(at / (1 - at)), 0.5 * math.log(ap / (1 - ap))
         h = lam_next - lam
@@ -183,6 +201,7 @@ def sample_dpmpp_2m_sde(
                 step_noise, i, x, "dpmpp_2m_sde"
             )
         old, h_last = x0, h
+        _report(callback, i, x, x0, at, ap)
     return x
 
 
@@ -194,6 +213,7 @@ def sample_dpmpp_3m_sde(
     *,
     step_noise: StepNoise | None = None,
     eta: float = 1.0,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``): stochastic third-order
     multistep in log-SNR, noise from ``step_noise``; ``eta = 0`` gives the 3M ODE solver.
@@ -215,6 +235,7 @@ def sample_dpmpp_3m_sde(
         x0 = denoise(x, at).float()
         if ap >= 1.0:
             x = x0
+            _report(callback, i, x, x0, at, ap)
             break
         h = 0.5 * math.log(ap / (1 - ap)) - 0.5 * math.log(at / (1 - at))
         g = (1 + eta) * h
@@ -236,9 +257,11 @@ def sample_dpmpp_3m_sde(
             )
         d_1, d_2 = x0, d_1
         h_1, h_2 = h, h_1
+        _report(callback, i, x, x0, at, ap)
     return x
 
 
+# name -> implementation; the names themselves are listed once, in sampler_names
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -261,20 +284,23 @@ def sample(
     step_noise: StepNoise | None = None,
     eta: float = 0.0,
     spacing: str | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing)``.
 
-    ``spacing`` (one of ``SPACING_NAMES``; None: the sampler's default, ``"time"`` for ddpm
-    — the reference's schedule — and ``"logsnr"`` for the others, far better at few steps).
+    ``spacing`` (one of ``sampler_names.SPACING_NAMES``; None: the sampler's default,
+    ``"time"`` for ddpm — the reference's schedule — and ``"logsnr"`` for the others, far
+    better at few steps). ``callback``: called after each step (module docstring).
     """
     spacing = resolve_spacing(sampler, spacing)
     alphas = as_schedule(schedule).timesteps(steps, spacing)
     fn = SAMPLERS[sampler]
+    kwargs: dict[str, Any] = {"step_noise": step_noise, "callback": callback}
     if sampler == "ddim":
-        return fn(denoise, x_T, alphas, step_noise=step_noise, eta=eta)
-    if sampler in _SDE:
-        return fn(denoise, x_T, alphas, step_noise=step_noise, eta=1.0 if eta == 0 else eta)
-    return fn(denoise, x_T, alphas, step_noise=step_noise)
+        kwargs["eta"] = eta
+    elif sampler in _SDE:
+        kwargs["eta"] = 1.0 if eta == 0 else eta
+    return fn(denoise, x_T, alphas, **kwargs)
 
 
 def sample_many(
@@ -287,10 +313,12 @@ def sample_many(
     step_noises: Sequence[StepNoise | None] | None = None,
     eta: float = 0.0,
     spacing: str | None = None,
+    callback: Callback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one sample per initial noise; return (mean, per-voxel std) over the draws.
 
     N = ``len(noises)`` >= 1; the std (unbiased=False, population) is zero for N = 1.
+    ``callback`` is called after every step of every draw (the draws run one after another).
     """
     if len(noises) < 1:
         raise InputError("sample_many needs at least one initial noise")
@@ -308,6 +336,7 @@ def sample_many(
             step_noise=s,
             eta=eta,
             spacing=spacing,
+            callback=callback,
         )
         for n, s in zip(noises, step_noises, strict=True)
     ]
@@ -316,7 +345,6 @@ def sample_many(
 
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_NAMES", "SPACING_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS",
-    "network_evaluations", "sample", "sample_many", "sample_ddpm",
-    "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
+    "SAMPLERS", "Callback", "sample", "sample_many", "sample_ddpm", "sample_ddim",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
 ]  # fmt: skip

@@ -37,8 +37,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from emdiffuse import __version__
 from emdiffuse.errors import InputError
 from emdiffuse.models.conditioning import UPSAMPLE_MODES
+from emdiffuse.models.config_fields import (
+    check_normalization,
+    check_schedule,
+    index_classes,
+    index_field,
+    jsonable,
+    unet_from_dict,
+)
 from emdiffuse.models.unet import UNetConfig
 
 VARIANTS: dict[str, str] = {
@@ -50,7 +59,6 @@ VARIANTS: dict[str, str] = {
 TASKS = ("denoise", "super-resolve", "isotropic")
 PREDICTIONS = ("eps", "x0", "v")
 LOSSES = ("mse", "l1")
-SCHEDULE_KINDS = ("linear", "cosine")
 SIZES = ("tiny", "small", "reference")
 
 # The reference's training schedule (EMDiffuse configs, "beta_schedule.train"): linear betas
@@ -98,8 +106,6 @@ _SIZES: dict[str, dict[str, Any]] = {
 
 
 def _version() -> str:
-    from emdiffuse import __version__
-
     return __version__
 
 
@@ -230,8 +236,8 @@ class ModelConfig:
             raise InputError(
                 f"model config: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}"
             )
-        _validate_schedule(self.schedule)
-        _validate_normalization(self.normalization)
+        check_schedule(self.schedule)
+        check_normalization(self.normalization)
         if self.cond_upsample not in UPSAMPLE_MODES:
             raise InputError(
                 f"model config: unknown cond_upsample {self.cond_upsample!r}; "
@@ -268,7 +274,7 @@ class ModelConfig:
                 f"model config: unet.out_channels is {u.out_channels} but {self.variant} "
                 f"(scale_factor {self.k}) needs {self.net_out_channels}"
             )
-        n_index = _index_classes(u)
+        n_index = index_classes(u)
         if self.use_index_embedding and n_index < self.out_slices:
             raise InputError(
                 f"model config: unet has {n_index} index embeddings but {self.variant} "
@@ -293,9 +299,9 @@ class ModelConfig:
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["unet"] = _jsonable(dataclasses.asdict(self.unet))
+        out["unet"] = jsonable(dataclasses.asdict(self.unet))
         out["voxel_size_nm"] = None if self.voxel_size_nm is None else list(self.voxel_size_nm)
-        out["schedule"] = _jsonable(dict(self.schedule))
+        out["schedule"] = jsonable(dict(self.schedule))
         out["normalization"] = {k: float(v) for k, v in self.normalization.items()}
         return out
 
@@ -314,7 +320,7 @@ class ModelConfig:
         for required in ("variant", "task", "scale_factor", "unet"):
             if required not in data:
                 raise InputError(f"model config: missing field {required!r}")
-        data["unet"] = _unet_from_dict(data["unet"])
+        data["unet"] = unet_from_dict(data["unet"])
         return cls(**data)
 
     @classmethod
@@ -328,82 +334,6 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
-
-
-def _index_classes(unet: UNetConfig) -> int:
-    """How many index embeddings the UNet has (0 = none)."""
-    for name in ("num_indices", "num_classes", "n_index", "index_classes"):
-        value = getattr(unet, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _index_field() -> str:
-    names = {f.name for f in dataclasses.fields(UNetConfig)}
-    for name in ("num_indices", "num_classes", "n_index", "index_classes"):
-        if name in names:
-            return name
-    raise RuntimeError("UNetConfig has no index-embedding field")
-
-
-def _unet_from_dict(data: Any) -> UNetConfig:
-    if isinstance(data, UNetConfig):
-        return data
-    if not isinstance(data, Mapping):
-        raise InputError("model config: field 'unet' must be a JSON object")
-    names = {f.name: f for f in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise InputError(f"model config: unknown unet field(s) {', '.join(unknown)}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = tuple(value) if isinstance(value, list) else value
-    try:
-        return UNetConfig(**kwargs)
-    except TypeError as error:
-        raise InputError(f"model config: bad 'unet' field ({error})") from None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _validate_schedule(schedule: Any) -> None:
-    if not isinstance(schedule, Mapping):
-        raise InputError("model config: field 'schedule' must be an object")
-    kind = schedule.get("kind")
-    if kind not in SCHEDULE_KINDS:
-        raise InputError(
-            f"model config: schedule.kind {kind!r} unknown; choose one of "
-            f"{', '.join(SCHEDULE_KINDS)}"
-        )
-    steps = schedule.get("steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise InputError(f"model config: schedule.steps {steps!r} must be an integer >= 2")
-    if kind == "linear":
-        lo, hi = schedule.get("beta_start"), schedule.get("beta_end")
-        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi < 1):
-            raise InputError(
-                f"model config: linear schedule needs 0 < beta_start < beta_end < 1, "
-                f"got {lo!r}, {hi!r}"
-            )
-
-
-def _validate_normalization(norm: Any) -> None:
-    if not isinstance(norm, Mapping) or set(norm) != {"low", "high"}:
-        raise InputError(
-            'model config: field \'normalization\' must be {"low": float, "high": float}'
-        )
-    lo, hi = norm["low"], norm["high"]
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)) or hi <= lo:
-        raise InputError(
-            f"model config: normalization low={lo!r}, high={hi!r} must be finite with low < high"
-        )
 
 
 def make_unet_config(
@@ -436,7 +366,7 @@ def make_unet_config(
     names = {f.name for f in dataclasses.fields(UNetConfig)}
     kwargs = {key: value for key, value in kwargs.items() if key in names}
     if use_index_embedding and task == "isotropic":
-        kwargs[_index_field()] = max(k - 1, 1)
+        kwargs[index_field()] = max(k - 1, 1)
     return UNetConfig(**kwargs)
 
 

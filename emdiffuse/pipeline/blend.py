@@ -6,6 +6,11 @@ zero, so a voxel at a volume border covered by one tile only is still covered. A
 value is ``sum_i w_i * v_i / sum_i w_i`` over all lattice tiles that cover it; since the
 lattice is global and every tile covering a voxel in a chunk intersects that chunk, the
 sum is the same in every chunking.
+
+The tasks add weighted tiles into a chunk's totals (:func:`add_weighted`), and
+:func:`finish_chunk` divides by the summed windows of every lattice tile over the chunk
+(:func:`chunk_weight`), maps back to raw units (mean and, over samples, the standard
+deviation) and copies the kept input slices of an isotropic run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from emdiffuse.pipeline.lattice import Box
+from emdiffuse.models.normalization import Normalization
+from emdiffuse.pipeline.lattice import Box, Lattice
 
 
 @lru_cache(maxsize=64)
@@ -44,40 +50,71 @@ def window_2d(tile: int, overlap: int) -> np.ndarray:
     return out
 
 
-class Accumulator:
-    """Weighted sum of tiles over one output-grid box (zyx).
+def intersect(a: Box, b: Box) -> Box | None:
+    """The common part of two boxes, or None when they do not overlap."""
+    box = tuple((max(p, q), min(r, s)) for (p, r), (q, s) in zip(a, b, strict=True))
+    return box if all(lo < hi for lo, hi in box) else None
 
-    ``add`` takes a tile's values over its own output box (any part may fall outside the
-    accumulator's box: only the intersection is used). ``result`` divides by the summed
-    weights; voxels no tile covered are NaN (the caller fills them, e.g. kept slices).
-    """
 
-    def __init__(self, box: Box, *, dtype=np.float64):
-        self.box = box
-        shape = tuple(b - a for a, b in box)
-        self.total = np.zeros(shape, dtype=dtype)
-        self.weight = np.zeros(shape, dtype=dtype)
+def add_weighted(dst: np.ndarray, dst_box: Box, tile_box: Box, values, window) -> None:
+    """``dst[box ∩ tile] += values * window`` (values on the tile's box, padding ignored)."""
+    inter = intersect(dst_box, tile_box)
+    if inter is None:
+        return
+    d = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, dst_box, strict=True))
+    s = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, tile_box, strict=True))
+    dst[d] += values[s] * window[s[1], s[2]]
 
-    def add(self, tile_box: Box, values: np.ndarray, window: np.ndarray) -> None:
-        """Add ``values`` (dz, ty, tx) on ``tile_box`` weighted by ``window`` (ty, tx).
 
-        ``values`` may be larger than the (cropped) ``tile_box`` in y and x: the extra part
-        (reflection padding) is ignored.
-        """
-        dst, src = [], []
-        for (a, b), (ta, tb) in zip(self.box, tile_box, strict=True):
-            lo, hi = max(a, ta), min(b, tb)
-            if lo >= hi:
-                return
-            dst.append(slice(lo - a, hi - a))
-            src.append(slice(lo - ta, hi - ta))
-        w = window[src[1], src[2]]
-        self.total[tuple(dst)] += values[tuple(src)] * w
-        self.weight[tuple(dst)] += w
+def chunk_weight(lattice: Lattice, box: Box) -> np.ndarray:
+    """Summed blend weights over output ``box`` (dz, dy, dx) float64: the windows of all
+    lattice tiles covering each voxel; 0 where the model writes nothing (kept slices)."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    window = window_2d(lattice.tile, lattice.overlap)
+    plane = np.zeros((y1 - y0, x1 - x0))
+    xs = [lattice.x.output_extent(i) for i in lattice.x.tiles_between(x0, x1)]
+    for iy in lattice.y.tiles_between(y0, y1):
+        ta, tb = lattice.y.output_extent(iy)
+        ly, hy = max(y0, ta), min(y1, tb)
+        for ua, ub in xs:
+            lx, hx = max(x0, ua), min(x1, ub)
+            plane[ly - y0 : hy - y0, lx - x0 : hx - x0] += window[
+                ly - ta : hy - ta, lx - ua : hx - ua
+            ]
+    rows = np.zeros(z1 - z0)
+    for unit in lattice.units_between(z0, z1):
+        a, b = lattice.unit_output_z(unit)
+        rows[max(a, z0) - z0 : min(b, z1) - z0] = 1.0
+    return rows[:, None, None] * plane[None]
 
-    def covered(self) -> np.ndarray:
-        return self.weight > 0
 
-    def result(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.weight > 0, self.total / self.weight, np.nan)
+def finish_chunk(
+    lattice: Lattice,
+    box: Box,
+    totals: np.ndarray,
+    normalization: Normalization,
+    kept_region: np.ndarray | None,
+    kept_box: Box | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weighted totals (samples, dz, dy, dx) in model space over output ``box`` ->
+    ``(mean, std or None)`` in raw units (float64; std only for 2 samples or more). The
+    kept original slices (isotropic) are copied from the input ``kept_region`` over
+    ``kept_box``."""
+    samples = totals.shape[0]
+    weight = chunk_weight(lattice, box)
+    covered = weight > 0
+    safe = np.where(covered, weight, 1.0)
+    blends = np.where(covered, totals / safe, 0.0)  # uncovered voxels: 0, replaced below
+    mean_model = blends.sum(axis=0) / samples
+    mean = normalization.inverse(mean_model)
+    std = None
+    if samples > 1:
+        var = np.maximum((blends**2).sum(axis=0) / samples - mean_model**2, 0.0)
+        std = normalization.scale_std(np.sqrt(var))
+    (z0, z1), (y0, y1), (x0, x1) = box
+    for z_out, z_in in lattice.kept_slices(z0, z1):
+        rz, ry, rx = (a for a, _ in kept_box)
+        mean[z_out - z0] = kept_region[z_in - rz, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+        if std is not None:
+            std[z_out - z0] = 0.0
+    return mean, std

@@ -2,12 +2,12 @@
 
 Two kinds of task, both keyed on block coordinates of the output chunk grid:
 
-- ``emdiffuse-tiles-<token>, z, y, x`` — :func:`~emdiffuse.pipeline.workers.produce_block`:
+- ``emdiffuse-tiles-<token>, z, y, x`` — :func:`~emdiffuse.pipeline.tasks.produce_block`:
   reads its own input region from the store, runs the tiles the block owns (every lattice
   tile is owned by exactly one block) and returns their weighted sums cut to the chunks
   they reach. These need the model: on a cluster with GPU workers they are annotated
   ``resources={"GPU": 1}``.
-- ``emdiffuse-chunk-<token>, z, y, x`` — :func:`~emdiffuse.pipeline.workers.run_chunk`:
+- ``emdiffuse-chunk-<token>, z, y, x`` — :func:`~emdiffuse.pipeline.tasks.run_chunk`:
   depends on its source blocks (itself and, along y and x, the blocks just before it whose
   tiles reach into it: at most 4 for 2D models, 8 when isotropic units straddle z chunks),
   blends, writes its region of the output and its done marker.
@@ -22,6 +22,7 @@ microseconds per chunk and the scheduler's cost per task stays flat.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import uuid
@@ -29,7 +30,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from emdiffuse.pipeline.workers import RunSpec, block_plan, produce_block, run_chunk
+import dask
+import dask.threaded
+import torch
+from dask.callbacks import Callback
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from distributed import progress as distributed_progress
+from tqdm.auto import tqdm
+
+from emdiffuse.pipeline.settings import RunSpec
+from emdiffuse.pipeline.tasks import block_plan, produce_block, run_chunk
 
 TASK_NAME = "emdiffuse-chunk"
 GRAPH_BYTES_PER_TASK = 2048  # generous bound on one pickled task of ours
@@ -74,16 +84,12 @@ def cluster_has_gpus(client) -> bool:
 
 
 def _accepts_n_workers(client) -> bool:
-    import inspect
-
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
 def gpu_annotated(graph: dict):
     """``graph`` as a HighLevelGraph whose tile tasks ask for ``resources={"GPU": 1}``
     (blending and writing may run on any worker)."""
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-
     spec = {k: v for k, v in graph.items() if not isinstance(k, tuple)}
     tiles = {k: v for k, v in graph.items() if is_tile_task(k)}
     chunks = {k: v for k, v in graph.items() if isinstance(k, tuple) and not is_tile_task(k)}
@@ -111,8 +117,6 @@ def cpu_count() -> int:
 @contextmanager
 def torch_threads(n: int):
     """Set torch's intra-op threads to ``n`` for the block (restored after)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(n)))
     try:
@@ -139,8 +143,6 @@ def run_graph(
     if not keys:
         return []
     if client is not None:
-        import dask
-
         submitted = gpu_annotated(graph) if cluster_has_gpus(client) else graph
         # The graph holds no array data, only ~0.5 KB of task description per task: at 10^4
         # chunks that passes distributed's 10 MB "large graph" warning, which is about data
@@ -150,16 +152,12 @@ def run_graph(
             futures = client.get(submitted, keys, sync=False)
         try:
             if progress:
-                from distributed import progress as distributed_progress
-
                 distributed_progress(futures, notebook=False)
                 print(file=sys.stderr)
             return client.gather(futures)
         except BaseException:
             client.cancel(futures)  # a crash or Ctrl-C stops the run; finished chunks are kept
             raise
-    import dask.threaded
-
     workers = max(1, num_workers or cpu_count())
     # Our own pool, shut down with wait=True however the run ends: after a failure or Ctrl-C
     # no task is still writing when enhance() returns (dask alone leaves them running).
@@ -178,9 +176,6 @@ class _ChunkBar:
     """A tqdm bar over the chunk tasks of a threaded run (tile tasks are not counted)."""
 
     def __init__(self, total: int):
-        from dask.callbacks import Callback
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, desc="chunks", unit="chunk")
         bar = self.bar
 

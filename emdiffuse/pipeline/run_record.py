@@ -2,8 +2,9 @@
 
 Layout under ``<out>/.emdiffuse/`` (zarr ignores it):
 
-- ``run.json`` — what the run computes (input, model hash, steps, seed, tile, ...), written
-  before the first chunk; ``--resume`` refuses to continue a run whose config differs.
+- ``run.json`` — what the run computes (input, model hash, steps, seed, tile, ...: the
+  :meth:`~emdiffuse.pipeline.settings.RunSpec.record` of its settings), written before the
+  first chunk; ``--resume`` refuses to continue a run whose record differs.
 - ``done/<z>.<y>.<x>`` — one empty marker per finished output chunk, written after the
   chunk's data (and uncertainty) via an atomic rename, so a marker never exists for a chunk
   whose data was not fully written.
@@ -20,8 +21,7 @@ import uuid
 from pathlib import Path
 
 from emdiffuse.errors import InputError
-
-RECORD_DIR = ".emdiffuse"
+from emdiffuse.io.output_safety import RECORD_DIR  # the folder an output's marks live in
 
 
 def record_dir(out: str | os.PathLike) -> Path:

@@ -43,7 +43,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage, special
 
-from emdiffuse.training.synthetic import coordinate_hash
+from emdiffuse.training.synthetic_fields import coordinate_hash
 
 EXACT_POISSON_BELOW = 12.0
 _STREAM_POISSON = 101

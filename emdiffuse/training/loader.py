@@ -5,7 +5,7 @@
     {"cond": (C_in, h, w) float32, "target": (C_out, H, W) float32, "key": int,
      "origin": (3,) int64 footprint origin (zyx voxels), ["index": int]}
 
-in model space [-1, 1] (``x = 2 (raw - low) / (high - low) - 1``, clipped), one of four
+in model space [-1, 1] (:mod:`emdiffuse.models.normalization`, clipped), one of four
 recipes (``k`` the scale factor, ``P = (H, W)`` the patch on the target grid):
 
 ``denoise``
@@ -22,8 +22,9 @@ recipes (``k`` the scale factor, ``P = (H, W)`` the patch on the target grid):
     and predicts the ones between, as at inference where z is the channel axis.
     ``axis="x"`` uses columns (x → channels, z → h, y → w); ``"both"`` draws either.
 
-Reading. Only the chunks a patch's footprint touches are read, straight from the zarr array
-(not through dask), through a small per-process LRU chunk cache. Stores are opened lazily in
+Reading (:mod:`emdiffuse.training.chunks`). Only the chunks a patch's footprint touches are
+read, straight from the zarr array (not through dask), through a small per-process LRU
+chunk cache. Stores are opened lazily in
 each process (DataLoader workers included): the dataset pickles as its source paths.
 
 Randomness. Sample ``key`` is drawn from ``numpy.random.default_rng((seed, split, key))``:
@@ -40,212 +41,30 @@ patches never share a voxel.
 
 from __future__ import annotations
 
-import math
 import os
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.normalization import PERCENTILES, Normalization
 from emdiffuse.training.augment import NONE, Augment, augment_pair
-
-RECIPES = ("denoise", "super-resolve", "isotropic", "anisotropic")
-SPLITS = {"train": 1, "val": 2}
-PERCENTILES = (0.5, 99.5)
-
-
-# --------------------------------------------------------------------------------------
-# chunk reading
-# --------------------------------------------------------------------------------------
-def _zarr_array_of(volume) -> Any | None:
-    """The zarr array behind an OME-Zarr :class:`Volume` (level ``volume.level``), or None."""
-    for name in ("array", "zarr_array", "_array"):
-        arr = getattr(volume, name, None)
-        if arr is not None and hasattr(arr, "chunks") and hasattr(arr, "__getitem__"):
-            if not hasattr(arr, "dask"):
-                return arr
-    path = str(getattr(volume, "path", "") or "")
-    if not path or path.lower().endswith((".tif", ".tiff")):
-        return None
-    try:
-        import zarr
-
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
-        ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
-        level = int(getattr(volume, "level", 0) or 0)
-        sub = ms[0]["datasets"][level]["path"]
-        arr = group[sub]
-    except Exception:
-        return None
-    if tuple(arr.shape) != tuple(volume.shape):
-        return None
-    return arr
-
-
-def _chunk_shape(arr) -> tuple[int, ...]:
-    chunks = getattr(arr, "chunks", None)
-    if chunks is None:
-        return tuple(arr.shape)
-    if chunks and isinstance(chunks[0], tuple):  # dask: per-axis chunk lists
-        return tuple(int(c[0]) for c in chunks)
-    return tuple(int(c) for c in chunks)
-
-
-class ChunkReader:
-    """Reads zyx regions of a 3D array whole chunk by whole chunk, through an LRU cache.
-
-    ``array`` is anything sliceable into numpy with a ``chunks`` attribute (zarr.Array, a
-    dask array, a numpy array); ``reads`` counts chunk fetches from the array (cache misses).
-    """
-
-    def __init__(self, array, *, cache_bytes: int = 64 << 20) -> None:
-        self.array = array
-        self.shape = tuple(int(s) for s in array.shape)
-        if len(self.shape) != 3:
-            raise InputError(f"expected a 3D (zyx) array, got shape {self.shape}")
-        self.direct = isinstance(array, np.ndarray)
-        self.chunks = _chunk_shape(array)
-        self.cache_bytes = int(cache_bytes)
-        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
-        self._cached = 0
-        self.reads = 0
-
-    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
-        block = self._cache.get(index)
-        if block is not None:
-            self._cache.move_to_end(index)
-            return block
-        region = tuple(
-            slice(i * c, min((i + 1) * c, s))
-            for i, c, s in zip(index, self.chunks, self.shape, strict=True)
-        )
-        block = self.array[region]
-        if hasattr(block, "compute"):
-            block = block.compute(scheduler="synchronous")
-        block = np.asarray(block)
-        self.reads += 1
-        if block.nbytes <= self.cache_bytes:
-            self._cache[index] = block
-            self._cached += block.nbytes
-            while self._cached > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= old.nbytes
-        return block
-
-    def read(self, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
-        """The region ``origin .. origin + size`` (zyx voxels, inside the array)."""
-        lo = [int(o) for o in origin]
-        hi = [o + int(s) for o, s in zip(lo, size, strict=True)]
-        if any(a < 0 or b > s for a, b, s in zip(lo, hi, self.shape, strict=True)):
-            raise ValueError(f"region {lo}..{hi} outside array {self.shape}")
-        if self.direct:
-            return np.asarray(self.array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
-        out = None
-        ranges = [
-            range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, self.chunks, strict=True)
-        ]
-        for iz in ranges[0]:
-            for iy in ranges[1]:
-                for ix in ranges[2]:
-                    index = (iz, iy, ix)
-                    block = self._chunk(index)
-                    if out is None:
-                        out = np.empty([b - a for a, b in zip(lo, hi, strict=True)], block.dtype)
-                    src, dst = [], []
-                    for i, c, a, b in zip(index, self.chunks, lo, hi, strict=True):
-                        s0, s1 = max(a, i * c), min(b, (i + 1) * c)
-                        src.append(slice(s0 - i * c, s1 - i * c))
-                        dst.append(slice(s0 - a, s1 - a))
-                    out[tuple(dst)] = block[tuple(src)]
-        return out
-
-    def sample_values(self, n_chunks: int, rng: np.random.Generator) -> np.ndarray:
-        """Values of up to ``n_chunks`` whole chunks picked by ``rng`` (for percentiles)."""
-        grid = [math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True)]
-        total = int(np.prod(grid))
-        picks = rng.choice(total, size=min(n_chunks, total), replace=False)
-        values = []
-        for flat in sorted(int(p) for p in picks):
-            index = tuple(int(i) for i in np.unravel_index(flat, grid))
-            block = self.array[
-                tuple(
-                    slice(i * c, min((i + 1) * c, s))
-                    for i, c, s in zip(index, self.chunks, self.shape, strict=True)
-                )
-            ]
-            if hasattr(block, "compute"):
-                block = block.compute(scheduler="synchronous")
-            values.append(np.asarray(block, dtype=np.float64).ravel())
-        return np.concatenate(values)
-
-
-class _As3D:
-    """A 2D (yx) array seen as zyx with one slice."""
-
-    def __init__(self, array) -> None:
-        self.array = array
-        self.shape = (1, *array.shape)
-        chunks = _chunk_shape(array)
-        self.chunks = (1, *chunks)
-        self.dtype = array.dtype
-
-    def __getitem__(self, region):
-        return np.asarray(self.array[region[1:]])[None]
-
-
-@dataclass
-class SourceInfo:
-    """What the dataset knows of a source without holding it open."""
-
-    shape: tuple[int, int, int]
-    chunks: tuple[int, int, int]
-    voxel_size: tuple[float, ...] | None
-    label: str
-
-
-def _open(source, voxel_size) -> tuple[Any, tuple[float, ...] | None, str]:
-    """``source`` -> (3D sliceable array, voxel size zyx nm or None, label)."""
-    if isinstance(source, (str, os.PathLike)):
-        from emdiffuse.io import open_volume
-
-        try:
-            volume = open_volume(str(source), voxel_size=voxel_size)
-        except InputError:
-            raise
-        except Exception as error:  # unreadable store: say which
-            raise InputError(f"cannot open training data {source}: {error}") from None
-        arr = _zarr_array_of(volume)
-        if arr is None:
-            arr = volume.data
-        vs = tuple(float(v) for v in volume.voxel_size) if volume.voxel_size else None
-        label = str(source)
-    elif hasattr(source, "data") and hasattr(source, "voxel_size") and hasattr(source, "axes"):
-        arr = _zarr_array_of(source)
-        if arr is None:
-            arr = source.data
-        vs = tuple(float(v) for v in source.voxel_size) if source.voxel_size else None
-        label = str(getattr(source, "path", "volume"))
-    else:
-        arr = source
-        vs = None if voxel_size is None else tuple(float(v) for v in voxel_size)
-        label = type(source).__name__
-    if not hasattr(arr, "shape") or not hasattr(arr, "__getitem__"):
-        raise InputError(f"training source {label} is not an array, path or Volume")
-    if np.dtype(arr.dtype).kind not in "uif":
-        raise InputError(f"training source {label} has dtype {arr.dtype}; use integer or float")
-    if len(arr.shape) == 2:
-        arr = _As3D(arr)
-        if vs is not None and len(vs) == 2:
-            vs = (vs[0], *vs)
-    elif len(arr.shape) != 3:
-        raise InputError(f"training source {label} has shape {arr.shape}; expected zyx or yx")
-    return arr, vs, label
+from emdiffuse.training.chunks import ChunkReader, SourceInfo, open_source
+from emdiffuse.training.degrade import blur_downsample_xy
+from emdiffuse.training.recipes import (
+    RECIPES,
+    SPLITS,
+    check_options,
+    check_pairing,
+    footprint,
+    patch_shape,
+    region_side,
+    scale_factor,
+    split_regions,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -288,40 +107,11 @@ class PatchDataset(IterableDataset):
         voxel_size: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if recipe not in RECIPES:
-            raise InputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        if split not in SPLITS:
-            raise InputError(f"split must be 'train' or 'val', got {split!r}")
-        if axis not in ("y", "x", "both"):
-            raise InputError(f"axis must be 'y', 'x' or 'both', got {axis!r}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise InputError(f"val_fraction {val_fraction} must be in [0, 1)")
-        if not 0 <= rank < world_size:
-            raise InputError(f"rank {rank} must be in 0..{world_size - 1}")
+        check_options(recipe, split, axis, val_fraction, rank, world_size)
         self.recipe = recipe
         self.sources = list(sources)
-        n_expected = {"denoise": (2,), "super-resolve": (1, 2), "isotropic": (1,),
-                      "anisotropic": (1,)}[recipe]  # fmt: skip
-        if len(self.sources) not in n_expected:
-            what = {
-                "denoise": "two sources: NOISY,CLEAN",
-                "super-resolve": "LOW,HIGH or HIGH alone",
-                "isotropic": "one isotropic volume",
-                "anisotropic": "one anisotropic volume",
-            }[recipe]
-            raise InputError(f"{recipe} takes {what}; got {len(self.sources)} source(s)")
-        default_k = {"denoise": 1, "super-resolve": 2, "isotropic": 4, "anisotropic": 4}[recipe]
-        self.k = int(default_k if factor is None else factor)
-        if recipe == "denoise" and self.k != 1:
-            raise InputError(f"denoise keeps the grid; factor must be 1, got {self.k}")
-        if recipe != "denoise" and self.k < 2:
-            raise InputError(f"{recipe} needs a factor k >= 2, got {self.k}")
-        ph, pw = (patch, patch) if isinstance(patch, (int, np.integer)) else tuple(patch)
-        self.patch = (int(ph), int(pw))
-        if min(self.patch) < 4:
-            raise InputError(f"patch {self.patch} too small; use at least 4 voxels a side")
-        if recipe == "super-resolve" and (ph % self.k or pw % self.k):
-            raise InputError(f"patch {self.patch} must be a multiple of the factor {self.k}")
+        self.k = scale_factor(recipe, len(self.sources), factor)
+        self.patch = patch_shape(recipe, patch, self.k)
         self.split = split
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
@@ -342,29 +132,24 @@ class PatchDataset(IterableDataset):
         self._voxel_size_arg = voxel_size
         self._readers: list[ChunkReader] | None = None
         self._pid: int | None = None
-
         readers = self._open_readers()
         self.infos = [
             SourceInfo(r.shape, r.chunks, vs, label)
             for r, (vs, label) in zip(readers, self._meta, strict=True)
         ]
-        self._check_geometry()
-        self.region = self._default_region() if region is None else int(region)
-        if self.region < max(self._footprint_yx()):
-            raise InputError(
-                f"region {self.region} is smaller than a patch footprint {self._footprint_yx()}; "
-                "use a larger --region or a smaller patch"
-            )
-        self.regions = self._make_regions()
+        check_pairing(
+            recipe, self.k, [i.shape for i in self.infos], [i.label for i in self.infos],
+            self._footprint(),
+        )  # fmt: skip
+        self.region = region_side(region, self._footprint_yx())
+        self.regions = split_regions(
+            self.infos[-1].shape[1:], self._footprint_yx(), self.region, self.val_fraction,
+            self.seed,
+        )  # fmt: skip
         if normalization is None:
             normalization = self._percentiles(readers, norm_chunks)
-        low, high = float(normalization["low"]), float(normalization["high"])
-        if not (math.isfinite(low) and math.isfinite(high) and high > low):
-            raise InputError(
-                f"intensity percentiles low={low}, high={high}: the training data has no "
-                "contrast; check the input"
-            )
-        self.normalization = {"low": low, "high": high}
+        self._norm = _training_range(normalization)
+        self.normalization = self._norm.to_dict()
 
     # ---- metadata --------------------------------------------------------------------
     @property
@@ -384,7 +169,7 @@ class PatchDataset(IterableDataset):
 
     def _open_readers(self) -> list[ChunkReader]:
         if self._readers is None or self._pid != os.getpid():
-            opened = [_open(s, self._voxel_size_arg) for s in self.sources]
+            opened = [open_source(s, self._voxel_size_arg) for s in self.sources]
             share = max(self.cache_bytes // len(opened), 1)
             self._readers = [ChunkReader(a, cache_bytes=share) for a, _, _ in opened]
             self._meta = [(vs, label) for _, vs, label in opened]
@@ -397,74 +182,12 @@ class PatchDataset(IterableDataset):
         state["_pid"] = None
         return state
 
-    def _check_geometry(self) -> None:
-        shapes = [i.shape for i in self.infos]
-        labels = [i.label for i in self.infos]
-        if self.recipe == "denoise" and shapes[0] != shapes[1]:
-            raise InputError(
-                f"denoise pairs must share one grid: {labels[0]} is {shapes[0]}, "
-                f"{labels[1]} is {shapes[1]}; register them first (emdiffuse register)"
-            )
-        if self.recipe == "super-resolve" and len(shapes) == 2:
-            (lz, ly, lx), (hz, hy, hx) = shapes
-            if lz != hz or hy // self.k != ly or hx // self.k != lx:
-                raise InputError(
-                    f"super-resolve pair: {labels[1]} {shapes[1]} is not {self.k}x "
-                    f"{labels[0]} {shapes[0]} in y and x; check --factor or the files"
-                )
-        z, y, x = shapes[-1]
-        fz, fy, fx = self._footprint()
-        if fz > z or fy > y or fx > x:
-            raise InputError(
-                f"{self.recipe} patch footprint (zyx) {(fz, fy, fx)} does not fit the volume "
-                f"{shapes[-1]}; use a smaller --patch or --factor"
-            )
-
     def _footprint(self) -> tuple[int, int, int]:
-        """Extent (zyx) of the target-grid region one sample reads (axis 'y' for -a)."""
-        ph, pw = self.patch
-        k, m = self.k, self.margin
-        if self.recipe == "isotropic":
-            return (k + 1, ph, pw)
-        if self.recipe == "anisotropic":
-            if self.axis == "x":
-                return (ph, pw, k + 1)
-            if self.axis == "y":
-                return (ph, k + 1, pw)
-            return (ph, max(k + 1, pw), max(k + 1, pw))
-        return (1, ph + 2 * m, pw + 2 * m)
+        """Extent (zyx) of the target-grid region one sample reads (``recipes.footprint``)."""
+        return footprint(self.recipe, self.patch, self.k, self.margin, self.axis)
 
     def _footprint_yx(self) -> tuple[int, int]:
         return self._footprint()[1:]
-
-    def _default_region(self) -> int:
-        side = max(self._footprint_yx())
-        return max(2 * side, 32)
-
-    # ---- validation split ------------------------------------------------------------
-    def _make_regions(self) -> dict[str, list[tuple[int, int, int, int]]]:
-        """yx regions (y0, y1, x0, x1) per split, each big enough for a footprint."""
-        _, Y, X = self.infos[-1].shape
-        fy, fx = self._footprint_yx()
-        r = self.region
-        usable = []
-        for y0 in range(0, Y, r):
-            for x0 in range(0, X, r):
-                y1, x1 = min(y0 + r, Y), min(x0 + r, X)
-                if y1 - y0 >= fy and x1 - x0 >= fx:
-                    usable.append((y0, y1, x0, x1))
-        n_val = 0
-        if self.val_fraction > 0:
-            n_val = max(1, int(round(self.val_fraction * len(usable))))
-            if len(usable) - n_val < 1:
-                raise InputError(
-                    f"the volume holds only {len(usable)} region(s) of {r} voxels; too few for "
-                    "a train/validation split: use a smaller region or patch, or val_fraction 0"
-                )
-        order = np.random.default_rng([self.seed, 0x5E1]).permutation(len(usable))
-        val = sorted(usable[i] for i in order[:n_val])
-        train = sorted(usable[i] for i in order[n_val:])
-        return {"train": train, "val": val}
 
     # ---- normalisation ---------------------------------------------------------------
     def _percentiles(self, readers, n_chunks: int) -> dict[str, float]:
@@ -476,9 +199,7 @@ class PatchDataset(IterableDataset):
         return {"low": float(low), "high": float(high)}
 
     def _normalise(self, raw: np.ndarray) -> np.ndarray:
-        low, high = self.normalization["low"], self.normalization["high"]
-        x = (raw.astype(np.float32) - np.float32(low)) * np.float32(2.0 / (high - low)) - 1.0
-        return np.clip(x, -1.0, 1.0, out=x)
+        return self._norm.forward(raw, clip=True)
 
     # ---- samples ---------------------------------------------------------------------
     def _draw_origin(self, rng: np.random.Generator, split: str, foot) -> tuple[int, int, int]:
@@ -507,8 +228,6 @@ class PatchDataset(IterableDataset):
             cond = readers[0].read((z, y // k, x // k), (1, ph // k, pw // k))
             target = readers[1].read(origin, (1, ph, pw))
         elif self.recipe == "super-resolve":
-            from emdiffuse.training.degrade import blur_downsample_xy
-
             region = readers[0].read(origin, (1, ph + 2 * m, pw + 2 * m)).astype(np.float32)
             low = np.asarray(blur_downsample_xy(region, k), dtype=np.float32)
             cond = low[:, m // k : m // k + ph // k, m // k : m // k + pw // k]
@@ -563,10 +282,7 @@ class PatchDataset(IterableDataset):
         return out
 
     def _axis_footprint(self, axis: str) -> tuple[int, int, int]:
-        if self.recipe != "anisotropic":
-            return self._footprint()
-        ph, pw = self.patch
-        return (ph, self.k + 1, pw) if axis == "y" else (ph, pw, self.k + 1)
+        return footprint(self.recipe, self.patch, self.k, self.margin, axis)
 
     def footprint_of(self, sample: dict[str, Any], axis: str | None = None) -> tuple[slice, ...]:
         """The zyx region (target grid) a sample was read from, for checks."""
@@ -590,14 +306,25 @@ class PatchDataset(IterableDataset):
 
     def batch(self, keys: Sequence[int], split: str | None = None) -> dict[str, Any]:
         """Collated samples of these keys (e.g. a fixed validation batch)."""
-        from torch.utils.data import default_collate
-
         return default_collate([self.sample(k, split) for k in keys])
 
     @property
     def reads(self) -> int:
         """Chunks read from storage by this process so far (cache misses)."""
         return sum(r.reads for r in self._readers or [])
+
+
+# --------------------------------------------------------------------------------------
+def _training_range(normalization) -> Normalization:
+    """The intensity range as a :class:`Normalization`, refused without contrast."""
+    low, high = float(normalization["low"]), float(normalization["high"])
+    try:
+        return Normalization(low, high)
+    except InputError:
+        raise InputError(
+            f"intensity percentiles low={low}, high={high}: the training data has no "
+            "contrast; check the input"
+        ) from None
 
 
 def make_loader(
@@ -615,4 +342,4 @@ def make_loader(
     )
 
 
-__all__ = ["PatchDataset", "ChunkReader", "make_loader", "RECIPES"]
+__all__ = ["PatchDataset", "make_loader", "RECIPES"]

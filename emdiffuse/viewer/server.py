@@ -49,6 +49,7 @@ _MIME = {
 
 def client_dir() -> Path:
     """Folder of the neuroglancer web client bundled in the ``neuroglancer`` wheel."""
+    # imported here: neuroglancer is the optional `view` extra, needed only for its client
     import neuroglancer
 
     folder = Path(neuroglancer.__file__).parent / "static" / "client"

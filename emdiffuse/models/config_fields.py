@@ -1,0 +1,96 @@
+"""Checks and JSON forms of :class:`~emdiffuse.models.variants.ModelConfig`'s fields: the
+noise schedule, the normalisation, the UNet architecture and its index embedding."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from emdiffuse.errors import InputError
+from emdiffuse.models.unet import UNetConfig
+
+SCHEDULE_KINDS = ("linear", "cosine")
+
+
+def index_classes(unet: UNetConfig) -> int:
+    """How many index embeddings the UNet has (0 = none)."""
+    for name in ("num_indices", "num_classes", "n_index", "index_classes"):
+        value = getattr(unet, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def index_field() -> str:
+    names = {f.name for f in dataclasses.fields(UNetConfig)}
+    for name in ("num_indices", "num_classes", "n_index", "index_classes"):
+        if name in names:
+            return name
+    raise RuntimeError("UNetConfig has no index-embedding field")
+
+
+def unet_from_dict(data: Any) -> UNetConfig:
+    if isinstance(data, UNetConfig):
+        return data
+    if not isinstance(data, Mapping):
+        raise InputError("model config: field 'unet' must be a JSON object")
+    names = {f.name: f for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InputError(f"model config: unknown unet field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return UNetConfig(**kwargs)
+    except TypeError as error:
+        raise InputError(f"model config: bad 'unet' field ({error})") from None
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def check_schedule(schedule: Any) -> None:
+    if not isinstance(schedule, Mapping):
+        raise InputError("model config: field 'schedule' must be an object")
+    kind = schedule.get("kind")
+    if kind not in SCHEDULE_KINDS:
+        raise InputError(
+            f"model config: schedule.kind {kind!r} unknown; choose one of "
+            f"{', '.join(SCHEDULE_KINDS)}"
+        )
+    steps = schedule.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise InputError(f"model config: schedule.steps {steps!r} must be an integer >= 2")
+    if kind == "linear":
+        lo, hi = schedule.get("beta_start"), schedule.get("beta_end")
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi < 1):
+            raise InputError(
+                f"model config: linear schedule needs 0 < beta_start < beta_end < 1, "
+                f"got {lo!r}, {hi!r}"
+            )
+
+
+def check_normalization(norm: Any) -> None:
+    if not isinstance(norm, Mapping) or set(norm) != {"low", "high"}:
+        raise InputError(
+            'model config: field \'normalization\' must be {"low": float, "high": float}'
+        )
+    lo, hi = norm["low"], norm["high"]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)) or hi <= lo:
+        raise InputError(
+            f"model config: normalization low={lo!r}, high={hi!r} must be finite with low < high"
+        )
+
+
+__all__ = [
+    "SCHEDULE_KINDS", "index_classes", "index_field", "unet_from_dict", "jsonable",
+    "check_schedule", "check_normalization",
+]  # fmt: skip

@@ -1,0 +1,50 @@
+"""The images a run writes: created empty before the first chunk (the mean, and the
+``uncertainty`` child image when ``samples >= 2``), finished with their pyramids and
+metadata after the last."""
+
+from __future__ import annotations
+
+from emdiffuse.io import create_image, finalize_image
+from emdiffuse.pipeline.settings import RunSpec
+
+
+def create_outputs(spec: RunSpec, *, overwrite: bool) -> None:
+    """Create the run's output image(s) for region writes. With ``overwrite`` the earlier
+    image goes first, run record included (only an image emdiffuse wrote)."""
+    shape = spec.image_shape(spec.lattice.output_shape)
+    chunks = spec.image_shape(spec.chunks)
+    geometry = dict(
+        voxel_size=spec.output_voxel_size,
+        axes=spec.output_axes,
+        translation=spec.output_translation,
+    )
+    create_image(
+        spec.output_path,
+        shape=shape,
+        dtype=spec.settings.dtype,
+        chunks=chunks,
+        overwrite=overwrite,
+        **geometry,
+    )
+    if spec.settings.samples > 1:
+        create_image(
+            spec.uncertainty_path,
+            shape=shape,
+            dtype="float32",
+            chunks=chunks,
+            overwrite=True,
+            name="uncertainty",
+            **geometry,
+        )
+
+
+def finalize_outputs(spec: RunSpec) -> None:
+    """Build the pyramids and write the metadata of the run's output image(s)."""
+    geometry = dict(
+        voxel_size=spec.output_voxel_size,
+        axes=spec.output_axes,
+        translation=spec.output_translation,
+    )
+    finalize_image(spec.output_path, **geometry)
+    if spec.settings.samples > 1:
+        finalize_image(spec.uncertainty_path, **geometry)

@@ -1,0 +1,278 @@
+"""The settings of an enhancement run: declared once, validated once, recorded once.
+
+- :class:`RunSettings`: what the run computes (sampler, steps, spacing, samples, seed, tile,
+  overlap, chunks, normalize, dtype) and how (device, precision, batch size). Built once
+  by :func:`emdiffuse.enhance` from its keywords, by the CLI and the workflow scripts from
+  the CLI's options (``emdiffuse._cli.enhance.add_arguments``, the one declaration of
+  them); every value is checked in ``__post_init__`` and nowhere else.
+- :class:`Source`: what the run reads (input, level, voxel size; the model and the task and
+  factor expected of it).
+- :class:`Scheduling`: where the run computes (a client, a scheduler address, Dask's
+  threads in this process, or a LocalCluster of ``workers``).
+- :class:`RunSpec`: the settings resolved against the input and the model (defaults filled
+  in, tile lattice, output chunks and grid, intensity normalisation, the checkpoint's hash):
+  everything a chunk task needs, small and picklable. :meth:`RunSpec.record` is the run
+  record ``run.json``; ``--resume`` continues only a run whose record is the same.
+
+This module imports neither torch nor Dask: the CLI reads its defaults at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_spacing
+from emdiffuse.pipeline.lattice import Lattice
+
+if TYPE_CHECKING:  # a type only: the record stays importable without the models' numerics
+    from emdiffuse.models.normalization import Normalization
+
+SEED_MAX = 2**63 - 1  # the noise key packs the seed as a signed 64-bit integer (pipeline.noise)
+CONNECT_TIMEOUT = 5.0  # seconds to reach a Dask scheduler (distributed's own default is 30)
+NORMALIZE_MODES = ("model", "auto")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what models.enhancer.Enhancer accepts
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DEFAULT_TILE_MAX = 256  # the default tile side (output grid), at most
+DEFAULT_CHUNK_YX = 512  # the default output chunk side in y and x
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int when it is a positive integer (not a bool), else InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int when the noise generator takes it (0 … 2**63 - 1)."""
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+        or not 0 <= seed <= SEED_MAX
+    ):
+        raise InputError(f"seed must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+    return int(seed)
+
+
+def _check_overlap(overlap) -> int | None:
+    if overlap is None:
+        return None
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)):
+        raise InputError(f"overlap must be an integer, got {overlap!r}")
+    return int(overlap)
+
+
+def _check_chunks(chunks) -> int | tuple[int, ...] | None:
+    """None (the default chunks), one size for every axis, or one size per axis."""
+    if chunks is None:
+        return None
+    if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        return check_positive_int("each chunk size", chunks)
+    return tuple(check_positive_int("each chunk size", c) for c in chunks)
+
+
+def _check_dtype(dtype) -> str | None:
+    """The output dtype's name (None: the input's), an integer or float type."""
+    if dtype is None:
+        return None
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise InputError(f"unknown dtype {dtype!r}; use e.g. uint8, uint16 or float32") from None
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"output dtype {dtype} is not an integer or float type")
+    return str(dtype)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run computes and how; the defaults here are the API's and the CLI's.
+
+    ``spacing`` None is the sampler's default (``time`` for ddpm, ``logsnr`` for the
+    others) and is filled in on construction; ``tile``, ``overlap``, ``chunks`` (one size,
+    or one per axis) and ``dtype`` None are chosen for the input and the model when the run
+    is prepared. ``normalize``: ``model`` (the model's training range) or ``auto``
+    (percentiles of a sample of the input). ``device``: auto, cpu, cuda or cuda:N.
+    """
+
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
+    spacing: str | None = None
+    samples: int = 1
+    seed: int = 0
+    tile: int | None = None
+    overlap: int | None = None
+    chunks: int | tuple[int, ...] | None = None
+    normalize: str = "model"
+    dtype: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        checked = {
+            "steps": check_positive_int("steps", self.steps),
+            "samples": check_positive_int("samples", self.samples),
+            "batch_size": check_positive_int("batch_size", self.batch_size),
+            "seed": check_seed(self.seed),
+            "spacing": resolve_spacing(self.sampler, self.spacing),  # refuses unknown names
+        }
+        if self.normalize not in NORMALIZE_MODES:
+            raise InputError(f"normalize must be 'model' or 'auto', got {self.normalize!r}")
+        device = str(self.device)
+        if not (device in ("auto", "cpu") or device.startswith("cuda")):
+            raise InputError(f"unknown device {self.device!r}; use {DEVICE_CHOICES}")
+        if self.precision not in PRECISIONS:
+            raise InputError(
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+            )
+        checked["device"] = device
+        checked["tile"] = None if self.tile is None else check_positive_int("tile", self.tile)
+        checked["overlap"] = _check_overlap(self.overlap)
+        checked["chunks"] = _check_chunks(self.chunks)
+        checked["dtype"] = _check_dtype(self.dtype)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default (what the CLI's options declare as theirs)."""
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a run reads: the input volume (``level`` of its pyramid; ``voxel_size`` in nm
+    when its metadata lacks it) and the model checkpoint, refused when it was made for
+    another ``task`` or ``scale_factor`` (None: any)."""
+
+    input: str
+    model: str
+    level: int = 0
+    voxel_size: str | float | Sequence[float] | None = None
+    task: str | None = None
+    scale_factor: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input", str(self.input))
+        object.__setattr__(self, "model", str(self.model))
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """Where a run computes: ``client`` (a ``distributed.Client``) if given; else
+    ``scheduler="threads"`` (Dask's threaded scheduler in this process, ``workers``
+    threads), a scheduler address (``tcp://...``, reached within ``connect_timeout``
+    seconds), or None: a LocalCluster started for the run (one worker per GPU, else
+    ``workers`` CPU worker processes) and closed at its end."""
+
+    client: Any = None
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("workers (--workers)", self.workers),
+            ("threads per worker (--threads-per-worker)", self.threads_per_worker),
+        ):
+            if value is not None:
+                check_positive_int(name, value)
+        if self.client is None and self.remote and not str(self.scheduler).startswith(
+            SCHEDULER_SCHEMES
+        ):
+            raise InputError(
+                f"scheduler must be 'threads' or an address like tcp://host:8786, "
+                f"got {self.scheduler!r}"
+            )
+
+    @property
+    def remote(self) -> bool:
+        """The run computes elsewhere than in this process (a client or an address)."""
+        return self.client is not None or self.scheduler not in (None, "threads")
+
+    @property
+    def threads(self) -> bool:
+        """The run computes on Dask's threaded scheduler in this process."""
+        return self.client is None and self.scheduler == "threads"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A prepared run: its settings resolved against the input and the model.
+
+    ``settings`` has every default filled in (tile, overlap, spacing, dtype; ``chunks`` the
+    output chunk shape zyx, z 1 for a 2D input, which runs as one z slice). The tasks open
+    the input and output stores themselves from the paths here. ``chunk_hook(index)`` is
+    called at the start of every chunk task (instrumentation).
+    """
+
+    settings: RunSettings
+    input_path: str
+    input_level: int
+    input_voxel_size: tuple[float, ...] | None
+    input_ndim: int  # 2 (yx, run as one z slice) or 3
+    checkpoint: str
+    lattice: Lattice
+    output_path: str
+    normalization: Normalization
+    checkpoint_sha256: str | None = None  # the run record's hash: workers load exactly this
+    variant: str = ""
+    scale_factor: int = 1
+    output_voxel_size: tuple[float, ...] = ()  # nm, zyx or yx as the input
+    output_translation: tuple[float, ...] = ()
+    chunk_hook: Callable[[tuple], None] | None = None
+
+    @property
+    def chunks(self) -> tuple[int, int, int]:
+        """The output chunk shape (zyx)."""
+        return self.settings.chunks
+
+    @property
+    def uncertainty_path(self) -> str:
+        return f"{self.output_path}/uncertainty"
+
+    @property
+    def output_axes(self) -> str:
+        return "zyx" if self.input_ndim == 3 else "yx"
+
+    def image_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """A zyx shape as the output image has it (yx for a 2D input)."""
+        return tuple(shape) if self.input_ndim == 3 else tuple(shape[1:])
+
+    def record(self) -> dict:
+        """The run record (``run.json``): what the run computes. Device, precision, batch
+        size and scheduling are left out: a run resumes on any of them."""
+        s = self.settings
+        path = self.input_path
+        return {
+            "input": os.path.abspath(path) if "://" not in path else path,
+            "input_level": int(self.input_level),
+            "input_shape": list(map(int, self.image_shape(self.lattice.input_shape))),
+            "model_sha256": self.checkpoint_sha256,
+            "variant": self.variant,
+            "scale_factor": int(self.scale_factor),
+            "steps": int(s.steps),
+            "samples": int(s.samples),
+            "seed": int(s.seed),
+            "tile": int(s.tile),
+            "overlap": int(s.overlap),
+            "sampler": s.sampler,
+            "spacing": s.spacing,
+            "chunks": list(map(int, s.chunks)),
+            "normalization": self.normalization.to_dict(),
+            "dtype": str(np.dtype(s.dtype)),
+            "output_shape": list(map(int, self.lattice.output_shape)),
+        }

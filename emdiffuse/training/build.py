@@ -1,0 +1,127 @@
+"""What a training run is made of, built from its settings: the patch dataset, the model
+config (a preset, or the ``--init`` model's, plus the data's statistics) and the network."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from emdiffuse.errors import InputError
+from emdiffuse.models.checkpoints import load_checkpoint
+from emdiffuse.models.unet import UNet, UNetConfig
+from emdiffuse.models.variants import ModelConfig, make_config
+from emdiffuse.training.loader import PatchDataset
+from emdiffuse.training.settings import TASK_VARIANTS, TrainSettings
+
+
+def split_data(data) -> list[Any]:
+    """The sources of ``data``: a comma-separated string of paths, or a sequence."""
+    if isinstance(data, (str, os.PathLike)):
+        return [p for p in str(data).split(",") if p]
+    return list(data)
+
+
+def build_dataset(s: TrainSettings, sources: Sequence[Any], **kw) -> PatchDataset:
+    """The training patches of ``s`` (``kw``: further :class:`PatchDataset` options)."""
+    return PatchDataset(
+        s.task,
+        sources,
+        s.patch,
+        factor=s.factor,
+        val_fraction=s.val_fraction,
+        region=s.region,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        axis=s.axis,
+        voxel_size=s.voxel_size,
+        **kw,
+    )
+
+
+def load_init(s: TrainSettings) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The ``--init`` model to fine-tune (config, weights)."""
+    config, state = load_checkpoint(s.init)
+    if s.objective == "regression" and config.prediction != "x0":
+        raise InputError(
+            f"--init model predicts {config.prediction!r}; a regression run "
+            "fine-tunes only a regression (x0) model"
+        )
+    return config, state
+
+
+def build_config(s: TrainSettings, dataset, init_config: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig of a run: a preset (or the --init model's) plus the data's statistics."""
+    variant = TASK_VARIANTS[s.task]
+    data = {
+        "normalization": dict(dataset.normalization),
+        "voxel_size_nm": dataset.voxel_size,
+        "training_data": ",".join(str(d) for d in s.data),
+    }
+    if init_config is not None:
+        _check_init(init_config, variant, s.task, dataset.k)
+        return init_config.replace(variant=variant, **data)
+    kwargs: dict[str, Any] = {}
+    if s.schedule is not None:
+        kwargs["schedule"] = s.schedule
+    config = make_config(
+        variant, s.size, scale_factor=dataset.k, prediction=s.prediction, loss=s.loss,
+        **data, **kwargs,
+    )  # fmt: skip
+    if s.unet:
+        config = config.replace(unet=_override_unet(config.unet, s.unet))
+    return config
+
+
+def _check_init(init_config: ModelConfig, variant: str, task: str, k: int) -> None:
+    if init_config.variant != variant and not (
+        init_config.task == "isotropic" and task in ("isotropic", "anisotropic")
+    ):
+        raise InputError(
+            f"--init model is {init_config.describe()} but this run trains {task}; "
+            "fine-tune from a model of the same task"
+        )
+    if init_config.scale_factor != k:
+        raise InputError(
+            f"--init model has scale factor {init_config.scale_factor} but --factor is "
+            f"{k}; use the same factor"
+        )
+
+
+def _override_unet(unet: UNetConfig, overrides: Mapping[str, Any]) -> UNetConfig:
+    """The preset's architecture with some fields replaced (``TrainSettings.unet``)."""
+    names = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise InputError(f"unet: unknown field(s) {', '.join(unknown)}; known: {sorted(names)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    try:
+        return dataclasses.replace(unet, **values)
+    except TypeError as error:
+        raise InputError(f"unet: {error}") from None
+
+
+def build_net(config: ModelConfig, seed: int) -> torch.nn.Module:
+    """The network of ``config``, initialised from ``seed`` (torch's global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(config.unet)
+
+
+def check_patch(s: TrainSettings, config: ModelConfig) -> None:
+    """The patch side must suit the network (its downsampling) and the scale factor."""
+    multiple = math.lcm(config.unet.multiple, config.xy_scale)
+    if s.patch % multiple:
+        raise InputError(
+            f"--patch {s.patch} must be a multiple of {multiple} for this model; "
+            f"try --patch {-(-s.patch // multiple) * multiple}"
+        )
+
+
+__all__ = [
+    "split_data", "build_dataset", "build_config", "build_net", "load_init", "check_patch",
+]  # fmt: skip

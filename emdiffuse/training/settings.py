@@ -1,0 +1,217 @@
+"""The settings of a training run: :class:`TrainSettings`, the one home of every default.
+
+``train(task, data, out, **settings)`` (:mod:`emdiffuse.training.trainer`), the ``emdiffuse
+train`` command (its option defaults are read from here), the demo (:data:`DEMO_SETTINGS`)
+and the benchmarks all build one record with :meth:`TrainSettings.build`, which refuses
+unknown names, converts numbers and checks the values before anything runs. The record is
+stored as ``settings.json`` in the run folder and in every checkpoint; ``--resume`` compares
+the :data:`RESUME_FIELDS` of the two.
+
+Torch-free, so the command line can read the defaults without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import check_sampler
+
+TASK_VARIANTS = {
+    "denoise": "emdiffuse-n",
+    "super-resolve": "emdiffuse-r",
+    "isotropic": "vemdiffuse-i",
+    "anisotropic": "vemdiffuse-a",
+}
+OBJECTIVES = ("diffusion", "regression")
+LR_SCHEDULES = ("constant", "cosine")
+AXES = ("y", "x", "both")
+# settings a resumed run must share with the checkpoint it resumes
+RESUME_FIELDS = ("task", "batch_size", "patch", "seed", "prediction", "size", "objective")
+# UNet fields the variant decides (channels, dimensionality, index embedding): not overridable
+_UNET_FIXED = ("dims", "in_channels", "out_channels", "use_index_embedding", "num_indices")
+
+
+@dataclass
+class TrainSettings:
+    """Everything that decides a run (stored in ``settings.json`` and every checkpoint)."""
+
+    task: str
+    data: list[str]
+    size: str = "tiny"  # model preset: tiny, small, reference
+    unet: dict[str, Any] | None = None  # overrides of the preset's UNet fields (channel_mults, …)
+    steps: int = 2000
+    batch_size: int = 8  # per process: the global batch is batch_size x world size
+    patch: int = 64  # side on the output grid
+    lr: float = 2e-4
+    warmup: int = 100
+    lr_schedule: str = "constant"  # or "cosine" (to lr * min_lr_ratio at `steps`)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    prediction: str = "v"
+    loss: str = "mse"
+    sampler: str = "ddim"  # validation sampler
+    val_steps: int = 4
+    val_every: int = 250
+    val_batch: int = 8
+    ckpt_every: int = 250
+    factor: int | None = None
+    axis: str = "both"
+    val_fraction: float = 0.1
+    region: int | None = None
+    workers: int = 0
+    seed: int = 0
+    init: str | None = None
+    voxel_size: list[float] | None = None
+    schedule: dict[str, Any] | None = None  # training noise schedule (default: the reference's)
+    time_limit: float | None = None  # seconds; stops early (demo)
+    objective: str = "diffusion"  # or "regression" (CARE-style baseline, see train())
+
+    # ---- building --------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls, task: str, data: Sequence[str], overrides: Mapping[str, Any] | None = None
+    ) -> TrainSettings:
+        """The settings of a run on ``data`` (labels of the sources) with ``overrides``
+        (field name -> value) over the defaults: unknown names raise ``TypeError`` (as an
+        unknown keyword would), numbers are converted, then :meth:`validate` runs."""
+        if task not in TASK_VARIANTS:
+            raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASK_VARIANTS)}")
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise TypeError(f"train() got unknown option(s) {', '.join(unknown)}")
+        values = {name: _convert(name, value) for name, value in overrides.items()}
+        settings = cls(task=task, data=list(data), **values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check the values; a regression run forces its prediction, loss and sampler steps."""
+        for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_steps", "val_batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise InputError(f"lr must be positive, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(
+                f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.axis not in AXES:
+            raise InputError(f"axis must be 'y', 'x' or 'both', got {self.axis!r}")
+        check_sampler(self.sampler)
+        if self.unet is not None:
+            fixed = sorted(set(self.unet) & set(_UNET_FIXED))
+            if fixed:
+                raise InputError(
+                    f"unet: {', '.join(fixed)} follow(s) from the task and factor; leave out"
+                )
+        if self.objective == "regression":
+            self.prediction, self.loss, self.val_steps = "x0", "l1", 1
+
+    # ---- records ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def resume_mismatch(self, saved: Mapping[str, Any]) -> str | None:
+        """The first of :data:`RESUME_FIELDS` that differs from a checkpoint's settings."""
+        saved = {"objective": "diffusion", **saved}  # checkpoints from before the option
+        for name in RESUME_FIELDS:
+            if saved.get(name) != getattr(self, name):
+                return name
+        return None
+
+
+def field_names() -> list[str]:
+    """The names :meth:`TrainSettings.build` accepts as overrides (every field but task, data)."""
+    return [f.name for f in dataclasses.fields(TrainSettings) if f.name not in ("task", "data")]
+
+
+def defaults() -> dict[str, Any]:
+    """Every default, by field name (the command line's option defaults)."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(TrainSettings)
+        if f.default is not dataclasses.MISSING
+    }
+
+
+def data_labels(sources: Sequence[Any]) -> list[str]:
+    """How the settings record names the sources: paths as they are, arrays by type."""
+    return [str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__ for x in sources]
+
+
+_INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "val_batch",
+         "ckpt_every", "workers", "seed", "factor", "region"}  # fmt: skip
+_FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
+           "time_limit"}  # fmt: skip
+
+
+def _convert(name: str, value: Any) -> Any:
+    """``value`` as the field's type (None stays None where the field allows it)."""
+    if value is None:
+        return None
+    try:
+        if name in _INTS:
+            return int(value)
+        if name in _FLOATS:
+            return float(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if name in _INTS else "a number"
+        raise InputError(f"{name} must be {kind}, got {value!r}") from None
+    if name == "init":
+        return str(value)
+    if name in ("unet", "schedule"):
+        return dict(value)
+    if name == "voxel_size":
+        return [float(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# the demo's settings
+# --------------------------------------------------------------------------------------
+# Settings that learn the synthetic denoising task on 2 CPU cores in about 5 minutes: the
+# tiny preset, v-prediction (good at few sampler steps), a high learning rate with cosine
+# decay, small 48² patches in batches of 8, and a fast EMA.
+DEMO_SETTINGS: dict[str, Any] = {
+    "size": "tiny",
+    "batch_size": 8,
+    "patch": 48,
+    "lr": 2e-3,
+    "warmup": 50,
+    "lr_schedule": "cosine",
+    "min_lr_ratio": 0.05,
+    "ema_decay": 0.995,
+    "grad_clip": 1.0,
+    "prediction": "v",
+    "sampler": "ddim",
+    "val_steps": 4,
+    "val_every": 500,
+    "val_batch": 4,
+    "ckpt_every": 500,
+    "region": 96,
+    "val_fraction": 0.1,
+}
+DEMO_NOISE = {"dose": 2.0, "read_noise": 0.05}
+DEMO_STEPS_PER_MINUTE = 300  # cosine horizon; training also stops at the time limit
+
+
+__all__ = [
+    "TrainSettings", "TASK_VARIANTS", "OBJECTIVES", "LR_SCHEDULES", "AXES", "RESUME_FIELDS",
+    "field_names", "defaults", "data_labels", "DEMO_SETTINGS", "DEMO_NOISE",
+    "DEMO_STEPS_PER_MINUTE",
+]  # fmt: skip
