@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install headless Chromium for tests/test_view_browser.py (Debian). Idempotent.
+# Install headless Chromium for tests/viewer/test_view_browser.py (Debian). Idempotent.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then
     echo "chromium present: $(command -v chromium)"

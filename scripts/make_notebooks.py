@@ -35,7 +35,8 @@ logging.getLogger("emdiffuse").setLevel(logging.INFO)
 
 SMALL = os.environ.get("EMDIFFUSE_SMALL", "1") == "1"
 WORK = Path(os.environ.get("EMDIFFUSE_WORKDIR") or tempfile.mkdtemp(prefix="emdiffuse-nb-"))
-TRAIN_SECONDS = 20 if SMALL else 300
+TRAIN_SECONDS = 12 if SMALL else 300
+CALIBRATION_PATCHES = 8 if SMALL else 32  # held-out patches the sample spread is calibrated on
 print("working in", WORK)"""
 
 CLUSTER = """\
@@ -79,7 +80,8 @@ truth = io.open_volume(WORK / "clean.ome.zarr").data.compute()
 degraded = io.open_volume(WORK / "noisy.ome.zarr").data.compute()""",
         "train": """\
 model = train("denoise", [str(WORK / "noisy.ome.zarr"), str(WORK / "clean.ome.zarr")], WORK / "model",
-              steps=10_000, time_limit=TRAIN_SECONDS, patch=48, region=64, batch_size=4, val_every=10_000,
+              steps=10_000, time_limit=TRAIN_SECONDS, calibration_patches=CALIBRATION_PATCHES,
+              patch=48, region=64, batch_size=4, val_every=10_000,
               ckpt_every=10_000, overwrite=True, progress=False)
 print("model:", model)""",
         "input": "noisy.ome.zarr",
@@ -107,7 +109,8 @@ truth = io.open_volume(WORK / "clean.ome.zarr").data.compute()
 degraded = io.open_volume(WORK / "lowres.ome.zarr").data.compute()""",
         "train": """\
 model = train("super-resolve", [str(WORK / "clean.ome.zarr")], WORK / "model", factor=k,
-              steps=10_000, time_limit=TRAIN_SECONDS, patch=32, region=64, batch_size=4, val_every=10_000,
+              steps=10_000, time_limit=TRAIN_SECONDS, calibration_patches=CALIBRATION_PATCHES,
+              patch=32, region=64, batch_size=4, val_every=10_000,
               ckpt_every=10_000, overwrite=True, progress=False)
 print("model:", model)""",
         "input": "lowres.ome.zarr",
@@ -137,7 +140,8 @@ truth = truth_full[: (aniso.shape[0] - 1) * k + 1]
 degraded = aniso""",
         "train": """\
 model = train("isotropic", [str(WORK / "isotropic_training.ome.zarr")], WORK / "model", factor=k,
-              steps=10_000, time_limit=TRAIN_SECONDS, patch=32, region=64, batch_size=4, val_every=10_000,
+              steps=10_000, time_limit=TRAIN_SECONDS, calibration_patches=CALIBRATION_PATCHES,
+              patch=32, region=64, batch_size=4, val_every=10_000,
               ckpt_every=10_000, overwrite=True, progress=False)
 print("model:", model)""",
         **ISOTROPIC_RESULT,
@@ -159,7 +163,8 @@ truth = truth_full[: (aniso.shape[0] - 1) * k + 1]
 degraded = aniso""",
         "train": """\
 model = train("anisotropic", [str(WORK / "anisotropic.ome.zarr")], WORK / "model", factor=k,
-              steps=10_000, time_limit=TRAIN_SECONDS, patch=32, region=48, batch_size=4,
+              steps=10_000, time_limit=TRAIN_SECONDS, calibration_patches=CALIBRATION_PATCHES,
+              patch=32, region=48, batch_size=4,
               val_every=10_000, ckpt_every=10_000, overwrite=True, progress=False)
 print("model:", model)""",
         **ISOTROPIC_RESULT,
@@ -186,7 +191,10 @@ def notebook(task: dict) -> nbformat.NotebookNode:
         new_code_cell(task["data"]),
         new_markdown_cell("## Train a tiny model\nA real training run, cut short by a time limit."),
         new_code_cell(task["train"]),
-        new_markdown_cell("## Enhance on a Dask cluster\nOpen the dashboard link to watch the tasks."),
+        new_markdown_cell("## Enhance on a Dask cluster\nOpen the dashboard link to watch the tasks. "
+                          "`samples=2` writes the mean of two samples and the `uncertainty` "
+                          "image; `samples=0` gives the posterior mean only (one network "
+                          "evaluation per tile, the fastest), `samples=1` one sample."),
         new_code_cell(CLUSTER),
         new_code_cell(enhance),
         new_markdown_cell("## Look and measure"),

@@ -11,4 +11,5 @@ fi
 . .venv/bin/activate
 ruff check .
 mkdocs build --strict -q -d "${TMPDIR:-/tmp}/emdiffuse-site"
-python -m pytest -q "$@"
+# two test processes: most tests wait on subprocesses, clusters and files as much as they compute
+python -m pytest -q -n 2 "$@"

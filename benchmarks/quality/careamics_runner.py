@@ -5,11 +5,19 @@ gitignored virtual environment holding CAREamics (``.venv-peers``), so the proje
 imports CAREamics and keeps its own torch. It reads a job JSON::
 
     {"algorithm": "n2v" | "care", "train_input": "x.npy", "train_target": "y.npy" | null,
-     "predict": {"name": "p.npy", ...}, "patch": 48, "batch_size": 8, "steps": 1000,
+     "predict": {"name": "p.npy", ...}, "patch": 48, "batch_size": 8,
+     "budget_seconds": 150, "rate": null | steps/s, "probe_steps": 40,
      "seed": 0, "threads": 2, "out": "folder"}
 
 (arrays are float32 stacks of 2D images, axes SYX) and writes ``out/pred_<name>.npy`` and
-``out/result.json`` (steps and epochs trained, wall times, versions, the configuration).
+``out/result.json`` (steps and epochs trained, wall times, the measured rate, versions, the
+configuration).
+
+Wall-clock budget, as the project's trainer has: when ``rate`` is not given, a probe
+training of ``probe_steps`` steps measures it (steps/s after two warm-up steps); the run
+then plans ``steps = rate x budget x 1.1`` in about ``EPOCHS`` epochs (validation and the
+plateau scheduler run per epoch) and a Lightning ``Timer`` stops it at ``budget_seconds``
+of training, whichever comes first.
 
     .venv-peers/bin/python benchmarks/quality/careamics_runner.py job.json
 """
@@ -23,6 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+EPOCHS = 8  # validation passes in a budget
+HORIZON_MARGIN = 1.1
+N_VAL = 8
+
 
 def _set_seeds(value: Any, seed: int) -> Any:
     """Every ``seed`` field of a configuration dump set to ``seed``."""
@@ -33,19 +45,19 @@ def _set_seeds(value: Any, seed: int) -> Any:
     return value
 
 
-def make_config(job: dict[str, Any], n_images: int, shape_yx: tuple[int, int]) -> Any:
+def patches_per_epoch(n_images: int, shape_yx: tuple[int, int], patch: int) -> int:
+    return max(1, n_images * (shape_yx[0] // patch) * (shape_yx[1] // patch) - N_VAL)
+
+
+def make_config(job: dict[str, Any], epochs: int, per_epoch: int) -> Any:
     """The CAREamics configuration: the library's defaults (UNet depth 2, 32 channels,
-    Adam, MAE for CARE), our patch, batch and seed, and epochs x batches ~ ``steps``."""
+    Adam, MAE for CARE), our patch, batch and seed, ``epochs`` x ``per_epoch`` steps."""
     from careamics.config import create_care_config, create_n2v_config
 
     patch, batch = int(job["patch"]), int(job["batch_size"])
-    n_val = 8
-    patches = n_images * (shape_yx[0] // patch) * (shape_yx[1] // patch) - n_val
-    per_epoch = max(1, min(int(job["steps"]), patches // batch))
-    epochs = max(1, math.ceil(int(job["steps"]) / per_epoch))
     common = dict(experiment_name=job["algorithm"], data_type="array", axes="SYX",
                   patch_size=[patch, patch], batch_size=batch, num_epochs=epochs,
-                  num_steps=per_epoch, n_val_patches=n_val)  # fmt: skip
+                  num_steps=per_epoch, n_val_patches=N_VAL)  # fmt: skip
     config = (
         create_n2v_config(**common) if job["algorithm"] == "n2v" else create_care_config(**common)
     )
@@ -54,12 +66,48 @@ def make_config(job: dict[str, Any], n_images: int, shape_yx: tuple[int, int]) -
     return type(config).model_validate(dump)
 
 
+def step_clock() -> Any:
+    """A Lightning callback recording the wall time of every finished training step in
+    its ``times``."""
+    from lightning.pytorch.callbacks import Callback
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.times.append(time.perf_counter())
+
+    return StepClock()
+
+
+def probe_rate(job: dict[str, Any], x, y) -> dict[str, float]:
+    """Steps per second of this algorithm on this data (``probe_steps`` steps, 2 warm-up)."""
+    from careamics import CAREamist
+
+    n = max(4, int(job.get("probe_steps", 40)))
+    clock = step_clock()
+    config = make_config(job, 1, n)
+    cam = CAREamist(config, work_dir=str(Path(job["out"]) / "probe"), callbacks=[clock],
+                    enable_progress_bar=False)  # fmt: skip
+    start = time.perf_counter()
+    cam.train(train_data=x, train_data_target=y)
+    wall = time.perf_counter() - start
+    t = clock.times
+    rate = (len(t) - 3) / (t[-1] - t[2]) if len(t) >= 4 and t[-1] > t[2] else n / wall
+    return {"steps_per_second": rate, "probe_steps": len(t), "probe_wall": wall}
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
-    """Train on the job's arrays, predict every ``predict`` array, write the results."""
+    """Train on the job's arrays for the budget, predict every ``predict`` array, write the
+    results."""
+    from datetime import timedelta
+
     import numpy as np
     import torch
     from careamics import CAREamist, __version__
     from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import Timer
 
     torch.set_num_threads(int(job.get("threads", 2)))
     seed_everything(int(job["seed"]), workers=True)
@@ -67,13 +115,26 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     x = np.load(job["train_input"]).astype(np.float32)
     y = None if job.get("train_target") is None else np.load(job["train_target"]).astype(np.float32)
-    config = make_config(job, x.shape[0], x.shape[1:])
-    cam = CAREamist(config, work_dir=str(out / "work"), enable_progress_bar=False)
+    budget = float(job["budget_seconds"])
+    probe = None
+    rate = job.get("rate")
+    if rate is None:
+        probe = probe_rate(job, x, y)
+        rate = probe["steps_per_second"]
+        seed_everything(int(job["seed"]), workers=True)
+    planned = max(1, math.ceil(float(rate) * budget * HORIZON_MARGIN))
+    per_epoch = max(1, min(math.ceil(planned / EPOCHS),
+                           patches_per_epoch(x.shape[0], x.shape[1:], int(job["patch"])) // int(job["batch_size"])))  # fmt: skip
+    epochs = max(1, math.ceil(planned / per_epoch))
+    config = make_config(job, epochs, per_epoch)
+    timer = Timer(duration=timedelta(seconds=budget), interval="step")
+    cam = CAREamist(config, work_dir=str(out / "work"), callbacks=[timer],
+                    enable_progress_bar=False)  # fmt: skip
     start = time.perf_counter()
     cam.train(train_data=x, train_data_target=y)
     train_seconds = time.perf_counter() - start
+    loop_seconds = float(timer.time_elapsed("train"))  # read now: it runs on until the end
     trained_steps = int(cam.trainer.global_step)
-    epochs = int(cam.trainer.current_epoch)
     predict_seconds = {}
     for name, path in job["predict"].items():
         image = np.load(path).astype(np.float32)
@@ -85,8 +146,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         predict_seconds[name] = time.perf_counter() - start
     params = sum(p.numel() for p in cam.model.parameters())
     result = {"algorithm": job["algorithm"], "careamics": __version__, "torch": torch.__version__,
-              "train_seconds": train_seconds, "predict_seconds": predict_seconds,
-              "steps": trained_steps, "epochs": epochs, "params": int(params),
+              "budget_seconds": budget, "train_seconds": train_seconds,
+              "loop_seconds": loop_seconds,
+              "rate": {"steps_per_second": float(rate), "measured": probe is not None,
+                       **(probe or {})},
+              "planned_steps": planned, "steps_per_epoch": per_epoch, "planned_epochs": epochs,
+              "steps": trained_steps, "epochs": int(cam.trainer.current_epoch),
+              "stopped_by_timer": trained_steps < planned,
+              "predict_seconds": predict_seconds, "params": int(params),
               "train_images": list(x.shape), "config": json.loads(config.model_dump_json())}  # fmt: skip
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result

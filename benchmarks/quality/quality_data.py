@@ -1,27 +1,37 @@
-"""Settings and data of the quality benchmark: tasks, difficulty levels, synthetic volumes.
+"""Data sources, levels and sizes of the quality benchmark.
 
-Training data come from one region of the seeded synthetic EM generator (origin 0); test
-data from a region far away (``TEST_ORIGIN``), never seen in training, with other noise seeds.
-Everything is a pure function of the settings below, so a run is reproducible.
+Two sources, one benchmark (``run.py --source``):
+
+* ``synthetic``: the project's seeded synthetic EM generator (8 nm voxels). Training data
+  come from one region (origin 0); test data from a region far away (``TEST_ORIGIN``),
+  never seen in training, with other noise seeds.
+* ``flyem``: two real FIB-SEM volumes of the *Drosophila* medulla (Janelia FlyEM,
+  CC-BY; ``../shared/data/flyem_fibsem``, 250³ uint8 at 10 nm isotropic). Every model is
+  trained on ``training_sample1`` and scored on ``training_sample2`` (never trained on).
+  Intensities: ``grey value / 255`` (a fixed rule, the same for both volumes and every
+  level; no per-volume stretch), so the clean data lie in about [0.10, 0.87].
+
+Every degradation is the project's own (:mod:`emdiffuse.training.degrade`), with noise keyed
+on the seed and global voxel coordinates, so a run is a pure function of the settings below.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from emdiffuse.training.degrade import add_poisson_gaussian_noise, blur_downsample_xy
 from emdiffuse.training.synthetic import synthetic_block
 
-VOXEL_NM = 8.0  # isotropic voxel of the synthetic volume
-WORLD_SEED = 0  # seed of the synthetic generator (one "world")
-TRAIN_ORIGIN = (0, 0, 0)
-TEST_ORIGIN = (10_000, 5_000, 5_000)  # far from every training voxel
+ROOT = Path(__file__).resolve().parents[2]
+FLYEM_DIR = ROOT.parent / "shared" / "data" / "flyem_fibsem"
 TRAIN_NOISE_SEED = 1
 TEST_NOISE_SEEDS = (101, 102)  # two independent noise realisations of the test volume
+TASKS = ("denoise", "super-resolve", "isotropic")
 
 
 @dataclass(frozen=True)
@@ -41,35 +51,41 @@ class Level:
         return f"{self.task}-k{self.factor}"
 
 
-LEVELS: tuple[Level, ...] = (
-    Level("denoise", "dose 8 e⁻, read noise 1 e⁻ (the sampler benchmark's)", 8.0, 1.0),
-    Level("denoise", "dose 2 e⁻, read noise 0.05 e⁻ (the demo's, harsher)", 2.0, 0.05),
-    Level("super-resolve", "k = 4", factor=4),
-    Level("super-resolve", "k = 8", factor=8),
-    Level("isotropic", "k = 4", factor=4),
-    Level("isotropic", "k = 8", factor=8),
-)
-TASKS = ("denoise", "super-resolve", "isotropic")
-
-
 @dataclass(frozen=True)
 class Sizes:
-    """Volume sizes and budgets of a run (full or quick)."""
+    """Region sizes of a run (full or quick). Training budgets are wall-clock seconds and
+    live in the plan (``quality_plan.py``), not here."""
 
-    train_shape: tuple[int, int, int]  # clean training volume (zyx)
-    aniso_train_slices: int  # z-slices of the anisotropic training volume (vemdiffuse-a)
+    train_shape: tuple[int, int, int]  # training volume (zyx): generated, or a crop of sample1
+    aniso_train_slices: int  # synthetic: z-slices of the anisotropic training volume (-a)
     test_yx: int  # test images are test_yx x test_yx
     test_slices: int  # test slices for denoise and super-resolve
     test_intervals: int  # intervals between input slices for isotropic (k-1 slices each)
-    steps: int  # training steps of every project model (diffusion and regression)
-    patch: int  # training patch (target grid)
+    patch: int  # training patch (target grid), every learned method
     region: int  # loader validation-split region
-    peer_patch: int  # CAREamics training patch
-    tune_slices: int  # training slices used to tune the classical baselines
+    tune_slices: int  # training slices used to tune the classical denoisers
+    tune_yx: int  # ... cropped to tune_yx x tune_yx (NLM's grid search is the slow part)
 
 
-FULL = Sizes((64, 256, 256), 64, 192, 8, 6, 1000, 48, 96, 64, 4)
-QUICK = Sizes((33, 128, 128), 40, 64, 2, 3, 20, 32, 64, 32, 2)
+@dataclass(frozen=True)
+class TaskData:
+    """Arrays of one level: training inputs, and test input(s) with their ground truth.
+
+    ``train``: ``clean`` (isotropic training volume), ``noisy`` (denoise), ``aniso`` (the
+    z-subsampled training volume, vemdiffuse-a); ``test_inputs``: the degraded test
+    volume(s) on their own grid (denoise: two noise realisations A and B); ``truth``: the
+    clean test volume on the output grid; ``eval_z``: the slices scored (isotropic: only
+    those between input slices).
+    """
+
+    level: Level
+    train: dict[str, np.ndarray]
+    test_inputs: list[np.ndarray]
+    truth: np.ndarray
+    eval_z: np.ndarray
+    input_voxel: tuple[float, float, float]
+    voxel_nm: float
+    train_voxel: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def settings_key(*parts: object) -> str:
@@ -79,66 +95,226 @@ def settings_key(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def clean_block(origin: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
-    """Clean synthetic EM (float32 in [0, 1]) of ``shape`` at global ``origin``."""
-    return np.asarray(synthetic_block(origin, shape, seed=WORLD_SEED, voxel_size=VOXEL_NM),
-                      dtype=np.float32)  # fmt: skip
-
-
-def noisy(clean: np.ndarray, level: Level, seed: int, origin: tuple[int, int, int]) -> np.ndarray:
-    """Poisson-Gaussian noise of ``level`` on ``clean`` (keyed on global coordinates)."""
-    return add_poisson_gaussian_noise(clean, dose=level.dose, read_noise=level.read_noise,
+def _noisy(clean: np.ndarray, level: Level, seed: int, origin: tuple[int, int, int]) -> np.ndarray:
+    """Poisson(-Gaussian) noise of ``level`` on ``clean`` (keyed on global coordinates)."""
+    return add_poisson_gaussian_noise(clean, dose=level.dose, read_noise=level.read_noise or 0.0,
                                       seed=seed, origin=origin)  # fmt: skip
 
 
-def decimated_slices(
-    origin: tuple[int, int, int], n: int, k: int, yx: tuple[int, int]
-) -> np.ndarray:
-    """Every k-th z-slice of the clean volume from ``origin``: ``n`` thin sections k voxels
-    apart (an anisotropic volume with z step k x 8 nm), generated slice by slice."""
-    z0, y0, x0 = origin
-    return np.concatenate([clean_block((z0 + i * k, y0, x0), (1, *yx)) for i in range(n)])
+class Source:
+    """A data source: its levels, sizes, training volume and test data per level."""
+
+    name: str
+    title: str  # for figures and the report
+    voxel_nm: float
+    levels: tuple[Level, ...]
+    full: Sizes
+    quick: Sizes
+
+    def available(self) -> str | None:
+        """None, or why the source cannot run here."""
+        return None
+
+    def train_volume(self, sizes: Sizes) -> np.ndarray:
+        raise NotImplementedError
+
+    def task_data(self, level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
+        raise NotImplementedError
+
+    def describe(self, sizes: Sizes) -> dict:
+        """What the report says about the data (JSON-able)."""
+        raise NotImplementedError
 
 
-@dataclass
-class TaskData:
-    """Arrays of one level: training inputs, and test input(s) with their ground truth.
+# --------------------------------------------------------------------------------------
+# synthetic EM
+# --------------------------------------------------------------------------------------
+class Synthetic(Source):
+    name = "synthetic"
+    title = "held-out synthetic EM"
+    voxel_nm = 8.0  # isotropic voxel of the synthetic volume
+    world_seed = 0  # seed of the synthetic generator (one "world")
+    train_origin = (0, 0, 0)
+    test_origin = (10_000, 5_000, 5_000)  # far from every training voxel
+    levels = (
+        Level("denoise", "dose 8 e⁻, read noise 1 e⁻ (the sampler benchmark's)", 8.0, 1.0),
+        Level("denoise", "dose 2 e⁻, read noise 0.05 e⁻ (the demo's, harsher)", 2.0, 0.05),
+        Level("super-resolve", "k = 4", factor=4),
+        Level("super-resolve", "k = 8", factor=8),
+        Level("isotropic", "k = 4", factor=4),
+        Level("isotropic", "k = 8", factor=8),
+    )
+    full = Sizes((64, 256, 256), 64, 192, 8, 6, 48, 96, 4, 256)
+    quick = Sizes((33, 128, 128), 40, 64, 2, 3, 32, 64, 2, 64)
 
-    ``test_inputs``: the degraded test volume(s) on their own grid (denoise: two noise
-    realisations A and B); ``truth``: the clean test volume on the output grid;
-    ``eval_z``: the slices scored (isotropic: only those between input slices).
-    """
+    def clean_block(self, origin: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
+        """Clean synthetic EM (float32 in [0, 1]) of ``shape`` at global ``origin``."""
+        block = synthetic_block(origin, shape, seed=self.world_seed, voxel_size=self.voxel_nm)
+        return np.asarray(block, dtype=np.float32)
 
-    level: Level
-    train: dict[str, np.ndarray]
-    test_inputs: list[np.ndarray]
-    truth: np.ndarray
-    eval_z: np.ndarray
-    input_voxel: tuple[float, float, float]
+    def decimated_slices(self, origin, n: int, k: int, yx: tuple[int, int]) -> np.ndarray:
+        """Every k-th z-slice of the clean volume from ``origin``: ``n`` thin sections k
+        voxels apart (an anisotropic volume with z step k x 8 nm), slice by slice."""
+        z0, y0, x0 = origin
+        return np.concatenate([self.clean_block((z0 + i * k, y0, x0), (1, *yx)) for i in range(n)])
+
+    def train_volume(self, sizes: Sizes) -> np.ndarray:
+        return self.clean_block(self.train_origin, sizes.train_shape)
+
+    def task_data(self, level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
+        yx = (sizes.test_yx, sizes.test_yx)
+        k, v = level.factor, self.voxel_nm
+        iso = (v, v, v)
+        if level.task == "denoise":
+            truth = self.clean_block(self.test_origin, (sizes.test_slices, *yx))
+            tests = [_noisy(truth, level, s, self.test_origin) for s in TEST_NOISE_SEEDS]
+            train = {"noisy": _noisy(clean_train, level, TRAIN_NOISE_SEED, self.train_origin),
+                     "clean": clean_train}  # fmt: skip
+            return TaskData(level, train, tests, truth, np.arange(len(truth)), iso, v,
+                            {"clean": iso})  # fmt: skip
+        if level.task == "super-resolve":
+            truth = self.clean_block(self.test_origin, (sizes.test_slices, *yx))
+            low = blur_downsample_xy(truth, k)
+            return TaskData(level, {"clean": clean_train}, [low], truth, np.arange(len(truth)),
+                            (v, v * k, v * k), v, {"clean": iso})  # fmt: skip
+        if level.task == "isotropic":
+            n_z = sizes.test_intervals * k + 1
+            truth = self.clean_block(self.test_origin, (n_z, *yx))
+            aniso = self.decimated_slices(self.train_origin, sizes.aniso_train_slices, k,
+                                          clean_train.shape[1:])  # fmt: skip
+            eval_z = np.array([z for z in range(n_z) if z % k])
+            return TaskData(level, {"clean": clean_train, "aniso": aniso}, [truth[::k]], truth,
+                            eval_z, (v * k, v, v), v, {"clean": iso, "aniso": (v * k, v, v)})  # fmt: skip
+        raise ValueError(f"unknown task {level.task!r}")
+
+    def describe(self, sizes: Sizes) -> dict:
+        return {
+            "source": self.name, "title": self.title, "voxel_nm": self.voxel_nm,
+            "text": (f"synthetic EM (`emdiffuse.training.synthetic`, seed {self.world_seed}, "
+                     f"{self.voxel_nm:g} nm voxels). Training volume {list(sizes.train_shape)} at "
+                     f"origin {list(self.train_origin)}; test volumes at origin "
+                     f"{list(self.test_origin)} (never seen in training); noise seeds train "
+                     f"{TRAIN_NOISE_SEED}, test {list(TEST_NOISE_SEEDS)}. vemdiffuse-a trains "
+                     f"on {sizes.aniso_train_slices} slices k voxels apart."),
+            "train_origin": list(self.train_origin), "test_origin": list(self.test_origin),
+            "world_seed": self.world_seed,
+        }  # fmt: skip
 
 
-def make_task_data(level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
-    """Training and held-out test arrays of ``level``."""
-    yx = (sizes.test_yx, sizes.test_yx)
-    k = level.factor
-    v = VOXEL_NM
-    if level.task == "denoise":
-        truth = clean_block(TEST_ORIGIN, (sizes.test_slices, *yx))
-        tests = [noisy(truth, level, s, TEST_ORIGIN) for s in TEST_NOISE_SEEDS]
-        train = {"noisy": noisy(clean_train, level, TRAIN_NOISE_SEED, TRAIN_ORIGIN),
-                 "clean": clean_train}  # fmt: skip
-        return TaskData(level, train, tests, truth, np.arange(len(truth)), (v, v, v))
-    if level.task == "super-resolve":
-        truth = clean_block(TEST_ORIGIN, (sizes.test_slices, *yx))
-        low = blur_downsample_xy(truth, k)
-        return TaskData(level, {"clean": clean_train}, [low], truth, np.arange(len(truth)),
-                        (v, v * k, v * k))  # fmt: skip
-    if level.task == "isotropic":
-        n_z = sizes.test_intervals * k + 1
-        truth = clean_block(TEST_ORIGIN, (n_z, *yx))
-        aniso_train = decimated_slices(TRAIN_ORIGIN, sizes.aniso_train_slices, k,
-                                       clean_train.shape[1:])  # fmt: skip
-        eval_z = np.array([z for z in range(n_z) if z % k])
-        return TaskData(level, {"clean": clean_train, "aniso": aniso_train}, [truth[::k]], truth,
-                        eval_z, (v * k, v, v))  # fmt: skip
-    raise ValueError(f"unknown task {level.task!r}")
+# --------------------------------------------------------------------------------------
+# real FIB-SEM (FlyEM)
+# --------------------------------------------------------------------------------------
+class FlyEM(Source):
+    name = "flyem"
+    title = "real FIB-SEM (FlyEM, held-out volume)"
+    voxel_nm = 10.0
+    train_file = "training_sample1.tif"
+    test_file = "training_sample2.tif"
+    levels = (
+        Level("denoise", "dose 8 e⁻/px, shot noise only", 8.0, 0.0),
+        Level("denoise", "dose 2 e⁻/px, shot noise only", 2.0, 0.0),
+        Level("super-resolve", "k = 4", factor=4),
+        Level("isotropic", "k = 4", factor=4),
+        Level("isotropic", "k = 8", factor=8),
+    )
+    # full: all of sample1 for training; test: 8 slices (denoise, super-resolve) or 8
+    # intervals (isotropic: 33 / 65 slices) of 240 x 240 from sample2
+    full = Sizes((250, 250, 250), 0, 240, 8, 8, 48, 96, 4, 128)
+    quick = Sizes((128, 128, 128), 0, 64, 2, 3, 32, 64, 2, 64)
+
+    def __init__(self, folder: Path = FLYEM_DIR) -> None:
+        self.folder = Path(folder)
+
+    def available(self) -> str | None:
+        missing = [f for f in (self.train_file, self.test_file) if not (self.folder / f).exists()]
+        return f"missing in {self.folder}: {', '.join(missing)}" if missing else None
+
+    @staticmethod
+    def to_unit(grey: np.ndarray) -> np.ndarray:
+        """The fixed intensity rule: uint8 grey value / 255 as float32."""
+        return (np.asarray(grey, dtype=np.float32) / np.float32(255.0)).astype(np.float32)
+
+    def _read(self, name: str) -> np.ndarray:
+        import tifffile
+
+        volume = tifffile.imread(self.folder / name)
+        if volume.dtype != np.uint8 or volume.ndim != 3:
+            raise ValueError(
+                f"{name}: expected a 3D uint8 volume, got {volume.dtype} {volume.shape}"
+            )
+        return volume
+
+    def train_volume(self, sizes: Sizes) -> np.ndarray:
+        vol = self._read(self.train_file)
+        z, y, x = (min(a, b) for a, b in zip(sizes.train_shape, vol.shape, strict=True))
+        return self.to_unit(vol[:z, :y, :x])
+
+    def _test_box(self, sizes: Sizes, shape) -> tuple[int, int]:
+        s = sizes.test_yx
+        return (shape[1] - s) // 2, (shape[2] - s) // 2
+
+    def test_slices_z(self, sizes: Sizes, n_z: int) -> np.ndarray:
+        """The scored z of denoise and super-resolve: evenly spaced over the volume."""
+        margin = max(1, n_z // (2 * sizes.test_slices))
+        return np.linspace(margin, n_z - 1 - margin, sizes.test_slices).round().astype(int)
+
+    def task_data(self, level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
+        test = self._read(self.test_file)
+        y0, x0 = self._test_box(sizes, test.shape)
+        s, k, v = sizes.test_yx, level.factor, self.voxel_nm
+        iso = (v, v, v)
+        if level.task in ("denoise", "super-resolve"):
+            zs = self.test_slices_z(sizes, test.shape[0])
+            truth = self.to_unit(test[zs, y0 : y0 + s, x0 : x0 + s])
+            if level.task == "denoise":
+                # noise keyed on each slice's own global position in sample2
+                tests = [np.concatenate([_noisy(truth[i : i + 1], level, seed, (int(z), y0, x0))
+                                         for i, z in enumerate(zs)])
+                         for seed in TEST_NOISE_SEEDS]  # fmt: skip
+                train = {"noisy": _noisy(clean_train, level, TRAIN_NOISE_SEED, (0, 0, 0)),
+                         "clean": clean_train}  # fmt: skip
+                return TaskData(level, train, tests, truth, np.arange(len(truth)), iso, v,
+                                {"clean": iso})  # fmt: skip
+            low = blur_downsample_xy(truth, k)
+            return TaskData(level, {"clean": clean_train}, [low], truth, np.arange(len(truth)),
+                            (v, v * k, v * k), v, {"clean": iso})  # fmt: skip
+        if level.task == "isotropic":
+            n_z = sizes.test_intervals * k + 1
+            z0 = (test.shape[0] - n_z) // 2
+            truth = self.to_unit(test[z0 : z0 + n_z, y0 : y0 + s, x0 : x0 + s])
+            eval_z = np.array([z for z in range(n_z) if z % k])
+            aniso = np.ascontiguousarray(clean_train[::k])  # every k-th slice of sample1
+            return TaskData(level, {"clean": clean_train, "aniso": aniso}, [truth[::k]], truth,
+                            eval_z, (v * k, v, v), v, {"clean": iso, "aniso": (v * k, v, v)})  # fmt: skip
+        raise ValueError(f"unknown task {level.task!r}")
+
+    def describe(self, sizes: Sizes) -> dict:
+        return {
+            "source": self.name, "title": self.title, "voxel_nm": self.voxel_nm,
+            "folder": str(self.folder),
+            "text": ("real FIB-SEM of the *Drosophila* medulla, 10 nm isotropic (Janelia FlyEM, "
+                     "janelia-flyem/neuroproof_examples, CC-BY: credit the Janelia FlyEM "
+                     f"project). Training: `{self.train_file}` "
+                     f"(zyx {list(sizes.train_shape)} from the origin; vemdiffuse-a only its every "
+                     f"k-th slice, voxel (10k, 10, 10) nm). Test: `{self.test_file}`, never "
+                     f"trained on, centre crop {sizes.test_yx}² in yx; denoise and super-resolve "
+                     f"score {sizes.test_slices} slices evenly spaced in z, isotropic "
+                     f"{sizes.test_intervals} intervals of k slices from the middle of the volume. "
+                     "Intensities: uint8 grey value / 255 (fixed, no per-volume stretch). "
+                     f"Shot noise only (Poisson, no read noise), keyed on seed and global voxel "
+                     f"position: seed {TRAIN_NOISE_SEED} on the training volume, "
+                     f"{list(TEST_NOISE_SEEDS)} for the two test realisations."),
+            "train_file": self.train_file, "test_file": self.test_file,
+            "intensity_rule": "grey / 255",
+        }  # fmt: skip
+
+
+SOURCES = ("synthetic", "flyem")
+
+
+def make_source(name: str, *, flyem_dir: Path | None = None) -> Source:
+    if name == "synthetic":
+        return Synthetic()
+    if name == "flyem":
+        return FlyEM(flyem_dir or FLYEM_DIR)
+    raise ValueError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")

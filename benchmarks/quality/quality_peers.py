@@ -3,7 +3,8 @@
 CAREamics pins a torch/torchvision that clash with the project's, so it lives in a separate
 gitignored virtual environment (``.venv-peers``). This module writes the training pairs and
 test inputs as ``.npy`` files, runs ``careamics_runner.py`` with that venv's interpreter and
-reads the predictions back; results are cached like the project's models.
+reads the predictions back; results are cached like the project's models. Every CAREamics
+model trains for a wall-clock budget (see the runner), as the project's models do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 import numpy as np
 from quality_classical import bicubic_xy, interpolate_z
 from quality_data import Sizes, TaskData, settings_key
-from quality_project import train_settings
 
 RUNNER = Path(__file__).with_name("careamics_runner.py")
 
@@ -51,6 +51,9 @@ def peer_inputs(data: TaskData) -> dict[str, dict[str, Any]]:
     return {"care": {"x": cubic[between], "y": clean[between], "predict": {"A": test}}}
 
 
+_RATES: dict[str, float] = {}  # CAREamics steps/s measured in this run, per algorithm
+
+
 def run_peer(
     algorithm: str,
     arrays: dict[str, Any],
@@ -59,22 +62,26 @@ def run_peer(
     cache: Path,
     python: Path,
     *,
+    budget: float,
+    source: str,
+    batch_size: int,
+    probe_steps: int,
     seed: int = 0,
     threads: int = 2,
 ) -> dict[str, Any]:
-    """Train and apply one CAREamics model (or reuse the cached result).
+    """Train one CAREamics model for ``budget`` seconds and apply it (or reuse the cached
+    result). The rate (steps/s) that sizes its epochs is measured once per algorithm and run
+    (a probe in the first job), then passed on.
 
     Returns ``{"predictions": {name: array}, "meta": {...}}`` or ``{"error": "why"}``.
     """
     if not python.exists():
         return {"error": f"no CAREamics environment: {python} does not exist (see README of "
                          "benchmarks/quality for the install command)"}  # fmt: skip
-    batch = int(train_settings(sizes)["batch_size"])
-    job = {"algorithm": algorithm, "patch": sizes.patch, "batch_size": batch,
-           "steps": sizes.steps, "seed": seed, "threads": threads}  # fmt: skip
-    key = settings_key(data.level, sizes.train_shape, sizes.test_yx, sizes.test_slices,
-                       sizes.test_intervals, job, RUNNER.read_text())  # fmt: skip
-    folder = cache / "peers" / f"{data.level.key}-{algorithm}-{key}"
+    job = {"algorithm": algorithm, "patch": sizes.patch, "batch_size": batch_size,
+           "budget_seconds": budget, "seed": seed, "threads": threads}  # fmt: skip
+    key = settings_key(source, data.level, sizes, job, RUNNER.read_text())
+    folder = cache / "peers" / f"{source}-{data.level.key}-{algorithm}-{budget:g}s-{key}"
     names = list(arrays["predict"])
     result_path = folder / "out" / "result.json"
     if result_path.exists() and all((folder / "out" / f"pred_{n}.npy").exists() for n in names):
@@ -90,6 +97,8 @@ def run_peer(
     for n in names:
         np.save(folder / f"test_{n}.npy", np.asarray(arrays["predict"][n], np.float32))
     job.update(
+        rate=_RATES.get(f"{algorithm}-{sizes.patch}-{batch_size}-{threads}"),
+        probe_steps=probe_steps,
         train_input=str(folder / "train_input.npy"),
         train_target=None if arrays["y"] is None else str(folder / "train_target.npy"),
         predict={n: str(folder / f"test_{n}.npy") for n in names},
@@ -105,6 +114,14 @@ def run_peer(
         tail = (folder / "log.txt").read_text()[-1500:]
         return {"error": f"careamics_runner exited {proc.returncode}; log tail: {tail}"}
     meta = json.loads(result_path.read_text())
+    _RATES.setdefault(f"{algorithm}-{sizes.patch}-{batch_size}-{threads}",
+                      float(meta["rate"]["steps_per_second"]))  # fmt: skip
     meta.update(subprocess_seconds=wall, cached=False)
+    for n in names:  # the arrays are rewritten for every run: keep only results and log
+        (folder / f"test_{n}.npy").unlink(missing_ok=True)
+    for f in ("train_input.npy", "train_target.npy"):
+        (folder / f).unlink(missing_ok=True)
+    shutil.rmtree(folder / "out" / "work", ignore_errors=True)
+    shutil.rmtree(folder / "out" / "probe", ignore_errors=True)
     return {"predictions": {n: np.load(folder / "out" / f"pred_{n}.npy") for n in names},
             "meta": meta}  # fmt: skip

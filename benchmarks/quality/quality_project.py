@@ -1,29 +1,57 @@
-"""The project's own path: models trained with ``emdiffuse.training.trainer.train`` and test
-volumes enhanced with ``emdiffuse.enhance`` on OME-Zarr (default sampler and steps).
+"""The project's own path: models trained with ``emdiffuse.training.trainer.train`` for a
+wall-clock budget, test volumes enhanced with ``emdiffuse.enhance`` on OME-Zarr.
 
-Trained models are cached outside the repository, keyed on every setting that decides them,
-together with their training wall time, so re-running the evaluation is cheap.
+Budgets: a short probe run measures the trainer's rate (steps/s) for the model kind and
+task; the real run gets ``steps = rate x budget x HORIZON_MARGIN`` (the cosine schedule's
+horizon) and ``time_limit = budget``, so the time limit ends it in the last few percent
+of the schedule. The steps and seconds actually trained are read back from the run and
+recorded. Trained models are cached outside the repository, keyed on every setting that
+decides them, with their training record, so re-running the evaluation is cheap.
+
+Library features that are landing while this benchmark is written are detected, not
+assumed (:func:`features`): the ``residual`` objective, ``enhance(samples=0)`` (the
+posterior mean, one network evaluation) and a calibrated ``uncertainty/`` image.
 """
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
+import math
 import shutil
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from quality_data import VOXEL_NM, Level, Sizes, TaskData, settings_key
+from quality_data import Level, Sizes, TaskData, settings_key
+from quality_plan import OBJECTIVE, Entry
 
 import emdiffuse
 from emdiffuse import io
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training import trainer
-from emdiffuse.training.settings import DEMO_SETTINGS
+from emdiffuse.training.settings import DEMO_SETTINGS, OBJECTIVES, field_names
 
-KINDS = ("diffusion", "regression", "diffusion-a")  # -a: vemdiffuse-a (anisotropic recipe)
+HORIZON_MARGIN = 1.1  # steps = measured rate x budget x this: the time limit binds first
+_RATES: dict[str, dict[str, Any]] = {}  # measured rates of this run
+VARIANT = {"denoise": "emdiffuse-n", "super-resolve": "emdiffuse-r", "isotropic": "vemdiffuse-i"}
+
+
+@cache
+def features() -> dict[str, Any]:
+    """What the installed library offers of the pieces issue 14 adds."""
+    from emdiffuse.pipeline.settings import RunSettings
+
+    try:
+        RunSettings(samples=0)
+        mean_mode = True
+    except Exception:  # noqa: BLE001 - refused today: InputError("samples must be ...")
+        mean_mode = False
+    return {"residual": "residual" in OBJECTIVES, "mean_mode": mean_mode,
+            "objectives": list(OBJECTIVES)}  # fmt: skip
 
 
 def enhance_defaults() -> dict[str, Any]:
@@ -32,57 +60,152 @@ def enhance_defaults() -> dict[str, Any]:
     return {"sampler": params["sampler"].default, "steps": params["steps"].default}
 
 
-def train_settings(sizes: Sizes) -> dict[str, Any]:
-    """Trainer settings of every project model: the demo's tiny-CPU recipe, ``sizes.steps``
-    steps, one validation and one checkpoint at the end."""
+def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trainer settings of every project model: the demo's tiny-CPU recipe at the run's
+    patch and region, validation and checkpoint only at the end, plus ``extra`` (the
+    ``--train-set`` options, those the installed TrainSettings knows)."""
     settings = {**DEMO_SETTINGS}
-    settings.update(patch=sizes.patch, region=sizes.region, val_every=sizes.steps,
-                    ckpt_every=sizes.steps)  # fmt: skip
+    settings.update(patch=sizes.patch, region=sizes.region)
+    known = set(field_names())
+    settings.update({k: v for k, v in (extra or {}).items() if k in known})
     return settings
 
 
-def _sources(kind: str, data: TaskData) -> tuple[str, list[np.ndarray], list[float]]:
-    level, v = data.level, VOXEL_NM
+def model_name(entry: Entry, task: str) -> str:
+    """The row name of a project model: variant and kind."""
+    if entry.kind == "regression":
+        return "regression UNet (L1)"
+    variant = "vemdiffuse-a" if entry.aniso else VARIANT[task]
+    return f"{variant}, {entry.kind}"
+
+
+def _sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], list[float]]:
+    level = data.level
     if level.task == "denoise":
-        return "denoise", [data.train["noisy"], data.train["clean"]], [v, v, v]
+        return (
+            "denoise",
+            [data.train["noisy"], data.train["clean"]],
+            list(data.train_voxel["clean"]),
+        )
     if level.task == "super-resolve":
-        return "super-resolve", [data.train["clean"]], [v, v, v]
-    if kind == "diffusion-a":
-        return "anisotropic", [data.train["aniso"]], [v * level.factor, v, v]
-    return "isotropic", [data.train["clean"]], [v, v, v]
+        return "super-resolve", [data.train["clean"]], list(data.train_voxel["clean"])
+    if entry.aniso:
+        return "anisotropic", [data.train["aniso"]], list(data.train_voxel["aniso"])
+    return "isotropic", [data.train["clean"]], list(data.train_voxel["clean"])
+
+
+def _options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str, Any]:
+    """Trainer options of ``entry`` on ``data``: the shared recipe, the kind's objective, the
+    level's factor. vemdiffuse-a's patch runs along z of its z-subsampled training volume,
+    so it is cut to fit (a multiple of 8); the regression UNet skips the end-of-training
+    calibration of the sample spread (it has none)."""
+    level = data.level
+    options = dict(train_settings(sizes, extra), objective=OBJECTIVE[entry.kind])
+    if level.task != "denoise":
+        options["factor"] = level.factor
+    if entry.aniso:
+        options["patch"] = min(options["patch"], data.train["aniso"].shape[0] // 8 * 8)
+    if entry.kind == "regression" and "calibration_samples" in field_names():
+        options["calibration_samples"] = 0
+    return options
+
+
+def _run_record(folder: Path) -> dict[str, Any]:
+    """Steps and loop seconds a finished training run reached (its last checkpoint)."""
+    from emdiffuse.training.state import latest_checkpoint, load_state
+
+    ckpt = latest_checkpoint(folder)
+    if ckpt is None:
+        return {}
+    state = load_state(ckpt)
+    return {"steps": int(state["step"]), "loop_seconds": float(state.get("elapsed", math.nan))}
+
+
+def _rate_from_scalars(folder: Path) -> float | None:
+    """Steps per second between the first and last logged rows of ``scalars.csv``."""
+    path = folder / "scalars.csv"
+    if not path.exists():
+        return None
+    with path.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("elapsed_s")]
+    if len(rows) < 2:
+        return None
+    (s0, t0), (s1, t1) = ((int(r["step"]), float(r["elapsed_s"])) for r in (rows[0], rows[-1]))
+    return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+
+def measure_rate(entry: Entry, data: TaskData, sizes: Sizes, cache_dir: Path, *, seconds: float,
+                 seed: int, extra=None) -> dict[str, Any]:  # fmt: skip
+    """Training steps per second of ``entry``'s kind on ``data``'s task: a probe run of
+    ``seconds``, measured once per run (not across runs: the shared machine's load
+    changes) for each task, kind, factor and settings."""
+    task, sources, voxel = _sources(entry, data)
+    options = _options(entry, data, sizes, extra)
+    key = settings_key("rate", task, options, seconds, emdiffuse.__version__)
+    if key in _RATES:
+        return {**_RATES[key], "reused": True}
+    folder = cache_dir / "rates" / f"probe-{key}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    big = 10**6  # horizon far away: the probe measures speed, not learning
+    options.update(val_every=big, ckpt_every=big)
+    if "calibration_samples" in field_names():
+        options["calibration_samples"] = 0
+    start = time.perf_counter()
+    trainer.train(task, sources, folder, steps=big, seed=seed, progress=False, voxel_size=voxel,
+                  device="cpu", time_limit=seconds, **options)  # fmt: skip
+    wall = time.perf_counter() - start
+    record = _run_record(folder)
+    rate = _rate_from_scalars(folder) or record.get("steps", 1) / max(seconds, 1e-3)
+    shutil.rmtree(folder, ignore_errors=True)
+    _RATES[key] = {"steps_per_second": rate, "probe_seconds": seconds, "probe_wall": wall,
+                   "probe_steps": record.get("steps")}  # fmt: skip
+    return {**_RATES[key], "reused": False}
 
 
 def train_model(
-    kind: str, data: TaskData, sizes: Sizes, cache: Path, *, seed: int = 0, progress: bool = False
+    entry: Entry,
+    data: TaskData,
+    sizes: Sizes,
+    cache_dir: Path,
+    *,
+    budget: float,
+    probe_seconds: float,
+    source: str,
+    seed: int = 0,
+    progress: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse from ``cache``) the project model ``kind`` of ``data.level``.
+    """Train (or reuse from ``cache_dir``) the project model of ``entry`` on ``data.level``
+    for ``budget`` seconds of wall time.
 
-    Returns ``{"path", "seconds", "steps", "cached", "task", "settings"}``; ``seconds`` is
-    the wall time of the training that made the model (also when reused).
+    Returns ``{"path", "seconds" (the train() call), "loop_seconds", "steps" (trained),
+    "horizon" (the schedule's steps), "rate", "cached", "task", "settings"}``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}")
     level = data.level
-    task, sources, voxel = _sources(kind, data)
-    settings = train_settings(sizes)
-    options = dict(settings, objective="regression" if kind == "regression" else "diffusion")
-    if level.task != "denoise":
-        options["factor"] = level.factor
-    key = settings_key(level, sizes.train_shape, sizes.aniso_train_slices, sizes.steps, kind,
-                       options, seed, emdiffuse.__version__)  # fmt: skip
-    folder = cache / "models" / f"{level.key}-{kind}-{key}"
+    task, sources, voxel = _sources(entry, data)
+    options = _options(entry, data, sizes, extra)
+    key = settings_key(source, level, sizes, entry.method, budget, options, seed,
+                       emdiffuse.__version__)  # fmt: skip
+    folder = cache_dir / "models" / f"{source}-{level.key}-{entry.method}-{budget:g}s-{key}"
     meta_path = folder / "meta.json"
     if meta_path.exists() and (folder / trainer.FINAL_NAME).exists():
         meta = json.loads(meta_path.read_text())
         return {**meta, "path": str(folder / trainer.FINAL_NAME), "cached": True}
     if folder.exists():
         shutil.rmtree(folder)
+    rate = measure_rate(entry, data, sizes, cache_dir, seconds=probe_seconds, seed=seed,
+                        extra=extra)  # fmt: skip
+    horizon = max(10, math.ceil(rate["steps_per_second"] * budget * HORIZON_MARGIN))
+    options.update(val_every=horizon, ckpt_every=horizon)
     start = time.perf_counter()
-    path = trainer.train(task, sources, folder, steps=sizes.steps, seed=seed, progress=progress,
-                         voxel_size=voxel, device="cpu", **options)  # fmt: skip
+    path = trainer.train(task, sources, folder, steps=horizon, seed=seed, progress=progress,
+                         voxel_size=voxel, device="cpu", time_limit=budget, **options)  # fmt: skip
     seconds = time.perf_counter() - start
-    meta = {"task": task, "steps": sizes.steps, "seconds": seconds, "settings": options,
-            "seed": seed, "params": _count_params(path)}  # fmt: skip
+    meta = {"task": task, "method": entry.method, "objective": options["objective"],
+            "budget_seconds": budget, "seconds": seconds, "horizon": horizon,
+            **_run_record(folder), "rate": rate, "settings": options, "seed": seed,
+            "params": _count_params(path)}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
     return {**meta, "path": str(path), "cached": False}
 
@@ -102,6 +225,51 @@ def write_input(array: np.ndarray, path: Path, voxel: tuple[float, float, float]
     return path
 
 
+def _find_level(info: Any, path: str = "") -> tuple[str, float] | None:
+    """The first float in (0, 1) (or a percentage) under a key naming a coverage level."""
+    if isinstance(info, dict):
+        for k, v in info.items():
+            name = str(k).lower()
+            if any(w in name for w in ("level", "coverage", "confidence", "alpha")) and isinstance(
+                v, (int, float)
+            ) and not isinstance(v, bool):  # fmt: skip
+                value = float(v) / (100.0 if 1.0 < float(v) < 100.0 else 1.0)
+                if "alpha" in name:
+                    value = 1.0 - value
+                if 0.0 < value < 1.0:
+                    return f"{path}{k}", value
+            found = _find_level(v, f"{path}{k}.")
+            if found:
+                return found
+    return None
+
+
+def uncertainty_meaning(image: Path) -> dict[str, Any]:
+    """What the ``uncertainty/`` image holds, from its ``emdiffuse`` zarr attribute:
+    ``{"kind": "half-width", "level": 0.9, …}`` when it names an interval level (a
+    calibrated checkpoint), else ``{"kind": "std"}`` (the sample standard deviation)."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(image), mode="r").attrs)
+    except Exception as error:  # noqa: BLE001 - report, do not fail the run
+        return {"kind": "std", "note": f"attributes unreadable: {type(error).__name__}"}
+    info = attrs.get("emdiffuse", {})
+    info = info if isinstance(info, dict) else {}
+    keep = {k: v for k, v in info.items() if k not in ("voxel_size_nm", "translation_nm")}
+    stated = info.get("uncertainty")  # e.g. "half-width" (with "level") or "std"
+    found = _find_level(info)
+    if isinstance(stated, str):
+        if "half" in stated.lower() or "interval" in stated.lower():
+            if found is None:
+                return {"kind": "std", "attrs": keep, "note": f"{stated!r} without a level"}
+            return {"kind": "half-width", "level": found[1], "attr": found[0], "attrs": keep}
+        return {"kind": "std", "attrs": keep}
+    if found is None:
+        return {"kind": "std", "attrs": keep}
+    return {"kind": "half-width", "level": found[1], "attr": found[0], "attrs": keep}
+
+
 def run_enhance(
     model: str | Path,
     source: Path,
@@ -114,25 +282,33 @@ def run_enhance(
 ) -> dict[str, Any]:
     """``emdiffuse.enhance`` of ``source`` into ``out`` on the in-process threaded scheduler.
 
-    Returns ``{"mean", "std" (None for one sample), "seconds", "steps", "sampler"}``.
+    ``samples=0`` asks for the posterior mean (one network evaluation). Returns ``{"mean",
+    "uncertainty" (None below 2 samples), "uncertainty_meaning", "seconds", "steps",
+    "sampler", …}``, or ``{"error": why}`` when the library refuses the request.
     """
     defaults = enhance_defaults()
     steps = defaults["steps"] if steps is None else steps
     sampler = defaults["sampler"] if sampler is None else sampler
     start = time.perf_counter()
-    result = enhance(source, model, out, steps=steps, samples=samples, seed=seed, sampler=sampler,
-                     dtype="float32", overwrite=True, scheduler="threads", workers=1,
-                     progress=False)  # fmt: skip
+    try:
+        result = enhance(source, model, out, steps=steps, samples=samples, seed=seed,
+                         sampler=sampler, dtype="float32", overwrite=True, scheduler="threads",
+                         workers=1, progress=False)  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - e.g. samples=0 before the mean mode lands
+        return {"error": f"{type(error).__name__}: {error}", "samples": samples}
     mean = np.asarray(result.values, dtype=np.float32)
-    std = None
-    if samples > 1:
-        std = np.asarray(io.open_volume(str(out / "uncertainty")).data.compute(), np.float32)
-    return {"mean": mean, "std": std, "seconds": time.perf_counter() - start, "steps": steps,
-            "sampler": sampler, "samples": samples, "seed": seed}  # fmt: skip
+    seconds = time.perf_counter() - start
+    unc, meaning = None, None
+    if samples > 1 and (out / "uncertainty").exists():
+        unc = np.asarray(io.open_volume(str(out / "uncertainty")).data.compute(), np.float32)
+        meaning = uncertainty_meaning(out / "uncertainty")
+    return {"mean": mean, "uncertainty": unc, "uncertainty_meaning": meaning,
+            "seconds": seconds, "steps": steps, "sampler": sampler, "samples": samples,
+            "seed": seed}  # fmt: skip
 
 
-def level_work_dir(cache: Path, level: Level) -> Path:
+def level_work_dir(cache_dir: Path, source: str, level: Level) -> Path:
     """Scratch folder of a level's OME-Zarr inputs and outputs (outside the repository)."""
-    path = cache / "work" / level.key
+    path = cache_dir / "work" / source / level.key
     path.mkdir(parents=True, exist_ok=True)
     return path

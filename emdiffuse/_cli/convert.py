@@ -1,4 +1,5 @@
-"""`emdiffuse convert`: TIFF stack (or OME-Zarr) -> multiscale OME-Zarr 0.5."""
+"""`emdiffuse convert`: any readable image (TIFF, OME-Zarr, HDF5, N5, neuroglancer
+precomputed, MRC) -> multiscale OME-Zarr 0.5."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 
 from emdiffuse.errors import InputError
 
-HELP = "convert a TIFF stack or OME-Zarr into multiscale OME-Zarr 0.5"
+HELP = (
+    "convert a TIFF stack, OME-Zarr, HDF5, N5, neuroglancer precomputed or MRC volume into "
+    "multiscale OME-Zarr 0.5"
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -29,10 +33,27 @@ def _levels(text: str) -> int:
     return value
 
 
+def _level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more (0: the finest level)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="TIFF stack (.tif/.tiff) or OME-Zarr")
+    parser.add_argument(
+        "input",
+        help="TIFF stack, OME-Zarr, HDF5 (file.h5:/dataset), N5, neuroglancer precomputed "
+        "(precomputed://URL) or MRC; a path or a URL",
+    )
     parser.add_argument("output", help="output OME-Zarr path (e.g. out.ome.zarr)")
     parser.add_argument("--voxel-size", help="Z,Y,X in nm (or one number); required if the input lacks it")
+    parser.add_argument(
+        "--level", type=_level, default=0, help="scale level of a multiscale input (default 0)"
+    )
     parser.add_argument("--chunks", type=_ints, default=None, help="output chunks Z,Y,X (default 64,256,256)")
     parser.add_argument("--levels", type=_levels, default=None, help="extra pyramid levels (default: automatic)")
     parser.add_argument("--overwrite", action="store_true", help="replace an OME-Zarr that emdiffuse wrote")
@@ -43,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from emdiffuse.io import check_finite, open_volume, refuse_output, write_image
 
     refuse_output(args.output, args.input, overwrite=args.overwrite, resumable=False)
-    volume = open_volume(args.input, voxel_size=args.voxel_size)
+    volume = open_volume(args.input, level=args.level, voxel_size=args.voxel_size)
     check_finite(volume)
     if args.chunks is not None and len(args.chunks) != volume.ndim:
         raise InputError(f"--chunks has {len(args.chunks)} values but the image has {volume.ndim} axes")

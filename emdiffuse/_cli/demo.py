@@ -15,7 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget on first run")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"sampler steps (default {DEFAULT_STEPS})")
-    parser.add_argument("--samples", type=int, default=2, help="samples (>=2 writes uncertainty)")
+    parser.add_argument("--samples", type=int, default=2,
+                        help="0: the posterior mean only (1 network evaluation per tile, "
+                        "fastest); 1: one sample; N >= 2: their mean and the uncertainty "
+                        "image (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     parser.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/emdiffuse)")
     parser.add_argument("--overwrite", action="store_true", help="redo an earlier demo in --out")

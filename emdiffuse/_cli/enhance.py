@@ -28,7 +28,7 @@ IO_ERROR_HINT = (
 )
 HELP = "enhance a volume (denoise, super-resolve, isotropic) with a trained model"
 DESCRIPTION = (
-    "Enhance IN (OME-Zarr or TIFF) with the model checkpoint into the OME-Zarr OUT, chunk by "
+    "Enhance IN (OME-Zarr, TIFF, HDF5, N5, neuroglancer precomputed or MRC) with the model checkpoint into the OME-Zarr OUT, chunk by "
     "chunk on a Dask cluster (a LocalCluster by default: one worker per GPU, else CPU worker "
     "processes). Prints the plan (tiles, network evaluations, estimated time) first."
 )
@@ -68,7 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_what(parser: argparse.ArgumentParser) -> None:
     """Input, output and model."""
-    parser.add_argument("input", help="input volume: OME-Zarr (path or URL) or TIFF")
+    parser.add_argument(
+        "input",
+        help="input volume, path or URL: OME-Zarr, TIFF, HDF5 (file.h5:/dataset), N5, "
+        "neuroglancer precomputed (precomputed://...) or MRC",
+    )
     parser.add_argument("output", help="output OME-Zarr path")
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")
     parser.add_argument(
@@ -98,7 +102,10 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         "--samples",
         type=int,
         default=_DEFAULT["samples"],
-        help="samples to average; 2 or more also writes the uncertainty (std) image",
+        help="0: the posterior mean only (1 network evaluation per tile, no texture sampled, "
+        "fastest); 1: one sample (the model's texture); N >= 2: the mean of N samples and the "
+        "uncertainty/ image (calibrated interval half-widths when the model stores a "
+        f"calibration, else the standard deviation) (default {_DEFAULT['samples']})",
     )
     parser.add_argument(
         "--seed", type=int, default=_DEFAULT["seed"], help=f"run seed (default {_DEFAULT['seed']})"
@@ -142,7 +149,9 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
         "--normalize",
         choices=list(NORMALIZE_MODES),
         default=_DEFAULT["normalize"],
-        help="intensity range: the model's training range, or percentiles of the input",
+        help="intensity ranges: the model's (its input's training range maps the input, its "
+        "target's the output), or auto: percentiles of the input map it, and the output range "
+        "follows as the model's target range follows its input's",
     )
     parser.add_argument(
         "--dtype",
@@ -155,7 +164,9 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="input voxel size in nm (zyx), when the input does not say",
     )
-    parser.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
+    parser.add_argument(
+        "--level", type=int, default=0, help="scale level of a multiscale input (default 0)"
+    )
 
 
 def _add_compute(parser: argparse.ArgumentParser) -> None:

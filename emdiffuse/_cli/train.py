@@ -8,9 +8,13 @@ from emdiffuse.errors import InputError
 from emdiffuse.training.settings import AXES, LR_SCHEDULES, TASK_VARIANTS, defaults
 
 INTERRUPTED = "interrupted; rerun with --resume to continue from the last saved checkpoint"
-HELP = "train a denoise / super-resolve / isotropic model on OME-Zarr or TIFF data"
+HELP = (
+    "train a denoise / super-resolve / isotropic model on OME-Zarr, TIFF, HDF5, N5, "
+    "neuroglancer precomputed or MRC data"
+)
 DESCRIPTION = (
-    "Train a diffusion model from patches read straight from OME-Zarr (or TIFF). "
+    "Train a diffusion model from patches read straight from OME-Zarr chunks (or TIFF, HDF5 "
+    "file.h5:/dataset, N5, neuroglancer precomputed, MRC). "
     "--data: NOISY,CLEAN for denoise; LOW,HIGH or HIGH alone for super-resolve (the low image "
     "is then synthesised by blur + downsampling); one isotropic volume for isotropic "
     "(vEMDiffuse-i); the anisotropic volume itself for anisotropic (vEMDiffuse-a). "

@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
                 f"warning: listening on {args.bind}; anyone who can reach it can read these files"
             )
         print(url, flush=True)
+        for line in _child_notes(args.paths):
+            print(line, file=sys.stderr, flush=True)
         print("serving read-only; press Ctrl-C to stop", file=sys.stderr, flush=True)
         if not args.no_browser:
             webbrowser.open(url)
@@ -48,3 +50,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _child_notes(paths) -> list[str]:
+    """One line per child image that says what it holds (an uncertainty map: calibrated
+    interval half-widths, or the standard deviation over samples)."""
+    import zarr
+
+    from emdiffuse.io.describe import image_note
+    from emdiffuse.io.paths import local_path
+
+    lines = []
+    for path in paths:
+        root = local_path(str(path))
+        for child in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+            try:
+                attributes = zarr.open_group(str(child), mode="r").attrs
+            except Exception:  # noqa: BLE001 - not a Zarr group (a level array, the run record)
+                continue
+            note = image_note(attributes)
+            if note:
+                lines.append(f"  {root.name}/{child.name}: {note}")
+    return lines

@@ -27,6 +27,8 @@ def describe(path: str | Path) -> dict:
         problem = str(error)
     facts: dict = {
         "path": path,
+        "format": image.format,
+        "details": dict(image.details),
         "axes": image.axes,
         "shape": tuple(image.data.shape),
         "dtype": str(image.data.dtype),
@@ -37,8 +39,10 @@ def describe(path: str | Path) -> dict:
         "children": [],
         "problem": problem,
     }
+    if image.levels is not None:  # a multiscale HDF5, N5 or precomputed input
+        facts["levels"] = list(image.levels)
     local = local_path(path)
-    if local.is_dir():
+    if image.format == "OME-Zarr" and local.is_dir():
         group = zarr.open_group(str(local), mode="r")
         ms, version = multiscales(group)
         facts["ngff_version"] = version
@@ -48,6 +52,7 @@ def describe(path: str | Path) -> dict:
                 {"level": i, "shape": tuple(level.data.shape), "voxel_size_nm": tuple(level.voxel)}
             )
         facts["children"] = _child_images(group)
+        facts["child_notes"] = {c: image_note(group[c].attrs) for c in facts["children"]}
     return facts
 
 
@@ -65,3 +70,21 @@ def _child_images(group: zarr.Group) -> list[str]:
         except KeyError:
             continue
     return names
+
+
+def image_note(attributes) -> str:
+    """What an image emdiffuse wrote holds, from its group's ``emdiffuse`` attributes: for
+    an uncertainty map, calibrated interval half-widths or the plain standard deviation
+    (``emdiffuse.pipeline.outputs``); "" when they do not say."""
+    info = attributes.get("emdiffuse", {}) if hasattr(attributes, "get") else {}
+    kind = info.get("uncertainty") if isinstance(info, dict) else None
+    samples = info.get("samples") if isinstance(info, dict) else None
+    if kind == "half-width":
+        level = float(info.get("level", 0.0))
+        return (
+            f"calibrated {level:.0%} intervals: output ± value per voxel "
+            f"(half-widths, from {samples} samples)"
+        )
+    if kind == "std":
+        return f"standard deviation over {samples} samples per voxel (not calibrated)"
+    return ""

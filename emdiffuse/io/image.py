@@ -1,13 +1,14 @@
 """What a file holds before it is checked as a volume, and the units its metadata uses.
 
-The readers (:mod:`~emdiffuse.io.ome_zarr`, :mod:`~emdiffuse.io.tiff`) return a
-:class:`RawImage`; :mod:`~emdiffuse.io.volume` checks it into a zyx / yx
+The readers (:mod:`~emdiffuse.io.ome_zarr`, :mod:`~emdiffuse.io.tiff`,
+:mod:`~emdiffuse.io.hdf5`, :mod:`~emdiffuse.io.n5`, :mod:`~emdiffuse.io.precomputed`,
+:mod:`~emdiffuse.io.mrc`) return a :class:`RawImage`; :mod:`~emdiffuse.io.volume` checks it into a zyx / yx
 :class:`~emdiffuse.io.volume.Volume` and ``emdiffuse info`` shows it as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
@@ -51,7 +52,10 @@ class RawImage:
 
     ``voxel`` and ``offset`` run along the spatial axes (zyx or yx); an unknown voxel size is
     None, and then its offset is in voxels. ``problem`` says why the image cannot be a volume
-    (colour, a channel axis); ``data`` then keeps every axis.
+    (colour, a channel axis); ``data`` then keeps every axis. ``format`` names the format,
+    ``details`` are what ``info`` shows of it (dataset, encoding, mode, ...) and ``levels``
+    the scale levels of a multiscale input (``{"level", "shape", "voxel_size_nm"}`` each;
+    None: the reader does not list them).
     """
 
     data: da.Array
@@ -60,6 +64,9 @@ class RawImage:
     offset: list[float]
     problem: str | None = None
     unknown_why: str = ""
+    format: str = ""
+    details: dict = field(default_factory=dict)
+    levels: list[dict] | None = None
 
 
 def check_dtype(dtype: np.dtype, path: str) -> None:

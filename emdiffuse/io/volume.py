@@ -1,6 +1,9 @@
-"""Volumes in: :func:`open_volume` opens an OME-Zarr level or a TIFF stack lazily as a
-:class:`Volume` (dask data, axes zyx / yx, voxel size and translation in nm), after checking
-that it can be enhanced; :func:`check_finite` refuses NaN and inf.
+"""Volumes in: :func:`open_volume` opens an OME-Zarr level, a TIFF stack, an HDF5 dataset,
+an N5 dataset, a neuroglancer precomputed scale or an MRC file lazily as a :class:`Volume`
+(dask data, axes zyx / yx, voxel size and translation in nm), after checking that it can be
+enhanced; :func:`check_finite` refuses NaN and inf. Which reader: :func:`input_format`
+(prefix, suffix, then what the location holds); :func:`input_identity` is the content
+identity that caches of opened inputs are keyed on.
 """
 
 from __future__ import annotations
@@ -16,8 +19,17 @@ import numpy as np
 from emdiffuse.errors import InputError
 from emdiffuse.io.image import RawImage, check_dtype
 from emdiffuse.io.ome_zarr import open_ome_zarr
-from emdiffuse.io.paths import exists, local_path
+from emdiffuse.io.paths import exists, file_identity, input_format
 from emdiffuse.io.tiff import open_tiff
+
+FORMATS = {
+    "ome-zarr": "OME-Zarr",
+    "tiff": "TIFF",
+    "hdf5": "HDF5",
+    "n5": "N5",
+    "precomputed": "neuroglancer precomputed",
+    "mrc": "MRC",
+}
 
 
 @dataclass
@@ -117,13 +129,63 @@ def check_volume(image: RawImage, path: str, ndim: int | None = None) -> None:
         )
 
 
+def _reader(kind: str):
+    """The ``open_*(path, level) -> RawImage`` of a format (imported when first needed: the
+    optional formats need the ``formats`` extra)."""
+    if kind == "hdf5":
+        from emdiffuse.io.hdf5 import open_hdf5
+
+        return open_hdf5
+    if kind == "n5":
+        from emdiffuse.io.n5 import open_n5
+
+        return open_n5
+    if kind == "precomputed":
+        from emdiffuse.io.precomputed import open_precomputed
+
+        return open_precomputed
+    if kind == "mrc":
+        from emdiffuse.io.mrc import open_mrc
+
+        return open_mrc
+    raise KeyError(kind)
+
+
 def open_image(path: str, level: int = 0) -> RawImage:
-    """An OME-Zarr level or a TIFF as it is, for :func:`open_volume` and :func:`describe`."""
-    if not exists(path):
-        raise InputError(f"{path} does not exist; check the path")
-    if local_path(path).name.lower().endswith((".tif", ".tiff")):
-        return open_tiff(path)
-    return open_ome_zarr(path, level)
+    """Any readable image as it is (level ``level`` of a multiscale one), for
+    :func:`open_volume` and :func:`describe`."""
+    kind = input_format(path)
+    if kind in ("ome-zarr", "tiff"):
+        if not exists(path):
+            raise InputError(f"{path} does not exist; check the path")
+        if kind == "tiff":
+            if level != 0:
+                raise InputError(f"{path} has one level (0) only; level {level} does not exist")
+            image = open_tiff(path)
+        else:
+            image = open_ome_zarr(path, level)
+    else:  # the reader checks existence itself: an object store has no folders to look at
+        image = _reader(kind)(path, level)
+    image.format = image.format or FORMATS[kind]
+    return image
+
+
+def input_identity(path: str, level: int = 0) -> tuple | None:
+    """What identifies the content of an HDF5, N5, precomputed or MRC input as far as an
+    opened one depends on it (the file's size and modification time, or the bytes of its
+    metadata); None for OME-Zarr and TIFF, whose identity the pipeline's own cache takes."""
+    kind = input_format(path)
+    if kind in ("hdf5", "mrc"):
+        return (kind, *file_identity(path))
+    if kind == "n5":
+        from emdiffuse.io.n5 import identity
+
+        return identity(path, level)
+    if kind == "precomputed":
+        from emdiffuse.io.precomputed import identity
+
+        return identity(path, level)
+    return None
 
 
 def open_volume(

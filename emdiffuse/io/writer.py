@@ -9,8 +9,9 @@ does all three for an array in hand.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -38,12 +39,15 @@ def create_image(
     translation: Sequence[float] | None = None,
     overwrite: bool = False,
     name: str = "image",
+    attributes: Mapping[str, Any] | None = None,
 ) -> zarr.Array:
     """Create an OME-Zarr 0.5 group with an empty level-0 array ``0`` for region writes.
 
     The multiscales metadata is written by :func:`finalize_image`, so a half-written image
     is never mistaken for a finished one. Child images (``uncertainty/``) of an existing group
     are kept; ``overwrite`` replaces this path only, and only an image emdiffuse wrote.
+    ``attributes`` are added to the group's ``emdiffuse`` attributes (what the image holds,
+    e.g. an uncertainty map's kind), kept by :func:`finalize_image`.
     """
     path = str(path)
     local = local_path(path)
@@ -58,6 +62,7 @@ def create_image(
         "voxel_size_nm": [float(v) for v in voxel_size],
         "translation_nm": [float(t) for t in (translation or [0.0] * len(shape))],
         "axes": axes,
+        **dict(attributes or {}),
         "complete": False,
     }
     chunks = tuple(min(int(c), int(s)) for c, s in zip(chunks, shape, strict=True))

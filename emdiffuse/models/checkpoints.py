@@ -26,7 +26,6 @@ from safetensors.torch import load, save_file
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.torch_files import load_tensor_mapping
-from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import ModelConfig
 
 CONFIG_KEY = "emdiffuse_config"
@@ -173,9 +172,12 @@ def check_state_dict(
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the network's state dict, built without allocating memory."""
+    """Names and shapes of the network's state dict, built without allocating memory (the
+    residual kind: ``mean.*`` and ``residual.*``)."""
+    from emdiffuse.models.networks import build_network  # networks imports diffusion
+
     with torch.device("meta"):
-        net = UNet(config.unet)
+        net = build_network(config)
     return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 

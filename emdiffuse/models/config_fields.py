@@ -1,5 +1,6 @@
 """Checks and JSON forms of :class:`~emdiffuse.models.variants.ModelConfig`'s fields: the
-noise schedule, the normalisation, the UNet architecture and its index embedding."""
+noise schedule, the normalisations, the calibration, the UNet architecture and its index
+embedding."""
 
 from __future__ import annotations
 
@@ -78,19 +79,43 @@ def check_schedule(schedule: Any) -> None:
             )
 
 
-def check_normalization(norm: Any) -> None:
+def check_normalization(norm: Any, name: str = "normalization") -> None:
     if not isinstance(norm, Mapping) or set(norm) != {"low", "high"}:
-        raise InputError(
-            'model config: field \'normalization\' must be {"low": float, "high": float}'
-        )
+        raise InputError(f'model config: field {name!r} must be {{"low": float, "high": float}}')
     lo, hi = norm["low"], norm["high"]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)) or hi <= lo:
         raise InputError(
-            f"model config: normalization low={lo!r}, high={hi!r} must be finite with low < high"
+            f"model config: {name} low={lo!r}, high={hi!r} must be finite with low < high"
         )
+
+
+def check_calibration(calibration: Any) -> None:
+    """The stored conformal calibration (:mod:`emdiffuse.models.calibration`): ``level`` in
+    (0, 1), ``scale`` >= 0, ``samples`` >= 2, ``floor`` > 0 (other keys are informational)."""
+    if not isinstance(calibration, Mapping):
+        raise InputError("model config: field 'calibration' must be an object or null")
+    missing = sorted({"level", "scale", "samples", "floor"} - set(calibration))
+    if missing:
+        raise InputError(f"model config: calibration lacks {', '.join(missing)}")
+
+    def number(key: str) -> float:
+        value = calibration[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value
+        ):
+            raise InputError(f"model config: calibration.{key} must be a finite number, got {value!r}")
+        return float(value)
+
+    if not 0 < number("level") < 1:
+        raise InputError(f"model config: calibration.level {calibration['level']!r} must be in (0, 1)")
+    if number("scale") < 0 or number("floor") <= 0:
+        raise InputError("model config: calibration.scale must be >= 0 and floor > 0")
+    samples = calibration["samples"]
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise InputError(f"model config: calibration.samples {samples!r} must be an integer >= 2")
 
 
 __all__ = [
     "SCHEDULE_KINDS", "index_classes", "index_field", "unet_from_dict", "jsonable",
-    "check_schedule", "check_normalization",
+    "check_schedule", "check_normalization", "check_calibration",
 ]  # fmt: skip

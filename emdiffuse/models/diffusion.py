@@ -278,6 +278,41 @@ def diffusion_loss(
     return torch.nn.functional.l1_loss(pred, target)
 
 
+def residual_loss(
+    model: Callable[..., Any],
+    cond: torch.Tensor,
+    x0: torch.Tensor,
+    schedule: Schedule | Mapping[str, Any],
+    prediction: str = "v",
+    loss: str = "mse",
+    mean_loss: str = "mse",
+    *,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training loss of a mean-plus-residual model (:class:`~emdiffuse.models.networks.
+    MeanResidualNet`, or DDP around one): ``(total, mean part)``.
+
+    total = ``mean_loss``(mean, x0) + ``loss``(prediction, target of the residual
+    ``r = (x0 - mean.detach()) / scale`` at a noise level drawn as :func:`diffusion_loss`
+    does). Both networks learn in the same step; the residual branch never moves the mean.
+    """
+    _check_prediction(prediction)
+    for name, value in (("loss", loss), ("mean_loss", mean_loss)):
+        if value not in LOSSES:
+            raise InputError(f"{name} {value!r} unknown; choose one of {', '.join(LOSSES)}")
+    schedule = as_schedule(schedule)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    levels = schedule.sample_noise_level(x0.shape[0], generator, u=u, device=x0.device)
+    mean, pred, r = model(cond, x0, noise, levels)
+    target = target_for(r.float(), noise.float(), levels, prediction)
+    fn = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
+    part_mean = fn[mean_loss](mean.float(), x0.float())
+    return part_mean + fn[loss](pred.float(), target), part_mean.detach()
+
+
 def make_denoiser(
     net: Callable[..., torch.Tensor],
     cond: torch.Tensor,
@@ -286,12 +321,16 @@ def make_denoiser(
     *,
     index: torch.Tensor | None = None,
     clip: bool = True,
+    clip_range: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Denoiser:
     """The bridge from a network to the samplers: ``denoise(x_t, alpha_bar) -> x0_hat``.
 
     ``alpha_bar`` is a float or a (B,) tensor. The network output (any dtype, e.g. under the
     caller's autocast) is converted to float32 x0 and, with ``clip`` (the reference's
-    ``clip_denoised``), clamped to [-1, 1]. ``schedule`` is accepted for symmetry and unused.
+    ``clip_denoised``), clamped to [-1, 1] — or, with ``clip_range`` ``(low, high)``
+    (tensors broadcasting against x0), to that range instead: the residual kind's bounds
+    ``((-1 - mean) / s, (1 - mean) / s)``, so that ``mean + s * x0_hat`` stays in [-1, 1].
+    ``schedule`` is accepted for symmetry and unused.
     """
     _check_prediction(prediction)
     del schedule
@@ -302,12 +341,16 @@ def make_denoiser(
         level = a.expand(b) if a.ndim == 0 else a.reshape(b)
         pred = net(torch.cat([cond.to(x_t.dtype), x_t], dim=1), level, index).float()
         x0 = to_x0(pred, x_t.float(), level.double(), prediction)
-        return x0.clamp(-1.0, 1.0) if clip else x0
+        if not clip:
+            return x0
+        if clip_range is not None:
+            return torch.maximum(torch.minimum(x0, clip_range[1]), clip_range[0])
+        return x0.clamp(-1.0, 1.0)
 
     return denoise
 
 
 __all__ = [
     "PREDICTIONS", "LOSSES", "Schedule", "as_schedule", "q_sample", "target_for", "to_x0",
-    "to_eps", "eps_from_x0", "diffusion_loss", "make_denoiser",
+    "to_eps", "eps_from_x0", "diffusion_loss", "residual_loss", "make_denoiser",
 ]  # fmt: skip

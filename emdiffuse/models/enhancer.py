@@ -2,11 +2,20 @@
 
 :class:`Enhancer` wraps one network (eval mode, EMA weights), its
 :class:`~emdiffuse.models.variants.ModelConfig` and a sampler. It knows nothing of Dask or
-Zarr: tiles go in and out as numpy float32 in model space [-1, 1] (raw intensities map to it
-with :mod:`emdiffuse.models.normalization`, the model's ``config.normalization``). The caller
-supplies the
-initial noise (and, for stochastic samplers, each step's noise) so that a tile's result is a
-function of its global position only.
+Zarr: tiles go in and out as numpy float32 in model space [-1, 1]. Raw input maps to model
+space with the model's condition range (:attr:`Enhancer.condition_normalization`), outputs
+back to raw units with its target range (:attr:`Enhancer.normalization`); see
+:mod:`emdiffuse.models.normalization`. The caller supplies the initial noise (and, for
+stochastic samplers, each step's noise) so that a tile's result is a function of its global
+position only.
+
+Three ways to use a model (both kinds, :data:`~emdiffuse.models.variants.KINDS`):
+
+* :meth:`Enhancer.posterior_mean` — one network evaluation, the regression-like estimate
+  (``--samples 0``);
+* :meth:`Enhancer.sample_parts` — one sample split as (mean, residual), unclamped, for a
+  blender that treats the deterministic mean and the zero-mean texture differently;
+* :meth:`Enhancer.enhance` — one sample, clamp(mean + residual) to [-1, 1].
 
 Shapes (``k`` = scale factor; ``h, w`` the input tile, ``H, W`` the output tile)::
 
@@ -33,8 +42,9 @@ from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.device import resolve_device
 from emdiffuse.models.diffusion import Schedule, make_denoiser
+from emdiffuse.models.networks import build_network
+from emdiffuse.models.normalization import Normalization, condition_from_model, from_model
 from emdiffuse.models.sampler_names import resolve_spacing
-from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -113,7 +123,7 @@ class Enhancer:
         config.validate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = UNet(config.unet)
+            net = build_network(config)
         if state_dict is not None:
             check_state_dict(config, state_dict)
             net.load_state_dict(state_dict, strict=True)
@@ -156,7 +166,83 @@ class Enhancer:
         *rest, h, w = spatial
         return (b, self.out_slices, *rest, h * self.xy_scale, w * self.xy_scale)
 
+    @property
+    def kind(self) -> str:
+        """``"sr3"`` or ``"residual"`` (mean plus residual): see :class:`ModelConfig`."""
+        return self.config.kind
+
+    @property
+    def condition_normalization(self) -> Normalization:
+        """Raw input -> model space for ``cond`` (the model's condition range)."""
+        return condition_from_model(self.config)
+
+    @property
+    def normalization(self) -> Normalization:
+        """Model space -> raw units for the outputs (the model's target range)."""
+        return from_model(self.config)
+
     # ---- inference ---------------------------------------------------------------------
+    def posterior_mean(self, cond: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """The posterior-mean estimate of a batch in one network evaluation, model space,
+        (B, out_slices, H, W), not clamped.
+
+        Residual kind: the mean network's output (``noise`` is not needed; if given its shape
+        is checked). SR3 kind: the x0 the network predicts at the noisiest level of the
+        sampling schedule from ``x_T = noise`` (the first step of every sampler; with
+        ε-prediction this estimate is poor — such models have no mean path).
+        """
+        if self.config.residual:
+            if noise is not None:
+                self._check_inputs(cond, noise, self.out_slices)
+            cond_t = self._check_cond(cond)
+        else:
+            if noise is None:
+                raise InputError("posterior_mean of an sr3 model needs noise (its x_T)")
+            n_noise = self.out_slices
+            cond_t, noise_t = self._check_inputs(cond, noise, n_noise)
+        with torch.inference_mode(), self._autocast():
+            cond_t = self._upsample(cond_t)
+            if self.config.residual:
+                mean = self.net.mean(cond_t).float()
+            else:
+                level = float(self.schedule.alpha_bars[-1])
+                parts = []
+                for j, index in self._passes(list(range(self.out_slices))):
+                    x_T = noise_t if j is None else noise_t[:, j : j + 1]
+                    parts.append(self._denoiser(cond_t, index)(x_T, level))
+                mean = torch.cat(parts, dim=1)
+            return mean.float().cpu().numpy()
+
+    def sample_parts(
+        self,
+        cond: np.ndarray,
+        noise: np.ndarray,
+        *,
+        sampler: str,
+        steps: int,
+        step_noise: Callable[[int], np.ndarray] | None = None,
+        spacing: str | None = None,
+        eta: float = 0.0,
+        mean: np.ndarray | None = None,
+        callback: samplers.Callback | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One sample of a batch split as ``(mean, residual)``, sample = mean + residual,
+        both (B, out_slices, H, W) in model space and NOT clamped (clamp after blending).
+
+        Residual kind: ``mean`` is the mean network's output — or the ``mean`` passed in (a
+        previous :meth:`posterior_mean` of the same ``cond``, to evaluate it once for several
+        samples) — and ``residual`` is ``residual_scale`` × the sampled residual. SR3 kind
+        with v or x0 prediction: ``mean`` is the first step's x0 estimate (read through the
+        sampler's callback: no extra evaluation) and ``residual`` = sample − mean. SR3 with
+        ε-prediction: ``mean`` is the sample and ``residual`` is zero (no mean path). Other
+        arguments as :meth:`enhance`.
+        """
+        mean_t, residual_t, _ = self._run(
+            cond, noise, sampler=sampler, steps=steps, step_noise=step_noise, index=None,
+            eta=eta, spacing=spacing, callback=callback, mean=mean,
+        )  # fmt: skip
+        return mean_t.float().cpu().numpy(), residual_t.float().cpu().numpy()
+
     def enhance(
         self,
         cond: np.ndarray,
@@ -182,53 +268,127 @@ class Enhancer:
         index); output-channel models still take full ``noise`` and return the chosen slices.
         ``callback`` is the samplers' per-step callback (:mod:`emdiffuse.models.samplers`:
         a dict of ``i``, ``x``, ``denoised``, ``alpha_bar``, ``alpha_bar_next``, torch tensors
-        on the device, in model space on the output grid); index-embedding models call it once
-        per step for each in-between slice, one slice after another.
+        on the device, in model space on the output grid — for the residual kind ``x`` and
+        ``denoised`` are mapped from residual space as ``mean + residual_scale * value``);
+        index-embedding models call it once per step for each in-between slice, one slice
+        after another. Returns clamp(mean + residual, -1, 1) (:meth:`sample_parts`).
         """
+        _, _, out = self._run(
+            cond, noise, sampler=sampler, steps=steps, step_noise=step_noise, index=index,
+            eta=eta, spacing=spacing, callback=callback, mean=None,
+        )  # fmt: skip
+        return out.float().clamp(-1.0, 1.0).cpu().numpy()
+
+    __call__ = enhance
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _run(
+        self,
+        cond: np.ndarray,
+        noise: np.ndarray,
+        *,
+        sampler: str,
+        steps: int,
+        step_noise: Callable[[int], np.ndarray] | None,
+        index: int | Sequence[int] | None,
+        eta: float,
+        spacing: str | None,
+        callback: samplers.Callback | None,
+        mean: np.ndarray | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean, residual, sample)`` tensors of one sample (sample computed directly, not
+        as mean + residual, so that :meth:`enhance` is exactly the sampler's result)."""
         spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         indices = self._indices(index)
         n_noise = len(indices) if self.config.use_index_embedding else self.out_slices
         cond_t, noise_t = self._check_inputs(cond, noise, n_noise)
+        mean_t = None
+        if mean is not None:
+            if not self.config.residual:
+                raise InputError("mean= is for residual-kind models (their mean network)")
+            mean_t = self._check_mean(mean, noise_t.shape)
+        kw = {"sampler": sampler, "steps": int(steps), "eta": eta, "spacing": spacing}
         with torch.inference_mode(), self._autocast():
             cond_t = self._upsample(cond_t)
-            if self.config.use_index_embedding:
-                outs = [
-                    self._sample(
-                        cond_t,
-                        noise_t[:, j : j + 1],
-                        sampler=sampler,
-                        steps=int(steps),
-                        step_noise=_channel(step_noise, j, self._to_tensor),
-                        index=i,
-                        eta=eta,
-                        spacing=spacing,
-                        callback=callback,
-                    )
-                    for j, i in enumerate(indices)
-                ]
-                out = torch.cat(outs, dim=1)
+            if self.config.residual:
+                m, r = self._sample_residual(
+                    cond_t, noise_t, mean_t, _channel(step_noise, None, self._to_tensor),
+                    callback, kw,
+                )  # fmt: skip
+                sample = m + r
             else:
-                out = self._sample(
-                    cond_t,
-                    noise_t,
-                    sampler=sampler,
-                    steps=int(steps),
-                    step_noise=_channel(step_noise, None, self._to_tensor),
-                    index=None,
-                    eta=eta,
-                    spacing=spacing,
-                    callback=callback,
-                )
-                if index is not None:
-                    out = out[:, list(indices)]
-            out = out.float().clamp(-1.0, 1.0).cpu().numpy()
-        return out
+                parts = [
+                    self._sample_sr3(
+                        cond_t, noise_t if j is None else noise_t[:, j : j + 1], i,
+                        _channel(step_noise, j, self._to_tensor), callback, kw,
+                    )  # fmt: skip
+                    for j, i in self._passes(indices)
+                ]
+                m = torch.cat([p[0] for p in parts], dim=1)
+                sample = torch.cat([p[1] for p in parts], dim=1)
+                r = sample - m
+            if index is not None and not self.config.use_index_embedding:
+                m, r, sample = (t[:, list(indices)] for t in (m, r, sample))
+        return m, r, sample
 
-    __call__ = enhance
+    def _passes(self, indices: list[int]) -> list[tuple[int | None, int | None]]:
+        """(noise channel, embedded index) of each network pass: one pass of all channels,
+        or (index-embedding models) one per in-between slice."""
+        if self.config.use_index_embedding:
+            return list(enumerate(indices))
+        return [(None, None)]
 
-    # ---- helpers -----------------------------------------------------------------------
+    def _denoiser(self, cond: torch.Tensor, index: int | None, **kw):
+        index_t = None
+        if index is not None:
+            index_t = torch.full((cond.shape[0],), index, dtype=torch.long, device=self.device)
+        return make_denoiser(self.net, cond, self.schedule, self.config.prediction,
+                             index=index_t, **kw)  # fmt: skip
+
+    def _sample_sr3(self, cond, x_T, index, step_noise, callback, kw):
+        """(first x0 estimate or the sample, sample) of one SR3 pass."""
+        first: list[torch.Tensor] = []
+
+        def capture(info: dict) -> None:
+            if info["i"] == 0:
+                first.append(info["denoised"].float().clone())
+            if callback is not None:
+                callback(info)
+
+        denoise = self._denoiser(cond, index)
+        sample = samplers.sample(denoise, x_T, self.schedule, step_noise=step_noise,
+                                 callback=capture, **kw).float()  # fmt: skip
+        if self.config.prediction == "eps" or not first:
+            return sample, sample
+        return first[0], sample
+
+    def _sample_residual(self, cond, x_T, mean, step_noise, callback, kw):
+        """(mean, residual in model space) of the residual kind."""
+        if mean is None:
+            mean = self.net.mean(cond).float()
+        s = float(self.config.residual_scale)
+        bounds = ((-1.0 - mean) / s, (1.0 - mean) / s)
+        cond_mean = torch.cat([cond, mean.to(cond.dtype)], dim=1)
+        denoise = make_denoiser(self.net.residual, cond_mean, self.schedule, self.config.prediction,
+                                clip_range=bounds)  # fmt: skip
+        report = None
+        if callback is not None:
+
+            def report(info: dict) -> None:
+                callback({**info, "x": mean + s * info["x"], "denoised": mean + s * info["denoised"]})
+
+        r = samplers.sample(denoise, x_T, self.schedule, step_noise=step_noise, callback=report,
+                            **kw).float()  # fmt: skip
+        return mean, s * r
+
+    def _check_mean(self, mean: np.ndarray, shape) -> torch.Tensor:
+        mean = np.asarray(mean)
+        if tuple(mean.shape) != tuple(shape):
+            raise InputError(f"mean has shape {mean.shape}, the output batch is {tuple(shape)}")
+        return self._to_tensor(mean)
+
     def _indices(self, index: int | Sequence[int] | None) -> list[int]:
         n = self.out_slices
         if index is None:
@@ -250,12 +410,28 @@ class Enhancer:
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         return tensor
 
+    def _check_cond(self, cond: np.ndarray) -> torch.Tensor:
+        """``cond`` checked (layout, slices, tile sides) as a tensor."""
+        cond = np.asarray(cond)
+        self._check_layout(cond, self.out_slices)
+        return self._to_tensor(cond)
+
     def _check_inputs(
         self, cond: np.ndarray, noise: np.ndarray, n_out: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ndim = self.config.dims + 2
         cond = np.asarray(cond)
         noise = np.asarray(noise)
+        expected = self._check_layout(cond, n_out)
+        if tuple(noise.shape) != tuple(expected):
+            raise InputError(
+                f"noise has shape {noise.shape} but cond {cond.shape} needs {tuple(expected)} "
+                f"on the output grid"
+            )
+        return self._to_tensor(cond), self._to_tensor(noise)
+
+    def _check_layout(self, cond: np.ndarray, n_out: int) -> list[int]:
+        """Check ``cond``; return the output batch shape with ``n_out`` channels."""
+        ndim = self.config.dims + 2
         layout = "(B, C, h, w)" if ndim == 4 else "(B, C, d, h, w)"
         if cond.ndim != ndim:
             raise InputError(f"cond must be {layout}, got shape {cond.shape}")
@@ -266,11 +442,6 @@ class Enhancer:
             )
         expected = list(self.output_shape(cond.shape))
         expected[1] = n_out
-        if tuple(noise.shape) != tuple(expected):
-            raise InputError(
-                f"noise has shape {noise.shape} but cond {cond.shape} needs {tuple(expected)} "
-                f"on the output grid"
-            )
         for side in expected[-2:]:
             if side % self.multiple:
                 raise InputError(
@@ -282,7 +453,7 @@ class Enhancer:
                 f"tile depth {expected[2]} is not a multiple of {self.net_multiple}; "
                 "choose a tile size that is"
             )
-        return self._to_tensor(cond), self._to_tensor(noise)
+        return expected
 
     def _upsample(self, cond: torch.Tensor) -> torch.Tensor:
         k = self.xy_scale
@@ -297,37 +468,6 @@ class Enhancer:
         if self.autocast_dtype is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    def _sample(
-        self,
-        cond: torch.Tensor,
-        x_T: torch.Tensor,
-        *,
-        sampler: str,
-        steps: int,
-        step_noise: Callable[[int], torch.Tensor] | None,
-        index: int | None,
-        eta: float,
-        spacing: str,
-        callback: samplers.Callback | None,
-    ) -> torch.Tensor:
-        index_t = None
-        if index is not None:
-            index_t = torch.full((cond.shape[0],), index, dtype=torch.long, device=self.device)
-        denoise = make_denoiser(
-            self.net, cond, self.schedule, self.config.prediction, index=index_t
-        )
-        return samplers.sample(
-            denoise,
-            x_T,
-            self.schedule,
-            sampler=sampler,
-            steps=steps,
-            step_noise=step_noise,
-            eta=eta,
-            spacing=spacing,
-            callback=callback,
-        )
 
 
 def _channel(

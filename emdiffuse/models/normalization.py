@@ -9,6 +9,16 @@ from robust :data:`PERCENTILES` of a seeded sample of input chunks read once on 
 (``emdiffuse.pipeline.intensity``) — never per tile or per chunk, which would make seams and
 break chunking invariance.
 
+Condition and target have their own ranges. A model maps its condition (the noisy, low-
+resolution or anisotropic input) with ``config.condition_normalization`` and its output with
+``config.normalization`` (the target's range: what outputs are denormalised with). A low-dose
+noisy image spans far more than its clean target; one shared range would squeeze the target
+into a corner of [-1, 1] (the intensity bias of issue 14). ``condition_normalization`` None
+means "the same as ``normalization``" (older checkpoints, reference imports).
+:func:`pair_from_model` gives the (condition, target) pair; :func:`as_pair` reads the forms a
+caller may pass (one range for both, or the pair); :func:`robust_range` is the one percentile
+estimate (the loader's, for each side from its own source).
+
 Every caller uses this module: the training loader, the Enhancer's users (trainer
 validation, the demo's evaluation), the pipeline's workers.
 """
@@ -84,6 +94,41 @@ def from_model(config) -> Normalization:
     return Normalization.of(norm)
 
 
+def condition_from_model(config) -> Normalization:
+    """The range the model's condition (its input) is mapped with:
+    ``config.condition_normalization``, or ``config.normalization`` when that is None."""
+    norm = getattr(config, "condition_normalization", None)
+    return from_model(config) if norm is None else Normalization.of(norm)
+
+
+def pair_from_model(config) -> tuple[Normalization, Normalization]:
+    """``(condition, target)`` ranges of a model config: the input is mapped to model space
+    with the first, the output back to raw units with the second."""
+    return condition_from_model(config), from_model(config)
+
+
+def as_pair(norm: Any) -> tuple[Normalization, Normalization]:
+    """``(condition, target)`` from what a caller may give: a model config; one range
+    (a :class:`Normalization` or ``{"low", "high"}``: both sides alike, as before separate
+    ranges existed); ``{"condition": range, "target": range}``; or a ``(condition, target)``
+    sequence."""
+    if isinstance(norm, Mapping) and set(norm) == {"condition", "target"}:
+        return Normalization.of(norm["condition"]), Normalization.of(norm["target"])
+    if isinstance(norm, (tuple, list)) and len(norm) == 2:
+        return Normalization.of(norm[0]), Normalization.of(norm[1])
+    if not isinstance(norm, (Mapping, Normalization)) and hasattr(norm, "normalization"):
+        return pair_from_model(norm)
+    single = Normalization.of(norm)
+    return single, single
+
+
+def robust_range(values: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> Normalization:
+    """The :data:`PERCENTILES` of ``values`` (float64) as a :class:`Normalization`; raises
+    :class:`InputError` when they are equal (no contrast)."""
+    low, high = np.percentile(np.asarray(values, dtype=np.float64).ravel(), percentiles)
+    return Normalization(float(low), float(high))
+
+
 def normalize(raw: np.ndarray, norm, *, clip: bool = True) -> np.ndarray:
     """Raw intensities -> model space float32 (clipped to [-1, 1] by default); ``norm`` is a
     model config, a ``{"low", "high"}`` mapping or a :class:`Normalization`."""
@@ -105,4 +150,7 @@ def to_dtype(raw: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(raw).astype(dtype)
 
 
-__all__ = ["PERCENTILES", "Normalization", "from_model", "normalize", "denormalize", "to_dtype"]
+__all__ = [
+    "PERCENTILES", "Normalization", "from_model", "condition_from_model", "pair_from_model",
+    "as_pair", "robust_range", "normalize", "denormalize", "to_dtype",
+]  # fmt: skip

@@ -41,6 +41,7 @@ from emdiffuse import __version__
 from emdiffuse.errors import InputError
 from emdiffuse.models.conditioning import UPSAMPLE_MODES
 from emdiffuse.models.config_fields import (
+    check_calibration,
     check_normalization,
     check_schedule,
     index_classes,
@@ -48,6 +49,7 @@ from emdiffuse.models.config_fields import (
     jsonable,
     unet_from_dict,
 )
+from emdiffuse.models.mean_net import MeanNetConfig
 from emdiffuse.models.unet import UNetConfig
 
 VARIANTS: dict[str, str] = {
@@ -60,6 +62,16 @@ TASKS = ("denoise", "super-resolve", "isotropic")
 PREDICTIONS = ("eps", "x0", "v")
 LOSSES = ("mse", "l1")
 SIZES = ("tiny", "small", "reference")
+# "sr3": one diffusion UNet samples the target conditioned on the input (the reference's
+# design; reference weights are of this kind). "residual": mean plus residual — a regression
+# network predicts the posterior mean in one evaluation and a diffusion UNet samples only the
+# residual (target - mean) / residual_scale, conditioned on the input and the mean.
+KINDS = ("sr3", "residual")
+# The residual kind's default scale s (model space): r = (x0 - mean) / s should have a
+# standard deviation near that of the data the schedule was made for (order 0.5-1). The mean
+# network's error on EM data at moderate training is 0.1-0.3 in model space (a 17-22 dB
+# regression), so s = 0.2 puts the residual at unit scale (measured: benchmarks/results/mean_residual.md).
+DEFAULT_RESIDUAL_SCALE = 0.2
 
 # The reference's training schedule (EMDiffuse configs, "beta_schedule.train"): linear betas
 # over 2000 steps from 1e-6 to 1e-2. Its test schedule (1000 steps, 1e-4..0.09) is one
@@ -105,6 +117,15 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+# Mean networks of the residual kind (a CARE-sized regression UNet: 32 base channels, two
+# downsamplings, two 3x3 convolutions per level, no attention, no normalisation layers).
+_MEAN_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"base_channels": 32, "depth": 2, "convs": 2},
+    "small": {"base_channels": 32, "depth": 3, "convs": 2},
+    "reference": {"base_channels": 32, "depth": 3, "convs": 2},
+}
+
+
 def _version() -> str:
     return __version__
 
@@ -114,7 +135,18 @@ class ModelConfig:
     """Variant, architecture, schedule and data statistics of one model (JSON round trip).
 
     ``normalization`` holds the raw-intensity percentiles ``{"low", "high"}`` (0.5 % and
-    99.5 %) of the training data; ``voxel_size_nm`` its voxel size (zyx, nm) or None.
+    99.5 %) of the training TARGET (what outputs are denormalised with);
+    ``condition_normalization`` those of the condition (the model's input), None meaning
+    "the same as ``normalization``" (checkpoints from before the split, reference imports);
+    see :mod:`emdiffuse.models.normalization`. ``voxel_size_nm`` is the training data's
+    voxel size (zyx, nm) or None.
+
+    ``kind`` (:data:`KINDS`): ``"sr3"`` (one diffusion UNet, ``unet``) or ``"residual"``
+    (mean plus residual: the regression network ``mean_net`` predicts the posterior mean,
+    the diffusion UNet ``unet`` samples ``(x0 - mean) / residual_scale`` conditioned on
+    ``[condition, mean]``; not for index-embedding layouts). ``calibration`` is the
+    conformal scale of the sample spread fitted at the end of training
+    (:mod:`emdiffuse.models.calibration`), or None.
     ``cond_upsample`` is how super-resolution puts its input on the output grid
     (:mod:`emdiffuse.models.conditioning`): ``"bicubic"``, or ``"bilinear"`` for reference
     weights.
@@ -132,11 +164,18 @@ class ModelConfig:
     training_data: str = ""
     use_index_embedding: bool = False
     cond_upsample: str = "bicubic"
+    condition_normalization: dict[str, float] | None = None
+    kind: str = "sr3"
+    mean_net: MeanNetConfig | None = None
+    residual_scale: float | None = None
+    calibration: dict[str, Any] | None = None
     emdiffuse_version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
         if self.voxel_size_nm is not None:
             self.voxel_size_nm = tuple(float(v) for v in self.voxel_size_nm)
+        if self.mean_net is not None:
+            self.mean_net = MeanNetConfig.from_dict(self.mean_net)
         self.validate()
 
     # ---- contracts -------------------------------------------------------------------
@@ -177,9 +216,20 @@ class ModelConfig:
         return 1 if self.use_index_embedding else self.out_slices
 
     @property
+    def residual(self) -> bool:
+        """A mean-plus-residual model (``kind == "residual"``)."""
+        return self.kind == "residual"
+
+    @property
+    def net_cond_channels(self) -> int:
+        """Conditioning channels of the diffusion UNet: the input slices, and for the
+        residual kind the mean after them."""
+        return self.in_slices + (self.out_slices if self.residual else 0)
+
+    @property
     def net_in_channels(self) -> int:
         """Channels one network pass takes: conditioning, then the noisy target(s)."""
-        return self.in_slices + self.net_out_channels
+        return self.net_cond_channels + self.net_out_channels
 
     @property
     def passes(self) -> int:
@@ -238,6 +288,11 @@ class ModelConfig:
             )
         check_schedule(self.schedule)
         check_normalization(self.normalization)
+        if self.condition_normalization is not None:
+            check_normalization(self.condition_normalization, "condition_normalization")
+        if self.calibration is not None:
+            check_calibration(self.calibration)
+        self._validate_kind()
         if self.cond_upsample not in UPSAMPLE_MODES:
             raise InputError(
                 f"model config: unknown cond_upsample {self.cond_upsample!r}; "
@@ -253,6 +308,44 @@ class ModelConfig:
             )
         self._validate_unet()
 
+    def _validate_kind(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(
+                f"model config: unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}"
+            )
+        if not self.residual:
+            if self.mean_net is not None or self.residual_scale is not None:
+                raise InputError(
+                    "model config: mean_net and residual_scale belong to kind 'residual'; "
+                    "remove them or set kind to 'residual'"
+                )
+            return
+        if self.use_index_embedding:
+            raise InputError(
+                "model config: the residual kind needs output channels for the in-between "
+                "slices, not an index embedding; set use_index_embedding to false"
+            )
+        scale = self.residual_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+            math.isfinite(scale) and scale > 0
+        ):
+            raise InputError(
+                f"model config: residual_scale must be a positive number, got {scale!r}"
+            )
+        m = self.mean_net
+        if m is None:
+            raise InputError("model config: kind 'residual' needs a 'mean_net'")
+        if m.dims != self.unet.dims:
+            raise InputError(
+                f"model config: mean_net.dims is {m.dims} but unet.dims is {self.unet.dims}"
+            )
+        if m.in_channels != self.in_slices or m.out_channels != self.out_slices:
+            raise InputError(
+                f"model config: mean_net maps {m.in_channels} -> {m.out_channels} channels but "
+                f"{self.variant} (scale_factor {self.k}) needs {self.in_slices} -> "
+                f"{self.out_slices}"
+            )
+
     def _validate_unet(self) -> None:
         u = self.unet
         if u.dims not in (2, 3):
@@ -266,7 +359,7 @@ class ModelConfig:
             raise InputError(
                 f"model config: unet.in_channels is {u.in_channels} but {self.variant} "
                 f"(scale_factor {self.k}{', index embedding' if self.use_index_embedding else ''})"
-                f" needs {self.net_in_channels} ({self.in_slices} conditioning + "
+                f" needs {self.net_in_channels} ({self.net_cond_channels} conditioning + "
                 f"{self.net_out_channels} noisy)"
             )
         if u.out_channels != self.net_out_channels:
@@ -303,6 +396,12 @@ class ModelConfig:
         out["voxel_size_nm"] = None if self.voxel_size_nm is None else list(self.voxel_size_nm)
         out["schedule"] = jsonable(dict(self.schedule))
         out["normalization"] = {k: float(v) for k, v in self.normalization.items()}
+        if self.condition_normalization is not None:
+            out["condition_normalization"] = {
+                k: float(v) for k, v in self.condition_normalization.items()
+            }
+        out["mean_net"] = None if self.mean_net is None else self.mean_net.to_dict()
+        out["calibration"] = None if self.calibration is None else jsonable(dict(self.calibration))
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -343,8 +442,10 @@ def make_unet_config(
     scale_factor: int | None = None,
     use_index_embedding: bool = False,
     dims: int = 2,
+    kind: str = "sr3",
 ) -> UNetConfig:
-    """The UNet architecture of a preset (channels follow the variant's contract)."""
+    """The (diffusion) UNet architecture of a preset (channels follow the variant's contract;
+    the residual kind's UNet also takes the mean as conditioning)."""
     if size not in _SIZES:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     if variant not in VARIANTS:
@@ -356,6 +457,8 @@ def make_unet_config(
         cond = 2
     else:
         out, cond = 1, 1
+    if kind == "residual":
+        cond += out
     preset = dict(_SIZES[size])
     kwargs: dict[str, Any] = {
         "dims": dims,
@@ -368,6 +471,27 @@ def make_unet_config(
     if use_index_embedding and task == "isotropic":
         kwargs[index_field()] = max(k - 1, 1)
     return UNetConfig(**kwargs)
+
+
+def make_mean_net_config(
+    variant: str, *, size: str = "tiny", scale_factor: int | None = None, dims: int = 2,
+    **overrides: Any,
+) -> MeanNetConfig:
+    """The mean network of a preset (the residual kind), with ``overrides`` of its fields
+    (``base_channels``, ``depth``, ``convs``)."""
+    if size not in _MEAN_SIZES:
+        raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    task = VARIANTS[variant]
+    k = _default_scale(task) if scale_factor is None else int(scale_factor)
+    cond, out = (2, k - 1) if task == "isotropic" else (1, 1)
+    fixed = sorted(set(overrides) & {"dims", "in_channels", "out_channels"})
+    if fixed:
+        raise InputError(f"mean_net: {', '.join(fixed)} follow(s) from the task; leave out")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MeanNetConfig)})
+    if unknown:
+        raise InputError(f"mean_net: unknown field(s) {', '.join(unknown)}")
+    fields = {**_MEAN_SIZES[size], **overrides}
+    return MeanNetConfig(dims=dims, in_channels=cond, out_channels=out, **fields)
 
 
 def _default_scale(task: str) -> int:
@@ -387,21 +511,46 @@ def make_config(
     normalization: Mapping[str, float] | None = None,
     voxel_size_nm: tuple[float, ...] | None = None,
     training_data: str = "",
+    condition_normalization: Mapping[str, float] | None = None,
+    kind: str = "sr3",
+    mean_net: Mapping[str, Any] | None = None,
+    residual_scale: float | None = None,
 ) -> ModelConfig:
     """A named preset: ``variant`` in ``VARIANTS``, ``size`` in ``tiny|small|reference``.
 
     ``scale_factor`` is the xy factor for emdiffuse-r (default 2), the z factor for
     vemdiffuse-i/-a (default 4) and 1 for emdiffuse-n. ``dims=3`` gives a 3D UNet (denoise and
     super-resolve only). Defaults follow the reference: linear schedule over 2000 steps,
-    epsilon prediction, MSE.
+    epsilon prediction, MSE. ``kind="residual"`` adds the preset's mean network (fields
+    overridden by ``mean_net``) and ``residual_scale`` (default
+    :data:`DEFAULT_RESIDUAL_SCALE`).
     """
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     task = VARIANTS[variant]
     k = _default_scale(task) if scale_factor is None else scale_factor
+    if kind not in KINDS:
+        raise InputError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "residual" and use_index_embedding:
+        raise InputError(
+            "the residual kind predicts all in-between slices as output channels; it has no "
+            "index embedding layout"
+        )
     unet = make_unet_config(
-        variant, size=size, scale_factor=k, use_index_embedding=use_index_embedding, dims=dims
+        variant, size=size, scale_factor=k, use_index_embedding=use_index_embedding, dims=dims,
+        kind=kind,
     )
+    residual: dict[str, Any] = {}
+    if kind == "residual":
+        residual = {
+            "kind": kind,
+            "mean_net": make_mean_net_config(
+                variant, size=size, scale_factor=k, dims=dims, **dict(mean_net or {})
+            ),
+            "residual_scale": float(
+                DEFAULT_RESIDUAL_SCALE if residual_scale is None else residual_scale
+            ),
+        }
     return ModelConfig(
         variant=variant,
         task=task,
@@ -414,4 +563,8 @@ def make_config(
         voxel_size_nm=voxel_size_nm,
         training_data=training_data,
         use_index_embedding=use_index_embedding,
+        condition_normalization=(
+            None if condition_normalization is None else dict(condition_normalization)
+        ),
+        **residual,
     )

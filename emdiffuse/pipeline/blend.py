@@ -2,19 +2,35 @@
 
 Each tile's output is multiplied by a window that is flat (1) in its middle and falls off
 with a raised-cosine ramp over the ``overlap`` voxels at each side. The ramp never reaches
-zero, so a voxel at a volume border covered by one tile only is still covered. A voxel's
-value is ``sum_i w_i * v_i / sum_i w_i`` over all lattice tiles that cover it; since the
-lattice is global and every tile covering a voxel in a chunk intersects that chunk, the
-sum is the same in every chunking.
+zero, so a voxel at a volume border covered by one tile only is still covered.
 
-The tasks add weighted tiles into a chunk's totals (:func:`add_weighted`), and
-:func:`finish_chunk` divides by the summed windows of every lattice tile over the chunk
-(:func:`chunk_weight`), maps back to raw units (mean and, over samples, the standard
-deviation) and copies the kept input slices of an isotropic run.
+A tile's output comes in two parts (:func:`emdiffuse.pipeline.tasks.run_tiles`): its
+*mean part* ``m`` (the tile's estimate of the posterior mean, clamped to [-1, 1]) and its
+*residual part* ``r`` (the tile's sample minus ``m``: the texture, zero-mean, independent
+between tiles, zero for models that give no mean of their own). Per sample and voxel::
+
+    M = sum_i w_i m_i / sum_i w_i            linear: a weighted average of the means
+    R = sum_i w_i r_i / sqrt(sum_i w_i**2)   variance-aware: independent residuals of equal
+                                             variance keep that variance in the overlaps
+    out = clip(M + R, min(M, -1), max(M, 1))
+
+Averaging independent textures linearly would weaken them where tiles overlap (down to
+1/sqrt(2) of the standard deviation where two tiles weigh alike); dividing their weighted sum
+by the root of the summed squared weights keeps the variance of a single tile. The clip keeps
+the result in [-1, 1] (what the residual adds never takes a voxel outside it; the linear mean
+is left as it is, so a model without a residual gives exactly the linear blend).
+
+Both summed-weight maps, ``sum w`` and ``sum w**2``, are analytic over the global lattice
+(:func:`chunk_weight`), and every tile covering a voxel in a chunk intersects that chunk, so
+the result is the same in every chunking. The tasks add weighted tiles into a chunk's totals
+(:func:`add_weighted`, the same window for both parts), and :func:`finish_chunk` divides,
+adds, clips, maps back to raw units (mean and, over samples, the spread) and copies the kept
+input slices of an isotropic run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -66,11 +82,14 @@ def add_weighted(dst: np.ndarray, dst_box: Box, tile_box: Box, values, window) -
     dst[d] += values[s] * window[s[1], s[2]]
 
 
-def chunk_weight(lattice: Lattice, box: Box) -> np.ndarray:
+def chunk_weight(lattice: Lattice, box: Box, power: int = 1) -> np.ndarray:
     """Summed blend weights over output ``box`` (dz, dy, dx) float64: the windows of all
-    lattice tiles covering each voxel; 0 where the model writes nothing (kept slices)."""
+    lattice tiles covering each voxel (``power=2``: their squares); 0 where the model writes
+    nothing (kept slices)."""
     (z0, z1), (y0, y1), (x0, x1) = box
     window = window_2d(lattice.tile, lattice.overlap)
+    if power != 1:
+        window = window.astype(np.float64) ** power
     plane = np.zeros((y1 - y0, x1 - x0))
     xs = [lattice.x.output_extent(i) for i in lattice.x.tiles_between(x0, x1)]
     for iy in lattice.y.tiles_between(y0, y1):
@@ -88,6 +107,23 @@ def chunk_weight(lattice: Lattice, box: Box) -> np.ndarray:
     return rows[:, None, None] * plane[None]
 
 
+def blend_parts(
+    lattice: Lattice, box: Box, totals: np.ndarray, residuals: np.ndarray | None = None
+) -> np.ndarray:
+    """The blended samples in model space (samples, dz, dy, dx) float64 from the weighted
+    totals of the mean parts and (if any) of the residual parts over output ``box``: see
+    the module docstring. Voxels no tile covers (kept slices) are 0."""
+    weight = chunk_weight(lattice, box)
+    covered = weight > 0
+    safe = np.where(covered, weight, 1.0)
+    blends = np.where(covered, totals / safe, 0.0)  # uncovered voxels: 0, replaced below
+    if residuals is not None:
+        root = np.sqrt(np.where(covered, chunk_weight(lattice, box, power=2), 1.0))
+        texture = np.where(covered, residuals / root, 0.0)
+        blends = np.clip(blends + texture, np.minimum(blends, -1.0), np.maximum(blends, 1.0))
+    return blends
+
+
 def finish_chunk(
     lattice: Lattice,
     box: Box,
@@ -95,22 +131,26 @@ def finish_chunk(
     normalization: Normalization,
     kept_region: np.ndarray | None,
     kept_box: Box | None,
+    *,
+    residuals: np.ndarray | None = None,
+    spread: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weighted totals (samples, dz, dy, dx) in model space over output ``box`` ->
-    ``(mean, std or None)`` in raw units (float64; std only for 2 samples or more). The
-    kept original slices (isotropic) are copied from the input ``kept_region`` over
-    ``kept_box``."""
+    """Weighted totals (samples, dz, dy, dx) in model space over output ``box`` (of the mean
+    parts, and of the residual parts when given) -> ``(mean, spread or None)`` in raw units
+    (float64; the spread only for 2 samples or more): :func:`blend_parts`, averaged over the
+    samples. The spread is the standard deviation over samples, or what ``spread`` makes of
+    it (model space, e.g. calibrated interval half-widths), scaled to raw units by
+    ``normalization`` (the target's). The kept original slices (isotropic) are copied from
+    the input ``kept_region`` over ``kept_box``."""
     samples = totals.shape[0]
-    weight = chunk_weight(lattice, box)
-    covered = weight > 0
-    safe = np.where(covered, weight, 1.0)
-    blends = np.where(covered, totals / safe, 0.0)  # uncovered voxels: 0, replaced below
+    blends = blend_parts(lattice, box, totals, residuals)
     mean_model = blends.sum(axis=0) / samples
     mean = normalization.inverse(mean_model)
     std = None
     if samples > 1:
         var = np.maximum((blends**2).sum(axis=0) / samples - mean_model**2, 0.0)
-        std = normalization.scale_std(np.sqrt(var))
+        sigma = np.sqrt(var)
+        std = normalization.scale_std(sigma if spread is None else spread(sigma))
     (z0, z1), (y0, y1), (x0, x1) = box
     for z_out, z_in in lattice.kept_slices(z0, z1):
         rz, ry, rx = (a for a, _ in kept_box)

@@ -40,7 +40,7 @@ from emdiffuse.pipeline.cluster import (
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import iter_chunks
 from emdiffuse.pipeline.outputs import create_outputs, finalize_outputs
-from emdiffuse.pipeline.plan import Plan, estimate_plan, measure_seconds_per_tile
+from emdiffuse.pipeline.plan import Plan, estimate_plan, measure_seconds_per_evaluation
 from emdiffuse.pipeline.preflight import check_worker_devices, device_problem
 from emdiffuse.pipeline.prepare import prepare
 from emdiffuse.pipeline.settings import (
@@ -100,8 +100,11 @@ def enhance(
     worker per GPU, or ``workers`` CPU worker processes) and closed at the end.
     ``spacing`` places the sampler's steps: ``time``, ``logsnr`` or ``karras`` (None: the
     sampler's default, ``time`` for ddpm and ``logsnr`` for the others).
-    ``samples >= 2`` writes the mean and, as the child image ``uncertainty``, the per-voxel
-    standard deviation over samples. ``resume`` continues an interrupted run with the same
+    ``samples``: 0 writes the posterior mean only (one network evaluation per tile, the
+    fastest, regression-like); 1 one sample (texture); N >= 2 the mean of N samples and,
+    as the child image ``uncertainty``, the per-voxel spread over samples: the interval
+    half-widths at the model's calibrated level when its checkpoint stores a calibration,
+    else the standard deviation (the image's ``emdiffuse`` attributes say which). ``resume`` continues an interrupted run with the same
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
     ``progress`` shows the plan and progress bars. ``chunk_hook(index)`` is called at the
     start of every chunk task (instrumentation).
@@ -181,17 +184,21 @@ def run_enhancement(
 def _report_plan(
     spec: RunSpec, scheduling: Scheduling, done: int, todo: list, seconds_per_tile: float | None
 ) -> Plan:
-    """Log the run's plan, with a time estimate from one sampler step timed here (when
-    ``seconds_per_tile`` is not given, something is left to run and the device is here)."""
+    """Log the run's plan, with a time estimate from one network evaluation timed here (when
+    ``seconds_per_tile`` — one sample of one tile, or its posterior mean with
+    ``samples=0`` — is not given, something is left to run and the device is here)."""
     s = spec.settings
-    if seconds_per_tile is None and todo and device_problem(s.device) is None:
-        seconds_per_tile = measure_seconds_per_tile(
-            runtime.spec_enhancer(spec), spec.lattice, steps=s.steps, sampler=s.sampler,
-            spacing=s.spacing,
-        )  # fmt: skip
+    per_evaluation = None
+    if seconds_per_tile is not None and spec.mean_only:
+        per_evaluation, seconds_per_tile = seconds_per_tile, None
+    elif seconds_per_tile is None and todo and device_problem(s.device) is None:
+        per_evaluation = measure_seconds_per_evaluation(
+            runtime.spec_enhancer(spec), spec.lattice, mean_only=spec.mean_only
+        )
     plan = estimate_plan(
-        spec, done=done, seconds_per_tile=seconds_per_tile, workers=expected_workers(scheduling)
-    )
+        spec, done=done, seconds_per_tile=seconds_per_tile, workers=expected_workers(scheduling),
+        seconds_per_evaluation=per_evaluation,
+    )  # fmt: skip
     log.info("%s", plan.report())
     return plan
 

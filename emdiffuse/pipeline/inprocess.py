@@ -22,6 +22,7 @@ from emdiffuse.pipeline.tasks import (
     condition_region,
     produce_block,
     run_tiles,
+    uncertainty_of,
 )
 
 
@@ -31,7 +32,7 @@ def compute_chunk(
     """Blend one output chunk from its input ``region`` (raw units, covering ``read_box``),
     running every tile that touches it here (no sharing with other chunks).
 
-    Returns ``(mean in raw units as float64, std in raw units or None, tiles run)``. The
+    Returns ``(mean in raw units as float64, uncertainty in raw units or None, tiles run)``. The
     pipeline computes the same values with each tile run once
     (:func:`~emdiffuse.pipeline.tasks.produce_block`,
     :func:`~emdiffuse.pipeline.tasks.blend_chunk`); this is the self-contained form.
@@ -41,13 +42,21 @@ def compute_chunk(
     tiles = lattice.tiles_in(box)
     window = window_2d(lattice.tile, lattice.overlap)
     shape = tuple(b - a for a, b in box)
-    totals = np.zeros((spec.settings.samples, *shape))
+    totals = np.zeros((max(1, spec.settings.samples), *shape))
+    residuals = None
     cond_region = condition_region(spec, region) if tiles else None
-    for sample in range(spec.settings.samples):
-        for batch, out in run_tiles(spec, enhancer, tiles, cond_region, read_box, sample):
-            for tile, values in zip(batch, out, strict=True):
-                add_weighted(totals[sample], box, lattice.tile_output_box(tile), values, window)
-    mean, std = finish_chunk(lattice, box, totals, spec.normalization, region, read_box)
+    for parts in run_tiles(spec, enhancer, tiles, cond_region, read_box):
+        for j, tile in enumerate(parts.batch):
+            tile_box = lattice.tile_output_box(tile)
+            add_weighted(totals[parts.sample], box, tile_box, parts.mean[j], window)
+            if parts.residual is not None:
+                if residuals is None:
+                    residuals = np.zeros_like(totals)
+                add_weighted(residuals[parts.sample], box, tile_box, parts.residual[j], window)
+    mean, std = finish_chunk(
+        lattice, box, totals, spec.normalization, region, read_box,
+        residuals=residuals, spread=uncertainty_of(spec),
+    )  # fmt: skip
     return mean, std, len(tiles)
 
 

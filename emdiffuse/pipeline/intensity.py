@@ -1,9 +1,15 @@
-"""The intensity range of a run, fixed once on the client before any chunk runs.
+"""The intensity ranges of a run, fixed once on the client before any chunk runs.
 
-``normalize="model"`` takes the model's training range (and warns, once, when a sample of
-the input lies far outside it); ``normalize="auto"`` takes robust percentiles of a seeded
-sample of input chunks. Never per tile or per chunk: that would make seams and break
-chunking invariance. The map itself is :class:`emdiffuse.models.normalization.Normalization`.
+A model has two: the *condition*'s (input intensities -> model space) and the *target*'s
+(model space -> output intensities); they differ when the input spans another range than
+its clean counterpart (a low-dose noisy image spans far more than its clean target).
+``normalize="model"`` takes both from the checkpoint (and warns, once, when a sample of the
+input lies far outside the condition's range); ``normalize="auto"`` takes the condition's
+range from robust percentiles of a seeded sample of input chunks, and the target's by the
+same affine transfer (the model's target range is to its condition range as the run's
+target range is to the input's). Never per tile or per chunk: that would make seams and
+break chunking invariance. The map itself is
+:class:`emdiffuse.models.normalization.Normalization`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import numpy as np
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.normalization import PERCENTILES, Normalization, from_model
+from emdiffuse.models.normalization import PERCENTILES, Normalization, pair_from_model
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +48,32 @@ def sample_percentiles(
     return Normalization(float(low), float(high))
 
 
-def run_normalization(normalize: str, config, data, *, seed: int) -> Normalization:
-    """The run's map: the model's training range (``model``) or the input's (``auto``)."""
-    return from_model(config) if normalize == "model" else sample_percentiles(data, seed=seed)
+def transfer(model_condition: Normalization, model_target: Normalization,
+             condition: Normalization) -> Normalization:
+    """The target range that is to ``condition`` what ``model_target`` is to
+    ``model_condition``: the affine map taking the model's condition range onto
+    ``condition``, applied to the model's target range."""
+    if model_condition == model_target:
+        return condition  # one range for both: exactly the input's
+    scale = (condition.high - condition.low) / (model_condition.high - model_condition.low)
+    low = condition.low + scale * (model_target.low - model_condition.low)
+    high = condition.low + scale * (model_target.high - model_condition.low)
+    return Normalization(low, high)
+
+
+def run_normalization(
+    normalize: str, config, data, *, seed: int
+) -> tuple[Normalization, Normalization]:
+    """The run's ``(condition, target)`` maps: the model's training ranges (``model``), or
+    the input's percentiles and the target range transferred from them (``auto``)."""
+    if normalize == "model":
+        return pair_from_model(config)
+    condition = sample_percentiles(data, seed=seed)
+    try:
+        model_condition, model_target = pair_from_model(config)
+    except InputError:  # the checkpoint stores no range: input and output alike
+        return condition, condition
+    return condition, transfer(model_condition, model_target, condition)
 
 
 def far_from_training_range(low: float, high: float, sample_low: float, sample_high: float) -> bool:
@@ -57,7 +86,8 @@ def far_from_training_range(low: float, high: float, sample_low: float, sample_h
 
 def warn_if_far_from_training_range(data, model_norm, *, seed: int = 0) -> bool:
     """Sample ``data``'s percentiles (as ``normalize="auto"`` would) and log one warning when
-    they are far from the model's training range ``model_norm``. Returns whether it warned."""
+    they are far from the model's training range of its input, ``model_norm`` (the
+    condition's). Returns whether it warned."""
     try:
         sample = sample_percentiles(data, seed=seed)
     except InputError:  # no contrast in the sample: nothing to compare

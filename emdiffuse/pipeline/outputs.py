@@ -1,6 +1,13 @@
 """The images a run writes: created empty before the first chunk (the mean, and the
 ``uncertainty`` child image when ``samples >= 2``), finished with their pyramids and
-metadata after the last."""
+metadata after the last.
+
+The uncertainty image's ``emdiffuse`` attributes say what it holds
+(:func:`uncertainty_attributes`): ``{"uncertainty": "half-width", "level": 0.9, "samples":
+N}`` — half-widths of per-voxel intervals ``output ± half-width`` at that level, from a
+model that stores a calibration — or ``{"uncertainty": "std", "samples": N}``, the standard
+deviation over the N samples (not calibrated). Both in the output's intensity units.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +41,23 @@ def create_outputs(spec: RunSpec, *, overwrite: bool) -> None:
             chunks=chunks,
             overwrite=True,
             name="uncertainty",
+            attributes=uncertainty_attributes(spec),
             **geometry,
         )
+
+
+def uncertainty_attributes(spec: RunSpec) -> dict:
+    """What the uncertainty image of ``spec``'s run holds (its ``emdiffuse`` attributes)."""
+    samples = int(spec.settings.samples)
+    calibration = spec.calibration
+    if calibration is None:
+        return {"uncertainty": "std", "samples": samples}
+    return {
+        "uncertainty": "half-width",
+        "level": float(calibration["level"]),
+        "samples": samples,
+        "calibrated_samples": int(calibration["samples"]),
+    }
 
 
 def finalize_outputs(spec: RunSpec) -> None:

@@ -28,16 +28,18 @@ class Plan:
     overlap: int
     n_tiles: int  # distinct lattice tiles
     tiles_computed: int  # tiles run: each lattice tile once, whatever the chunks it overlaps
-    samples: int
+    samples: int  # 0: the posterior mean only
     steps: int
     sampler: str
-    evaluations: int  # tiles_computed * NFE(steps) * samples
+    evaluations: int  # network evaluations of the whole run (evaluations_per_tile each tile)
     redundancy: float  # computed output voxels / output voxels
-    seconds_per_tile: float | None  # one tile, all steps, one sample
+    seconds_per_tile: float | None  # one tile, all its evaluations in this run
     workers: int
     estimated_seconds: float | None
     tiles_per_chunk_sum: int = 0  # tiles met, summed over chunks (what a per-chunk graph runs)
     spacing: str = ""  # how the sampler's steps are placed ("" when not given)
+    evaluations_per_tile: int = 0  # NFE * samples (+1 for a model's own mean); 1 mean-only
+    seconds_per_evaluation: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,10 +58,7 @@ class Plan:
             f"tiles: {self.n_tiles} of {self.tile}x{self.tile}, overlap {self.overlap}; "
             f"each runs once ({self.tiles_computed} runs) and is shared by the chunks it "
             f"overlaps",
-            f"network evaluations: {self.evaluations} "
-            f"({self.sampler}, {self.steps} steps"
-            + (f" on {self.spacing} spacing" if self.spacing else "")
-            + f", {self.samples} sample(s))",
+            f"network evaluations: {self.evaluations} ({self._evaluations_text()})",
             f"redundancy: {self.redundancy:.2f} computed voxels per output voxel",
         ]
         if self.estimated_seconds is not None:
@@ -68,6 +67,20 @@ class Plan:
                 f"worker(s) at {self.seconds_per_tile:.3g} s per tile"
             )
         return "\n".join(lines)
+
+    def _evaluations_text(self) -> str:
+        """How the evaluations come about: the mean only, or the sampler's."""
+        if self.samples == 0:
+            return "posterior mean only: 1 per tile"
+        text = (
+            f"{self.sampler}, {self.steps} steps"
+            + (f" on {self.spacing} spacing" if self.spacing else "")
+            + f", {self.samples} sample(s)"
+        )
+        sampled = network_evaluations(self.sampler, self.steps) * self.samples
+        if self.evaluations_per_tile > sampled:
+            text += " + the model's mean, once per tile"
+        return text
 
 
 def _format_seconds(seconds: float) -> str:
@@ -96,6 +109,15 @@ def tiles_per_chunk_axis(lattice: Lattice, chunks: tuple[int, int, int]) -> list
     return counts
 
 
+def evaluations_per_tile(sampler: str, steps: int, samples: int, shared_mean: bool) -> int:
+    """Network evaluations one tile costs: 1 for the posterior mean only (``samples=0``);
+    else the sampler's per sample, plus 1 for a model whose mean comes from a network of its
+    own (``shared_mean``: evaluated once per tile, whatever the samples)."""
+    if samples == 0:
+        return 1
+    return network_evaluations(sampler, steps) * samples + (1 if shared_mean else 0)
+
+
 def make_plan(
     lattice: Lattice,
     chunks: tuple[int, int, int],
@@ -107,11 +129,16 @@ def make_plan(
     workers: int = 1,
     done: int = 0,
     spacing: str = "",
+    shared_mean: bool = False,
+    seconds_per_evaluation: float | None = None,
 ) -> Plan:
     """Plan of a run. ``done``: chunks already finished (resume).
 
     Every lattice tile runs once (its output is shared by the chunks it overlaps); the time
-    estimate for a resumed run scales the tiles by the share of chunks left to run.
+    estimate for a resumed run scales the tiles by the share of chunks left to run. The
+    time of a network evaluation is ``seconds_per_evaluation``, or ``seconds_per_tile`` (one
+    sample of one tile: all the sampler's steps) over the sampler's evaluations.
+    ``samples=0`` is the posterior mean only: one evaluation per tile.
     """
     counts = tiles_per_chunk_axis(lattice, chunks)
     per_chunk_sum = int(np.prod([c.sum() for c in counts]))
@@ -120,13 +147,15 @@ def make_plan(
     out_shape = lattice.output_shape
     computed_voxels = tiles_computed * lattice.tile_output_slices * lattice.tile**2
     redundancy = computed_voxels / float(np.prod(out_shape))
-    evaluations = tiles_computed * network_evaluations(sampler, steps) * samples
+    per_tile = evaluations_per_tile(sampler, steps, samples, shared_mean)
+    evaluations = tiles_computed * per_tile
     remaining = tiles_computed * (n_chunks - done) / max(n_chunks, 1)
-    estimate = (
-        None
-        if seconds_per_tile is None
-        else seconds_per_tile * remaining * samples / max(workers, 1)
-    )
+    if seconds_per_evaluation is None and seconds_per_tile is not None:
+        seconds_per_evaluation = seconds_per_tile / network_evaluations(sampler, steps)
+    tile_seconds = estimate = None
+    if seconds_per_evaluation is not None:
+        tile_seconds = seconds_per_evaluation * per_tile
+        estimate = tile_seconds * remaining / max(workers, 1)
     return Plan(
         input_shape=tuple(lattice.input_shape),
         output_shape=tuple(out_shape),
@@ -143,15 +172,22 @@ def make_plan(
         spacing=spacing,
         evaluations=evaluations,
         redundancy=redundancy,
-        seconds_per_tile=seconds_per_tile,
+        seconds_per_tile=tile_seconds,
         workers=workers,
         estimated_seconds=estimate,
         tiles_per_chunk_sum=per_chunk_sum,
+        evaluations_per_tile=per_tile,
+        seconds_per_evaluation=seconds_per_evaluation,
     )
 
 
 def estimate_plan(
-    spec: RunSpec, *, done: int = 0, seconds_per_tile: float | None = None, workers: int = 1
+    spec: RunSpec,
+    *,
+    done: int = 0,
+    seconds_per_tile: float | None = None,
+    workers: int = 1,
+    seconds_per_evaluation: float | None = None,
 ) -> Plan:
     """The :class:`Plan` of a prepared run."""
     s = spec.settings
@@ -165,25 +201,44 @@ def estimate_plan(
         seconds_per_tile=seconds_per_tile,
         workers=workers,
         done=done,
+        shared_mean=spec.shares_mean,
+        seconds_per_evaluation=seconds_per_evaluation,
     )
+
+
+def measure_seconds_per_evaluation(enhancer, lattice: Lattice, *, mean_only: bool = False) -> float:
+    """Estimated seconds of one network evaluation of one tile on this process's enhancer
+    (a sampler step; with ``mean_only`` the posterior mean), so a dry run stays cheap
+    whatever the steps and samples. A first evaluation on the smallest tile takes the
+    one-time costs (device context, thread pools) out of the timing. Index-embedding models
+    evaluate once per in-between slice, and that is in the timing."""
+
+    def one(side: int) -> float:
+        t = side // lattice.xy_scale
+        cond = np.zeros((1, enhancer.in_slices, t, t), np.float32)
+        noise = np.zeros((1, enhancer.out_slices, side, side), np.float32)
+        # a model with a mean network of its own: that mean is given, so one step is timed
+        mean = enhancer.posterior_mean(cond) if _own_mean(enhancer) and not mean_only else None
+        start = time.perf_counter()
+        if mean_only:
+            enhancer.posterior_mean(cond, noise)
+        else:  # deterministic, one step: one evaluation
+            enhancer.sample_parts(cond, noise, sampler="ddim", steps=1, mean=mean)
+        return time.perf_counter() - start
+
+    one(enhancer.multiple)
+    return one(lattice.tile)
+
+
+def _own_mean(enhancer) -> bool:
+    """Whether the model's mean comes from a network of its own (the residual kind)."""
+    return getattr(enhancer, "kind", "sr3") == "residual"
 
 
 def measure_seconds_per_tile(
     enhancer, lattice: Lattice, *, steps: int, sampler: str, spacing: str | None = None
 ) -> float:
     """Estimated seconds of one tile (all steps, one sample) on this process's enhancer:
-    one sampler step (one network evaluation; one per in-between slice for index-embedding
-    models) is timed and multiplied by the sampler's evaluations, so a dry run stays cheap
-    whatever ``steps`` is. A step on the smallest tile first takes the one-time costs (device
-    context, thread pools) out of the timing. ``spacing`` does not change the cost."""
-
-    def one_step(side: int) -> float:
-        t = side // lattice.xy_scale
-        cond = np.zeros((1, enhancer.in_slices, t, t), np.float32)
-        noise = np.zeros((1, enhancer.out_slices, side, side), np.float32)
-        start = time.perf_counter()
-        enhancer.enhance(cond, noise, sampler="ddim", steps=1)  # deterministic: one evaluation
-        return time.perf_counter() - start
-
-    one_step(enhancer.multiple)
-    return one_step(lattice.tile) * network_evaluations(sampler, steps)
+    one sampler step timed (:func:`measure_seconds_per_evaluation`) and multiplied by the
+    sampler's evaluations. ``spacing`` does not change the cost."""
+    return measure_seconds_per_evaluation(enhancer, lattice) * network_evaluations(sampler, steps)

@@ -162,6 +162,8 @@ def _layout(settings: RunSettings, volume: Volume, config) -> tuple[RunSettings,
     in_shape = tuple(volume.shape) if volume.ndim == 3 else (1, *volume.shape)
     k_xy = config.xy_scale
     multiple = math.lcm(2 ** (len(config.unet.channel_mults) - 1), k_xy)
+    if config.mean_net is not None:  # the residual kind's mean network downsamples too
+        multiple = math.lcm(multiple, config.mean_net.multiple)
     out_yx = (in_shape[1] * k_xy, in_shape[2] * k_xy)
     tile, overlap = choose_tile(out_yx, multiple, k_xy, settings.tile, settings.overlap)
     lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale)
@@ -187,7 +189,7 @@ def prepare(
     with ``resume``/``overwrite``). ``local``: the run computes on this machine, so its
     device and the memory of a tile batch are checked here (a remote cluster's workers are
     checked once connected). With ``normalize="model"``, an input whose sampled intensities
-    lie far from the model's training range logs one warning.
+    lie far from the range the model was trained on for its input logs one warning.
     """
     if local:
         check_device(settings.device)
@@ -207,7 +209,9 @@ def prepare(
     if local:
         batch = min(settings.batch_size, lattice.n_tiles)
         check_tile_memory(config.unet, settings.tile, batch, settings.device)
-    norm = run_normalization(settings.normalize, config, volume.data, seed=settings.seed)
+    condition, target = run_normalization(
+        settings.normalize, config, volume.data, seed=settings.seed
+    )
     voxel, translation = output_geometry(volume, config.xy_scale, config.z_scale)
     spec = RunSpec(
         settings=settings,
@@ -221,11 +225,14 @@ def prepare(
         scale_factor=int(config.scale_factor),
         lattice=lattice,
         output_path=str(output),
-        normalization=norm,
+        normalization=target,
+        condition_normalization=condition,
+        calibration=config.calibration if settings.samples >= 2 else None,
+        model_kind=config.kind,
         output_voxel_size=voxel,
         output_translation=translation,
         chunk_hook=chunk_hook,
     )
     if settings.normalize == "model":  # last: a warning, never followed by a refusal
-        warn_if_far_from_training_range(volume.data, norm, seed=settings.seed)
+        warn_if_far_from_training_range(volume.data, condition, seed=settings.seed)
     return spec

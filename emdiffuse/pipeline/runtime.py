@@ -27,8 +27,10 @@ import zarr
 from distributed import get_worker
 
 from emdiffuse.errors import InputError
+from emdiffuse.io import input_identity as format_identity
 from emdiffuse.io import open_volume
 from emdiffuse.io.paths import is_url
+from emdiffuse.io.regions import RegionReader
 from emdiffuse.models.checkpoints import read_checkpoint
 from emdiffuse.models.device import resolve_device
 from emdiffuse.models.enhancer import Enhancer
@@ -197,6 +199,9 @@ def input_identity(path: str, level: int = 0) -> tuple:
     the level array's metadata (shape, chunks, codecs, scale); its chunks are read afresh
     on every access, so the metadata is all that an opened array keeps.
     """
+    identity = format_identity(path, level)  # HDF5, N5, precomputed, MRC: the io layer's
+    if identity is not None:
+        return identity
     local = None if is_url(path) else Path(path.removeprefix("file://"))
     if local is not None and local.is_file():
         st = local.stat()
@@ -238,7 +243,7 @@ def backing_array(data):
             continue
         for value in layer.values():
             if (
-                isinstance(value, zarr.Array)
+                isinstance(value, zarr.Array | RegionReader)
                 and tuple(value.shape) == tuple(data.shape)
                 and value.dtype == data.dtype
             ):

@@ -50,6 +50,13 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_count(name: str, value) -> int:
+    """``value`` as an int when it is a non-negative integer (not a bool), else InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InputError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def check_seed(seed) -> int:
     """``seed`` as an int when the noise generator takes it (0 … 2**63 - 1)."""
     if (
@@ -98,8 +105,10 @@ class RunSettings:
     ``spacing`` None is the sampler's default (``time`` for ddpm, ``logsnr`` for the
     others) and is filled in on construction; ``tile``, ``overlap``, ``chunks`` (one size,
     or one per axis) and ``dtype`` None are chosen for the input and the model when the run
-    is prepared. ``normalize``: ``model`` (the model's training range) or ``auto``
-    (percentiles of a sample of the input). ``device``: auto, cpu, cuda or cuda:N.
+    is prepared. ``samples``: 0 is the posterior mean only (one network evaluation per
+    tile, no uncertainty), 1 one sample, N >= 2 the mean of N samples and the uncertainty
+    image. ``normalize``: ``model`` (the model's training ranges) or ``auto`` (percentiles
+    of a sample of the input). ``device``: auto, cpu, cuda or cuda:N.
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -119,7 +128,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         checked = {
             "steps": check_positive_int("steps", self.steps),
-            "samples": check_positive_int("samples", self.samples),
+            "samples": check_count("samples", self.samples),
             "batch_size": check_positive_int("batch_size", self.batch_size),
             "seed": check_seed(self.seed),
             "spacing": resolve_spacing(self.sampler, self.spacing),  # refuses unknown names
@@ -227,18 +236,40 @@ class RunSpec:
     checkpoint: str
     lattice: Lattice
     output_path: str
-    normalization: Normalization
+    normalization: Normalization  # the target's: model space -> output intensities
     checkpoint_sha256: str | None = None  # the run record's hash: workers load exactly this
     variant: str = ""
     scale_factor: int = 1
     output_voxel_size: tuple[float, ...] = ()  # nm, zyx or yx as the input
     output_translation: tuple[float, ...] = ()
     chunk_hook: Callable[[tuple], None] | None = None
+    # the condition's: input intensities -> model space (None: the target's, ``normalization``)
+    condition_normalization: Normalization | None = None
+    # what the uncertainty image holds (samples >= 2): the model's calibration record, or
+    # None for the plain standard deviation over samples (models.calibration)
+    calibration: Any = None
+    model_kind: str = "sr3"  # "residual": a mean network, evaluated once per tile
 
     @property
     def chunks(self) -> tuple[int, int, int]:
         """The output chunk shape (zyx)."""
         return self.settings.chunks
+
+    @property
+    def input_normalization(self) -> Normalization:
+        """The map of the input (the condition) into model space."""
+        return self.condition_normalization or self.normalization
+
+    @property
+    def mean_only(self) -> bool:
+        """``samples=0``: the posterior mean only (one network evaluation per tile)."""
+        return self.settings.samples == 0
+
+    @property
+    def shares_mean(self) -> bool:
+        """The model's mean comes from its own network, the same for every sample: computed
+        once per tile and reused."""
+        return self.model_kind == "residual"
 
     @property
     def uncertainty_path(self) -> str:
@@ -273,6 +304,15 @@ class RunSpec:
             "spacing": s.spacing,
             "chunks": list(map(int, s.chunks)),
             "normalization": self.normalization.to_dict(),
+            **self._condition_record(),
             "dtype": str(np.dtype(s.dtype)),
             "output_shape": list(map(int, self.lattice.output_shape)),
         }
+
+    def _condition_record(self) -> dict:
+        """The condition's range when it differs from the target's (a record with one range,
+        ``normalization``, is a run that maps input and output alike, as older records do)."""
+        cond = self.condition_normalization
+        if cond is None or cond == self.normalization:
+            return {}
+        return {"condition_normalization": cond.to_dict()}

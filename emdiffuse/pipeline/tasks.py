@@ -3,9 +3,12 @@
 Two task kinds (see :mod:`emdiffuse.pipeline.graph`). :func:`produce_block` runs the tiles
 one block of the chunk grid *owns* (:class:`~emdiffuse.pipeline.lattice.Ownership`: each
 lattice tile has exactly one owner, so no tile runs twice however many chunks it overlaps)
-and returns their window-weighted sums cut to the chunks they reach. :func:`run_chunk` adds
-the sums of its source blocks, divides by the summed windows, writes its region of the
-output and marks the chunk done. :func:`block_plan` says which blocks feed which chunks.
+and returns their window-weighted sums cut to the chunks they reach — of each tile's mean
+part and of its residual part, apart (:class:`TileParts`). :func:`run_chunk` adds the sums
+of its source blocks, blends them (:func:`~emdiffuse.pipeline.blend.blend_parts`: the means
+linearly, the residual texture variance-aware), writes its region of the output (and of the
+uncertainty image) and marks the chunk done. :func:`block_plan` says which blocks feed
+which chunks.
 
 Everything a task needs travels in a small :class:`~emdiffuse.pipeline.settings.RunSpec`
 (paths and numbers, no arrays); the tasks open the input and output stores themselves and
@@ -18,10 +21,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
+from emdiffuse.models.calibration import half_widths
 from emdiffuse.models.normalization import to_dtype
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.blend import add_weighted, finish_chunk, intersect, window_2d
@@ -80,48 +84,85 @@ def _batches(items: Sequence, size: int):
         yield items[start : start + size]
 
 
+@dataclass(frozen=True)
+class TileParts:
+    """One sample of a batch of tiles, in model space on the output grid (len(batch),
+    out_slices, T, T) float32: ``mean`` each tile's posterior-mean estimate, clamped to
+    [-1, 1]; ``residual`` its clamped sample minus that mean (None where it is zero
+    throughout: models without a mean of their own, and the mean-only mode). A tile's
+    output is ``mean + residual``; the blend treats the two parts differently
+    (:mod:`~emdiffuse.pipeline.blend`)."""
+
+    batch: Sequence[Tile]
+    sample: int
+    mean: np.ndarray
+    residual: np.ndarray | None
+
+
+def split_sample(mean: np.ndarray, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tile's (mean, residual) from the Enhancer (unclamped, model space) -> the parts
+    the blend takes: the clamped mean, and the clamped sample minus it (None when zero
+    throughout, as for models whose residual is zero: their output is then exactly the
+    clamped sample, as blended before parts existed)."""
+    mean = np.asarray(mean, dtype=np.float32)
+    clamped = np.clip(mean, -1.0, 1.0)
+    rest = np.clip(mean + np.asarray(residual, dtype=np.float32), -1.0, 1.0) - clamped
+    return clamped, (rest if rest.any() else None)
+
+
 def run_tiles(
     spec: RunSpec,
     enhancer,
     tiles: Sequence[Tile],
     cond_region: np.ndarray,
     read_box: Box,
-    sample: int,
-) -> Iterator[tuple[Sequence[Tile], np.ndarray]]:
-    """Run ``tiles`` (one sample) in batches of the run's batch size: yields ``(batch,
-    out)`` with ``out`` (len(batch), out_slices, T, T) float32 in model space.
+) -> Iterator[TileParts]:
+    """Run ``tiles`` in batches of the run's batch size, every sample of a batch before the
+    next batch: yields one :class:`TileParts` per batch and sample.
 
-    ``cond_region`` is the normalised input over ``read_box``. A tile's noise is keyed on
-    its global origin, so its output does not depend on the batch it runs in (up to the
-    float rounding of batched kernels)."""
+    ``samples=0`` (mean only): one network evaluation per tile
+    (``Enhancer.posterior_mean``), no residual. Otherwise ``Enhancer.sample_parts`` per
+    sample; a model's own mean (its mean network) is computed once per batch and reused
+    for every sample. ``cond_region`` is the normalised input over ``read_box``. A tile's
+    noise is keyed on its global origin and the sample, so its output does not depend on
+    the batch it runs in (up to the float rounding of batched kernels)."""
     lattice, s = spec.lattice, spec.settings
     T = lattice.tile
     noise_shape = (lattice.tile_output_slices, T, T)
     for batch in _batches(tiles, max(1, s.batch_size)):
         cond = np.stack([tile_condition(lattice, t, cond_region, read_box) for t in batch])
+        cond = cond.astype(np.float32)
         origins = [lattice.tile_origin(t) for t in batch]
-        noise = np.stack(
-            [tile_noise(s.seed, sample, o, INITIAL_STEP, noise_shape) for o in origins]
-        )
 
-        def step_noise(step: int, origins=origins, sample=sample, shape=noise_shape):
-            return np.stack([tile_noise(s.seed, sample, o, step, shape) for o in origins])
+        def noise_of(sample: int, step: int, origins=origins) -> np.ndarray:
+            return np.stack([tile_noise(s.seed, sample, o, step, noise_shape) for o in origins])
 
-        out = enhancer.enhance(
-            cond.astype(np.float32),
-            noise,
-            sampler=s.sampler,
-            steps=s.steps,
-            step_noise=step_noise,
-            spacing=s.spacing,
-        )
-        runtime.count_tiles(len(batch))
-        yield batch, np.asarray(out, dtype=np.float32)
+        if spec.mean_only:
+            mean = enhancer.posterior_mean(cond, noise_of(0, INITIAL_STEP))
+            runtime.count_tiles(len(batch))
+            yield TileParts(batch, 0, np.clip(np.asarray(mean, np.float32), -1.0, 1.0), None)
+            continue
+        shared = None  # the model's own mean of this batch, once computed
+        for sample in range(s.samples):
+            mean, residual = enhancer.sample_parts(
+                cond,
+                noise_of(sample, INITIAL_STEP),
+                sampler=s.sampler,
+                steps=s.steps,
+                step_noise=partial(noise_of, sample),
+                spacing=s.spacing,
+                mean=shared,
+            )
+            if spec.shares_mean:
+                shared = mean
+            runtime.count_tiles(len(batch))
+            yield TileParts(batch, sample, *split_sample(mean, residual))
 
 
 def condition_region(spec: RunSpec, region: np.ndarray) -> np.ndarray:
-    """The input region in model space, clipped to [-1, 1] as the network saw in training."""
-    return np.clip(spec.normalization.forward(region), -1.0, 1.0)
+    """The input region in model space (the condition's range), clipped to [-1, 1] as the
+    network saw in training."""
+    return np.clip(spec.input_normalization.forward(region), -1.0, 1.0)
 
 
 # ---- the two tasks ---------------------------------------------------------------------------
@@ -135,34 +176,44 @@ def produce_block(
     """One Dask task: run every tile block ``block`` owns (each tile of the run is owned by
     exactly one block) and return their window-weighted sums over each target chunk.
 
-    Returns ``{"block", "pieces": {chunk index: (box, float32 (samples, dz, dy, dx))},
-    "tiles", "seconds"}``; a piece covers only the part of the chunk those tiles reach.
-    All owned tiles run whatever the targets (a resumed run batches them as the first run
-    did, so it writes the same bytes).
+    Returns ``{"block", "pieces": {chunk index: (box, mean totals, residual totals or
+    None)}, "tiles", "seconds"}``, totals float32 (samples, dz, dy, dx) (one sample in
+    mean-only mode) of the tiles' mean and residual parts (:class:`TileParts`); a piece
+    covers only the part of the chunk those tiles reach. All owned tiles run whatever the
+    targets (a resumed run batches them as the first run did, so it writes the same bytes).
     """
     start = time.perf_counter()
-    lattice, samples = spec.lattice, spec.settings.samples
+    lattice = spec.lattice
+    slots = max(1, spec.settings.samples)
     tiles = ownership(lattice, spec.chunks).owned_tiles(tuple(block))
     reach = lattice.output_box_of(tiles)
-    pieces: dict = {}
+    boxes: dict = {}
     if tiles:
         for index in targets:
             inter = intersect(chunk_box(index, lattice.output_shape, spec.chunks), reach)
             if inter is not None:
-                shape = (samples, *(b - a for a, b in inter))
-                pieces[tuple(index)] = (inter, np.zeros(shape, dtype=np.float32))
-    if pieces:
+                boxes[tuple(index)] = inter
+    means = {i: np.zeros((slots, *(b - a for a, b in box)), np.float32) for i, box in boxes.items()}
+    residuals: dict = {}  # made at the first residual that is not zero
+    if boxes:
         read_box = lattice.input_box_of(tiles)
         cond_region = condition_region(spec, runtime.read_input(spec, read_box))
         if enhancer is None:
             enhancer = runtime.spec_enhancer(spec)
         window = window_2d(lattice.tile, lattice.overlap)
-        for sample in range(samples):
-            for batch, out in run_tiles(spec, enhancer, tiles, cond_region, read_box, sample):
-                for tile, values in zip(batch, out, strict=True):
-                    tile_box = lattice.tile_output_box(tile)
-                    for box, total in pieces.values():
-                        add_weighted(total[sample], box, tile_box, values, window)
+        for parts in run_tiles(spec, enhancer, tiles, cond_region, read_box):
+            for j, tile in enumerate(parts.batch):
+                tile_box = lattice.tile_output_box(tile)
+                for index, box in boxes.items():
+                    add_weighted(means[index][parts.sample], box, tile_box, parts.mean[j], window)
+                    if parts.residual is None:
+                        continue
+                    if index not in residuals:
+                        residuals[index] = np.zeros_like(means[index])
+                    add_weighted(
+                        residuals[index][parts.sample], box, tile_box, parts.residual[j], window
+                    )
+    pieces = {i: (box, means[i], residuals.get(i)) for i, box in boxes.items()}
     return {
         "block": tuple(block),
         "pieces": pieces,
@@ -185,21 +236,40 @@ def blend_chunk(
     spec: RunSpec, index: tuple[int, int, int], parts: Sequence[dict]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Chunk ``index`` from the :func:`produce_block` results of its source blocks:
-    ``(mean in raw units as float64, std in raw units or None)``. Parts are summed in the
-    order given (the graph gives them in block order, so a rerun adds in the same order)."""
+    ``(mean in raw units as float64, uncertainty in raw units or None)``. Parts are summed
+    in the order given (the graph gives them in block order, so a rerun adds in the same
+    order)."""
     lattice = spec.lattice
     box = chunk_box(index, lattice.output_shape, spec.chunks)
     shape = tuple(b - a for a, b in box)
-    totals = np.zeros((spec.settings.samples, *shape))
+    slots = max(1, spec.settings.samples)
+    totals = np.zeros((slots, *shape))
+    residuals = None
     for part in parts:
         piece = part["pieces"].get(tuple(index))
         if piece is None:
             continue
-        pbox, values = piece
-        sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(pbox, box, strict=True))
-        totals[(slice(None), *sl)] += values
+        pbox, means, rest = piece
+        sl = (slice(None), *(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(pbox, box, strict=True)))
+        totals[sl] += means
+        if rest is not None:
+            if residuals is None:
+                residuals = np.zeros_like(totals)
+            residuals[sl] += rest
     kept_region, kept_box = kept_input(spec, box)
-    return finish_chunk(lattice, box, totals, spec.normalization, kept_region, kept_box)
+    return finish_chunk(
+        lattice, box, totals, spec.normalization, kept_region, kept_box,
+        residuals=residuals, spread=uncertainty_of(spec),
+    )  # fmt: skip
+
+
+def uncertainty_of(spec: RunSpec):
+    """What the uncertainty image holds, as a map of the standard deviation over samples
+    (model space): the calibrated interval half-widths of a model that stores a calibration,
+    else None (the standard deviation itself)."""
+    if spec.calibration is None or spec.settings.samples < 2:
+        return None
+    return partial(half_widths, calibration=spec.calibration, samples=spec.settings.samples)
 
 
 def run_chunk(spec: RunSpec, index: tuple[int, int, int], *parts: dict) -> dict:
@@ -210,10 +280,10 @@ def run_chunk(spec: RunSpec, index: tuple[int, int, int], *parts: dict) -> dict:
     if spec.chunk_hook is not None:
         spec.chunk_hook(index)
     box = chunk_box(index, spec.lattice.output_shape, spec.chunks)
-    mean, std = blend_chunk(spec, index, parts)
+    mean, spread = blend_chunk(spec, index, parts)
     _write(spec.output_path, box, to_dtype(mean, spec.settings.dtype), spec.input_ndim)
-    if std is not None:
-        _write(spec.uncertainty_path, box, std.astype(np.float32), spec.input_ndim)
+    if spread is not None:
+        _write(spec.uncertainty_path, box, spread.astype(np.float32), spec.input_ndim)
     mark_done(spec.output_path, index)
     return {
         "index": tuple(index),

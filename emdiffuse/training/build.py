@@ -13,7 +13,8 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.checkpoints import load_checkpoint
-from emdiffuse.models.unet import UNet, UNetConfig
+from emdiffuse.models.networks import build_network
+from emdiffuse.models.unet import UNetConfig
 from emdiffuse.models.variants import ModelConfig, make_config
 from emdiffuse.training.loader import PatchDataset
 from emdiffuse.training.settings import TASK_VARIANTS, TrainSettings
@@ -51,14 +52,22 @@ def load_init(s: TrainSettings) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             f"--init model predicts {config.prediction!r}; a regression run "
             "fine-tunes only a regression (x0) model"
         )
+    wanted = "residual" if s.objective == "residual" else "sr3"
+    if config.kind != wanted:
+        raise InputError(
+            f"--init model is of kind {config.kind!r} but objective {s.objective!r} trains "
+            f"kind {wanted!r}; fine-tune with the objective the model was trained with"
+        )
     return config, state
 
 
 def build_config(s: TrainSettings, dataset, init_config: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig of a run: a preset (or the --init model's) plus the data's statistics."""
+    """The ModelConfig of a run: a preset (or the --init model's) plus the data's statistics
+    (the target's and the condition's intensity ranges, voxel size, data labels)."""
     variant = TASK_VARIANTS[s.task]
     data = {
         "normalization": dict(dataset.normalization),
+        "condition_normalization": dict(dataset.condition_normalization),
         "voxel_size_nm": dataset.voxel_size,
         "training_data": ",".join(str(d) for d in s.data),
     }
@@ -68,6 +77,8 @@ def build_config(s: TrainSettings, dataset, init_config: ModelConfig | None = No
     kwargs: dict[str, Any] = {}
     if s.schedule is not None:
         kwargs["schedule"] = s.schedule
+    if s.objective == "residual":
+        kwargs.update(kind="residual", mean_net=s.mean_net, residual_scale=s.residual_scale)
     config = make_config(
         variant, s.size, scale_factor=dataset.k, prediction=s.prediction, loss=s.loss,
         **data, **kwargs,
@@ -106,10 +117,11 @@ def _override_unet(unet: UNetConfig, overrides: Mapping[str, Any]) -> UNetConfig
 
 
 def build_net(config: ModelConfig, seed: int) -> torch.nn.Module:
-    """The network of ``config``, initialised from ``seed`` (torch's global RNG untouched)."""
+    """The network of ``config`` (a UNet, or mean + residual networks in one module),
+    initialised from ``seed`` (torch's global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet(config.unet)
+        return build_network(config)
 
 
 def check_patch(s: TrainSettings, config: ModelConfig) -> None:

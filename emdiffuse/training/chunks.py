@@ -1,10 +1,10 @@
 """Reading training sources chunk by chunk: paths, Volumes or arrays as 3D sliceable arrays.
 
-:func:`open_source` turns a source (an OME-Zarr or TIFF path, an
+:func:`open_source` turns a source (a path of any input format, an
 :class:`~emdiffuse.io.Volume`, a zarr / dask / numpy array, 3D or 2D) into a zyx array,
-straight from the zarr store where there is one (not through dask); :class:`ChunkReader`
-reads regions of it whole chunk by whole chunk through a small LRU cache, so a patch reads
-only the chunks its footprint touches.
+straight from the zarr store or the format's region reader where there is one (not through
+dask); :class:`ChunkReader` reads regions of it whole chunk by whole chunk through a small LRU
+cache, so a patch reads only the chunks its footprint touches.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import zarr
 
 from emdiffuse.errors import InputError
 from emdiffuse.io import open_volume
+from emdiffuse.io.paths import input_format
+from emdiffuse.io.regions import backing_reader
 
 
 def _zarr_array_of(volume) -> Any | None:
@@ -31,7 +33,7 @@ def _zarr_array_of(volume) -> Any | None:
             if not hasattr(arr, "dask"):
                 return arr
     path = str(getattr(volume, "path", "") or "")
-    if not path or path.lower().endswith((".tif", ".tiff")):
+    if not path or input_format(path) != "ome-zarr":
         return None
     try:
         group = zarr.open_group(path, mode="r")
@@ -178,6 +180,8 @@ def open_source(source, voxel_size) -> tuple[Any, tuple[float, ...] | None, str]
         except Exception as error:  # unreadable store: say which
             raise InputError(f"cannot open training data {source}: {error}") from None
         arr = _zarr_array_of(volume)
+        if arr is None:  # HDF5, N5, precomputed, MRC: their region reader, else dask
+            arr = backing_reader(volume.data)
         if arr is None:
             arr = volume.data
         vs = tuple(float(v) for v in volume.voxel_size) if volume.voxel_size else None

@@ -6,7 +6,14 @@
      "origin": (3,) int64 footprint origin (zyx voxels), ["index": int]}
 
 in model space [-1, 1] (:mod:`emdiffuse.models.normalization`, clipped), one of four
-recipes (``k`` the scale factor, ``P = (H, W)`` the patch on the target grid):
+recipes (``k`` the scale factor, ``P = (H, W)`` the patch on the target grid).
+
+Intensities: the condition and the target each have their own range, the robust
+percentiles of their own source (:func:`~emdiffuse.training.recipes.normalization_sources`:
+denoise NOISY -> condition and CLEAN -> target; super-resolve LOW -> condition and HIGH ->
+target; a single-volume recipe uses that volume for both). One shared range would squeeze a
+clean target into a small part of [-1, 1] next to its far wider noisy input.
+
 
 ``denoise``
     sources ``(noisy, clean)`` on one grid: the same (1, H, W) region of both.
@@ -50,7 +57,8 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.normalization import PERCENTILES, Normalization
+from emdiffuse.io.regions import worker_start_method
+from emdiffuse.models.normalization import Normalization, as_pair, robust_range
 from emdiffuse.training.augment import NONE, Augment, augment_pair
 from emdiffuse.training.chunks import ChunkReader, SourceInfo, open_source
 from emdiffuse.training.degrade import blur_downsample_xy
@@ -60,6 +68,7 @@ from emdiffuse.training.recipes import (
     check_options,
     check_pairing,
     footprint,
+    normalization_sources,
     patch_shape,
     region_side,
     scale_factor,
@@ -76,8 +85,11 @@ class PatchDataset(IterableDataset):
     ``sources``: paths (OME-Zarr or TIFF), :class:`~emdiffuse.io.Volume` objects or
     arrays (zyx or yx): ``(noisy, clean)`` for denoise, ``(low, high)`` or ``(high,)`` for
     super-resolve, ``(volume,)`` for isotropic / anisotropic. ``patch``: target patch (H, W)
-    in voxels (an int for square). ``factor``: k. ``normalization``: ``{"low", "high"}`` raw
-    percentiles, or None to compute them from a seeded sample of chunks of the sources.
+    in voxels (an int for square). ``factor``: k. ``normalization``: None to compute the
+    condition's and the target's ranges from a seeded sample of chunks of their sources, or
+    given (:func:`~emdiffuse.models.normalization.as_pair`: one ``{"low", "high"}`` for both,
+    ``{"condition": …, "target": …}`` or a ``(condition, target)`` pair). The attributes
+    ``normalization`` (the target's) and ``condition_normalization`` hold them as dicts.
     """
 
     def __init__(
@@ -147,9 +159,11 @@ class PatchDataset(IterableDataset):
             self.seed,
         )  # fmt: skip
         if normalization is None:
-            normalization = self._percentiles(readers, norm_chunks)
-        self._norm = _training_range(normalization)
+            self._cond_norm, self._norm = self._percentiles(readers, norm_chunks)
+        else:
+            self._cond_norm, self._norm = _training_ranges(normalization)
         self.normalization = self._norm.to_dict()
+        self.condition_normalization = self._cond_norm.to_dict()
 
     # ---- metadata --------------------------------------------------------------------
     @property
@@ -190,16 +204,31 @@ class PatchDataset(IterableDataset):
         return self._footprint()[1:]
 
     # ---- normalisation ---------------------------------------------------------------
-    def _percentiles(self, readers, n_chunks: int) -> dict[str, float]:
+    def _percentiles(self, readers, n_chunks: int) -> tuple[Normalization, Normalization]:
+        """(condition, target) ranges, each from a seeded sample of its own source(s)."""
         rng = np.random.default_rng([self.seed, 0x9E7])
-        values = np.concatenate([r.sample_values(n_chunks, rng) for r in readers])
-        if values.size > 2_000_000:
-            values = rng.choice(values, 2_000_000, replace=False)
-        low, high = np.percentile(values, PERCENTILES)
-        return {"low": float(low), "high": float(high)}
+        samples = [r.sample_values(n_chunks, rng) for r in readers]
+        ranges = []
+        for which in normalization_sources(self.recipe, len(readers)):
+            values = np.concatenate([samples[i] for i in which])
+            if values.size > 2_000_000:
+                values = rng.choice(values, 2_000_000, replace=False)
+            ranges.append(values)
+        try:
+            return robust_range(ranges[0]), robust_range(ranges[1])
+        except InputError:
+            raise InputError(
+                "the training data has no contrast (its 0.5 and 99.5 percentiles are equal); "
+                "check the input"
+            ) from None
 
     def _normalise(self, raw: np.ndarray) -> np.ndarray:
+        """The target's raw intensities -> model space (clipped)."""
         return self._norm.forward(raw, clip=True)
+
+    def _normalise_condition(self, raw: np.ndarray) -> np.ndarray:
+        """The condition's raw intensities -> model space (clipped)."""
+        return self._cond_norm.forward(raw, clip=True)
 
     # ---- samples ---------------------------------------------------------------------
     def _draw_origin(self, rng: np.random.Generator, split: str, foot) -> tuple[int, int, int]:
@@ -263,7 +292,7 @@ class PatchDataset(IterableDataset):
             foot = self._axis_footprint(axis)
             origin = self._draw_origin(rng, split, foot)
             cond, target = self._extract(origin, axis)
-            cond, target = self._normalise(cond), self._normalise(target)
+            cond, target = self._normalise_condition(cond), self._normalise(target)
             if self._foreground(target):
                 break
         out: dict[str, Any] = {}
@@ -315,15 +344,13 @@ class PatchDataset(IterableDataset):
 
 
 # --------------------------------------------------------------------------------------
-def _training_range(normalization) -> Normalization:
-    """The intensity range as a :class:`Normalization`, refused without contrast."""
-    low, high = float(normalization["low"]), float(normalization["high"])
+def _training_ranges(normalization) -> tuple[Normalization, Normalization]:
+    """The given (condition, target) ranges, refused without contrast."""
     try:
-        return Normalization(low, high)
-    except InputError:
+        return as_pair(normalization)
+    except InputError as error:
         raise InputError(
-            f"intensity percentiles low={low}, high={high}: the training data has no "
-            "contrast; check the input"
+            f"intensity range {normalization}: {error}; the training data has no contrast"
         ) from None
 
 
@@ -334,6 +361,9 @@ def make_loader(
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch, persistent_workers=False)
+        start = worker_start_method()  # tensorstore (N5, precomputed) forbids fork
+        if start is not None:
+            kwargs["multiprocessing_context"] = start
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=dataset.batch_size,

@@ -29,6 +29,15 @@ _SOURCES = {  # recipe -> (allowed source counts, what to give)
 _DEFAULT_FACTOR = {"denoise": 1, "super-resolve": 2, "isotropic": 4, "anisotropic": 4}
 
 
+def normalization_sources(recipe: str, n_sources: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which sources give the condition's and which the target's intensity range: the pair's
+    first (noisy, low) and second (clean, high) member; a single volume gives both (a
+    synthesised low image is the high volume blurred, in the same units)."""
+    if n_sources == 2 and recipe in ("denoise", "super-resolve"):
+        return (0,), (1,)
+    return tuple(range(n_sources)), tuple(range(n_sources))
+
+
 def check_options(
     recipe: str, split: str, axis: str, val_fraction: float, rank: int, world_size: int
 ) -> None:
@@ -144,6 +153,6 @@ def split_regions(
 
 
 __all__ = [
-    "RECIPES", "SPLITS", "check_options", "scale_factor", "patch_shape", "footprint",
+    "RECIPES", "SPLITS", "normalization_sources", "check_options", "scale_factor", "patch_shape", "footprint",
     "check_pairing", "region_side", "split_regions",
 ]  # fmt: skip

@@ -1,7 +1,8 @@
 """The run's scalars: ``scalars.csv`` (and TensorBoard event files when it is installed).
 
 One row per logged step (loss, learning rate, gradient norm every 10 steps; validation
-PSNR/SSIM of the model and of the input alone; elapsed seconds). A resumed run keeps the
+PSNR/SSIM of one sample, of the one-evaluation posterior mean and of the input alone;
+elapsed seconds). A resumed run keeps the
 rows up to its checkpoint's step and continues the file.
 """
 
@@ -15,8 +16,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = [
-    "step", "loss", "lr", "grad_norm", "val_psnr", "val_ssim", "val_psnr_input",
-    "val_ssim_input", "elapsed_s",
+    "step", "loss", "lr", "grad_norm", "val_psnr", "val_ssim", "val_psnr_mean", "val_ssim_mean",
+    "val_psnr_input", "val_ssim_input", "elapsed_s",
 ]  # fmt: skip
 
 

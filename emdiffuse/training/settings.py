@@ -29,7 +29,11 @@ TASK_VARIANTS = {
     "isotropic": "vemdiffuse-i",
     "anisotropic": "vemdiffuse-a",
 }
-OBJECTIVES = ("diffusion", "regression")
+# diffusion: the SR3 kind (one diffusion UNet, as the reference); residual: mean plus residual
+# (a regression network for the posterior mean and a diffusion UNet for the residual, trained
+# together); regression: the diffusion UNet trained as a plain regression (CARE-style baseline)
+OBJECTIVES = ("diffusion", "regression", "residual")
+LOSS_NAMES = ("mse", "l1")
 LR_SCHEDULES = ("constant", "cosine")
 AXES = ("y", "x", "both")
 # settings a resumed run must share with the checkpoint it resumes
@@ -73,7 +77,16 @@ class TrainSettings:
     voxel_size: list[float] | None = None
     schedule: dict[str, Any] | None = None  # training noise schedule (default: the reference's)
     time_limit: float | None = None  # seconds; stops early (demo)
-    objective: str = "diffusion"  # or "regression" (CARE-style baseline, see train())
+    objective: str = "diffusion"  # or "residual", "regression" (see OBJECTIVES, train())
+    # the residual objective: the mean network (overrides of its preset: base_channels,
+    # depth, convs), its loss, and the scale s of the residual r = (x0 - mean) / s
+    mean_net: dict[str, Any] | None = None
+    mean_loss: str = "mse"
+    residual_scale: float | None = None  # None: models.variants.DEFAULT_RESIDUAL_SCALE
+    # calibration of the sample spread at the end of training (on the validation split)
+    calibration_samples: int = 4  # N samples per patch (0: no calibration)
+    calibration_patches: int = 32
+    calibration_level: float = 0.9
 
     # ---- building --------------------------------------------------------------------
     @classmethod
@@ -96,7 +109,8 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Check the values; a regression run forces its prediction, loss and sampler steps."""
-        for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_steps", "val_batch"):
+        for name in ("steps", "batch_size", "val_every", "ckpt_every", "val_steps", "val_batch",
+                     "calibration_patches"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -110,6 +124,22 @@ class TrainSettings:
         if self.axis not in AXES:
             raise InputError(f"axis must be 'y', 'x' or 'both', got {self.axis!r}")
         check_sampler(self.sampler)
+        if self.mean_loss not in LOSS_NAMES:
+            raise InputError(f"mean_loss must be {' or '.join(LOSS_NAMES)}, got {self.mean_loss!r}")
+        if self.residual_scale is not None and not (
+            math.isfinite(self.residual_scale) and self.residual_scale > 0
+        ):
+            raise InputError(f"residual_scale must be positive, got {self.residual_scale}")
+        if self.calibration_samples != 0 and self.calibration_samples < 2:
+            raise InputError(
+                f"calibration_samples must be 0 (none) or at least 2, got {self.calibration_samples}"
+            )
+        if not 0 < self.calibration_level < 1:
+            raise InputError(f"calibration_level must be in (0, 1), got {self.calibration_level}")
+        if self.objective != "residual" and (
+            self.mean_net is not None or self.residual_scale is not None
+        ):
+            raise InputError("mean_net and residual_scale are for objective 'residual'")
         if self.unet is not None:
             fixed = sorted(set(self.unet) & set(_UNET_FIXED))
             if fixed:
@@ -155,9 +185,10 @@ def data_labels(sources: Sequence[Any]) -> list[str]:
 
 
 _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "val_batch",
-         "ckpt_every", "workers", "seed", "factor", "region"}  # fmt: skip
+         "ckpt_every", "workers", "seed", "factor", "region", "calibration_samples",
+         "calibration_patches"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
-           "time_limit"}  # fmt: skip
+           "time_limit", "residual_scale", "calibration_level"}  # fmt: skip
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -174,7 +205,7 @@ def _convert(name: str, value: Any) -> Any:
         raise InputError(f"{name} must be {kind}, got {value!r}") from None
     if name == "init":
         return str(value)
-    if name in ("unet", "schedule"):
+    if name in ("unet", "schedule", "mean_net"):
         return dict(value)
     if name == "voxel_size":
         return [float(v) for v in value]
@@ -211,7 +242,7 @@ DEMO_STEPS_PER_MINUTE = 300  # cosine horizon; training also stops at the time l
 
 
 __all__ = [
-    "TrainSettings", "TASK_VARIANTS", "OBJECTIVES", "LR_SCHEDULES", "AXES", "RESUME_FIELDS",
+    "TrainSettings", "TASK_VARIANTS", "OBJECTIVES", "LOSS_NAMES", "LR_SCHEDULES", "AXES", "RESUME_FIELDS",
     "field_names", "defaults", "data_labels", "DEMO_SETTINGS", "DEMO_NOISE",
     "DEMO_STEPS_PER_MINUTE",
 ]  # fmt: skip

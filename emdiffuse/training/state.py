@@ -91,8 +91,10 @@ def make_state(
     normalization: dict[str, float],
     device: torch.device,
     elapsed: float,
+    condition_normalization: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Everything that continues the run from ``step`` (module docstring)."""
+    """Everything that continues the run from ``step`` (module docstring): ``normalization``
+    is the target's range, ``condition_normalization`` the condition's."""
     return {
         "step": int(step),
         "model": _cpu(net),
@@ -103,9 +105,17 @@ def make_state(
         "config": config.to_json(indent=None),
         "settings": s.to_json(indent=None),
         "normalization": dict(normalization),
+        "condition_normalization": dict(condition_normalization or normalization),
         "data": {"seed": s.seed, "next_step": int(step), "batch_size": s.batch_size},
         "elapsed": float(elapsed),
     }
+
+
+def saved_normalization(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's (condition, target) ranges as ``{"condition", "target"}``; a checkpoint
+    from before the split holds one range, used for both (as that run did)."""
+    target = dict(state["normalization"])
+    return {"condition": dict(state.get("condition_normalization") or target), "target": target}
 
 
 def restore(
@@ -143,5 +153,5 @@ def save_final(out: Path, ema: EMA, config) -> Path:
 
 __all__ = [
     "FINAL_NAME", "checkpoint_dir", "checkpoint_path", "latest_checkpoint", "save_state",
-    "load_state", "resume_state", "make_state", "restore", "move_optimizer", "save_final",
+    "load_state", "resume_state", "make_state", "saved_normalization", "restore", "move_optimizer", "save_final",
 ]  # fmt: skip

@@ -72,7 +72,8 @@ def train_step(
     gradient clipping and the optimizer step. Returns (loss, gradient norm).
 
     A regression run (``s.objective``) puts every sample at the noisiest level, the
-    sampler's first step."""
+    sampler's first step. A residual-kind model (``config.residual``) trains its mean and
+    residual networks together (:func:`emdiffuse.models.diffusion.residual_loss`)."""
     cond = batch["cond"].to(dev, non_blocking=True)
     target = batch["target"].to(dev, non_blocking=True)
     cond = upsample_xy(cond, config.xy_scale, config.cond_upsample)
@@ -84,14 +85,30 @@ def train_step(
         index = index.to(dev)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-        loss = training_loss(
-            model, cond, target, schedule, config.prediction, config.loss,
-            noise.to(dev), uniforms.to(dev), index,
-        )  # fmt: skip
+        if config.residual:
+            loss, _ = diffusion.residual_loss(
+                model, cond, target, schedule, config.prediction, config.loss, s.mean_loss,
+                noise=noise.to(dev), u=uniforms.to(dev),
+            )  # fmt: skip
+        else:
+            loss = training_loss(
+                model, cond, target, schedule, config.prediction, config.loss,
+                noise.to(dev), uniforms.to(dev), index,
+            )  # fmt: skip
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), s.grad_clip)
+    grad_norm = clip_gradients(net, s.grad_clip)
     optimizer.step()
     return float(loss.detach()), float(grad_norm)
 
 
-__all__ = ["lr_at", "keyed_noise", "training_loss", "train_step"]
+def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradient norm to ``max_norm``: of the whole network, or — a mean-plus-residual
+    model — of its mean and residual networks separately (their losses differ in scale, and
+    the diffusion loss's gradients must not shrink the mean network's steps). Returns the
+    norm over all parameters before clipping."""
+    parts = [net.mean, net.residual] if hasattr(net, "residual") and hasattr(net, "mean") else [net]
+    norms = [torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm) for part in parts]
+    return float(torch.stack([n.float() for n in norms]).pow(2).sum().sqrt())
+
+
+__all__ = ["lr_at", "keyed_noise", "training_loss", "train_step", "clip_gradients"]

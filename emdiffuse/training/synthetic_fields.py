@@ -96,23 +96,37 @@ def _interp_axis(values: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray) 
     return a + (b - a) * w
 
 
-def smooth_field(origin, shape, step: int, lattice_fn) -> np.ndarray:
-    """Trilinear interpolation over the block of ``lattice_fn(iz, iy, ix)`` (broadcast integer
-    lattice indices -> float32 values) on a global lattice of spacing ``step`` voxels."""
-    firsts, idxs, ws = [], [], []
-    for o, n in zip(origin, shape, strict=True):
-        f, i, w = _axis_weights(o, n, step)
-        firsts.append(f)
-        idxs.append(i)
-        ws.append(w)
+def _block_lattice(origin, shape, step: int):
+    """The global lattice points (spacing ``step``) that a block's trilinear interpolation
+    reads: per axis the first lattice index and the number of points, and each voxel's
+    lower lattice index (relative to the first) and weight."""
+    axes = [_axis_weights(o, n, step) for o, n in zip(origin, shape, strict=True)]
+    firsts, idxs, ws = ([axis[j] for axis in axes] for j in range(3))
     counts = [int(i[-1]) + 2 for i in idxs]
-    iz = np.arange(firsts[0], firsts[0] + counts[0])[:, None, None]
-    iy = np.arange(firsts[1], firsts[1] + counts[1])[None, :, None]
-    ix = np.arange(firsts[2], firsts[2] + counts[2])[None, None, :]
-    values = lattice_fn(iz, iy, ix).astype(np.float32)
+    return firsts, counts, idxs, ws
+
+
+def _lattice_indices(firsts, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer lattice indices (z, y, x) of those points, broadcastable against each other."""
+    return tuple(
+        np.arange(f, f + c).reshape([-1 if a == axis else 1 for a in range(3)])
+        for axis, (f, c) in enumerate(zip(firsts, counts, strict=True))
+    )
+
+
+def _interp_block(values: np.ndarray, idxs, ws) -> np.ndarray:
+    """Values on the lattice points -> values at the block's voxels (trilinear)."""
     for axis in range(3):
         values = _interp_axis(values, axis, idxs[axis], ws[axis])
     return values
+
+
+def smooth_field(origin, shape, step: int, lattice_fn) -> np.ndarray:
+    """Trilinear interpolation over the block of ``lattice_fn(iz, iy, ix)`` (broadcast integer
+    lattice indices -> float32 values) on a global lattice of spacing ``step`` voxels."""
+    firsts, counts, idxs, ws = _block_lattice(origin, shape, step)
+    values = lattice_fn(*_lattice_indices(firsts, counts)).astype(np.float32)
+    return _interp_block(values, idxs, ws)
 
 
 def value_noise_points(seed, stream, z, y, x, step: float) -> np.ndarray:
@@ -218,16 +232,8 @@ def cell_walls(seed: int, p: Params, z, y, x):
 def coarse_walls(seed, p: Params, origin, shape, step=2):
     """Wall distance interpolated from a global lattice of spacing ``step`` voxels, and the
     cell brightness on the nearest lattice point."""
-    firsts, idxs, ws = [], [], []
-    for o, n in zip(origin, shape, strict=True):
-        f, i, w = _axis_weights(o, n, step)
-        firsts.append(f)
-        idxs.append(i)
-        ws.append(w)
-    counts = [int(i[-1]) + 2 for i in idxs]
-    gz = (np.arange(firsts[0], firsts[0] + counts[0]) * step)[:, None, None]
-    gy = (np.arange(firsts[1], firsts[1] + counts[1]) * step)[None, :, None]
-    gx = (np.arange(firsts[2], firsts[2] + counts[2]) * step)[None, None, :]
+    firsts, counts, idxs, ws = _block_lattice(origin, shape, step)
+    gz, gy, gx = (i * step for i in _lattice_indices(firsts, counts))
     w = np.float32(2 * p.warp)
     wstep = p.warp_step // step
 
@@ -245,8 +251,7 @@ def coarse_walls(seed, p: Params, origin, shape, step=2):
     bright = (0.64 + 0.14 * (owner >> np.uint32(8)).astype(np.float32) * 2.0**-24).astype(
         np.float32
     )
-    for axis in range(3):
-        wall = _interp_axis(wall, axis, idxs[axis], ws[axis])
+    wall = _interp_block(wall, idxs, ws)
     # nearest lattice point for the (piecewise constant) cell brightness
     near = [(i + (w >= 0.5)).astype(np.int64) for i, w in zip(idxs, ws, strict=True)]
     bright = bright[np.ix_(*near)]

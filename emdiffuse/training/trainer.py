@@ -73,9 +73,15 @@ from emdiffuse.training.state import (
     resume_state,
     save_final,
     save_state,
+    saved_normalization,
 )
 from emdiffuse.training.step import lr_at, train_step
-from emdiffuse.training.validation import condition_on_output_grid, save_validation_png, validate
+from emdiffuse.training.validation import (
+    calibrate,
+    condition_on_output_grid,
+    save_validation_png,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 10  # steps between loss rows in scalars.csv
@@ -90,7 +96,7 @@ def train(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
-    normalization: dict[str, float] | None = None,
+    normalization: Any = None,
     **settings: Any,
 ) -> Path:
     """Train a model for ``task`` on ``data`` and write ``out/model.safetensors``.
@@ -101,9 +107,23 @@ def train(
     ``steps``, ``batch_size`` — per process: the global batch is ``batch_size × world size`` —,
     ``patch``, ``lr``, ``factor``, ``init``, ``seed``, ``val_steps``, ``lr_schedule``,
     ``workers``, ``time_limit``, …); every default is there, unknown names raise
-    ``TypeError``. ``normalization``: raw ``{"low", "high"}`` mapped to [-1, 1] (default: the
-    0.5/99.5 percentiles of a sample of the data, or the resumed run's). Returns the path of
-    the final checkpoint (EMA weights).
+    ``TypeError``. ``normalization``: the raw ranges mapped to [-1, 1] — one
+    ``{"low", "high"}`` for condition and target alike, or the pair as
+    ``{"condition": {…}, "target": {…}}`` or ``(condition, target)`` (default: the
+    0.5/99.5 percentiles of a sample of each side's own source, or the resumed run's). The
+    checkpoint stores both (``normalization`` = the target's, ``condition_normalization``).
+    Returns the path of the final checkpoint (EMA weights).
+
+    ``objective="residual"`` trains a mean-plus-residual model: a regression network for
+    the posterior mean (``mean_net``, ``mean_loss``) and a diffusion UNet for the residual
+    ``(target - mean) / residual_scale``, in the same steps, one EMA, one checkpoint
+    (:class:`~emdiffuse.models.networks.MeanResidualNet`). ``objective="diffusion"`` is the
+    SR3 kind (the reference's).
+
+    At the end, when there is a validation split and ``calibration_samples`` >= 2, the
+    spread of that many samples (the run default sampler and steps) on
+    ``calibration_patches`` held-out patches is calibrated into
+    ``config.calibration`` (:mod:`emdiffuse.models.calibration`).
 
     ``objective="regression"`` trains the same network as a plain regression model (the
     CARE-style baseline): every sample sits at the noisiest level of the schedule, where the
@@ -161,6 +181,7 @@ class _Run:
         return make_state(
             step, self.net, self.ema, self.optimizer, self.config, self.s,
             self.dataset.normalization, self.device, time.perf_counter() - t0,
+            self.dataset.condition_normalization,
         )  # fmt: skip
 
 
@@ -179,14 +200,14 @@ def _prepare(
     d: distributed.Dist,
     device: str,
     resume: bool,
-    normalization: dict[str, float] | None,
+    normalization: Any,
 ) -> _Run:
     """Read the state to resume (or the model to fine-tune), build the dataset, config,
     network, EMA and optimizer, and restore the state: nothing is written."""
     dev = _device(device, d)
     state = resume_state(out, s) if resume else None
     if state is not None and normalization is None:
-        normalization = dict(state["normalization"])
+        normalization = saved_normalization(state)
     init_config, init_state = None, None
     if s.init is not None and state is None:
         init_config, init_state = load_init(s)
@@ -241,6 +262,7 @@ def _train(run: _Run, out: Path, *, progress: bool, replace: bool) -> Path:
         scalars.close()
     final = out / FINAL_NAME
     if d.main:
+        _calibrate(run)
         save_state(checkpoint_path(out, step), run.state(step, t0))
         save_final(out, run.ema, run.config)
     distributed.barrier(d)
@@ -295,6 +317,21 @@ def _loop(
                 log.debug("saved checkpoint at step %d", step)
             distributed.barrier(d)
     return step
+
+
+def _calibrate(run: _Run) -> None:
+    """Fit the conformal scale of the sample spread on held-out patches into the config."""
+    s = run.s
+    if s.calibration_samples < 2 or not run.dataset.regions["val"]:
+        return
+    batch = run.dataset.batch(range(s.calibration_patches), split="val")
+    calibration = calibrate(run.ema.module, run.config, batch, s, run.device)
+    log.info(
+        "calibration: %.0f %% intervals are %.2f x the spread of %d samples (Spearman %.2f)",
+        100 * calibration["level"], calibration["scale"], calibration["samples"],
+        calibration["spearman"],
+    )  # fmt: skip
+    run.config = run.config.replace(calibration=calibration)
 
 
 def _validate(run: _Run, out: Path, step: int, val_batch: dict[str, torch.Tensor]) -> dict:

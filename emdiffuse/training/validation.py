@@ -1,9 +1,12 @@
-"""Validation during training: few-step samples of a fixed held-out batch, scored.
+"""Validation during training: few-step samples of a fixed held-out batch, scored, and the
+calibration of the sample spread at the end.
 
 :func:`validate` samples the validation batch with the EMA weights through the same
 :class:`~emdiffuse.models.enhancer.Enhancer` inference uses and scores PSNR/SSIM against the
-targets, and those of :func:`baseline` (what the input alone gives); :func:`save_validation_png`
-writes a condition | output | target grid.
+targets, those of the one-evaluation posterior mean (``val_psnr_mean``) and those of
+:func:`baseline` (what the input alone gives); :func:`save_validation_png` writes a
+condition | output | target grid. :func:`calibrate` fits the conformal scale of N samples'
+spread on held-out patches (:mod:`emdiffuse.models.calibration`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import numpy as np
 import torch
 
 from emdiffuse import metrics
+from emdiffuse.models import calibration
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, STOCHASTIC
 from emdiffuse.training.settings import TrainSettings
 
 
@@ -44,15 +49,53 @@ def validate(
     cond = batch["cond"].numpy()
     target = batch["target"].numpy()
     noise = np.random.default_rng([s.seed, 0xA11]).standard_normal(target.shape)
-    output = enhancer.enhance(cond, noise.astype(np.float32), sampler=s.sampler, steps=s.val_steps)
+    noise = noise.astype(np.float32)
+    output = enhancer.enhance(cond, noise, sampler=s.sampler, steps=s.val_steps)
+    mean = np.clip(enhancer.posterior_mean(cond, noise), -1.0, 1.0)
     base = baseline(cond, config.task, config.k, target.shape[1])
     values = {
         "val_psnr": metrics.psnr(output, target, data_range=2.0),
         "val_ssim": metrics.ssim(output, target, data_range=2.0),
+        "val_psnr_mean": metrics.psnr(mean, target, data_range=2.0),
+        "val_ssim_mean": metrics.ssim(mean, target, data_range=2.0),
         "val_psnr_input": metrics.psnr(base, target, data_range=2.0),
         "val_ssim_input": metrics.ssim(base, target, data_range=2.0),
     }
     return values, output
+
+
+def calibrate(
+    ema_net: torch.nn.Module,
+    config,
+    batch: dict[str, torch.Tensor],
+    s: TrainSettings,
+    device: torch.device,
+) -> dict:
+    """The calibration record of the EMA model on held-out ``batch``: ``s.calibration_samples``
+    samples (the run default sampler and steps, as ``emdiffuse enhance`` draws them; seeded),
+    their spread against the error of their mean (:func:`emdiffuse.models.calibration.fit`,
+    model space), plus the sampler, steps and patches used."""
+    net = copy.deepcopy(ema_net)
+    enhancer = Enhancer(config, net, device=device, precision="auto", channels_last=False)
+    cond = batch["cond"].numpy()
+    target = batch["target"].numpy().astype(np.float64)
+    rng = np.random.default_rng([s.seed, 0xCA1])
+    draws = []
+    mean = None
+    for _ in range(s.calibration_samples):
+        noise = rng.standard_normal(target.shape).astype(np.float32)
+        step_noise = None
+        if DEFAULT_SAMPLER in STOCHASTIC:
+            steps_noise = rng.standard_normal((DEFAULT_STEPS, *target.shape)).astype(np.float32)
+            step_noise = steps_noise.__getitem__
+        if config.residual and mean is None:
+            mean = enhancer.posterior_mean(cond)
+        m, r = enhancer.sample_parts(cond, noise, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
+                                     step_noise=step_noise, mean=mean)  # fmt: skip
+        draws.append(np.clip(m + r, -1.0, 1.0))
+    record = calibration.fit(np.stack(draws), target, level=s.calibration_level)
+    record.update(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, patches=int(len(target)))
+    return record
 
 
 def condition_on_output_grid(cond: torch.Tensor, config) -> np.ndarray:
@@ -90,4 +133,4 @@ def save_validation_png(
     plt.close(fig)
 
 
-__all__ = ["baseline", "validate", "condition_on_output_grid", "save_validation_png"]
+__all__ = ["baseline", "validate", "calibrate", "condition_on_output_grid", "save_validation_png"]

@@ -237,23 +237,26 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.log_lock:
             self.server.requests.append((self.command, self.path, status))
 
-    def _refuse(self) -> None:
-        self._record(HTTPStatus.METHOD_NOT_ALLOWED)
-        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
-        self.send_header("Allow", "GET, HEAD")
+    def _empty_reply(self, status: HTTPStatus, header: tuple[str, str], *, close=False) -> None:
+        """A logged response without a body: ``status``, one ``header``, and with ``close``
+        the connection closed after it."""
+        self._record(status)
+        self.send_response(status)
+        self.send_header(*header)
         self.send_header("Content-Length", "0")
-        self.send_header("Connection", "close")
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.close_connection = True
+        if close:
+            self.close_connection = True
+
+    def _refuse(self) -> None:
+        self._empty_reply(HTTPStatus.METHOD_NOT_ALLOWED, ("Allow", "GET, HEAD"), close=True)
 
     do_PUT = do_POST = do_DELETE = do_PATCH = _refuse  # noqa: N815 - names fixed by http.server
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - name fixed by http.server
-        self._record(HTTPStatus.NO_CONTENT)
-        self.send_response(HTTPStatus.NO_CONTENT)
-        self.send_header("Allow", "GET, HEAD")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self._empty_reply(HTTPStatus.NO_CONTENT, ("Allow", "GET, HEAD"))
 
     def _parts(self) -> list[str] | None:
         raw = urllib.parse.urlsplit(self.path).path
@@ -270,11 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _redirect(self) -> None:
-        self._record(HTTPStatus.FOUND)
-        self.send_response(HTTPStatus.FOUND)
-        self.send_header("Location", CLIENT_PATH)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self._empty_reply(HTTPStatus.FOUND, ("Location", CLIENT_PATH))
 
     def _events(self) -> None:
         """Keep the client's state event stream open with comments only (no state pushed)."""

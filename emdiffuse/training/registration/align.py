@@ -9,8 +9,10 @@ alignment are an :class:`Alignment`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -43,6 +45,15 @@ class Alignment:
     solver: str = "ilk"
     radius: int = 7
     flow_sigma: float = 4.0
+
+    @classmethod
+    def of(cls, caller: str, options: Mapping[str, Any]) -> Alignment:
+        """The alignment that the keyword ``options`` of ``caller`` ask for, the defaults for
+        the rest (``register_pair`` and ``register_volumes`` take these fields as keywords)."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**options)
 
     def check(self, raft_weights: str | Path | None) -> None:
         if self.method not in METHODS:
@@ -213,24 +224,20 @@ def register_pair(
     moving: np.ndarray,
     fixed: np.ndarray,
     *,
-    method: str = Alignment.method,
-    smooth_sigma: float = Alignment.smooth_sigma,
-    upsample_factor: int = Alignment.upsample_factor,
-    solver: str = Alignment.solver,
-    radius: int = Alignment.radius,
-    flow_sigma: float = Alignment.flow_sigma,
     raft_weights: str | Path | None = None,
     return_displacement: bool = False,
+    **alignment: Any,
 ):
     """Warp ``moving`` onto ``fixed`` (both yx, or zyx registered slice by slice).
 
-    The options are those of :class:`Alignment`; ``raft_weights`` is the local RAFT file for
-    ``method="raft"``. Returns the aligned moving image (dtype of ``moving``, the raw image
+    ``alignment``: the fields of :class:`Alignment` as keywords (``method``,
+    ``smooth_sigma``, ``upsample_factor``, ``solver``, ``radius``, ``flow_sigma``; its
+    defaults for the rest); ``raft_weights`` is the local RAFT file for ``method="raft"``. Returns the aligned moving image (dtype of ``moving``, the raw image
     warped once) and a :class:`RegistrationReport`; with ``return_displacement`` also the
     displacement (2, y, x) or (z, 2, y, x) in voxels, ``aligned[r] = moving[r + d(r)]`` (to
     warp other channels or labels the same way). Inputs are not modified.
     """
-    how = Alignment(method, smooth_sigma, upsample_factor, solver, radius, flow_sigma)
+    how = Alignment.of("register_pair", alignment)
     moving = np.asarray(moving)
     fixed = np.asarray(fixed)
     how.check(raft_weights)
@@ -240,7 +247,7 @@ def register_pair(
             "same shape"
         )
     check_slices(fixed.shape)
-    raft = load_raft(raft_weights) if method == "raft" else None
+    raft = load_raft(raft_weights) if how.method == "raft" else None
     stack_m = moving[None] if moving.ndim == 2 else moving
     stack_f = fixed[None] if fixed.ndim == 2 else fixed
     out = np.empty(stack_m.shape, dtype=moving.dtype)

@@ -95,12 +95,6 @@ def register_volumes(
     fixed_path: str | Path,
     out_path: str | Path,
     *,
-    method: str = Alignment.method,
-    smooth_sigma: float = Alignment.smooth_sigma,
-    upsample_factor: int = Alignment.upsample_factor,
-    solver: str = Alignment.solver,
-    radius: int = Alignment.radius,
-    flow_sigma: float = Alignment.flow_sigma,
     raft_weights: str | Path | None = None,
     voxel_size=None,
     upsample: bool = False,
@@ -109,16 +103,18 @@ def register_volumes(
     levels: int | None = None,
     report_png: str | Path | None = None,
     num_workers: int | None = None,
+    **alignment: Any,
 ) -> RegistrationReport:
     """Register the volume at ``moving_path`` onto ``fixed_path``; write it as OME-Zarr.
 
-    The alignment options are those of :class:`Alignment` (``raft_weights``: the local RAFT
-    file for ``method="raft"``). Pairs must share the grid; with ``upsample`` a moving image
+    ``alignment``: the fields of :class:`Alignment` as keywords, as for
+    :func:`~emdiffuse.training.registration.align.register_pair` (``raft_weights``: the local
+    RAFT file for ``method="raft"``). Pairs must share the grid; with ``upsample`` a moving image
     on an integer-times coarser xy grid (low/high pairs) is first resampled (cubic) onto the
     fixed grid. ``chunks``/``levels``: the output's chunks and pyramid levels;
     ``report_png``: a before | after overlay of the middle slice; ``num_workers``: threads.
     """
-    how = Alignment(method, smooth_sigma, upsample_factor, solver, radius, flow_sigma)
+    how = Alignment.of("register_volumes", alignment)
     how.check(raft_weights)
     pair = _open_pair(moving_path, fixed_path, voxel_size, upsample)
     for source in (moving_path, fixed_path):

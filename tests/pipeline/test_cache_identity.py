@@ -59,16 +59,21 @@ def read(path: Path) -> np.ndarray:
     return np.asarray(open_volume(str(path)).data)
 
 
-def fresh_process_run(input_path: Path, model: Path, out: Path, *extra: str) -> np.ndarray:
-    """The same run in a new Python process (no caches at all)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    argv = ["enhance", str(input_path), str(out), "--model", str(model), *CLI_SETTINGS, *extra]
-    done = subprocess.run(
-        [sys.executable, "-m", "emdiffuse.cli", *argv], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    return read(out)
+@pytest.fixture
+def fresh_process_run(source_env):
+    """``fresh_process_run(input_path, model, out, *extra)``: the same run in a new Python
+    process (no caches at all); its output."""
+
+    def run(input_path: Path, model: Path, out: Path, *extra: str) -> np.ndarray:
+        argv = ["enhance", str(input_path), str(out), "--model", str(model), *CLI_SETTINGS, *extra]
+        done = subprocess.run(
+            [sys.executable, "-m", "emdiffuse.cli", *argv], capture_output=True, text=True,
+            env=source_env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return read(out)
+
+    return run
 
 
 def assert_same(got: np.ndarray, want: np.ndarray, stale: np.ndarray) -> None:
@@ -88,7 +93,7 @@ def files(tmp_path):
 
 
 # ---- the model ----------------------------------------------------------------------------
-def test_model_replaced_at_same_path_python_api_threads(files):
+def test_model_replaced_at_same_path_python_api_threads(files, fresh_process_run):
     """Retrained model written over the same path, second run in the same process: the
     output is the NEW model's (as in a fresh process) and run.json records the new hash."""
     root, model, data = files
@@ -147,7 +152,7 @@ def test_worker_refuses_model_that_differs_from_the_run_record(tmp_path):
 
 
 # ---- the input ----------------------------------------------------------------------------
-def test_tiff_replaced_at_same_path(tmp_path):
+def test_tiff_replaced_at_same_path(tmp_path, fresh_process_run):
     """A TIFF stack replaced at the same path (new file, same shape): the second run reads
     the new pixels."""
     model = write_model(tmp_path / "model.safetensors", seed=1)
@@ -164,7 +169,7 @@ def test_tiff_replaced_at_same_path(tmp_path):
     assert_same(read(second), want, stale=read(first))
 
 
-def test_ome_zarr_shape_changed_at_same_path(files):
+def test_ome_zarr_shape_changed_at_same_path(files, fresh_process_run):
     """An OME-Zarr rewritten at the same path with another shape: the second run reads the
     new array (today: ValueError from the array opened for the first run)."""
     root, model, data = files

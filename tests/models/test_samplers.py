@@ -311,15 +311,14 @@ def test_pipeline_plan_and_cli_take_the_samplers_list():
         plan.network_evaluations("euler", 7)
 
 
-def _sampler_benchmark():
+def _sampler_benchmark(repo_root):
     """benchmarks/sampler_quality.py as a module (its statistics and pass criterion)."""
     import importlib.util
     import sys
-    from pathlib import Path
 
     if "sampler_quality" in sys.modules:
         return sys.modules["sampler_quality"]
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sampler_quality.py"
+    path = repo_root / "benchmarks" / "sampler_quality.py"
     spec = importlib.util.spec_from_file_location("sampler_quality", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["sampler_quality"] = module  # its dataclasses look themselves up there
@@ -328,19 +327,18 @@ def _sampler_benchmark():
 
 
 @pytest.mark.parametrize("folder", ["", "sampler_quality_noise2"])
-def test_reference_match_passes_in_the_committed_benchmark(folder):
+def test_reference_match_passes_in_the_committed_benchmark(folder, repo_root):
     """The setting the CLI and docs name as reproducing the reference (sampler, steps, its
     default spacing) passes the committed sampler benchmark, in both noise draws: within
     0.3 dB of ddpm@1000 with its texture, at <= 10 evaluations. Judged afresh by the
     benchmark's own statistics and criterion from the per-tile PSNRs it recorded, not by
     reading its verdict."""
     import json
-    from pathlib import Path
 
     import numpy as np
 
-    bench = _sampler_benchmark()
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / folder
+    bench = _sampler_benchmark(repo_root)
+    results = repo_root / "benchmarks" / "results" / folder
     result = json.loads((results / "sampler_quality.json").read_text())
     sampler, steps = sampler_names.REFERENCE_MATCH
     assert result["samplers"][sampler]["spacing"] == sampler_names.resolve_spacing(sampler)

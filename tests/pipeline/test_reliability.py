@@ -23,15 +23,10 @@ import time
 from pathlib import Path
 
 import cloudpickle
-import numpy as np
 import pytest
 
 from emdiffuse.cli import EXIT_INTERRUPTED, EXIT_IO, EXIT_TERMINATED, main
 from emdiffuse.errors import InputError
-from emdiffuse.io import write_image
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
 from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.lattice import iter_chunks
@@ -58,12 +53,6 @@ TERMINATED = (
 # ---- helpers ------------------------------------------------------------------------------
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "emdiffuse.cli", *args]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    return env
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -121,18 +110,16 @@ def assert_finished_chunks_complete(out: Path, reference: Path, images=("",)) ->
 
 # ---- fixtures -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny denoiser, a small float volume and the undisturbed (reference) output."""
+def setup(tmp_path_factory, denoise_checkpoint, random_volume, source_env):
+    """A tiny denoiser, a small float volume, the undisturbed (reference) output and the
+    environment of an ``emdiffuse`` subprocess."""
     root = tmp_path_factory.mktemp("reliability")
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0})
-    model = root / "n.safetensors"
-    save_checkpoint(model, Enhancer.from_config(config, seed=2).net.state_dict(), config)
-    data = np.random.default_rng(0).uniform(0.2, 0.8, size=SHAPE).astype(np.float32)
-    volume = root / "in.ome.zarr"
-    write_image(data, volume, voxel_size=(8.0, 8.0, 8.0), chunks=(1, 32, 32))
+    model = denoise_checkpoint
+    volume = random_volume(SHAPE, chunks=(1, 32, 32))
     reference = root / "reference.zarr"
     enhance(volume, model, reference, **THREADS, **SETTINGS)
-    return {"root": root, "model": model, "input": volume, "reference": reference}
+    env = dict(source_env, PYTHONUNBUFFERED="1")
+    return {"root": root, "model": model, "input": volume, "reference": reference, "env": env}
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +229,7 @@ def test_interrupted_cli_resumes_to_identical_bytes(
     proc = subprocess.Popen(
         cli("enhance", str(setup["input"]), str(out), "--model", str(setup["model"]),
             *CLI_SETTINGS, *scheduler),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=setup["env"],
         start_new_session=True,
     )
     try:
@@ -341,7 +328,7 @@ def test_run_record_is_written_atomically(setup, tmp_path):
         "sys.exit(1)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=60)
+                          env=setup["env"], timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "27", done.stderr  # EFBIG
     assert (record.record_dir(out) / "run.json").read_bytes() == before
     assert sorted(p.name for p in record.record_dir(out).iterdir()) == ["done", "run.json"]
@@ -387,7 +374,7 @@ def test_file_size_limit_clear_error_no_false_records_then_resume(setup, tmp_pat
     args = ["enhance", str(setup["input"]), str(out), "--model", str(setup["model"]),
             *CLI_SETTINGS, "--chunks", "1,32,32", *CLI_THREADS]
     done = subprocess.run([sys.executable, "-c", LIMITED, str(limit), *args],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+                          capture_output=True, text=True, env=setup["env"], timeout=300)
     assert done.returncode == EXIT_IO, done.stderr
     err = done.stderr
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -435,7 +422,7 @@ def test_disk_full_mid_run_then_resume_with_space(setup, tmp_path):
     )
     input_before = digest(setup["input"])
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=300)
+                          text=True, env=setup["env"], timeout=300)
     assert done.returncode == 0, done.stderr
     assert not any(disk.iterdir())  # the tmpfs lived in the namespace only
     err = (tmp_path / "err").read_text()

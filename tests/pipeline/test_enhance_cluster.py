@@ -15,15 +15,11 @@ import threading
 import time
 
 import cloudpickle
-import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from emdiffuse.io import open_volume, write_image
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.io import open_volume
 from emdiffuse.pipeline import run_record as record
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.graph import cluster_has_gpus, cpu_count
@@ -52,15 +48,10 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, denoise_checkpoint, random_volume):
     root = tmp_path_factory.mktemp("cluster")
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0})
-    model = str(root / "n.safetensors")
-    save_checkpoint(model, Enhancer.from_config(config, seed=2).net.state_dict(), config)
-    rng = np.random.default_rng(0)
-    data = rng.uniform(0.2, 0.8, size=SHAPE).astype(np.float32)
-    path = str(root / "in.ome.zarr")
-    write_image(da.from_array(data, chunks=(1, 32, 40)), path, voxel_size=(8.0, 8.0, 8.0))
+    model = str(denoise_checkpoint)
+    path = str(random_volume(SHAPE, chunks=(1, 32, 40)))
     reference = np.asarray(enhance(path, model, root / "ref.zarr", scheduler="threads", **RUN))
     return path, model, reference
 
@@ -205,20 +196,10 @@ def test_threaded_scheduler_does_not_oversubscribe_torch(inputs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def task_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task-models")
-    paths = {}
-    for variant, k in (("emdiffuse-r", 2), ("vemdiffuse-i", 3)):
-        config = make_config(variant, "tiny", scale_factor=k, normalization={"low": 0, "high": 1})
-        paths[variant] = str(root / f"{variant}.safetensors")
-        save_checkpoint(
-            paths[variant], Enhancer.from_config(config, seed=2).net.state_dict(), config
-        )
-    rng = np.random.default_rng(1)
-    aniso = str(root / "aniso.ome.zarr")
-    data = rng.uniform(0.2, 0.8, size=(3, 40, 44)).astype(np.float32)
-    write_image(da.from_array(data), aniso, voxel_size=(24.0, 8.0, 8.0), translation=(0, 80, 40))
-    return paths, aniso
+def task_models(super_resolve_checkpoint, isotropic_checkpoint, random_volume):
+    paths = {"emdiffuse-r": str(super_resolve_checkpoint), "vemdiffuse-i": str(isotropic_checkpoint)}
+    aniso = random_volume((3, 40, 44), seed=1, voxel_size=(24.0, 8.0, 8.0), translation=(0, 80, 40))
+    return paths, str(aniso)
 
 
 def _levels(path) -> list:

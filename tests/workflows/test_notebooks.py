@@ -8,7 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.ipynb"))
+# tests/workflows/test_notebooks.py -> the checkout's workflows/ (read when tests are collected)
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.ipynb"))
 
 
 def test_there_is_one_notebook_per_task():

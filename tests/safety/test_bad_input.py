@@ -7,13 +7,13 @@ checkpoint) byte for byte unchanged; a checkpoint's pickled code never ran.
 
 "Volume smaller than a tile": a volume thinner than one z unit of an isotropic model (one
 slice) is refused here; y and x smaller than the tile are not bad input (one tile, padded by
-reflection, cropped back: tests/test_enhance.py::test_two_d_input_and_small_volume_padding).
+reflection, cropped back:
+tests/pipeline/test_enhance.py::test_two_d_input_and_small_volume_padding).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,8 @@ import torch
 import zarr
 
 from emdiffuse.cli import main
-from emdiffuse.io import write_image
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.io import open_volume, write_image
+from emdiffuse.models.checkpoints import load_checkpoint
 
 FAST = ["--steps", "1", "--tile", "16", "--overlap", "4", "--threads", "--quiet"]
 
@@ -51,36 +49,18 @@ def _space(names: str) -> list[dict]:
     return [{"name": a, "type": "space", "unit": "nanometer"} for a in names]
 
 
-class _WritesMarker:
-    """Pickled code: unpickling it would create the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    """Models and inputs, good and bad (made once)."""
+def world(tmp_path_factory, tiny_checkpoint, random_volume, pickled_code) -> dict[str, str]:
+    """Models and inputs, good and bad (made once). The models are copied into ``root``,
+    which every row watches for files a refused run leaves behind."""
     root = tmp_path_factory.mktemp("bad_input")
     w: dict[str, str] = {"root": str(root)}
+    w["n"] = str(tiny_checkpoint("emdiffuse-n", folder=root))
+    w["iso3"] = str(tiny_checkpoint("vemdiffuse-i", scale_factor=3, folder=root))
+    w["sr2"] = str(tiny_checkpoint("emdiffuse-r", scale_factor=2, folder=root))
 
-    def model(name, variant, **kw):
-        config = make_config(variant, "tiny", normalization={"low": 0.0, "high": 1.0}, **kw)
-        path = root / f"{name}.safetensors"
-        save_checkpoint(path, Enhancer.from_config(config, seed=0).net.state_dict(), config)
-        w[name] = str(path)
-        return config
-
-    denoise = model("n", "emdiffuse-n")
-    model("iso3", "vemdiffuse-i", scale_factor=3)
-    model("sr2", "emdiffuse-r", scale_factor=2)
-
-    good = np.random.default_rng(0).uniform(0.2, 0.8, (2, 24, 24)).astype(np.float32)
-    w["good"] = str(root / "good.ome.zarr")
-    write_image(good, w["good"], voxel_size=(8.0, 8.0, 8.0))
+    w["good"] = str(random_volume((2, 24, 24)))
+    good = np.asarray(open_volume(w["good"]).data)
     w["one_slice"] = str(root / "one_slice.ome.zarr")
     write_image(good[:1], w["one_slice"], voxel_size=(24.0, 8.0, 8.0))
     w["2d"] = str(root / "two_d.ome.zarr")
@@ -126,13 +106,13 @@ def world(tmp_path_factory) -> dict[str, str]:
     Path(w["truncated"]).write_bytes(data[: len(data) // 2])
     marker = root / "pickled-code-ran"
     w["marker"] = str(marker)
-    state = Enhancer.from_config(denoise, seed=0).net.state_dict()
+    denoise, state = load_checkpoint(w["n"])
     whole = root / "whole.pth"
     torch.save({"config": denoise.to_json(), "state_dict": state}, whole)
     w["truncated_pth"] = str(root / "truncated.pth")
     Path(w["truncated_pth"]).write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     w["evil_pth"] = str(root / "evil.pth")
-    torch.save({"config": denoise.to_json(), "state_dict": state, "x": _WritesMarker(marker)},
+    torch.save({"config": denoise.to_json(), "state_dict": state, "x": pickled_code(marker)},
                w["evil_pth"])
     w["evil_as_safetensors"] = str(root / "evil_renamed.safetensors")
     Path(w["evil_as_safetensors"]).write_bytes(Path(w["evil_pth"]).read_bytes())

@@ -11,21 +11,19 @@ import numpy as np
 import pytest
 
 from emdiffuse.io import open_volume, write_image
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
 from emdiffuse.pipeline.run_record import read_run_config
-
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, str]:
+def workflows(repo_root) -> Path:
+    """The folder of the workflow scripts (their working directory, as a user runs them)."""
+    return repo_root / "workflows"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, denoise_checkpoint) -> dict[str, str]:
     root = tmp_path_factory.mktemp("workflow")
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0})
-    model = save_checkpoint(
-        root / "n.safetensors", Enhancer.from_config(config, seed=2).net.state_dict(), config
-    )
+    model = denoise_checkpoint
     y, x = np.mgrid[0:32, 0:40]
     volume = np.stack([0.5 + 0.3 * np.sin(0.2 * x + 0.3 * y + z) for z in range(2)])
     image = write_image(
@@ -36,12 +34,12 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     return {"model": str(model), "input": str(image), "root": str(root)}
 
 
-def test_denoise_workflow_runs_with_the_chosen_sampler(inputs):
+def test_denoise_workflow_runs_with_the_chosen_sampler(inputs, workflows):
     out = Path(inputs["root"]) / "out.ome.zarr"
-    argv = [sys.executable, str(WORKFLOWS / "denoise.py"), inputs["input"], str(out),
+    argv = [sys.executable, str(workflows / "denoise.py"), inputs["input"], str(out),
             "--model", inputs["model"], "--workers", "1", "--steps", "2", "--tile", "16",
             "--overlap", "4", "--sampler", "dpmpp_2m_sde", "--spacing", "karras"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=WORKFLOWS)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=workflows)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Dask dashboard:" in done.stdout and f"wrote {out}" in done.stdout
     record = read_run_config(out)
@@ -52,10 +50,10 @@ def test_denoise_workflow_runs_with_the_chosen_sampler(inputs):
     assert np.isfinite(np.asarray(result.data)).all()
 
 
-def test_workflow_refuses_an_unknown_spacing(inputs, tmp_path):
+def test_workflow_refuses_an_unknown_spacing(inputs, tmp_path, workflows):
     out = tmp_path / "never.ome.zarr"
-    argv = [sys.executable, str(WORKFLOWS / "denoise.py"), inputs["input"], str(out),
+    argv = [sys.executable, str(workflows / "denoise.py"), inputs["input"], str(out),
             "--model", inputs["model"], "--spacing", "uniform"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=WORKFLOWS)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=workflows)
     assert done.returncode == 2 and "invalid choice: 'uniform'" in done.stderr
     assert not out.exists()

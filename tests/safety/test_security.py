@@ -1,7 +1,7 @@
 """Security: checkpoints never unpickle code; `emdiffuse view` listens on 127.0.0.1 only,
 serves nothing outside the given roots and never writes.
 
-tests/test_checkpoints.py and tests/test_view.py cover the basics (a pickled .pt refused,
+tests/models/test_checkpoints.py and tests/viewer/test_view.py cover the basics (a pickled .pt refused,
 traversal to /etc/passwd, PUT/POST/DELETE/PATCH refused); this file adds every loader and
 file type a checkpoint can reach, a scan of the code for unsafe loading, the listening
 socket of the real command, and traversal to a real file right beside the root.
@@ -10,6 +10,7 @@ socket of the real command, and traversal to a real file right beside the root.
 from __future__ import annotations
 
 import ast
+import functools
 import http.client
 import os
 import signal
@@ -26,40 +27,22 @@ from emdiffuse.errors import InputError
 from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import load_checkpoint, save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
 from emdiffuse.viewer.server import serve
-
-REPO = Path(__file__).parents[1]
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-class _System:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-class _Eval:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
 @pytest.fixture(scope="module")
-def model():
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0})
-    return config, Enhancer.from_config(config, seed=0).net.state_dict()
+def model(denoise_checkpoint):
+    """(config, weights) of a tiny denoiser."""
+    return load_checkpoint(denoise_checkpoint)
 
 
-def _evil_file(folder: Path, name: str, model, payload_class, *, legacy: bool) -> tuple[Path, Path]:
-    """A checkpoint-looking file whose unpickling would create ``marker``."""
+def _evil_file(folder: Path, name: str, model, code, *, legacy: bool) -> tuple[Path, Path]:
+    """A checkpoint-looking file whose unpickling would create ``marker`` (``code(marker)``:
+    the payload)."""
     config, state = model
     marker = folder / f"{name}.ran"
-    payload = {"config": config.to_json(), "state_dict": dict(state), "x": payload_class(marker)}
+    payload = {"config": config.to_json(), "state_dict": dict(state), "x": code(marker)}
     path = folder / name
     torch.save(payload, path, _use_new_zipfile_serialization=not legacy)
     assert not marker.exists()
@@ -79,16 +62,17 @@ LOADERS = {
 
 
 @pytest.fixture(scope="module")
-def evil_files(tmp_path_factory, model) -> list[tuple[Path, Path]]:
+def evil_files(tmp_path_factory, model, pickled_code) -> list[tuple[Path, Path]]:
     """(file, marker) for every suffix a checkpoint may carry, both torch file formats
     (zip and the legacy pickle stream) and two payloads (os.system, eval)."""
     folder = tmp_path_factory.mktemp("evil")
     files = []
     for suffix in (".pth", ".pt", ".ckpt", ".bin", ".safetensors"):
         for legacy in (False, True):
-            for payload in (_System, _Eval):
-                name = f"{payload.__name__[1:]}-{'legacy' if legacy else 'zip'}{suffix}"
-                files.append(_evil_file(folder, name, model, payload, legacy=legacy))
+            for how in ("system", "eval"):
+                name = f"{how}-{'legacy' if legacy else 'zip'}{suffix}"
+                code = functools.partial(pickled_code, how=how)
+                files.append(_evil_file(folder, name, model, code, legacy=legacy))
     return files
 
 
@@ -103,12 +87,12 @@ def test_pickled_code_never_runs(evil_files, loader):
         assert "\n" not in str(error.value)
 
 
-def test_cli_refuses_pickled_code_for_every_command(tmp_path, model, capsys):
+def test_cli_refuses_pickled_code_for_every_command(tmp_path, model, capsys, pickled_code):
     """`enhance --model` and `train --init` with a pickled-code checkpoint: exit 2, the
     code never ran, nothing written."""
     from emdiffuse.cli import main
 
-    path, marker = _evil_file(tmp_path, "evil.pth", model, _System, legacy=False)
+    path, marker = _evil_file(tmp_path, "evil.pth", model, pickled_code, legacy=False)
     data = tmp_path / "in.ome.zarr"
     write_image(np.random.default_rng(0).random((2, 32, 32), dtype=np.float32), data,
                 voxel_size=(8.0, 8.0, 8.0))
@@ -140,7 +124,7 @@ UNSAFE = {
 }
 
 
-def _unsafe_calls(path: Path) -> list[str]:
+def _unsafe_calls(path: Path, root: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if not isinstance(node, ast.Call):
@@ -150,7 +134,7 @@ def _unsafe_calls(path: Path) -> list[str]:
         owner = func.value if isinstance(func, ast.Attribute) else None
         owner_name = getattr(owner, "attr", None) or getattr(owner, "id", "")
         keywords = {k.arg: k.value for k in node.keywords}
-        where = f"{path.relative_to(REPO)}:{node.lineno}"
+        where = f"{path.relative_to(root)}:{node.lineno}"
         if name == "load" and owner_name == "torch":
             safe = keywords.get("weights_only")
             if not (isinstance(safe, ast.Constant) and safe.value is True):
@@ -166,21 +150,21 @@ def _unsafe_calls(path: Path) -> list[str]:
     return found
 
 
-def test_no_code_path_can_unpickle():
+def test_no_code_path_can_unpickle(repo_root):
     """Static check over the package, workflows, benchmarks and scripts: every torch.load
     passes weights_only=True, and nothing calls pickle/dill/joblib/marshal loaders,
     torch.jit.load or numpy.load(allow_pickle=True)."""
     files = [p for folder in ("emdiffuse", "workflows", "benchmarks", "scripts")
-             for p in (REPO / folder).rglob("*.py")]
+             for p in (repo_root / folder).rglob("*.py")]
     assert len(files) > 20
-    problems = [problem for path in files for problem in _unsafe_calls(path)]
+    problems = [problem for path in files for problem in _unsafe_calls(path, repo_root)]
     assert problems == []
     # and the check does find what it looks for
-    probe = REPO / "tests" / "_unsafe_probe_for_scan.py"
+    probe = repo_root / "tests" / "_unsafe_probe_for_scan.py"
     try:
         probe.write_text("import torch, pickle\ntorch.load('x')\npickle.loads(b'')\n"
                          "torch.load('y', weights_only=False)\n")
-        assert len(_unsafe_calls(probe)) == 3
+        assert len(_unsafe_calls(probe, repo_root)) == 3
     finally:
         probe.unlink()
 
@@ -313,7 +297,7 @@ def _non_loopback_addresses() -> list[str]:
     ]
 
 
-def test_view_command_listens_on_loopback_only(served):
+def test_view_command_listens_on_loopback_only(served, source_env):
     """The real `emdiffuse view` process: every listening socket it holds is bound to
     127.0.0.1, and the port cannot be reached on the machine's other addresses."""
     import psutil
@@ -322,7 +306,7 @@ def test_view_command_listens_on_loopback_only(served):
     proc = subprocess.Popen(
         [sys.executable, "-m", "emdiffuse.cli", "view", str(root), "--no-browser"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=source_env,
     )
     try:
         url = proc.stdout.readline().strip()

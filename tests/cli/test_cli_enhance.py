@@ -3,82 +3,56 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import pytest
 
 from emdiffuse.cli import main
-from emdiffuse.io import open_volume, write_image
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.io import open_volume
 
 FAST = ["--steps", "2", "--tile", "16", "--overlap", "4", "--quiet"]
+SMALL = ["--steps", "2", "--tile", "16", "--overlap", "4"]
+DRY = ["--dry-run", "--steps", "3", "--tile", "16", "--overlap", "4"]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    files = {}
-    for variant, kwargs in (("emdiffuse-n", {}), ("vemdiffuse-i", {"scale_factor": 2})):
-        config = make_config(variant, "tiny", normalization={"low": 0.0, "high": 255.0}, **kwargs)
-        path = root / f"{variant}.safetensors"
-        save_checkpoint(path, Enhancer.from_config(config, seed=0).net.state_dict(), config)
-        files[variant] = str(path)
-    rng = np.random.default_rng(1)
-    data = rng.integers(20, 230, size=(2, 24, 24), dtype=np.uint8)
-    files["in"] = str(root / "in.ome.zarr")
-    write_image(da.from_array(data), files["in"], voxel_size=(8.0, 8.0, 8.0))
-    files["2d"] = str(root / "in2d.ome.zarr")
-    write_image(da.from_array(data[0]), files["2d"], voxel_size=(8.0, 8.0), axes="yx")
-    return files
+def files(tiny_checkpoint, random_volume):
+    """Models trained on 8-bit intensities (0..255) and 8-bit inputs, 3D and 2D."""
+    return {
+        "emdiffuse-n": str(tiny_checkpoint("emdiffuse-n", high=255.0)),
+        "vemdiffuse-i": str(tiny_checkpoint("vemdiffuse-i", scale_factor=2, high=255.0)),
+        "in": str(random_volume((2, 24, 24), dtype="uint8", seed=1)),
+        "2d": str(random_volume((24, 24), dtype="uint8", seed=1)),
+    }
+
+
+def _enhance(files, out, *options: str) -> list[str]:
+    """``emdiffuse enhance`` of the 3D input with the denoiser into ``out``."""
+    return ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], *options]
 
 
 def test_enhance_threads_then_resume_complete(files, tmp_path, capsys):
     out = tmp_path / "out.zarr"
-    code = main(
-        ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], "--threads", *FAST]
-    )
+    code = main(_enhance(files, out, "--threads", *FAST))
     assert code == 0
     vol = open_volume(str(out))
     assert vol.shape == (2, 24, 24) and vol.dtype == np.uint8
     assert "wrote" in capsys.readouterr().out
-    code = main(
-        [
-            "enhance",
-            files["in"],
-            str(out),
-            "--model",
-            files["emdiffuse-n"],
-            "--threads",
-            "--resume",
-            "--steps",
-            "2",
-            "--tile",
-            "16",
-            "--overlap",
-            "4",
-        ]
-    )
+    code = main(_enhance(files, out, "--threads", "--resume", *SMALL))
     assert code == 0
     assert "already complete" in capsys.readouterr().err
 
 
-def test_finished_cluster_run_prints_no_worker_tracebacks(files, tmp_path):
+def test_finished_cluster_run_prints_no_worker_tracebacks(files, tmp_path, source_env):
     """The CLI's own LocalCluster (2 worker processes) is shut down quietly: no worker log
     errors or tracebacks on stderr after a successful run (a heartbeat can race the
     scheduler's exit)."""
     out = tmp_path / "quiet.zarr"
-    args = ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], "--workers", "2",
-            "--steps", "2", "--tile", "16", "--overlap", "4", "--quiet"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    args = _enhance(files, out, "--workers", "2", *SMALL, "--quiet")
     done = subprocess.run([sys.executable, "-m", "emdiffuse.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300)  # fmt: skip
+                          text=True, env=source_env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and " ERROR " not in done.stderr, done.stderr
     assert out.is_dir()
@@ -86,25 +60,7 @@ def test_finished_cluster_run_prints_no_worker_tracebacks(files, tmp_path):
 
 def test_enhance_local_cluster_with_dashboard(files, tmp_path, capsys):
     out = tmp_path / "lc.zarr"
-    code = main(
-        [
-            "enhance",
-            files["in"],
-            str(out),
-            "--model",
-            files["emdiffuse-n"],
-            "--workers",
-            "1",
-            "--steps",
-            "2",
-            "--tile",
-            "16",
-            "--overlap",
-            "4",
-            "--dtype",
-            "float32",
-        ]
-    )
+    code = main(_enhance(files, out, "--workers", "1", *SMALL, "--dtype", "float32"))
     assert code == 0
     err = capsys.readouterr().err
     assert "dashboard:" in err and "network evaluations" in err
@@ -113,22 +69,7 @@ def test_enhance_local_cluster_with_dashboard(files, tmp_path, capsys):
 
 def test_dry_run_prints_plan_only(files, tmp_path, capsys):
     out = tmp_path / "dry.zarr"
-    code = main(
-        [
-            "enhance",
-            files["in"],
-            str(out),
-            "--model",
-            files["emdiffuse-n"],
-            "--dry-run",
-            "--steps",
-            "3",
-            "--tile",
-            "16",
-            "--overlap",
-            "4",
-        ]
-    )
+    code = main(_enhance(files, out, *DRY))
     assert code == 0
     err = capsys.readouterr().err
     assert "tiles:" in err and "estimated time" in err
@@ -138,8 +79,7 @@ def test_dry_run_prints_plan_only(files, tmp_path, capsys):
 def test_log_level_warning_hides_the_plan(files, tmp_path, capsys):
     """The plan is a note on the emdiffuse logger: shown at the default --log-level info,
     not at warning; the library's handler is gone once the command returns."""
-    argv = ["enhance", files["in"], str(tmp_path / "dry.zarr"), "--model", files["emdiffuse-n"],
-            "--dry-run", "--steps", "3", "--tile", "16", "--overlap", "4"]  # fmt: skip
+    argv = _enhance(files, tmp_path / "dry.zarr", *DRY)
     assert main(["--log-level", "warning", *argv]) == 0
     assert capsys.readouterr().err == ""
     assert main(["--log-level", "info", *argv]) == 0
@@ -154,7 +94,7 @@ def test_log_level_warning_hides_the_plan(files, tmp_path, capsys):
     [
         (["--model", "{vemdiffuse-i}", "--threads"], "2D"),  # isotropic model on a 2D input
         (["--model", "{emdiffuse-n}", "--threads", "--tile", "10"], "multiple"),
-        (["--model", "{emdiffuse-n}", "--threads", "--samples", "0"], "samples"),
+        (["--model", "{emdiffuse-n}", "--threads", "--samples", "-1"], "samples"),
         (["--model", "/nonexistent.safetensors", "--threads"], "does not exist"),
     ],
 )
@@ -171,9 +111,7 @@ def test_bad_inputs_exit_2(files, tmp_path, capsys, args, match):
 def test_existing_output_refused(files, tmp_path, capsys):
     out = tmp_path / "exists.zarr"
     out.mkdir()
-    code = main(
-        ["enhance", files["in"], str(out), "--model", files["emdiffuse-n"], "--threads", *FAST]
-    )
+    code = main(_enhance(files, out, "--threads", *FAST))
     assert code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert list(out.iterdir()) == []

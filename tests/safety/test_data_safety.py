@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,15 +23,11 @@ import zarr
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
 from emdiffuse.io import write_image
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.unet import UNet
-from emdiffuse.models.variants import make_config
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.run_record import read_run_config
 from emdiffuse.training import trainer
 
-REFERENCE = Path(__file__).parent / "data" / "reference"
 FAST = ["--steps", "1", "--tile", "16", "--overlap", "4", "--threads", "--quiet"]
 TRAIN_FAST = ["--size", "tiny", "--steps", "1", "--batch-size", "2", "--patch", "16",
               "--val-every", "1000", "--ckpt-every", "1000", "--device", "cpu",
@@ -55,14 +50,10 @@ def _hand_made(path: Path, shape: tuple[int, ...], dtype: str, chunks: tuple[int
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
+def world(tmp_path_factory, tiny_checkpoint) -> dict[str, str]:
     root = tmp_path_factory.mktemp("safety")
     w: dict[str, str] = {"root": str(root)}
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 19.0, "high": 255.0})
-    (root / "models").mkdir()
-    w["model"] = str(save_checkpoint(root / "models" / "n.safetensors",
-                                     Enhancer.from_config(config, seed=0).net.state_dict(),
-                                     config))  # fmt: skip
+    w["model"] = str(tiny_checkpoint("emdiffuse-n", low=19.0, high=255.0))
     rng = np.random.default_rng(0)
     w["in"] = write_image(rng.integers(20, 230, (2, 24, 24), dtype=np.uint8),
                           root / "in.ome.zarr", voxel_size=(8.0, 8.0, 8.0))  # fmt: skip
@@ -196,9 +187,11 @@ def test_training_output_that_holds_its_init_model_is_refused(world, tmp_path, c
 
 # ---- row 3: import-reference never writes over its inputs ------------------------------------
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_import_reference_never_replaces_its_config(tmp_path, monkeypatch, capsys, overwrite):
-    shutil.copy(REFERENCE / "emdiffuse_n_Network.pth", tmp_path / "best_Network.pth")
-    shutil.copy(REFERENCE / "emdiffuse_n.json", tmp_path / "EMDiffuse-n.json")
+def test_import_reference_never_replaces_its_config(
+    tmp_path, monkeypatch, capsys, overwrite, reference_data
+):
+    shutil.copy(reference_data / "emdiffuse_n_Network.pth", tmp_path / "best_Network.pth")
+    shutil.copy(reference_data / "emdiffuse_n.json", tmp_path / "EMDiffuse-n.json")
     before = _tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["import-reference", "best_Network.pth", "EMDiffuse-n.json",
@@ -208,13 +201,13 @@ def test_import_reference_never_replaces_its_config(tmp_path, monkeypatch, capsy
     assert _tree(tmp_path) == before
 
 
-def test_import_reference_keeps_a_foreign_json_beside_its_output(tmp_path, capsys):
+def test_import_reference_keeps_a_foreign_json_beside_its_output(tmp_path, capsys, reference_data):
     notes = tmp_path / "model.json"
     notes.write_text('{"my": "notes"}')
     argv = [
         "import-reference",
-        str(REFERENCE / "emdiffuse_n_Network.pth"),
-        str(REFERENCE / "emdiffuse_n.json"),
+        str(reference_data / "emdiffuse_n_Network.pth"),
+        str(reference_data / "emdiffuse_n.json"),
         str(tmp_path / "model.safetensors"),
     ]
     for extra in ([], ["--overwrite"]):
@@ -281,13 +274,12 @@ def test_tile_batch_larger_than_memory_is_refused(world, tmp_path, capsys, dry_r
 
 
 # ---- row 14: workers and threads per worker ---------------------------------------------------
-def test_negative_workers_is_refused_at_once(world, tmp_path):
+def test_negative_workers_is_refused_at_once(world, tmp_path, source_env):
     out = tmp_path / "out.zarr"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     done = subprocess.run(
         [sys.executable, "-m", "emdiffuse.cli", "enhance", world["in"], str(out), "--model",
          world["model"], "--steps", "1", "--quiet", "--workers", "-2"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, env=source_env, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "--workers" in done.stderr

@@ -8,7 +8,6 @@ and the reference network's output. Our importer must reproduce that output to 1
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,19 +29,14 @@ from emdiffuse.models.reference import (
 )
 from emdiffuse.models.unet import UNet
 
-DATA = Path(__file__).parent / "data" / "reference"
+# tests/models/test_reference_import.py -> tests/data/reference (read when tests are collected)
+DATA = Path(__file__).resolve().parents[1] / "data" / "reference"
 N_PTH, N_JSON = DATA / "emdiffuse_n_Network.pth", DATA / "emdiffuse_n.json"
 V_PTH, V_JSON = DATA / "vemdiffuse_i_Network_ema.pth", DATA / "vemdiffuse_i.json"
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from threads; on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _io(stem: str) -> dict[str, torch.Tensor]:
@@ -221,19 +215,11 @@ def test_z_factor_from_config_and_mismatch(tmp_path):
 # --------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------
-class _SystemCall:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_pickled_objects_refused_without_running(tmp_path):
+def test_pickled_objects_refused_without_running(tmp_path, pickled_code):
     marker = tmp_path / "executed.txt"
     raw = torch.load(N_PTH, weights_only=True)
     evil = tmp_path / "evil_Network.pth"
-    torch.save({**raw, "payload": _SystemCall(marker)}, evil)
+    torch.save({**raw, "payload": pickled_code(marker)}, evil)
     with pytest.raises(InputError, match="refusing to load"):
         load_reference_checkpoint(evil, N_JSON)
     assert not marker.exists()

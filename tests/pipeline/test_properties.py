@@ -12,7 +12,7 @@ sample counts and output chunkings.
   the whole volume computed here from the definitions (tile input boxes, reflection
   padding, global noise keys, windows).
 
-tests/test_lattice.py has the per-axis and ownership properties; the pipeline runs here
+tests/pipeline/test_lattice.py has the per-axis and ownership properties; the pipeline runs here
 through ``inprocess.run_in_process`` (the same reads, tiles and blending as a Dask run, minus
 Dask and Zarr writes) with a small numpy stand-in for the network.
 """
@@ -151,6 +151,12 @@ class StandIn:
             return np.full(noise.shape, self.constant, dtype=np.float32)
         return stand_in(cond, noise, self.k)
 
+    def sample_parts(self, cond, noise, *, mean=None, **kw):
+        """The pipeline's entry: the whole sample as the mean, no residual (an SR3 model
+        with ε-prediction has exactly this split)."""
+        out = self.enhance(cond, noise, **kw)
+        return out, np.zeros_like(out)
+
 
 def stand_in(cond: np.ndarray, noise: np.ndarray, k: int) -> np.ndarray:
     """Local (each voxel's own input and noise), positional (where in the tile) and global
@@ -221,7 +227,8 @@ def brute_force(lattice: Lattice, data: np.ndarray, samples: int, seed: int = 3)
                           mode="symmetric")
             noise = tile_noise(seed, sample, lattice.tile_origin(tile), INITIAL_STEP,
                                (lattice.tile_output_slices, T, T))
-            values = stand_in(cond[None], noise[None], lattice.xy_scale)[0]
+            # every tile's sample is clamped to model space, as the Enhancer's are
+            values = np.clip(stand_in(cond[None], noise[None], lattice.xy_scale)[0], -1.0, 1.0)
             (z0, z1), (y0, y1), (x0, x1) = lattice.tile_output_box(tile)
             w = window[: y1 - y0, : x1 - x0]
             total[z0:z1, y0:y1, x0:x1] += values[:, : y1 - y0, : x1 - x0] * w

@@ -17,13 +17,7 @@ TINY = {"base_channels": 16, "channel_mults": (1, 2, 2), "num_res_blocks": 1,
         "num_head_channels": 16, "dropout": 0.0}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from threads; on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomized(net: UNet, seed: int = 0) -> UNet:

@@ -109,41 +109,15 @@ class _Payload:
         self.weights = torch.zeros(2)
 
 
-class _SystemCall:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-class _ExecCall:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
-class _LambdaCall:
-    """A reduce that rebuilds and calls a lambda (via eval) to create the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (eval, (f"(lambda p: open(p, 'w').close())({str(self.marker)!r})",))
-
-
 @pytest.mark.parametrize("kind", ["custom_class", "os_system", "exec", "lambda"])
-def test_pickled_objects_refused_without_running(tmp_path, kind):
+def test_pickled_objects_refused_without_running(tmp_path, kind, pickled_code):
     config, state = _model()
     marker = tmp_path / "executed.txt"
     evil = {
         "custom_class": _Payload(),
-        "os_system": _SystemCall(marker),
-        "exec": _ExecCall(marker),
-        "lambda": _LambdaCall(marker),
+        "os_system": pickled_code(marker, "system"),
+        "exec": pickled_code(marker, "exec"),
+        "lambda": pickled_code(marker, "lambda"),  # rebuilds and calls a lambda via eval
     }[kind]
     payload = {"config": config.to_json(), "state_dict": dict(state), "extra": evil}
     path = tmp_path / "evil.pt"

@@ -19,21 +19,15 @@ import zarr
 from emdiffuse import io
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
-from emdiffuse.models.checkpoints import save_checkpoint
-from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
 
 FAST = ["--steps", "1", "--tile", "16", "--overlap", "4", "--quiet"]
 STACK = (np.random.default_rng(0).random((5, 32, 40)) * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
+def model(tiny_checkpoint) -> str:
     """A tiny denoiser (untrained: these tests are about reading, not quality)."""
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 255.0})
-    path = tmp_path_factory.mktemp("model") / "n.safetensors"
-    save_checkpoint(path, Enhancer.from_config(config, seed=0).net.state_dict(), config)
-    return str(path)
+    return str(tiny_checkpoint("emdiffuse-n", high=255.0))
 
 
 def _one_line_error(capsys, command: str, *words: str) -> str:

@@ -29,13 +29,6 @@ from emdiffuse.pipeline.settings import RunSettings, Source
 RUN = dict(steps=2, tile=16, overlap=4, scheduler="threads", progress=False)
 
 
-def _checkpoint(path: Path, variant: str, **kwargs) -> str:
-    config = make_config(variant, "tiny", normalization={"low": 0.0, "high": 1.0}, **kwargs)
-    enhancer = Enhancer.from_config(config, seed=1)
-    save_checkpoint(path, enhancer.net.state_dict(), config)
-    return str(path)
-
-
 def _smooth_volume(shape, seed=0) -> np.ndarray:
     """Smooth EM-like intensities in [0.1, 0.9] (sum of low-frequency waves)."""
     rng = np.random.default_rng(seed)
@@ -76,13 +69,15 @@ def _cond_only_checkpoint(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
+def models(
+    tmp_path_factory, denoise_checkpoint, super_resolve_checkpoint, isotropic_checkpoint
+) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     return {
         "smooth": _cond_only_checkpoint(root / "smooth.safetensors"),
-        "n": _checkpoint(root / "n.safetensors", "emdiffuse-n"),
-        "r": _checkpoint(root / "r.safetensors", "emdiffuse-r", scale_factor=2),
-        "i": _checkpoint(root / "i.safetensors", "vemdiffuse-i", scale_factor=3),
+        "n": str(denoise_checkpoint),
+        "r": str(super_resolve_checkpoint),
+        "i": str(isotropic_checkpoint),
     }
 
 

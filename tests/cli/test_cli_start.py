@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 from emdiffuse import __version__
 from emdiffuse._cli import enhance as enhance_cli
@@ -16,7 +15,6 @@ from emdiffuse.models.enhancer import PRECISIONS as ENHANCER_PRECISIONS
 from emdiffuse.pipeline.settings import PRECISIONS, RunSettings
 
 HEAVY = ("torch", "dask", "distributed", "zarr", "xarray")
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 
 def _loaded_after(code: str) -> set[str]:
@@ -82,10 +80,11 @@ def test_enhance_options_are_the_settings_with_their_defaults():
     )
 
 
-def test_workflow_scripts_take_the_enhance_options():
+def test_workflow_scripts_take_the_enhance_options(repo_root):
+    workflows = repo_root / "workflows"
     done = subprocess.run(
-        [sys.executable, str(WORKFLOWS / "denoise.py"), "--help"],
-        capture_output=True, text=True, timeout=120, cwd=WORKFLOWS,
+        [sys.executable, str(workflows / "denoise.py"), "--help"],
+        capture_output=True, text=True, timeout=120, cwd=workflows,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     parser = argparse.ArgumentParser()

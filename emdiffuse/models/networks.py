@@ -1,0 +1,84 @@
+"""The network of a :class:`~emdiffuse.models.variants.ModelConfig`, whatever its kind.
+
+``build_network(config)``: kind ``"sr3"`` is the diffusion :class:`~emdiffuse.models.unet.UNet`
+itself (state-dict keys as the reference's); kind ``"residual"`` is a
+:class:`MeanResidualNet` holding the mean network (keys ``mean.*``) and the residual
+diffusion UNet (keys ``residual.*``) — one module, so one EMA, one optimizer and one
+checkpoint cover both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from emdiffuse.models.diffusion import q_sample
+from emdiffuse.models.mean_net import MeanUNet
+from emdiffuse.models.unet import UNet
+from emdiffuse.models.variants import ModelConfig
+
+
+def baseline_weights(config: ModelConfig) -> list[list[float]]:
+    """``(out_slices, in_slices)`` weights of what the input alone gives on the output grid:
+    the (noisy or upsampled) image itself, or linear interpolation between the two bounding
+    slices (isotropic). The mean network's skip starts there."""
+    if not config.isotropic:
+        return [[1.0]]
+    k = config.k
+    return [[1.0 - j / k, j / k] for j in range(1, k)]
+
+
+class MeanResidualNet(nn.Module):
+    """Mean plus residual: ``mean(cond)`` is the posterior-mean estimate (model space);
+    ``residual`` is the diffusion UNet over ``cat([cond, mean, r_t])`` with
+    ``r = (x0 - mean) / scale``.
+
+    ``forward(cond)`` returns the mean; ``forward(cond, x0, noise, noise_level)`` (training)
+    returns ``(mean, prediction, r)``: the mean (with gradients), the residual UNet's
+    prediction at ``r_t = q_sample(r, noise_level, noise)`` and the residual ``r`` it is
+    trained on, built from the mean *detached* (the diffusion loss does not move the mean
+    network). One ``forward`` per step, so DDP sees both networks in one call.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.scale = float(config.residual_scale)
+        self.mean = MeanUNet(config.mean_net)
+        self.residual = UNet(config.unet)
+
+    @property
+    def multiple(self) -> int:
+        return math.lcm(self.mean.multiple, self.residual.multiple)
+
+    def forward(
+        self,
+        cond: torch.Tensor,
+        x0: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
+    ):
+        mean = self.mean(cond)
+        if x0 is None:
+            return mean
+        m = mean.detach()
+        r = (x0 - m) / self.scale
+        r_t = q_sample(r, noise_level, noise)
+        pred = self.residual(torch.cat([cond, m.to(cond.dtype), r_t.to(cond.dtype)], dim=1),
+                             noise_level)  # fmt: skip
+        return mean, pred, r
+
+
+def build_network(config: ModelConfig) -> nn.Module:
+    """The (randomly initialised) network of ``config``: a UNet, or a MeanResidualNet whose
+    mean network's skip starts at :func:`baseline_weights`. Seed torch first for a
+    reproducible initialisation."""
+    if not config.residual:
+        return UNet(config.unet)
+    net = MeanResidualNet(config)
+    net.mean.init_skip(baseline_weights(config))
+    return net
+
+
+__all__ = ["MeanResidualNet", "build_network", "baseline_weights"]

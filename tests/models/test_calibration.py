@@ -1,0 +1,111 @@
+"""Conformal calibration of the sample spread (issue 14, part 4): real arrays, no mocks.
+
+The finite-sample quantile rule, coverage on synthetic exchangeable data, the Student-t
+quantile, the correction for a number of samples other than the calibration's, and the
+record a model config stores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from emdiffuse.errors import InputError
+from emdiffuse.models import calibration
+from emdiffuse.models.variants import make_config
+
+
+def test_finite_sample_rule():
+    scores = np.arange(1.0, 10.0)  # 9 scores: 1..9
+    # ceil((n + 1) * level)-th smallest
+    assert calibration.conformal_quantile(scores, 0.9) == 9.0  # ceil(9.0) = 9
+    assert calibration.conformal_quantile(scores, 0.5) == 5.0  # ceil(5.0) = 5
+    assert calibration.conformal_quantile(scores, 0.51) == 6.0  # ceil(5.1) = 6
+    assert calibration.conformal_quantile(scores[:8], 0.9) == math.inf  # ceil(8.1) = 9 > 8
+    assert calibration.conformal_quantile(scores[::-1], 0.1) == 1.0  # order does not matter
+    assert calibration.conformal_quantile(np.append(scores, np.nan), 0.5) == 5.0  # NaN ignored
+    with pytest.raises(InputError):
+        calibration.conformal_quantile(scores, 1.0)
+    with pytest.raises(InputError):
+        calibration.conformal_quantile(np.array([]), 0.9)
+
+
+@pytest.mark.parametrize("n", [19, 99])
+def test_marginal_coverage_on_exchangeable_data(n):
+    """Over many draws of (n calibration scores, 1 test score), the test score is at or below
+    the quantile with probability in [level, level + 1/(n+1)] (continuous scores)."""
+    rng = np.random.default_rng(0)
+    level, trials = 0.9, 20000
+    scores = rng.standard_exponential((trials, n + 1)) * rng.uniform(0.5, 2.0, (trials, 1))
+    k = math.ceil((n + 1) * level)
+    q = np.sort(scores[:, :n], axis=1)[:, k - 1]
+    assert q[0] == calibration.conformal_quantile(scores[0, :n], level)
+    covered = np.mean(scores[:, n] <= q)
+    tol = 3 * math.sqrt(level * (1 - level) / trials)
+    assert level - tol <= covered <= level + 1 / (n + 1) + tol
+
+
+def test_t_quantile_known_values():
+    # two-sided 90 %: the one-sided 95 % point of Student's t
+    for dof, expected in [(1, 6.313752), (2, 2.919986), (3, 2.353363), (7, 1.894579),
+                          (30, 1.697261)]:  # fmt: skip
+        assert calibration.t_quantile(0.9, dof) == pytest.approx(expected, abs=1e-5)
+    assert calibration.t_quantile(0.5, 1) == pytest.approx(1.0, abs=1e-9)  # tan(pi/4)
+    assert calibration.t_quantile(0.95, 10_000) == pytest.approx(1.959964, abs=1e-3)
+
+
+def _draws(rng, n, voxels, bias=0.7, spread=0.6):
+    """Truth ~ N(0, tau^2) per voxel (tau varies); the model's mean is off by bias*tau and
+    its n samples spread by spread*tau around it (under-dispersed, as real models are)."""
+    tau = np.exp(rng.normal(0.0, 0.5, voxels))
+    truth = tau * rng.standard_normal(voxels)
+    centre = bias * tau * rng.standard_normal(voxels)
+    samples = centre + spread * tau * rng.standard_normal((n, voxels))
+    return samples, truth
+
+
+def test_fit_and_coverage_on_held_out_voxels():
+    rng = np.random.default_rng(1)
+    samples, truth = _draws(rng, 4, 50_000)
+    record = calibration.fit(samples, truth, level=0.9)
+    assert record["samples"] == 4 and record["level"] == 0.9
+    assert record["coverage"] >= 0.9 and record["voxels"] == 50_000
+    assert record["scale"] > 2.0  # the raw spread is far too narrow for 90 %
+    assert record["spearman"] > 0.2
+    make_config("emdiffuse-n", "tiny").replace(calibration=record)  # a valid config field
+    # fresh voxels: the stored scale holds at the calibration's N
+    samples, truth = _draws(rng, 4, 200_000)
+    hw = calibration.half_widths(samples.std(0), record, 4)
+    covered = np.mean(np.abs(samples.mean(0) - truth) <= hw)
+    assert abs(covered - 0.9) < 0.01
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16])
+def test_other_numbers_of_samples_keep_the_level(n):
+    rng = np.random.default_rng(2)
+    record = calibration.fit(*_draws(rng, 4, 100_000), level=0.9)
+    samples, truth = _draws(rng, n, 200_000)
+    hw = calibration.half_widths(samples.std(0), record, n)
+    covered = np.mean(np.abs(samples.mean(0) - truth) <= hw)
+    assert abs(covered - 0.9) < 0.015
+    # the spread's mean bias alone (E std_N = b(N) sigma) does not: it misses by more
+    b = [math.sqrt(2 / m) * math.exp(math.lgamma(m / 2) - math.lgamma((m - 1) / 2)) for m in (4, n)]
+    naive = record["scale"] * samples.std(0) * b[0] / b[1]
+    assert abs(np.mean(np.abs(samples.mean(0) - truth) <= naive) - 0.9) > 0.03
+
+
+def test_half_widths_floor_units_and_refusals():
+    record = {"level": 0.9, "scale": 3.0, "samples": 4, "floor": 0.01, "excess": 0.5}
+    std = np.array([0.0, 0.005, 0.1], dtype=np.float32)
+    np.testing.assert_allclose(calibration.half_widths(std, record, 4), [0.03, 0.03, 0.3],
+                               rtol=1e-6)  # fmt: skip
+    # raw units: std and floor scale together
+    np.testing.assert_allclose(calibration.half_widths(std * 50, record, 4, scale=50),
+                               [1.5, 1.5, 15.0], rtol=1e-6)  # fmt: skip
+    assert calibration.half_widths(std, record, 8)[2] < 0.3 < calibration.half_widths(std, record, 2)[2]
+    with pytest.raises(InputError, match="at least 2"):
+        calibration.half_widths(std, record, 1)
+    with pytest.raises(InputError, match="calibration"):
+        make_config("emdiffuse-n", "tiny").replace(calibration={"level": 0.9})

@@ -1,0 +1,232 @@
+"""The mean-plus-residual model kind and the Enhancer's mean / parts interface (issue 14).
+
+Config checks and JSON, one checkpoint with ``mean.*`` and ``residual.*`` weights, the loss
+(the diffusion part never moves the mean network), the Enhancer's ``posterior_mean`` /
+``sample_parts`` / ``enhance`` contract for both kinds, and a tiny training run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emdiffuse.errors import InputError
+from emdiffuse.models import diffusion
+from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint, save_checkpoint
+from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.networks import MeanResidualNet, baseline_weights, build_network
+from emdiffuse.models.sampler_names import SAMPLER_NAMES, STOCHASTIC
+from emdiffuse.models.variants import DEFAULT_RESIDUAL_SCALE, ModelConfig, make_config
+from emdiffuse.training import trainer
+
+
+def _perturbed(config: ModelConfig, seed: int = 0) -> Enhancer:
+    """An Enhancer whose zero-initialised last layers are perturbed, so it computes
+    something other than its input."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(config)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.endswith(("out.2.weight", "out.weight")):
+                    p.add_(0.05 * torch.randn_like(p))
+    return Enhancer(config, net)
+
+
+def _batch(enhancer: Enhancer, b=2, side=16, seed=0):
+    rng = np.random.default_rng(seed)
+    cond = rng.uniform(-1, 1, (b, enhancer.in_slices, side, side)).astype(np.float32)
+    noise = rng.standard_normal((b, enhancer.out_slices, side, side)).astype(np.float32)
+    return cond, noise
+
+
+def _step_noise(shape, seed=5):
+    return lambda i: np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
+
+
+# ---- config --------------------------------------------------------------------------------
+def test_residual_config_round_trip_and_checks():
+    config = make_config("vemdiffuse-i", "tiny", scale_factor=4, kind="residual")
+    assert config.residual and config.residual_scale == DEFAULT_RESIDUAL_SCALE
+    # the diffusion UNet sees [2 bounding slices, 3 mean slices, 3 noisy residual slices]
+    assert config.unet.in_channels == 2 + 3 + 3 and config.unet.out_channels == 3
+    assert (config.mean_net.in_channels, config.mean_net.out_channels) == (2, 3)
+    assert ModelConfig.from_json(config.to_json()) == config
+    with pytest.raises(InputError, match="index embedding"):
+        make_config("vemdiffuse-i", "tiny", kind="residual", use_index_embedding=True)
+    with pytest.raises(InputError, match="index embedding"):
+        config.replace(use_index_embedding=True)
+    with pytest.raises(InputError, match="residual_scale"):
+        config.replace(residual_scale=0.0)
+    with pytest.raises(InputError, match="mean_net"):
+        config.replace(mean_net=None)
+    with pytest.raises(InputError, match="belong to kind 'residual'"):
+        make_config("emdiffuse-n", "tiny").replace(residual_scale=0.2)
+    with pytest.raises(InputError, match="unknown kind"):
+        config.replace(kind="bridge")
+    with pytest.raises(InputError, match="mean_net maps"):
+        config.replace(mean_net=make_config("emdiffuse-n", "tiny", kind="residual").mean_net)
+    # the SR3 kind is unchanged: no new fields set, same UNet as before
+    sr3 = make_config("emdiffuse-n", "tiny")
+    assert sr3.kind == "sr3" and sr3.mean_net is None and sr3.unet.in_channels == 2
+
+
+def test_one_checkpoint_holds_both_networks(tmp_path):
+    config = make_config("emdiffuse-r", "tiny", scale_factor=2, kind="residual", prediction="v")
+    net = build_network(config)
+    assert isinstance(net, MeanResidualNet)
+    state = net.state_dict()
+    assert {k.split(".")[0] for k in state} == {"mean", "residual"}
+    path = save_checkpoint(tmp_path / "m.safetensors", state, config)
+    loaded, weights = load_checkpoint(path)
+    assert loaded == config and set(weights) == set(state)
+    with pytest.raises(InputError, match="missing key"):
+        check_state_dict(config, {k: v for k, v in state.items() if k.startswith("residual.")})
+    sr3 = make_config("emdiffuse-r", "tiny", scale_factor=2)
+    with pytest.raises(InputError, match="unexpected key"):
+        check_state_dict(sr3, state)
+    # the mean network starts at the baseline: the upsampled (here: given) input
+    enhancer = Enhancer.load(path)
+    cond = np.random.default_rng(0).uniform(-1, 1, (1, 1, 8, 8)).astype(np.float32)
+    up = enhancer._upsample(torch.from_numpy(cond)).numpy()
+    np.testing.assert_allclose(enhancer.posterior_mean(cond), up, atol=1e-6)
+    assert baseline_weights(make_config("vemdiffuse-i", "tiny", scale_factor=4)) == [
+        [0.75, 0.25], [0.5, 0.5], [0.25, 0.75]]  # fmt: skip
+
+
+def test_residual_loss_trains_both_and_detaches_the_mean():
+    config = make_config("emdiffuse-n", "tiny", kind="residual", prediction="v")
+    torch.manual_seed(0)
+    net = build_network(config)
+    cond = torch.rand(2, 1, 16, 16) * 2 - 1
+    x0 = (cond * 0.5).clamp(-1, 1)
+    noise, levels = torch.randn_like(x0), torch.tensor([0.5, 0.1])
+    mean, pred, r = net(cond, x0, noise, levels)
+    torch.testing.assert_close(r, (x0 - mean.detach()) / config.residual_scale)
+    pred.sum().backward()  # the residual branch alone
+    assert all(p.grad is None or not p.grad.any() for p in net.mean.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in net.residual.parameters())
+    net.zero_grad()
+    schedule = diffusion.Schedule()
+    total, part_mean = diffusion.residual_loss(net, cond, x0, schedule, "v", "mse", "mse",
+                                               noise=noise, u=torch.rand(2))  # fmt: skip
+    torch.testing.assert_close(part_mean, torch.nn.functional.mse_loss(net(cond), x0))
+    assert total > part_mean
+    total.backward()
+    assert any(p.grad is not None and p.grad.any() for p in net.mean.parameters())
+
+
+# ---- the Enhancer interface ------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_residual_kind_parts(sampler):
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", kind="residual", prediction="v"))
+    cond, noise = _batch(enhancer)
+    step_noise = _step_noise(noise.shape) if sampler in STOCHASTIC else None
+    mean = enhancer.posterior_mean(cond)
+    np.testing.assert_array_equal(mean, enhancer.posterior_mean(cond, noise))
+    m, r = enhancer.sample_parts(cond, noise, sampler=sampler, steps=3, step_noise=step_noise)
+    np.testing.assert_allclose(m, mean, atol=1e-6)
+    assert np.abs(r).max() > 1e-3  # texture on top of the mean
+    # mean + residual stays in [-1, 1] (the residual's x0 estimate is bounded around the mean)
+    assert (m + r).min() >= -1 - 1e-5 and (m + r).max() <= 1 + 1e-5
+    out = enhancer.enhance(cond, noise, sampler=sampler, steps=3, step_noise=step_noise)
+    np.testing.assert_allclose(out, np.clip(m + r, -1, 1), atol=1e-6)
+    # a mean passed in is used as it is (one evaluation for several samples)
+    m2, r2 = enhancer.sample_parts(cond, noise, sampler=sampler, steps=3, step_noise=step_noise,
+                                   mean=mean)  # fmt: skip
+    np.testing.assert_array_equal(m2, mean)
+    np.testing.assert_allclose(r2, r, atol=1e-6)
+    shifted, _ = enhancer.sample_parts(cond, noise, sampler=sampler, steps=3,
+                                       step_noise=step_noise, mean=mean + 0.1)  # fmt: skip
+    np.testing.assert_allclose(shifted, mean + 0.1, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("spacing", ["time", "logsnr", "karras"])
+def test_sr3_mean_is_the_first_steps_estimate(prediction, spacing):
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", prediction=prediction))
+    cond, noise = _batch(enhancer)
+    mean = enhancer.posterior_mean(cond, noise)
+    m, r = enhancer.sample_parts(cond, noise, sampler="ddim", steps=4, spacing=spacing)
+    np.testing.assert_allclose(m, mean, atol=1e-5)
+    out = enhancer.enhance(cond, noise, sampler="ddim", steps=4, spacing=spacing)
+    np.testing.assert_allclose(np.clip(m + r, -1, 1), out, atol=1e-6)
+    with pytest.raises(InputError, match="residual-kind"):
+        enhancer.sample_parts(cond, noise, sampler="ddim", steps=2, mean=mean)
+
+
+def test_sr3_eps_has_no_mean_path_and_callbacks_still_run():
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", prediction="eps"))
+    cond, noise = _batch(enhancer)
+    seen = []
+    m, r = enhancer.sample_parts(cond, noise, sampler="dpmpp_2m", steps=3,
+                                 callback=lambda info: seen.append(info["i"]))  # fmt: skip
+    assert seen == [0, 1, 2]
+    np.testing.assert_array_equal(r, np.zeros_like(r))
+    np.testing.assert_allclose(np.clip(m, -1, 1), enhancer.enhance(cond, noise, steps=3), atol=1e-6)
+
+
+def test_index_embedding_parts():
+    config = make_config("vemdiffuse-i", "tiny", scale_factor=3, prediction="v",
+                         use_index_embedding=True)  # fmt: skip
+    enhancer = _perturbed(config)
+    cond, noise = _batch(enhancer)
+    mean = enhancer.posterior_mean(cond, noise)
+    m, r = enhancer.sample_parts(cond, noise, sampler="ddim", steps=2)
+    assert m.shape == r.shape == (2, 2, 16, 16)
+    np.testing.assert_allclose(m, mean, atol=1e-5)
+    out = enhancer.enhance(cond, noise, sampler="ddim", steps=2)
+    np.testing.assert_allclose(np.clip(m + r, -1, 1), out, atol=1e-6)
+
+
+def test_residual_callback_sees_model_space():
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", kind="residual", prediction="v"))
+    cond, noise = _batch(enhancer)
+    last = {}
+    out = enhancer.enhance(cond, noise, sampler="ddim", steps=3,
+                           callback=lambda info: last.update(info))  # fmt: skip
+    np.testing.assert_allclose(last["denoised"].numpy(), out, atol=1e-5)
+
+
+def test_inputs_are_checked():
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", kind="residual"))
+    cond, noise = _batch(enhancer)
+    with pytest.raises(InputError, match="noise has shape"):
+        enhancer.posterior_mean(cond, noise[:, :, :8])
+    with pytest.raises(InputError, match="mean has shape"):
+        enhancer.sample_parts(cond, noise, sampler="ddim", steps=1, mean=noise[:1])
+    with pytest.raises(InputError, match="needs noise"):
+        _perturbed(make_config("emdiffuse-n", "tiny")).posterior_mean(cond)
+
+
+# ---- training --------------------------------------------------------------------------------
+def test_residual_objective_trains_one_checkpoint(tmp_path):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    clean = gaussian_filter(rng.random((4, 64, 64)), (0, 2, 2)).astype(np.float32)
+    noisy = clean + rng.normal(0, 0.05, clean.shape).astype(np.float32)
+    fast = dict(size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=2,
+                val_batch=2, val_steps=2, progress=False, region=32, val_fraction=0.25,
+                device="cpu", calibration_patches=4)  # fmt: skip
+    path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=4, ckpt_every=2,
+                         objective="residual", residual_scale=0.3,
+                         mean_net={"base_channels": 8, "depth": 1}, **fast)  # fmt: skip
+    config, state = load_checkpoint(path)
+    assert config.kind == "residual" and config.residual_scale == 0.3
+    assert (config.mean_net.base_channels, config.mean_net.depth) == (8, 1)
+    assert any(k.startswith("mean.") for k in state) and any(k.startswith("residual.") for k in state)
+    assert config.calibration is not None and config.calibration["samples"] == 4
+    rows = (tmp_path / "r" / "scalars.csv").read_text().splitlines()
+    assert "val_psnr_mean" in rows[0]
+    # resuming keeps the kind; a diffusion (SR3) run may not continue it
+    trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=6, ckpt_every=2,
+                  objective="residual", residual_scale=0.3, resume=True,
+                  mean_net={"base_channels": 8, "depth": 1}, **fast)  # fmt: skip
+    with pytest.raises(InputError, match="objective"):
+        trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=8, resume=True, **fast)
+    with pytest.raises(InputError, match="kind 'residual'"):
+        trainer.train("denoise", [noisy, clean], tmp_path / "ft", steps=1, init=str(path), **fast)
+    with pytest.raises(InputError, match="index-embedding|index embedding"):
+        make_config("vemdiffuse-a", "tiny", kind="residual", use_index_embedding=True)

@@ -1,0 +1,183 @@
+"""``samples=0``: the posterior mean only (issue 14, part 2, on the pipeline's side).
+
+One network evaluation per tile (``Enhancer.posterior_mean``), blended linearly, no
+uncertainty image; the plan counts and times it. And the mean-plus-residual kind with
+samples: its mean network runs once per batch of tiles, reused by every sample.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from emdiffuse.cli import main
+from emdiffuse.io import open_volume
+from emdiffuse.models.checkpoints import save_checkpoint
+from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.normalization import Normalization
+from emdiffuse.models.variants import make_config
+from emdiffuse.pipeline import runtime
+from emdiffuse.pipeline.blend import window_2d
+from emdiffuse.pipeline.enhance import enhance
+from emdiffuse.pipeline.lattice import Lattice
+from emdiffuse.pipeline.plan import make_plan
+from emdiffuse.pipeline.tasks import tile_condition
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RUN = dict(tile=16, overlap=4, steps=2, scheduler="threads", progress=False, dtype="float32")
+SHAPE = (2, 40, 44)
+
+
+def _perturbed(config, path, seed=3) -> str:
+    """A checkpoint of ``config`` whose zero-initialised layers get random weights (a fresh
+    network's last layers are zero: its output would not depend on its input)."""
+    state = dict(Enhancer.from_config(config, seed=seed).net.state_dict())
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, t in state.items():
+        if t.is_floating_point() and t.ndim == 4 and not t.any():
+            state[name] = 0.05 * torch.randn(t.shape, generator=generator)
+    return str(save_checkpoint(path, state, config))
+
+
+@pytest.fixture(scope="module")
+def residual_model(tmp_path_factory) -> str:
+    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
+                         kind="residual")  # fmt: skip
+    return _perturbed(config, tmp_path_factory.mktemp("models") / "residual.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sr3_model(tmp_path_factory) -> str:
+    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
+                         prediction="v")  # fmt: skip
+    return _perturbed(config, tmp_path_factory.mktemp("models") / "sr3v.safetensors")
+
+
+class Calls:
+    """Counts calls of an Enhancer method (and what they were given)."""
+
+    def __init__(self, monkeypatch, name: str):
+        self.calls: list[dict] = []
+        original = getattr(Enhancer, name)
+        calls = self.calls
+
+        def counting(enhancer, cond, *args, **kwargs):
+            calls.append({"batch": len(cond), "mean": kwargs.get("mean") is not None})
+            return original(enhancer, cond, *args, **kwargs)
+
+        monkeypatch.setattr(Enhancer, name, counting)
+
+
+def _brute_force_mean(model: str, data: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """The definition of the mean mode: each lattice tile's posterior mean (clamped),
+    blended linearly over the whole volume at once, in raw units."""
+    enhancer = Enhancer.load(model)
+    norm = Normalization(0.0, 1.0)
+    lattice = Lattice(data.shape, tile, overlap)
+    cond_all = np.clip(norm.forward(data), -1, 1)
+    window = window_2d(tile, overlap).astype(np.float64)
+    total = np.zeros(data.shape)
+    weight = np.zeros(data.shape)
+    full = tuple((0, n) for n in data.shape)
+    for t in lattice.all_tiles():
+        cond = tile_condition(lattice, t, cond_all, full)[None].astype(np.float32)
+        values = np.clip(enhancer.posterior_mean(cond)[0], -1, 1)
+        (z0, z1), (y0, y1), (x0, x1) = lattice.tile_output_box(t)
+        w = window[: y1 - y0, : x1 - x0]
+        total[z0:z1, y0:y1, x0:x1] += values[:, : y1 - y0, : x1 - x0] * w
+        weight[z0:z1, y0:y1, x0:x1] += w
+    return norm.inverse(total / weight)
+
+
+def test_mean_mode_is_one_evaluation_per_tile_blended_linearly(
+    residual_model, random_volume, tmp_path, monkeypatch
+):
+    path = random_volume(SHAPE, chunks=(1, 24, 24))
+    data = np.asarray(open_volume(path).data)
+    means = Calls(monkeypatch, "posterior_mean")
+    sampled = Calls(monkeypatch, "sample_parts")
+    n_tiles = Lattice(SHAPE, 16, 4).n_tiles
+    before = runtime.tiles_run()
+    a = enhance(path, residual_model, tmp_path / "a.zarr", samples=0, chunks=(2, 40, 44), **RUN)
+    assert runtime.tiles_run() - before == n_tiles
+    assert sum(c["batch"] for c in means.calls) == n_tiles  # one evaluation per tile
+    assert not sampled.calls  # nothing sampled
+    b = enhance(path, residual_model, tmp_path / "b.zarr", samples=0, chunks=(1, 16, 20),
+                **dict(RUN, batch_size=1))  # fmt: skip
+    va, vb = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(va, vb, rtol=0, atol=1e-5)  # chunks and batches aside
+    np.testing.assert_allclose(va, _brute_force_mean(residual_model, data, 16, 4), atol=1e-5)
+    assert not (tmp_path / "a.zarr" / "uncertainty").exists()  # no uncertainty image
+    record = json.loads((tmp_path / "a.zarr" / ".emdiffuse" / "run.json").read_text())
+    assert record["samples"] == 0
+    # resume compares the record: the mean-only run is a run of its own
+    enhance(path, residual_model, tmp_path / "a.zarr", samples=0, chunks=(2, 40, 44),
+            resume=True, **RUN)  # fmt: skip
+
+
+def test_sr3_model_mean_mode_runs_its_first_x0_estimate(sr3_model, random_volume, tmp_path):
+    path = random_volume(SHAPE, chunks=(1, 24, 24))
+    out = np.asarray(enhance(path, sr3_model, tmp_path / "m.zarr", samples=0, **RUN))
+    assert np.isfinite(out).all() and out.std() > 0
+
+
+def test_residual_kind_evaluates_its_mean_once_per_batch(
+    residual_model, random_volume, tmp_path, monkeypatch
+):
+    """Batch outer, sample inner: the mean network runs once per batch and every sample
+    reuses it; the output does not depend on the batch size."""
+    small = (1, 28, 28)
+    path = random_volume(small, chunks=(1, 28, 28))
+    n_tiles = Lattice(small, 16, 4).n_tiles
+    means = Calls(monkeypatch, "posterior_mean")
+    sampled = Calls(monkeypatch, "sample_parts")
+    kw = dict(RUN, samples=3, sampler="ddpm", steps=1, chunks=(1, 28, 28))
+    a = enhance(path, residual_model, tmp_path / "a.zarr", batch_size=3, **kw)
+    assert sum(c["batch"] for c in sampled.calls) == 3 * n_tiles
+    first = [c for c in sampled.calls if not c["mean"]]  # the samples that ran the mean
+    assert sum(c["batch"] for c in first) == n_tiles  # once per tile, not per sample
+    assert not means.calls
+    b = enhance(path, residual_model, tmp_path / "b.zarr", batch_size=1, **kw)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
+    ua = zarr.open_array(str(tmp_path / "a.zarr" / "uncertainty" / "0"), mode="r")[...]
+    ub = zarr.open_array(str(tmp_path / "b.zarr" / "uncertainty" / "0"), mode="r")[...]
+    assert ua.max() > 0
+    np.testing.assert_allclose(ua, ub, rtol=0, atol=1e-4)
+
+
+def test_plan_counts_and_times_the_mean_mode():
+    lattice = Lattice((3, 50, 70), 16, 4)
+    n = lattice.n_tiles
+    mean = make_plan(lattice, (1, 32, 32), steps=8, samples=0, sampler="dpmpp_2m",
+                     seconds_per_evaluation=0.5)  # fmt: skip
+    assert mean.evaluations == n and mean.evaluations_per_tile == 1
+    assert mean.estimated_seconds == pytest.approx(0.5 * n)
+    assert "posterior mean only" in mean.report()
+    # a model with its own mean network: one evaluation per tile on top of the samples
+    residual = make_plan(lattice, (1, 32, 32), steps=8, samples=2, sampler="dpmpp_2m",
+                         shared_mean=True, seconds_per_tile=0.8)  # fmt: skip
+    assert residual.evaluations == n * (8 * 2 + 1)
+    assert residual.estimated_seconds == pytest.approx(0.1 * 17 * n)
+    assert "the model's mean" in residual.report()
+
+
+def test_cli_samples_zero_plan_and_help(residual_model, random_volume, tmp_path, capsys):
+    path = random_volume(SHAPE, chunks=(1, 24, 24))
+    argv = ["enhance", str(path), str(tmp_path / "o.zarr"), "--model", residual_model,
+            "--samples", "0", "--tile", "16", "--threads", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "posterior mean only" in err and "estimated time" in err
+    assert not (tmp_path / "o.zarr").exists()
+    argv[argv.index("0")] = "-1"
+    assert main(argv) == 2
+    assert "samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["enhance", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0: the posterior mean only" in text and "N >= 2" in text

@@ -1,0 +1,176 @@
+"""Separate intensity ranges for a model's condition and its target (issue 14, part 1).
+
+A low-dose noisy image spans far more than its clean target; one range computed from both
+squeezed the target into a corner of [-1, 1] and biased every sampler's output. These tests
+fail on the code before the split: the target's patches must span [-1, 1], the checkpoint
+must record both ranges, resuming and old checkpoints must keep their single range, and the
+Enhancer must map raw input with the condition's range and outputs with the target's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emdiffuse.models.checkpoints import load_checkpoint, save_checkpoint
+from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.normalization import (
+    Normalization,
+    as_pair,
+    condition_from_model,
+    pair_from_model,
+    robust_range,
+)
+from emdiffuse.models.variants import ModelConfig, make_config
+from emdiffuse.training import trainer
+from emdiffuse.training.augment import NONE
+from emdiffuse.training.demo_model import enhance_slices
+from emdiffuse.training.loader import PatchDataset
+
+FAST = dict(
+    size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=1000, val_batch=2,
+    val_steps=2, progress=False, region=32, val_fraction=0.25, device="cpu",
+    calibration_patches=4,
+)  # fmt: skip
+
+
+def _smooth(shape, seed):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    clean = gaussian_filter(rng.random(shape), (0, 2, 2))
+    return ((clean - clean.min()) / (clean.max() - clean.min())).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def wide_pair():
+    """(noisy, clean): the noisy source spans about twice the clean range."""
+    clean = _smooth((4, 64, 64), 0)
+    rng = np.random.default_rng(1)
+    noisy = clean + rng.normal(0.0, 0.35, clean.shape).astype(np.float32)
+    return noisy, clean
+
+
+def test_denoise_target_patches_span_the_model_range(wide_pair):
+    noisy, clean = wide_pair
+    noisy_range, clean_range = robust_range(noisy), robust_range(clean)
+    assert noisy_range.high - noisy_range.low > 1.8 * (clean_range.high - clean_range.low)
+    ds = PatchDataset("denoise", [noisy, clean], 32, augment=NONE, val_fraction=0.0, seed=3)
+    # each side's range comes from its own source
+    assert ds.condition_normalization == pytest.approx(noisy_range.to_dict(), rel=0.05, abs=0.02)
+    assert ds.normalization == pytest.approx(clean_range.to_dict(), rel=0.05, abs=0.02)
+    batch = ds.batch(range(16))
+    target, cond = batch["target"].numpy(), batch["cond"].numpy()
+    # the clean target fills [-1, 1] (one shared range left it in about [-0.5, 0.5])
+    assert target.min() < -0.9 and target.max() > 0.9
+    assert cond.min() < -0.9 and cond.max() > 0.9
+    # and it is the clean data, mapped affinely by its own range
+    key = int(batch["key"][0])
+    sample = ds.sample(key)
+    region = ds.footprint_of(sample)
+    raw = clean[region]
+    np.testing.assert_allclose(sample["target"].numpy(), ds._norm.forward(raw, clip=True), atol=1e-6)
+
+
+def test_single_volume_recipes_use_one_range_for_both():
+    vol = _smooth((9, 48, 48), 4)
+    ds = PatchDataset("isotropic", [vol], 16, factor=2, augment=NONE, val_fraction=0.0)
+    assert ds.condition_normalization == ds.normalization
+
+
+def test_given_normalization_single_or_pair():
+    vol = _smooth((2, 32, 32), 5)
+    pair = [vol * 2.0, vol]
+    one = {"low": 0.0, "high": 2.0}
+    ds = PatchDataset("denoise", pair, 16, normalization=one, val_fraction=0.0)
+    assert ds.condition_normalization == ds.normalization == one
+    two = {"condition": {"low": 0.0, "high": 2.0}, "target": {"low": 0.0, "high": 1.0}}
+    ds = PatchDataset("denoise", pair, 16, normalization=two, augment=NONE, val_fraction=0.0)
+    assert ds.condition_normalization == two["condition"] and ds.normalization == two["target"]
+    s = ds.sample(0)
+    np.testing.assert_allclose(s["cond"].numpy(), s["target"].numpy(), atol=1e-6)
+
+
+def test_as_pair_and_config_pair():
+    a, b = Normalization(0.0, 4.0), Normalization(1.0, 2.0)
+    assert as_pair({"low": 0.0, "high": 4.0}) == (a, a)
+    assert as_pair({"condition": a.to_dict(), "target": b.to_dict()}) == (a, b)
+    assert as_pair((a, b)) == (a, b)
+    old = make_config("emdiffuse-n", "tiny", normalization={"low": 1.0, "high": 2.0})
+    assert old.condition_normalization is None
+    assert pair_from_model(old) == (b, b)  # None: the same range for both (older models)
+    new = old.replace(condition_normalization={"low": 0.0, "high": 4.0})
+    assert pair_from_model(new) == (a, b) and as_pair(new) == (a, b)
+    assert condition_from_model(new) == a and Normalization.of(new) == b
+    # a config written before the field existed reads as before
+    data = json.loads(old.to_json())
+    data.pop("condition_normalization", None)
+    assert ModelConfig.from_dict(data).condition_normalization is None
+    assert ModelConfig.from_json(new.to_json()) == new
+
+
+def test_checkpoint_records_both_ranges_and_resume_keeps_them(tmp_path, wide_pair):
+    noisy, clean = wide_pair
+    out = tmp_path / "run"
+    path = trainer.train("denoise", [noisy, clean], out, steps=4, ckpt_every=2, **FAST)
+    config, _ = load_checkpoint(path)
+    cond, target = pair_from_model(config)
+    assert target.to_dict() == pytest.approx(robust_range(clean).to_dict(), rel=0.05, abs=0.02)
+    assert cond.to_dict() == pytest.approx(robust_range(noisy).to_dict(), rel=0.05, abs=0.02)
+    state = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
+    assert state["normalization"] == config.normalization
+    assert state["condition_normalization"] == config.condition_normalization
+    # a resumed run keeps the stored pair, even on other data
+    path = trainer.train("denoise", [noisy * 3, clean * 3], out, steps=6, ckpt_every=2,
+                         resume=True, **FAST)  # fmt: skip
+    resumed, _ = load_checkpoint(path)
+    assert pair_from_model(resumed) == (cond, target)
+
+
+def test_resume_of_a_run_from_before_the_split_keeps_its_single_range(tmp_path, wide_pair):
+    noisy, clean = wide_pair
+    out = tmp_path / "run"
+    trainer.train("denoise", [noisy, clean], out, steps=2, ckpt_every=2, **FAST)
+    ckpt = out / "checkpoints" / "step_00000002.pt"
+    state = torch.load(ckpt, weights_only=True)
+    old = {"low": -1.0, "high": 2.0}
+    state["normalization"] = old
+    del state["condition_normalization"]
+    torch.save(state, ckpt)
+    path = trainer.train("denoise", [noisy, clean], out, steps=4, ckpt_every=2, resume=True,
+                         **FAST)  # fmt: skip
+    config, _ = load_checkpoint(path)
+    assert config.normalization == old and config.condition_normalization == old
+
+
+def test_train_accepts_the_pair(tmp_path, wide_pair):
+    noisy, clean = wide_pair
+    pair = {"condition": {"low": -1.0, "high": 2.0}, "target": {"low": 0.0, "high": 1.0}}
+    path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=1, normalization=pair,
+                         **FAST)  # fmt: skip
+    config, _ = load_checkpoint(path)
+    assert config.condition_normalization == pair["condition"]
+    assert config.normalization == pair["target"]
+
+
+def test_enhancer_maps_input_and_output_through_their_own_ranges(tmp_path):
+    """A residual model's mean network starts at its input (its skip is the identity and its
+    correction zero), so with each side in its own range the raw output is the clean image
+    although the input is 2 x clean + 1; a shared range, or either range used on the wrong
+    side, lands far off."""
+    clean = _smooth((4, 64, 64), 7) * 0.8 + 0.1
+    noisy = 2.0 * clean + 1.0
+    path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=1, objective="residual",
+                         **{**FAST, "lr": 1e-6})  # fmt: skip
+    enhancer = Enhancer.load(path)
+    assert enhancer.condition_normalization != enhancer.normalization
+    out = enhance_slices(enhancer, noisy, samples=0)
+    target = enhancer.normalization
+    np.testing.assert_allclose(out, np.clip(clean, target.low, target.high), atol=0.01)
+    # the checkpoint written by save_checkpoint reads back the same pair
+    save_checkpoint(tmp_path / "copy.safetensors", enhancer.net.state_dict(), enhancer.config)
+    copy = Enhancer.load(tmp_path / "copy.safetensors")
+    assert pair_from_model(copy.config) == pair_from_model(enhancer.config)
