@@ -8,7 +8,7 @@ chunks. Then, for each format, in alternating order over ``--repeats`` rounds:
 
 * **regions**: the reads of one enhancement run's tasks — every 4×512×512 output region with
   32 voxels of xy context on each side (clipped at the borders), read one after the other
-  through the array the pipeline's tasks slice (``pipeline.runtime.backing_array``: the zarr
+  through the array the pipeline's tasks slice (``io.regions.backing_array``: the zarr
   array, or the format's region reader), as one worker does;
 * **dask**: the whole volume through its lazy dask array on the threaded scheduler (what
   ``convert`` reads), 2 threads.
@@ -131,7 +131,7 @@ def regions(shape) -> list[tuple[slice, ...]]:
 def time_regions(path: str, boxes) -> tuple[float, int]:
     """Seconds to read every box through what a pipeline task slices, and bytes read."""
     from emdiffuse.io import open_volume
-    from emdiffuse.pipeline.runtime import backing_array
+    from emdiffuse.io.regions import backing_array
 
     volume = open_volume(path)
     array = backing_array(volume.data)
@@ -165,13 +165,47 @@ def _serve(root: Path):
     return server
 
 
+def markdown(result: dict) -> str:
+    """The committed table (``read_throughput.md``) of a result."""
+    z, y, x = result["shape"]
+    lines = [
+        "# Read throughput per format (issue 17)",
+        "",
+        f"One {z}×{y}×{x} uint8 synthetic volume, chunks {tuple(result['chunks'])}, written by each "
+        "format's own library. *regions*: the pipeline's reads (each task's region with "
+        f"{result['context_xy']} voxels of context, {result['regions_per_pass']} regions); "
+        "*dask*: the whole volume through `open_volume(...).data`. Medians of "
+        f"{result['repeats']} alternating passes; × is the ratio to OME-Zarr measured in the "
+        f"same pass. Load average after the run: {result.get('load_average_after')} (a shared "
+        "machine: compare the ratios, not the absolute MB/s).",
+        "",
+        "| format | codec | MB on disk | reads back exactly | regions MB/s | × OME-Zarr | dask MB/s "
+        "| × OME-Zarr |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['format']} | {r['codec']} | {r['bytes_on_disk'] / 1e6:.1f} | "
+            f"{'yes' if r['reads_back_exactly'] else 'no (lossy)'} | {r['regions_MB_per_s']:.1f} | "
+            f"{r['regions_vs_ome_zarr']:.2f} | {r['dask_MB_per_s']:.1f} | {r['dask_vs_ome_zarr']:.2f} |"
+        )
+    lines += ["", f"Command: `{result['provenance'].get('command', 'python benchmarks/read_throughput.py')}`", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="64,1024,1024")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--http", action="store_true", help="also read N5 and precomputed over HTTP")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table-only", action="store_true",
+                        help="only rewrite the markdown table from the JSON at --out")
     args = parser.parse_args()
+    if args.table_only:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.read_text())))
+        print(f"wrote {args.out.with_suffix('.md')}")
+        return
     record = provenance()
     shape = tuple(int(v) for v in args.shape.split(","))
     boxes = regions(shape)
@@ -245,7 +279,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import dask.array as da
 import numpy as np
+import zarr
 
 from emdiffuse.errors import InputError
 
@@ -235,18 +236,32 @@ def _box(selection, shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], list
     return box, squeeze
 
 
-def backing_reader(data):
-    """The :class:`RegionReader` a dask array built by :meth:`RegionReader.to_dask` reads
-    whole, or None (sliced, rechunked, computed or another kind of array)."""
+def backing_array(data, kinds: tuple[type, ...] | None = None):
+    """The array a dask array reads whole — the zarr array ``dask.array.from_zarr`` wraps, or
+    the :class:`RegionReader` of :meth:`RegionReader.to_dask` (``kinds`` narrows the choice)
+    — or None when ``data`` is anything else (sliced, rechunked, computed). Reading a region
+    from it directly skips building and running a dask graph per read (about 10 ms a task
+    on a 2-core machine)."""
+    kinds = (zarr.Array, RegionReader) if kinds is None else kinds
     graph = data.__dask_graph__()
     layers = getattr(graph, "layers", None) or {"": graph}
     for name, layer in layers.items():
         if not str(name).startswith("original-"):
             continue
         for value in layer.values():
-            if isinstance(value, RegionReader) and value.shape == tuple(data.shape) and value.dtype == data.dtype:
+            if (
+                isinstance(value, kinds)
+                and tuple(value.shape) == tuple(data.shape)
+                and value.dtype == data.dtype
+            ):
                 return value
     return None
+
+
+def backing_reader(data) -> RegionReader | None:
+    """:func:`backing_array` when it is a :class:`RegionReader` (HDF5, N5, precomputed,
+    MRC), else None."""
+    return backing_array(data, (RegionReader,))
 
 
 def worker_start_method() -> str | None:
@@ -274,6 +289,7 @@ def dask_chunks(shape: Sequence[int], stored: Sequence[int] | None, itemsize: in
 __all__ = [
     "INSTALL_FORMATS",
     "RegionReader",
+    "backing_array",
     "backing_reader",
     "dask_chunks",
     "one_line",

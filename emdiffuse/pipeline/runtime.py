@@ -30,7 +30,7 @@ from emdiffuse.errors import InputError
 from emdiffuse.io import input_identity as format_identity
 from emdiffuse.io import open_volume
 from emdiffuse.io.paths import is_url
-from emdiffuse.io.regions import RegionReader
+from emdiffuse.io.regions import backing_array
 from emdiffuse.models.checkpoints import read_checkpoint
 from emdiffuse.models.device import resolve_device
 from emdiffuse.models.enhancer import Enhancer
@@ -229,26 +229,6 @@ def _open_input(spec: RunSpec):
             cached = (identity, (volume, backing_array(volume.data)))
             _INPUTS[key] = cached  # replaces the entry of an older content
         return cached[1]
-
-
-def backing_array(data):
-    """The (read-only) zarr array that the dask array ``data`` reads whole — what
-    ``dask.array.from_zarr`` wraps — or None when ``data`` is anything else (sliced,
-    squeezed, computed). Reading a region from it directly skips building and running a
-    dask graph per read (about 10 ms a task on a 2-core machine)."""
-    graph = data.__dask_graph__()
-    layers = getattr(graph, "layers", None) or {"": graph}
-    for name, layer in layers.items():
-        if not str(name).startswith("original-"):
-            continue
-        for value in layer.values():
-            if (
-                isinstance(value, zarr.Array | RegionReader)
-                and tuple(value.shape) == tuple(data.shape)
-                and value.dtype == data.dtype
-            ):
-                return value
-    return None
 
 
 def read_input(spec: RunSpec, box: Box) -> np.ndarray:
