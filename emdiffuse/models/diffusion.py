@@ -38,7 +38,8 @@ Denoiser = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Schedule:
-    """A training noise schedule of ``steps`` discrete alpha-bar values, continuous in between.
+    """A noise schedule of ``steps`` discrete alpha-bar values, continuous in between (a
+    model's training schedule, or the inference schedule its sampling walks).
 
     ``kind="linear"``: betas linear from ``beta_start`` to ``beta_end`` (the reference trains with
     2000 steps, 1e-6 .. 1e-2). ``kind="cosine"``: Nichol & Dhariwal, offset ``s``, betas capped at
@@ -125,6 +126,9 @@ class Schedule:
             raise InputError(
                 f"spacing {spacing!r} unknown; choose one of {', '.join(SPACING_NAMES)}"
             )
+        if spacing == "time" and n_steps == self.steps:
+            # the schedule's own points, exactly (the reference's loop walks these)
+            return torch.cat([self.alpha_bars.flip(0), torch.ones(1, dtype=torch.float64)])
         if spacing == "time":
             out = self.alpha_bar(torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64))
             out[-1] = 1.0

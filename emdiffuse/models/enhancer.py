@@ -85,7 +85,10 @@ class Enhancer:
         self.channels_last = bool(channels_last and self.device.type == "cuda" and config.dims == 2)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.schedule = Schedule.from_dict(dict(config.schedule))
+        # sampling walks the stored inference schedule (imported reference weights: the
+        # reference's test schedule), else the training schedule; the network is fed the
+        # alpha-bar of each point either way, as the reference feeds its gammas
+        self.schedule = Schedule.from_dict(config.sampling_schedule)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod

@@ -28,7 +28,10 @@ What the import maps, and why:
   ``x / 127.5 - 1`` (``ToTensor`` then ``Normalize(0.5, 0.5)``), fixed, with no percentiles:
   ``normalization`` becomes ``{"low": 0, "high": 255}`` unless given.
 * **Noise level.** Its network is fed ``gammas`` (alpha-bar), as ours; prediction is epsilon.
-  The training schedule (``beta_schedule.train``) becomes ``ModelConfig.schedule``.
+  The training schedule (``beta_schedule.train``) becomes ``ModelConfig.schedule``; the
+  inference schedule (``beta_schedule.test``, 1000 steps, β 1e-4…0.09 in the published
+  configs), which its test phase samples on, becomes ``ModelConfig.inference_schedule``, so
+  ``ddpm`` at that schedule's full length walks the reference's alpha-bars step for step.
 * **Slice order (vEMDiffuse).** The reference's conditioning is (slice *below*, slice *above*):
   the deeper slice first. Ours is in increasing z (see :mod:`emdiffuse.models.variants`), so
   the import swaps the two conditioning input channels of the first convolution; the network
@@ -55,10 +58,8 @@ from emdiffuse.models.checkpoints import (
 )
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.reference_config import (
-    config_args,
     config_from_reference,
     read_reference_config,
-    reference_schedule,
     strip_json_comments,
 )
 from emdiffuse.models.torch_files import load_tensor_mapping
@@ -218,13 +219,8 @@ def load_reference_checkpoint(
         where=f"reference config {Path(json_path).name}",
     )
     raw = read_reference_weights(pth)
-    others = []
-    try:  # a network saved outside training may carry the inference schedule
-        test = reference_schedule(config_args(opt), "", phase="test")
-        Schedule.from_dict(test)
-        others.append(test)
-    except InputError:
-        pass
+    # a network saved outside training may carry the inference schedule's buffers
+    others = [] if config.inference_schedule is None else [config.inference_schedule]
     state_dict = convert_reference_state_dict(
         raw, config, other_schedules=others, where=f"reference checkpoint {Path(pth).name}"
     )

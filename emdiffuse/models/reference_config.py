@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.config_fields import check_schedule
 from emdiffuse.models.unet import UNetConfig
 from emdiffuse.models.variants import VARIANTS, ModelConfig
 
@@ -317,13 +318,14 @@ def config_from_reference(
     if first not in LOSSES:
         raise InputError(f"{where}: unsupported loss {first!r}; supported: {', '.join(LOSSES)}")
     name = _experiment_name(opt) or "?"
-    test = _get(args, "beta_schedule", "test")
+    test = None
+    if _get(args, "beta_schedule", "test") is not None:
+        test = reference_schedule(args, where, phase="test")
+        try:
+            check_schedule(test, "beta_schedule.test")
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
     note = f"imported from reference EMDiffuse experiment {name!r}"
-    if isinstance(test, Mapping):
-        note += (
-            f"; its inference schedule: {test.get('schedule')} over {test.get('n_timestep')} "
-            f"steps, betas {test.get('linear_start')}..{test.get('linear_end')}"
-        )
     return ModelConfig(
         variant=variant,
         task=task,
@@ -337,6 +339,7 @@ def config_from_reference(
         training_data=note,
         use_index_embedding=index,
         cond_upsample="bilinear",  # the reference enlarges its input with PIL's bilinear resize
+        inference_schedule=test,  # what the reference's test phase samples on
     )
 
 
