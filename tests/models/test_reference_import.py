@@ -24,8 +24,10 @@ from emdiffuse.models.diffusion import Schedule, make_denoiser
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.reference import (
     convert_reference_checkpoint,
+    describe_reference_weights,
     load_reference_checkpoint,
     read_reference_config,
+    reference_weights_kind,
     strip_json_comments,
 )
 from emdiffuse.models.samplers import ddpm_posterior, sample_ddpm
@@ -152,7 +154,10 @@ def test_convert_to_safetensors_and_enhance(tmp_path):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "n.safetensors"
     assert main(["import-reference", str(N_PTH), str(N_JSON), str(out)]) == 0
-    assert "emdiffuse-n (denoise)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "emdiffuse-n (denoise)" in printed
+    assert "is the reference's netG, the weights its test phase samples with" in printed
+    assert "sampling schedule: linear, 1000 steps, beta 0.0001..0.09 (the model's inference" in printed
     config, state_dict = load_checkpoint(out)
     assert _max_diff(config, state_dict, "emdiffuse_n") < TOLERANCE
     assert main(["import-reference", str(N_PTH), str(N_JSON), str(out)]) == 2
@@ -255,6 +260,26 @@ def test_ddpm_replays_reference_loop():
         assert np.abs(x - tr["x"][row]).max() <= TRAJECTORY_TOLERANCE, k
         if k >= 900:  # x0 at the noisiest levels is 1/sqrt(alpha_bar) times rounding
             assert np.abs(x0 - tr["x0"][row]).max() <= TRAJECTORY_TOLERANCE, k
+
+
+def test_weights_kind_reported_and_ema_imports(tmp_path, capsys):
+    """netG (*_Network.pth) is what the reference samples with; the EMA copy imports too,
+    and the import says which it got."""
+    assert reference_weights_kind(N_PTH) == "netG"
+    assert reference_weights_kind(V_PTH) == "ema"
+    assert reference_weights_kind(tmp_path / "weights.pth") == "unknown"
+    assert "netG" in load_reference_checkpoint(N_PTH, N_JSON)[0].training_data
+    config, _ = load_reference_checkpoint(V_PTH, V_JSON)
+    assert "EMA copy" in config.training_data
+    out = tmp_path / "v.safetensors"
+    assert main(["import-reference", str(V_PTH), str(V_JSON), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ("vemdiffuse_i_Network_ema.pth is the reference's EMA copy, which its test phase "
+            "never samples with; for the reference's own result import "
+            "vemdiffuse_i_Network.pth") in printed  # fmt: skip
+    renamed = tmp_path / "weights.pth"
+    renamed.write_bytes(N_PTH.read_bytes())
+    assert "unknown" in describe_reference_weights(renamed)
 
 
 # --------------------------------------------------------------------------------------
