@@ -256,6 +256,7 @@ def load_reference_checkpoint(
         scale_factor=scale_factor,
         normalization=normalization,
         where=f"reference config {Path(json_path).name}",
+        file_name=Path(json_path).stem,
     )
     raw = read_reference_weights(pth)
     # a network saved outside training may carry the inference schedule's buffers

@@ -318,6 +318,35 @@ def test_saved_config_name_prefix_and_variant_guess(tmp_path):
     assert config.variant == "vemdiffuse-a"
 
 
+def test_variant_name_disagreeing_with_the_file_is_named(tmp_path):
+    """The published EMDiffuse-n-big.json is a denoiser whose experiment name is
+    'EMDiffuse-r'; the 2D network's shapes cannot tell (denoiser and super-resolver are both
+    2 -> 1 channels), so the import names the disagreement on one line and asks."""
+    opt = read_reference_config(N_JSON)
+    opt["name"] = "EMDiffuse-r"
+    big = tmp_path / "EMDiffuse-n-big.json"
+    big.write_text(json.dumps(opt))
+    with pytest.raises(InputError, match=r"name 'EMDiffuse-r' says emdiffuse-r but the file name "
+                       r"says emdiffuse-n.*in_channel 2, out_channel 1.*--variant emdiffuse-n") as info:
+        load_reference_checkpoint(N_PTH, big)
+    assert "\n" not in str(info.value)
+    config, _ = load_reference_checkpoint(N_PTH, big, variant="emdiffuse-n")
+    assert (config.variant, config.scale_factor) == ("emdiffuse-n", 1)
+    assert load_reference_checkpoint(N_PTH, big, variant="emdiffuse-r", scale_factor=2)[0].xy_scale == 2
+    # a name and a file that agree need nothing more
+    agree = tmp_path / "EMDiffuse-r-big.json"
+    agree.write_text(json.dumps(opt))
+    with pytest.raises(InputError, match="super-resolution factor"):
+        load_reference_checkpoint(N_PTH, agree)
+    # a vEMDiffuse name on the 2D network: the network decides it is not isotropic
+    opt["name"] = "vEMDiffuse-i"
+    agree.write_text(json.dumps(opt))
+    with pytest.raises(InputError, match="says vEMDiffuse but the network is the 2D EMDiffuse one"):
+        load_reference_checkpoint(N_PTH, agree)
+    # and the CLI prints it as one line, exit 2
+    assert main(["import-reference", str(N_PTH), str(big), str(tmp_path / "x.safetensors")]) == 2
+
+
 def test_z_factor_from_config_and_mismatch(tmp_path):
     with pytest.raises(InputError, match="z_times 4"):
         load_reference_checkpoint(V_PTH, V_JSON, scale_factor=6)
