@@ -298,15 +298,18 @@ def sample(
     eta: float = 0.0,
     spacing: str | None = None,
     callback: Callback | None = None,
+    noisiest: float | None = None,
 ) -> torch.Tensor:
-    """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing)``.
+    """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing, noisiest)``.
 
     ``spacing`` (one of ``sampler_names.SPACING_NAMES``; None: the sampler's default,
     ``"time"`` for ddpm — the reference's schedule — and ``"logsnr"`` for the others, far
     better at few steps). ``callback``: called after each step (module docstring).
+    ``noisiest``: where ``logsnr``/``karras`` spacings start at the latest (see
+    :meth:`~emdiffuse.models.diffusion.Schedule.timesteps`); ``time`` spacing ignores it.
     """
     spacing = resolve_spacing(sampler, spacing)
-    alphas = as_schedule(schedule).timesteps(steps, spacing)
+    alphas = as_schedule(schedule).timesteps(steps, spacing, noisiest)
     fn = SAMPLERS[sampler]
     kwargs: dict[str, Any] = {"step_noise": step_noise, "callback": callback}
     if sampler == "ddim":

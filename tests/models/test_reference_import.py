@@ -212,6 +212,25 @@ def test_import_stores_the_inference_schedule():
         ModelConfig.from_dict(bad)
 
 
+def test_few_step_spacings_start_at_the_training_range():
+    """On the reference's test schedule logsnr/karras spacing would put 6-10 of 8-10 steps
+    below the lowest training level (4.4e-5), where the input has no signal left; they start
+    there instead. Time spacing (ddpm's) keeps the schedule's own noisiest point."""
+    config, state_dict = load_reference_checkpoint(N_PTH, N_JSON)
+    enhancer = Enhancer.from_config(config, state_dict)
+    lowest = float(Schedule.from_dict(config.schedule).alpha_bars[-1])
+    cond = np.zeros((1, 1, 16, 16), np.float32)
+    noise = np.random.default_rng(0).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    for sampler, spacing, first in (("dpmpp_2m", None, lowest), ("ddim", "karras", lowest),
+                                    ("ddpm", None, float(enhancer.schedule.alpha_bars[-1]))):
+        levels: list[float] = []
+        enhancer.enhance(cond, noise, sampler=sampler, steps=4, spacing=spacing,
+                         step_noise=lambda i: noise, callback=lambda d, kept=levels: kept.append(
+                             d["alpha_bar"]))  # fmt: skip
+        assert levels[0] == pytest.approx(first, rel=1e-9), sampler
+    assert float(enhancer.schedule.alpha_bars[-1]) < 1e-20
+
+
 def test_single_posterior_steps_match_reference():
     """One step of the reference's p_mean_variance (x0 from its ε, clipped; the posterior
     mean; its clipped log variance) at chosen t, from the fixture's inputs."""
