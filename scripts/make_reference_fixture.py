@@ -14,6 +14,15 @@ the noise-schedule buffers, tensors on the CPU, ``torch.save``), writes a config
 reference's JSON-with-comments layout, and records a fixed input, its noise levels (the
 reference's ``gammas``), the in-between-slice indices and the reference network's output.
 
+It also records the reference's sampler (``emdiffuse_n_trajectory.npz``): the 2D network, put
+in its test phase (``set_new_noise_schedule(phase="test")``: 1000 steps, linear β 1e-4..0.09,
+as the reference's test phase does after loading its weights), runs its own ``restoration``
+loop on a 16×16 condition, with every ``torch.randn_like`` it calls answered from a stored pool
+of noise images by a fixed rule (:func:`trajectory_noise`), so a test can replay the loop with
+the same start and step noise. Recorded: the final output, the sample and x0 estimate after
+chosen steps, and ``p_mean_variance`` (posterior mean, clipped log variance, x0 estimate) of
+single steps at chosen ``t`` from fixed inputs.
+
 Only torch, numpy and tqdm are needed (the reference package ``__init__`` files, which pull in
 its data loaders and loggers, are bypassed).
 """
@@ -124,6 +133,86 @@ def randomize(net: torch.nn.Module, generator: torch.Generator) -> None:
                     module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
 
 
+# the trajectory fixture: a pool of noise images and the loop steps whose state is recorded
+POOL = 64
+RECORDED_STEPS = (0, 1, 10, 100, 500, 900, 990, 998, 999)  # k-th p_sample call (t = 999 - k)
+SINGLE_STEPS = (999, 700, 500, 100, 10, 1, 0)  # t of the recorded single posterior steps
+
+
+def trajectory_noise(pool: np.ndarray, k: int) -> np.ndarray:
+    """The noise of the ``k``-th draw of the loop (k = 0: the start noise x_T; k >= 1: the
+    step noise of the (k-1)-th step): ``pool[0]``, then ``pool[1 + (k-1) % 64]`` rolled by
+    ``(k-1) // 64`` pixels along x. Tests repeat this rule."""
+    if k == 0:
+        return pool[0]
+    j = k - 1
+    return np.roll(pool[1 + j % POOL], j // POOL, axis=-1)
+
+
+def record_trajectory(net: torch.nn.Module, out: Path, generator: torch.Generator) -> None:
+    """Run the reference's ``restoration`` loop on its test schedule with recorded noise."""
+    net.set_new_noise_schedule(phase="test")
+    net.eval()
+    shape = (1, 1, 16, 16)
+    cond = 0.6 * torch.randn(shape, generator=generator)
+    pool = torch.randn((1 + POOL, *shape), generator=generator).numpy()
+    draws = [0]
+    real_randn_like = torch.randn_like
+
+    def recorded_randn_like(like: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        assert tuple(like.shape) == shape, like.shape
+        noise = torch.from_numpy(trajectory_noise(pool, draws[0]).copy())
+        draws[0] += 1
+        return noise.to(like.device, like.dtype)
+
+    states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    real_p_sample = net.p_sample
+
+    def p_sample(y_t, t, *args, **kwargs):
+        y, y0 = real_p_sample(y_t, t, *args, **kwargs)
+        k = net.num_timesteps - 1 - int(t[0])
+        if k in RECORDED_STEPS:
+            states[k] = (y.clone(), y0.clone())
+        return y, y0
+
+    net.p_sample = p_sample
+    torch.randn_like = recorded_randn_like
+    try:
+        with torch.no_grad():
+            final, _ = net.restoration(cond, sample_num=8)
+    finally:
+        torch.randn_like = real_randn_like
+        del net.p_sample
+    assert draws[0] == net.num_timesteps, draws  # start noise + one per step but the last
+
+    singles = {"t": np.array(SINGLE_STEPS)}
+    y_single = torch.randn((len(SINGLE_STEPS), *shape[1:]), generator=generator)
+    means, logvars, x0s = [], [], []
+    with torch.no_grad():
+        for row, t in enumerate(SINGLE_STEPS):
+            t_tensor = torch.full((1,), t, dtype=torch.long)
+            mean, logvar, x0 = net.p_mean_variance(
+                y_single[row : row + 1], t_tensor, clip_denoised=True, y_cond=cond)  # fmt: skip
+            means.append(mean)
+            logvars.append(logvar.reshape(1))
+            x0s.append(x0)
+    singles.update(y_t=y_single.numpy(), mean=torch.cat(means).numpy(),
+                   log_variance=torch.cat(logvars).numpy(), x0=torch.cat(x0s).numpy())  # fmt: skip
+    np.savez_compressed(
+        out / "emdiffuse_n_trajectory.npz",
+        cond=cond.numpy(),
+        pool=pool,
+        gammas=net.gammas.cpu().numpy(),
+        final=final.numpy(),
+        steps=np.array(sorted(states)),
+        x=np.concatenate([states[k][0].numpy() for k in sorted(states)]),
+        x0=np.concatenate([states[k][1].numpy() for k in sorted(states)]),
+        **{f"single_{key}": value for key, value in singles.items()},
+    )
+    print(f"trajectory: {net.num_timesteps} steps, |final| max {final.abs().max():.3f}, "
+          f"{(out / 'emdiffuse_n_trajectory.npz').stat().st_size / 1024:.0f} KiB")  # fmt: skip
+
+
 def commit_of(checkout: Path) -> str:
     try:
         out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"],
@@ -154,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                           UNET_VEM, z_times=Z_TIMES, method="vEMDiffuse-i"),
          "Network_ema"),
     ]  # fmt: skip
+    trajectories: list[torch.nn.Module] = []
     for stem, network_class, unet, config_text, label in cases:
         net = network_class(unet=dict(unet), beta_schedule={"train": TRAIN_SCHEDULE,
                             "test": TEST_SCHEDULE}, norm=True)  # fmt: skip
@@ -187,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         size = (args.out / f"{stem}_{label}.pth").stat().st_size
         print(f"{stem}: {len(state_dict)} entries, {size / 1024:.0f} KiB, "
               f"|out| max {out.abs().max():.3f}")  # fmt: skip
+        if stem == "emdiffuse_n":  # after the io draws: the files above stay as they were
+            trajectory_net = network_class(unet=dict(unet), beta_schedule={
+                "train": TRAIN_SCHEDULE, "test": TEST_SCHEDULE}, norm=True)  # fmt: skip
+            # as the reference's test phase loads netG (strict=False: the schedule buffers
+            # of the file are dropped, then set_new_noise_schedule(phase="test") sets its own)
+            missing, _ = trajectory_net.load_state_dict(state_dict, strict=False)
+            assert not missing, missing
+            trajectories.append(trajectory_net)
+    # last, from the same generator: the files of the cases above do not change
+    record_trajectory(trajectories[0], args.out, generator)
     print(f"reference commit {commit_of(args.reference)}, torch {torch.__version__}, "
           f"seed {args.seed}")  # fmt: skip
     return 0

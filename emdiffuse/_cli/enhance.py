@@ -124,9 +124,11 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         "--sampler",
         default=sampler,
         choices=list(SAMPLER_NAMES),
-        help=f"sampler (default {sampler}; ddpm is the reference's ancestral sampler; "
-        f"{REFERENCE_MATCH[0]} with --steps {REFERENCE_MATCH[1]} gives the reference's 1000-step "
-        "result within 0.3 dB: see benchmarks/results/sampler_quality.md)",
+        help=f"sampler (default {sampler}; ddpm is the reference's ancestral sampler, and at "
+        "the model's full schedule length, e.g. --steps 1000 for imported reference weights, "
+        f"its loop step for step; {REFERENCE_MATCH[0]} with --steps {REFERENCE_MATCH[1]} came "
+        "within 0.3 dB of 1000-step ddpm on our own model's training schedule: see "
+        "benchmarks/results/sampler_quality.md)",
     )
     parser.add_argument(
         "--spacing",

@@ -10,14 +10,23 @@ HELP = "convert a reference EMDiffuse *_Network(_ema).pth and its JSON config to
 DESCRIPTION = (
     "Convert weights written by the reference EMDiffuse code (its *_Network.pth or "
     "*_Network_ema.pth, read without executing code) and the JSON config they were trained "
-    "with into an emdiffuse checkpoint that `emdiffuse enhance --model` uses. Intensities: "
-    "the reference maps 8-bit 0..255 to [-1, 1]; --low/--high change that."
+    "with into an emdiffuse checkpoint that `emdiffuse enhance --model` uses. The reference "
+    "samples with *_Network.pth (netG); its EMA copy *_Network_ema.pth imports too but is "
+    "not what the reference's results came from. The checkpoint stores the config's "
+    "inference schedule (beta_schedule.test), which sampling walks: `--sampler ddpm` with --steps at "
+    "that schedule's length (printed; 1000 in the published configs but EMDiffuse-n-big's "
+    "500) reproduces the reference's sampler step for step. "
+    "Intensities: the reference maps 8-bit 0..255 to [-1, 1]; --low/--high change that."
 )
 VARIANTS = ("emdiffuse-n", "emdiffuse-r", "vemdiffuse-i", "vemdiffuse-a")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("network", help="reference weights, e.g. best_Network_ema.pth")
+    parser.add_argument(
+        "network",
+        help="reference weights, e.g. best_Network.pth (netG: what the reference samples with) "
+        "or best_Network_ema.pth (its EMA copy)",
+    )
     parser.add_argument("config", help="reference JSON config, e.g. config/EMDiffuse-n.json")
     parser.add_argument("output", help="output checkpoint (.safetensors; a .json is written beside it)")
     parser.add_argument(
@@ -61,7 +70,10 @@ def _refuse_outputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     # imported when the command runs: `emdiffuse --help` must not load torch
     from emdiffuse.models.checkpoints import config_from_file
-    from emdiffuse.models.reference import convert_reference_checkpoint
+    from emdiffuse.models.reference import (
+        convert_reference_checkpoint,
+        describe_reference_weights,
+    )
 
     _refuse_outputs(args)
 
@@ -84,4 +96,6 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_file(path)
     print(f"wrote {path}: {config.describe()}, intensities {config.normalization['low']:g}.."
           f"{config.normalization['high']:g} -> [-1, 1]")  # fmt: skip
+    print(f"weights: {describe_reference_weights(args.network)}")
+    print(f"sampling schedule: {config.describe_sampling()}")
     return 0

@@ -58,25 +58,35 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def check_schedule(schedule: Any) -> None:
+def check_schedule(schedule: Any, name: str = "schedule") -> None:
+    """Raise :class:`InputError` unless ``schedule`` is a valid noise schedule object
+    (``name`` is the config field the messages name: ``schedule`` or ``inference_schedule``)."""
     if not isinstance(schedule, Mapping):
-        raise InputError("model config: field 'schedule' must be an object")
+        raise InputError(f"model config: field {name!r} must be an object")
     kind = schedule.get("kind")
     if kind not in SCHEDULE_KINDS:
         raise InputError(
-            f"model config: schedule.kind {kind!r} unknown; choose one of "
+            f"model config: {name}.kind {kind!r} unknown; choose one of "
             f"{', '.join(SCHEDULE_KINDS)}"
         )
     steps = schedule.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise InputError(f"model config: schedule.steps {steps!r} must be an integer >= 2")
+        raise InputError(f"model config: {name}.steps {steps!r} must be an integer >= 2")
     if kind == "linear":
         lo, hi = schedule.get("beta_start"), schedule.get("beta_end")
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi < 1):
             raise InputError(
-                f"model config: linear schedule needs 0 < beta_start < beta_end < 1, "
+                f"model config: linear {name} needs 0 < beta_start < beta_end < 1, "
                 f"got {lo!r}, {hi!r}"
             )
+
+
+def describe_schedule(schedule: Mapping[str, Any]) -> str:
+    """One line for a schedule object, e.g. ``linear, 1000 steps, beta 0.0001..0.09``."""
+    text = f"{schedule.get('kind')}, {schedule.get('steps')} steps"
+    if schedule.get("kind") == "linear":
+        return f"{text}, beta {schedule.get('beta_start'):g}..{schedule.get('beta_end'):g}"
+    return f"{text}, s {schedule.get('s', 0.008):g}"
 
 
 def check_normalization(norm: Any, name: str = "normalization") -> None:
@@ -117,5 +127,5 @@ def check_calibration(calibration: Any) -> None:
 
 __all__ = [
     "SCHEDULE_KINDS", "index_classes", "index_field", "unet_from_dict", "jsonable",
-    "check_schedule", "check_normalization", "check_calibration",
+    "check_schedule", "describe_schedule", "check_normalization", "check_calibration",
 ]  # fmt: skip

@@ -85,7 +85,16 @@ class Enhancer:
         self.channels_last = bool(channels_last and self.device.type == "cuda" and config.dims == 2)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.schedule = Schedule.from_dict(dict(config.schedule))
+        # sampling walks the stored inference schedule (imported reference weights: the
+        # reference's test schedule), else the training schedule; the network is fed the
+        # alpha-bar of each point either way, as the reference feeds its gammas
+        self.schedule = Schedule.from_dict(config.sampling_schedule)
+        # few-step spacings (logsnr, karras) start no noisier than the training schedule's
+        # noisiest level: below it the input holds no signal the network was trained on
+        self.noisiest = (
+            None if config.inference_schedule is None
+            else float(Schedule.from_dict(dict(config.schedule)).alpha_bars[-1])
+        )
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -206,6 +215,8 @@ class Enhancer:
                 mean = self.net.mean(cond_t).float()
             else:
                 level = float(self.schedule.alpha_bars[-1])
+                if self.noisiest is not None:  # where the few-step samplers start
+                    level = max(level, self.noisiest)
                 parts = []
                 for j, index in self._passes(list(range(self.out_slices))):
                     x_T = noise_t if j is None else noise_t[:, j : j + 1]
@@ -359,7 +370,7 @@ class Enhancer:
 
         denoise = self._denoiser(cond, index)
         sample = samplers.sample(denoise, x_T, self.schedule, step_noise=step_noise,
-                                 callback=capture, **kw).float()  # fmt: skip
+                                 callback=capture, noisiest=self.noisiest, **kw).float()  # fmt: skip
         if self.config.prediction == "eps" or not first:
             return sample, sample
         return first[0], sample
@@ -380,7 +391,7 @@ class Enhancer:
                 callback({**info, "x": mean + s * info["x"], "denoised": mean + s * info["denoised"]})
 
         r = samplers.sample(denoise, x_T, self.schedule, step_noise=step_noise, callback=report,
-                            **kw).float()  # fmt: skip
+                            noisiest=self.noisiest, **kw).float()  # fmt: skip
         return mean, s * r
 
     def _check_mean(self, mean: np.ndarray, shape) -> torch.Tensor:

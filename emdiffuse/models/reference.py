@@ -14,6 +14,10 @@ a noise schedule was set, also carries the schedule's buffers (``gammas``,
 
 What the import maps, and why:
 
+* **Which weights.** The reference saves ``<epoch>_Network.pth`` (``netG``) and
+  ``<epoch>_Network_ema.pth`` (its moving average); its test phase loads both but samples
+  only with ``netG``. Both import; :func:`reference_weights_kind` tells them apart by name,
+  and the ``*_Network.pth`` file is the one that reproduces the reference's results.
 * **Networks.** ``models.EMDiffuse_network`` (2D UNet, conditioning concatenated to the noisy
   target) gives ``emdiffuse-n`` or ``emdiffuse-r``; ``models.vEMDiffuse_network`` (the same 2D
   UNet plus an embedded in-between-slice index, the reference's ``unet_3d.py``; it is not a 3D
@@ -28,7 +32,10 @@ What the import maps, and why:
   ``x / 127.5 - 1`` (``ToTensor`` then ``Normalize(0.5, 0.5)``), fixed, with no percentiles:
   ``normalization`` becomes ``{"low": 0, "high": 255}`` unless given.
 * **Noise level.** Its network is fed ``gammas`` (alpha-bar), as ours; prediction is epsilon.
-  The training schedule (``beta_schedule.train``) becomes ``ModelConfig.schedule``.
+  The training schedule (``beta_schedule.train``) becomes ``ModelConfig.schedule``; the
+  inference schedule (``beta_schedule.test``, 1000 steps, β 1e-4…0.09 in the published
+  configs), which its test phase samples on, becomes ``ModelConfig.inference_schedule``, so
+  ``ddpm`` at that schedule's full length walks the reference's alpha-bars step for step.
 * **Slice order (vEMDiffuse).** The reference's conditioning is (slice *below*, slice *above*):
   the deeper slice first. Ours is in increasing z (see :mod:`emdiffuse.models.variants`), so
   the import swaps the two conditioning input channels of the first convolution; the network
@@ -55,10 +62,8 @@ from emdiffuse.models.checkpoints import (
 )
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.reference_config import (
-    config_args,
     config_from_reference,
     read_reference_config,
-    reference_schedule,
     strip_json_comments,
 )
 from emdiffuse.models.torch_files import load_tensor_mapping
@@ -80,6 +85,41 @@ SCHEDULE_BUFFERS = frozenset(
 # --------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------
+def reference_weights_kind(path: str | os.PathLike) -> str:
+    """Which of the reference's two saved networks ``path`` is, by its file name: ``"netG"``
+    (``*_Network.pth``: the trained network, which the reference's test phase samples with),
+    ``"ema"`` (``*_Network_ema.pth``: the moving average, saved but never used to sample) or
+    ``"unknown"``."""
+    name = Path(path).name
+    if name.endswith("_Network_ema.pth") or name == "Network_ema.pth":
+        return "ema"
+    if name.endswith("_Network.pth") or name == "Network.pth":
+        return "netG"
+    return "unknown"
+
+
+def describe_reference_weights(path: str | os.PathLike) -> str:
+    """One line: which kind of reference weights ``path`` holds and whether they give the
+    reference's own result."""
+    name = Path(path).name
+    kind = reference_weights_kind(path)
+    if kind == "netG":
+        return (
+            f"{name} is the reference's netG, the weights its test phase samples with: "
+            "--sampler ddpm --steps <the inference schedule's length> reproduces its result"
+        )
+    if kind == "ema":
+        twin = name[: -len("_ema.pth")] + ".pth"
+        return (
+            f"{name} is the reference's EMA copy, which its test phase never samples with; "
+            f"for the reference's own result import {twin}"
+        )
+    return (
+        f"{name} is not named *_Network.pth (netG, what the reference samples with) or "
+        "*_Network_ema.pth (its unused EMA copy): which weights these are is unknown"
+    )
+
+
 def read_reference_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The raw state dict of a reference ``*_Network(_ema).pth``, read without running code."""
     path = Path(path)
@@ -216,20 +256,17 @@ def load_reference_checkpoint(
         scale_factor=scale_factor,
         normalization=normalization,
         where=f"reference config {Path(json_path).name}",
+        file_name=Path(json_path).stem,
     )
     raw = read_reference_weights(pth)
-    others = []
-    try:  # a network saved outside training may carry the inference schedule
-        test = reference_schedule(config_args(opt), "", phase="test")
-        Schedule.from_dict(test)
-        others.append(test)
-    except InputError:
-        pass
+    # a network saved outside training may carry the inference schedule's buffers
+    others = [] if config.inference_schedule is None else [config.inference_schedule]
     state_dict = convert_reference_state_dict(
         raw, config, other_schedules=others, where=f"reference checkpoint {Path(pth).name}"
     )
     name = Path(pth).name
-    config = config.replace(training_data=f"{config.training_data} (weights {name})")
+    kind = {"netG": "netG", "ema": "EMA copy", "unknown": "kind unknown"}[reference_weights_kind(pth)]
+    config = config.replace(training_data=f"{config.training_data} (weights {name}: {kind})")
     return config, state_dict
 
 
@@ -268,6 +305,8 @@ def convert_reference_checkpoint(
 __all__ = [
     "load_reference_checkpoint",
     "convert_reference_checkpoint",
+    "reference_weights_kind",
+    "describe_reference_weights",
     "config_from_reference",
     "convert_reference_state_dict",
     "read_reference_config",

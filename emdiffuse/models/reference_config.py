@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.config_fields import check_schedule
 from emdiffuse.models.unet import UNetConfig
 from emdiffuse.models.variants import VARIANTS, ModelConfig
 
@@ -238,24 +239,57 @@ def _experiment_name(opt: Mapping[str, Any]) -> str:
     return name
 
 
-def _guess_variant(opt: Mapping[str, Any], index: bool, where: str) -> str:
-    name = _experiment_name(opt).lower()
+def _named_variant(text: str) -> str | None:
+    """The variant a name starts with (``EMDiffuse-n-big`` -> ``emdiffuse-n``), or None."""
+    text = text.lower()
+    for prefix in NAME_PREFIXES:
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    text = text.replace("_", "-")
+    for variant in VARIANTS:
+        if text.startswith(variant):
+            return variant
+    return None
+
+
+def _guess_variant(opt: Mapping[str, Any], index: bool, where: str, file_name: str = "") -> str:
+    """The variant from the network's shapes (the index-embedding vEMDiffuse network or the
+    2D one) and, where those cannot tell, the experiment name, the vEMDiffuse dataset's
+    ``method`` and the config's file name; refused where these disagree."""
+    name = _named_variant(_experiment_name(opt))
+    shown = repr(opt.get("name"))
     if index:
         method = _get(opt, "datasets", "train", "which_dataset", "args", "method")
-        for candidate in (str(method or "").lower(), name):
-            for variant in ("vemdiffuse-i", "vemdiffuse-a"):
-                if candidate.startswith(variant):
-                    return variant
+        for candidate in (_named_variant(str(method or "")), name, _named_variant(file_name)):
+            if candidate in ("vemdiffuse-i", "vemdiffuse-a"):
+                return candidate
         raise InputError(
-            f"{where}: cannot tell vEMDiffuse-i from vEMDiffuse-a (experiment name "
-            f"{opt.get('name')!r}); pass variant (--variant vemdiffuse-i or vemdiffuse-a)"
+            f"{where}: cannot tell vEMDiffuse-i from vEMDiffuse-a (experiment name {shown}, "
+            "no dataset method); pass variant (--variant vemdiffuse-i or vemdiffuse-a)"
         )
-    for variant in ("emdiffuse-n", "emdiffuse-r"):
-        if name.startswith(variant):
-            return variant
+    shapes = (
+        "a 2D EMDiffuse network (in_channel 2, out_channel 1) has the same shapes for "
+        "denoising and super-resolution, and both train on its denoise dataset"
+    )
+    if name in ("vemdiffuse-i", "vemdiffuse-a"):
+        raise InputError(
+            f"{where}: the experiment name {shown} says vEMDiffuse but the network is the 2D "
+            f"EMDiffuse one; {shapes}: pass --variant emdiffuse-n, or emdiffuse-r with "
+            "--scale-factor"
+        )
+    from_file = _named_variant(file_name)
+    if name and from_file in ("emdiffuse-n", "emdiffuse-r") and from_file != name:
+        raise InputError(
+            f"{where}: the experiment name {shown} says {name} but the file name says "
+            f"{from_file}, and the network cannot decide ({shapes}; the published "
+            "EMDiffuse-n-big.json is a denoiser named 'EMDiffuse-r'); pass --variant "
+            "emdiffuse-n, or emdiffuse-r with --scale-factor"
+        )
+    if name in ("emdiffuse-n", "emdiffuse-r"):
+        return name
     raise InputError(
         f"{where}: the reference config does not say whether this network denoises or "
-        f"super-resolves (experiment name {opt.get('name')!r}); pass variant "
+        f"super-resolves (experiment name {shown}; {shapes}); pass variant "
         "(--variant emdiffuse-n or emdiffuse-r)"
     )
 
@@ -267,6 +301,7 @@ def config_from_reference(
     scale_factor: int | None = None,
     normalization: Mapping[str, float] | None = None,
     where: str = "reference config",
+    file_name: str = "",
 ) -> ModelConfig:
     """Our :class:`ModelConfig` for a reference EMDiffuse config (as from
     :func:`read_reference_config`).
@@ -281,12 +316,15 @@ def config_from_reference(
         normalization: raw ``{"low", "high"}`` mapped to [-1, 1]; default 0 and 255, as the
             reference (8-bit images).
         where: how messages name the config.
+        file_name: the config's file name; where the experiment name says otherwise (the
+            published ``EMDiffuse-n-big.json`` is named ``EMDiffuse-r``) the variant must
+            be given.
     """
     if not isinstance(opt, Mapping):
         raise InputError(f"{where}: expected a JSON object")
     index, args = _network_spec(opt, where)
     if variant is None:
-        variant = _guess_variant(opt, index, where)
+        variant = _guess_variant(opt, index, where, file_name)
     variant = str(variant).lower()
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -317,13 +355,14 @@ def config_from_reference(
     if first not in LOSSES:
         raise InputError(f"{where}: unsupported loss {first!r}; supported: {', '.join(LOSSES)}")
     name = _experiment_name(opt) or "?"
-    test = _get(args, "beta_schedule", "test")
+    test = None
+    if _get(args, "beta_schedule", "test") is not None:
+        test = reference_schedule(args, where, phase="test")
+        try:
+            check_schedule(test, "beta_schedule.test")
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
     note = f"imported from reference EMDiffuse experiment {name!r}"
-    if isinstance(test, Mapping):
-        note += (
-            f"; its inference schedule: {test.get('schedule')} over {test.get('n_timestep')} "
-            f"steps, betas {test.get('linear_start')}..{test.get('linear_end')}"
-        )
     return ModelConfig(
         variant=variant,
         task=task,
@@ -337,6 +376,7 @@ def config_from_reference(
         training_data=note,
         use_index_embedding=index,
         cond_upsample="bilinear",  # the reference enlarges its input with PIL's bilinear resize
+        inference_schedule=test,  # what the reference's test phase samples on
     )
 
 

@@ -71,6 +71,18 @@ def _report(
         callback({"i": i, "x": x, "denoised": x0, "alpha_bar": at, "alpha_bar_next": ap})
 
 
+def ddpm_posterior(at: float, ap: float) -> tuple[float, float, float]:
+    """``(c0, ct, var)`` of the posterior q(x_prev | x_t, x0) from alpha-bar ``at`` to the
+    less noisy ``ap``: mean ``c0 x0 + ct x_t``, variance ``var``, with ``beta = 1 - at / ap``
+    — the reference's ``posterior_mean_coef1``, ``posterior_mean_coef2`` and posterior
+    variance (which it stores clipped below at 1e-20, and uses only where ``var > 0``)."""
+    alpha = at / ap
+    beta = 1 - alpha
+    c0 = math.sqrt(ap) * beta / (1 - at)
+    ct = (1 - ap) * math.sqrt(alpha) / (1 - at)
+    return c0, ct, beta * (1 - ap) / (1 - at)
+
+
 @torch.no_grad()
 def sample_ddpm(
     denoise: Denoiser,
@@ -82,20 +94,21 @@ def sample_ddpm(
 ) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0_hat) (the reference's sampler).
 
-    With ``alphas`` the reference's test schedule (``gammas`` reversed, then 1.0) this is the
-    reference's ``restoration`` loop step for step. The last step adds no noise.
+    With ``alphas`` the reference's test schedule (``gammas`` reversed, then 1.0: what
+    ``Schedule.timesteps(steps)`` gives at the schedule's full length) and a denoiser that
+    clips x0 to [-1, 1] (``make_denoiser``'s default, the reference's ``clip_denoised``)
+    this is the reference's ``restoration`` loop step for step: x0 from the ε estimate, the
+    posterior mean of :func:`ddpm_posterior`, plus ``sqrt(var)`` times the step's noise; the
+    last step (to alpha-bar 1) adds none (``tests/models/test_reference_import.py`` replays
+    the reference's own loop to 1e-5).
     """
     a = _check_alphas(alphas)
     x = x_T.float()
     for i in range(len(a) - 1):
         at, ap = a[i], a[i + 1]
         x0 = denoise(x, at).float()
-        alpha = at / ap
-        beta = 1 - alpha
-        c0 = math.sqrt(ap) * beta / (1 - at)
-        ct = (1 - ap) * math.sqrt(alpha) / (1 - at)
+        c0, ct, var = ddpm_posterior(at, ap)
         x = c0 * x0 + ct * x
-        var = beta * (1 - ap) / (1 - at)
         if i < len(a) - 2 and var > 0:
             x = x + math.sqrt(var) * _noise(step_noise, i, x, "ddpm")
         _report(callback, i, x, x0, at, ap)
@@ -285,15 +298,18 @@ def sample(
     eta: float = 0.0,
     spacing: str | None = None,
     callback: Callback | None = None,
+    noisiest: float | None = None,
 ) -> torch.Tensor:
-    """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing)``.
+    """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing, noisiest)``.
 
     ``spacing`` (one of ``sampler_names.SPACING_NAMES``; None: the sampler's default,
     ``"time"`` for ddpm — the reference's schedule — and ``"logsnr"`` for the others, far
     better at few steps). ``callback``: called after each step (module docstring).
+    ``noisiest``: where ``logsnr``/``karras`` spacings start at the latest (see
+    :meth:`~emdiffuse.models.diffusion.Schedule.timesteps`); ``time`` spacing ignores it.
     """
     spacing = resolve_spacing(sampler, spacing)
-    alphas = as_schedule(schedule).timesteps(steps, spacing)
+    alphas = as_schedule(schedule).timesteps(steps, spacing, noisiest)
     fn = SAMPLERS[sampler]
     kwargs: dict[str, Any] = {"step_noise": step_noise, "callback": callback}
     if sampler == "ddim":
@@ -345,6 +361,6 @@ def sample_many(
 
 
 __all__ = [
-    "SAMPLERS", "Callback", "sample", "sample_many", "sample_ddpm", "sample_ddim",
+    "SAMPLERS", "Callback", "sample", "sample_many", "ddpm_posterior", "sample_ddpm", "sample_ddim",
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
 ]  # fmt: skip

@@ -44,6 +44,7 @@ from emdiffuse.models.config_fields import (
     check_calibration,
     check_normalization,
     check_schedule,
+    describe_schedule,
     index_classes,
     index_field,
     jsonable,
@@ -74,13 +75,22 @@ KINDS = ("sr3", "residual")
 DEFAULT_RESIDUAL_SCALE = 0.2
 
 # The reference's training schedule (EMDiffuse configs, "beta_schedule.train"): linear betas
-# over 2000 steps from 1e-6 to 1e-2. Its test schedule (1000 steps, 1e-4..0.09) is one
-# inference choice among many here: the network is trained on a continuous noise level.
+# over 2000 steps from 1e-6 to 1e-2. The network is trained on a continuous noise level, so
+# any inference schedule is valid at run time.
 REFERENCE_SCHEDULE: dict[str, Any] = {
     "kind": "linear",
     "steps": 2000,
     "beta_start": 1e-6,
     "beta_end": 1e-2,
+}
+# The reference's inference schedule ("beta_schedule.test" of its published configs): its
+# ancestral sampler walks these 1000 alpha-bars, from 6.6e-21 (far noisier than any training
+# level) to 0.9999. Imported reference weights store it as ``inference_schedule``.
+REFERENCE_TEST_SCHEDULE: dict[str, Any] = {
+    "kind": "linear",
+    "steps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.09,
 }
 
 # Network sizes. "reference" is the published EMDiffuse UNet (32 base channels, multipliers
@@ -147,6 +157,9 @@ class ModelConfig:
     ``[condition, mean]``; not for index-embedding layouts). ``calibration`` is the
     conformal scale of the sample spread fitted at the end of training
     (:mod:`emdiffuse.models.calibration`), or None.
+    ``inference_schedule`` is the noise schedule sampling walks (same form as ``schedule``;
+    for imported reference weights its ``beta_schedule.test``), or None: sample on the
+    training ``schedule`` (checkpoints from before the field). See :attr:`sampling_schedule`.
     ``cond_upsample`` is how super-resolution puts its input on the output grid
     (:mod:`emdiffuse.models.conditioning`): ``"bicubic"``, or ``"bilinear"`` for reference
     weights.
@@ -169,6 +182,7 @@ class ModelConfig:
     mean_net: MeanNetConfig | None = None
     residual_scale: float | None = None
     calibration: dict[str, Any] | None = None
+    inference_schedule: dict[str, Any] | None = None
     emdiffuse_version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
@@ -214,6 +228,16 @@ class ModelConfig:
     def net_out_channels(self) -> int:
         """Channels one network pass produces (1 in index-embedding mode)."""
         return 1 if self.use_index_embedding else self.out_slices
+
+    @property
+    def sampling_schedule(self) -> dict[str, Any]:
+        """The schedule samplers walk: ``inference_schedule``, else the training ``schedule``."""
+        return dict(self.schedule if self.inference_schedule is None else self.inference_schedule)
+
+    def describe_sampling(self) -> str:
+        """Which schedule sampling walks, in words (for run reports and the import)."""
+        role = "training" if self.inference_schedule is None else "inference"
+        return f"{describe_schedule(self.sampling_schedule)} (the model's {role} schedule)"
 
     @property
     def residual(self) -> bool:
@@ -287,6 +311,8 @@ class ModelConfig:
                 f"model config: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}"
             )
         check_schedule(self.schedule)
+        if self.inference_schedule is not None:
+            check_schedule(self.inference_schedule, "inference_schedule")
         check_normalization(self.normalization)
         if self.condition_normalization is not None:
             check_normalization(self.condition_normalization, "condition_normalization")
@@ -395,6 +421,8 @@ class ModelConfig:
         out["unet"] = jsonable(dataclasses.asdict(self.unet))
         out["voxel_size_nm"] = None if self.voxel_size_nm is None else list(self.voxel_size_nm)
         out["schedule"] = jsonable(dict(self.schedule))
+        if self.inference_schedule is not None:
+            out["inference_schedule"] = jsonable(dict(self.inference_schedule))
         out["normalization"] = {k: float(v) for k, v in self.normalization.items()}
         if self.condition_normalization is not None:
             out["condition_normalization"] = {

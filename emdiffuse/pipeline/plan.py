@@ -40,6 +40,7 @@ class Plan:
     spacing: str = ""  # how the sampler's steps are placed ("" when not given)
     evaluations_per_tile: int = 0  # NFE * samples (+1 for a model's own mean); 1 mean-only
     seconds_per_evaluation: float | None = None
+    schedule: str = ""  # the noise schedule the sampler walks, in words ("" when not given)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +76,7 @@ class Plan:
         text = (
             f"{self.sampler}, {self.steps} steps"
             + (f" on {self.spacing} spacing" if self.spacing else "")
+            + (f" of {self.schedule}" if self.schedule else "")
             + f", {self.samples} sample(s)"
         )
         sampled = network_evaluations(self.sampler, self.steps) * self.samples
@@ -131,6 +133,7 @@ def make_plan(
     spacing: str = "",
     shared_mean: bool = False,
     seconds_per_evaluation: float | None = None,
+    schedule: str = "",
 ) -> Plan:
     """Plan of a run. ``done``: chunks already finished (resume).
 
@@ -138,7 +141,8 @@ def make_plan(
     estimate for a resumed run scales the tiles by the share of chunks left to run. The
     time of a network evaluation is ``seconds_per_evaluation``, or ``seconds_per_tile`` (one
     sample of one tile: all the sampler's steps) over the sampler's evaluations.
-    ``samples=0`` is the posterior mean only: one evaluation per tile.
+    ``samples=0`` is the posterior mean only: one evaluation per tile. ``schedule``: the
+    noise schedule the sampler walks, in words (for the report).
     """
     counts = tiles_per_chunk_axis(lattice, chunks)
     per_chunk_sum = int(np.prod([c.sum() for c in counts]))
@@ -178,6 +182,7 @@ def make_plan(
         tiles_per_chunk_sum=per_chunk_sum,
         evaluations_per_tile=per_tile,
         seconds_per_evaluation=seconds_per_evaluation,
+        schedule=schedule,
     )
 
 
@@ -203,6 +208,7 @@ def estimate_plan(
         done=done,
         shared_mean=spec.shares_mean,
         seconds_per_evaluation=seconds_per_evaluation,
+        schedule=spec.sampling_schedule_text,
     )
 
 

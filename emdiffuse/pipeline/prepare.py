@@ -229,6 +229,8 @@ def prepare(
         condition_normalization=condition,
         calibration=config.calibration if settings.samples >= 2 else None,
         model_kind=config.kind,
+        sampling_schedule=config.sampling_schedule,
+        sampling_schedule_text=config.describe_sampling(),
         output_voxel_size=voxel,
         output_translation=translation,
         chunk_hook=chunk_hook,

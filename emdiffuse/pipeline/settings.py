@@ -249,6 +249,10 @@ class RunSpec:
     # None for the plain standard deviation over samples (models.calibration)
     calibration: Any = None
     model_kind: str = "sr3"  # "residual": a mean network, evaluated once per tile
+    # the noise schedule the sampler walks (the model's inference schedule, else its training
+    # schedule) and that fact in words; None for specs built without a model config
+    sampling_schedule: dict | None = None
+    sampling_schedule_text: str = ""
 
     @property
     def chunks(self) -> tuple[int, int, int]:
@@ -302,6 +306,8 @@ class RunSpec:
             "overlap": int(s.overlap),
             "sampler": s.sampler,
             "spacing": s.spacing,
+            **({} if self.sampling_schedule is None
+               else {"sampling_schedule": dict(self.sampling_schedule)}),
             "chunks": list(map(int, s.chunks)),
             "normalization": self.normalization.to_dict(),
             **self._condition_record(),

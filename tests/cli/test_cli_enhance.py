@@ -73,6 +73,8 @@ def test_dry_run_prints_plan_only(files, tmp_path, capsys):
     assert code == 0
     err = capsys.readouterr().err
     assert "tiles:" in err and "estimated time" in err
+    # which noise schedule the sampler walks (this model stores none for inference)
+    assert "of linear, 2000 steps, beta 1e-06..0.01 (the model's training schedule)" in err
     assert not out.exists()
 
 

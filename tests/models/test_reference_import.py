@@ -20,20 +20,27 @@ import torch
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
 from emdiffuse.models.checkpoints import load_checkpoint
+from emdiffuse.models.diffusion import Schedule, make_denoiser
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.reference import (
     convert_reference_checkpoint,
+    describe_reference_weights,
     load_reference_checkpoint,
     read_reference_config,
+    reference_weights_kind,
     strip_json_comments,
 )
+from emdiffuse.models.samplers import ddpm_posterior, sample_ddpm
 from emdiffuse.models.unet import UNet
+from emdiffuse.models.variants import ModelConfig
 
 # tests/models/test_reference_import.py -> tests/data/reference (read when tests are collected)
 DATA = Path(__file__).resolve().parents[1] / "data" / "reference"
 N_PTH, N_JSON = DATA / "emdiffuse_n_Network.pth", DATA / "emdiffuse_n.json"
 V_PTH, V_JSON = DATA / "vemdiffuse_i_Network_ema.pth", DATA / "vemdiffuse_i.json"
 TOLERANCE = 1e-5
+TEST_SCHEDULE = {"kind": "linear", "steps": 1000, "beta_start": 1e-4, "beta_end": 0.09}
+TRAJECTORY_TOLERANCE = 1e-4
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,7 +154,10 @@ def test_convert_to_safetensors_and_enhance(tmp_path):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "n.safetensors"
     assert main(["import-reference", str(N_PTH), str(N_JSON), str(out)]) == 0
-    assert "emdiffuse-n (denoise)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "emdiffuse-n (denoise)" in printed
+    assert "is the reference's netG, the weights its test phase samples with" in printed
+    assert "sampling schedule: linear, 1000 steps, beta 0.0001..0.09 (the model's inference" in printed
     config, state_dict = load_checkpoint(out)
     assert _max_diff(config, state_dict, "emdiffuse_n") < TOLERANCE
     assert main(["import-reference", str(N_PTH), str(N_JSON), str(out)]) == 2
@@ -161,6 +171,134 @@ def test_cli(tmp_path, capsys):
     assert main(["import-reference", str(N_PTH), str(N_JSON), str(out), "--overwrite",
                  "--variant", "emdiffuse-r"]) == 2  # fmt: skip
     assert "super-resolution factor" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# the reference's sampler: its test schedule and its p_sample_loop, replayed
+# --------------------------------------------------------------------------------------
+def _trajectory() -> dict[str, np.ndarray]:
+    with np.load(DATA / "emdiffuse_n_trajectory.npz", allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _draw(pool: np.ndarray, k: int) -> np.ndarray:
+    """The fixture's k-th noise draw (scripts/make_reference_fixture.trajectory_noise)."""
+    if k == 0:
+        return pool[0]
+    return np.roll(pool[1 + (k - 1) % 64], (k - 1) // 64, axis=-1)
+
+
+def test_import_stores_the_inference_schedule():
+    """The config's beta_schedule.test is stored and sampled on: at its full length, time
+    spacing walks exactly the reference's gammas (its test buffer), reversed, then 1.0."""
+    config, _ = load_reference_checkpoint(N_PTH, N_JSON)
+    assert config.inference_schedule == TEST_SCHEDULE
+    assert config.sampling_schedule == TEST_SCHEDULE
+    assert "inference schedule" in config.describe_sampling()
+    assert ModelConfig.from_json(config.to_json()) == config
+    gammas = _trajectory()["gammas"]  # the reference's own float32 buffer
+    alphas = Schedule.from_dict(config.sampling_schedule).timesteps(1000, "time")
+    assert alphas.shape == (1001,) and float(alphas[-1]) == 1.0
+    assert np.array_equal(alphas[:-1].flip(0).numpy().astype(np.float32), gammas)
+    assert float(alphas[0]) < 1e-20  # far below the lowest training level (4.4e-5)
+    # a checkpoint without the field samples on its training schedule, as before
+    old = config.to_dict()
+    del old["inference_schedule"]
+    old = ModelConfig.from_dict(old)
+    assert old.inference_schedule is None and old.sampling_schedule == config.schedule
+    assert "training schedule" in old.describe_sampling()
+    bad = dict(config.to_dict(), inference_schedule={"kind": "linear", "steps": 1})
+    with pytest.raises(InputError, match="inference_schedule.steps"):
+        ModelConfig.from_dict(bad)
+
+
+def test_few_step_spacings_start_at_the_training_range():
+    """On the reference's test schedule logsnr/karras spacing would put 6-10 of 8-10 steps
+    below the lowest training level (4.4e-5), where the input has no signal left; they start
+    there instead. Time spacing (ddpm's) keeps the schedule's own noisiest point."""
+    config, state_dict = load_reference_checkpoint(N_PTH, N_JSON)
+    enhancer = Enhancer.from_config(config, state_dict)
+    lowest = float(Schedule.from_dict(config.schedule).alpha_bars[-1])
+    cond = np.zeros((1, 1, 16, 16), np.float32)
+    noise = np.random.default_rng(0).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    for sampler, spacing, first in (("dpmpp_2m", None, lowest), ("ddim", "karras", lowest),
+                                    ("ddpm", None, float(enhancer.schedule.alpha_bars[-1]))):
+        levels: list[float] = []
+        enhancer.enhance(cond, noise, sampler=sampler, steps=4, spacing=spacing,
+                         step_noise=lambda i: noise, callback=lambda d, kept=levels: kept.append(
+                             d["alpha_bar"]))  # fmt: skip
+        assert levels[0] == pytest.approx(first, rel=1e-9), sampler
+    assert float(enhancer.schedule.alpha_bars[-1]) < 1e-20
+
+
+def test_single_posterior_steps_match_reference():
+    """One step of the reference's p_mean_variance (x0 from its ε, clipped; the posterior
+    mean; its clipped log variance) at chosen t, from the fixture's inputs."""
+    config, state_dict = load_reference_checkpoint(N_PTH, N_JSON)
+    enhancer = Enhancer.from_config(config, state_dict)
+    tr = _trajectory()
+    gammas = enhancer.schedule.alpha_bars
+    denoise = make_denoiser(enhancer.net, torch.from_numpy(tr["cond"]), prediction="eps")
+    for row, t in enumerate(tr["single_t"]):
+        at, ap = float(gammas[t]), (float(gammas[t - 1]) if t > 0 else 1.0)
+        y_t = torch.from_numpy(tr["single_y_t"][row : row + 1])
+        mean = sample_ddpm(denoise, y_t, torch.tensor([at, ap], dtype=torch.float64))
+        assert float((mean - torch.from_numpy(tr["single_mean"][row : row + 1])).abs().max()) < TOLERANCE
+        if t >= 10:  # x0 itself only where its 1/sqrt(alpha_bar) amplification is small
+            continue
+        x0 = denoise(y_t, at)
+        assert float((x0 - torch.from_numpy(tr["single_x0"][row : row + 1])).abs().max()) < TOLERANCE
+    for row, t in enumerate(tr["single_t"]):
+        at, ap = float(gammas[t]), (float(gammas[t - 1]) if t > 0 else 1.0)
+        var = ddpm_posterior(at, ap)[2]
+        expected = float(tr["single_log_variance"][row])
+        assert abs(np.log(max(var, 1e-20)) - expected) < 1e-4 * abs(expected)
+
+
+@pytest.mark.slow
+def test_ddpm_replays_reference_loop():
+    """Imported weights + ddpm at the inference schedule's full length (1000 steps) + the
+    same start and step noise = the reference's own p_sample_loop output, and its states
+    along the way."""
+    config, state_dict = load_reference_checkpoint(N_PTH, N_JSON)
+    enhancer = Enhancer.from_config(config, state_dict)
+    tr = _trajectory()
+    states: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def keep(info: dict) -> None:
+        if info["i"] in set(tr["steps"].tolist()):
+            states[info["i"]] = (info["x"].numpy().copy(), info["denoised"].numpy().copy())
+
+    out = enhancer.enhance(
+        tr["cond"], _draw(tr["pool"], 0), sampler="ddpm", steps=1000,
+        step_noise=lambda i: _draw(tr["pool"], i + 1), callback=keep,
+    )  # fmt: skip
+    assert np.abs(out - tr["final"]).max() <= TRAJECTORY_TOLERANCE
+    for row, k in enumerate(tr["steps"]):
+        x, x0 = states[int(k)]
+        assert np.abs(x - tr["x"][row]).max() <= TRAJECTORY_TOLERANCE, k
+        if k >= 900:  # x0 at the noisiest levels is 1/sqrt(alpha_bar) times rounding
+            assert np.abs(x0 - tr["x0"][row]).max() <= TRAJECTORY_TOLERANCE, k
+
+
+def test_weights_kind_reported_and_ema_imports(tmp_path, capsys):
+    """netG (*_Network.pth) is what the reference samples with; the EMA copy imports too,
+    and the import says which it got."""
+    assert reference_weights_kind(N_PTH) == "netG"
+    assert reference_weights_kind(V_PTH) == "ema"
+    assert reference_weights_kind(tmp_path / "weights.pth") == "unknown"
+    assert "netG" in load_reference_checkpoint(N_PTH, N_JSON)[0].training_data
+    config, _ = load_reference_checkpoint(V_PTH, V_JSON)
+    assert "EMA copy" in config.training_data
+    out = tmp_path / "v.safetensors"
+    assert main(["import-reference", str(V_PTH), str(V_JSON), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ("vemdiffuse_i_Network_ema.pth is the reference's EMA copy, which its test phase "
+            "never samples with; for the reference's own result import "
+            "vemdiffuse_i_Network.pth") in printed  # fmt: skip
+    renamed = tmp_path / "weights.pth"
+    renamed.write_bytes(N_PTH.read_bytes())
+    assert "unknown" in describe_reference_weights(renamed)
 
 
 # --------------------------------------------------------------------------------------
@@ -197,6 +335,35 @@ def test_saved_config_name_prefix_and_variant_guess(tmp_path):
         load_reference_checkpoint(V_PTH, path)
     config, _ = load_reference_checkpoint(V_PTH, path, variant="vemdiffuse-a")
     assert config.variant == "vemdiffuse-a"
+
+
+def test_variant_name_disagreeing_with_the_file_is_named(tmp_path):
+    """The published EMDiffuse-n-big.json is a denoiser whose experiment name is
+    'EMDiffuse-r'; the 2D network's shapes cannot tell (denoiser and super-resolver are both
+    2 -> 1 channels), so the import names the disagreement on one line and asks."""
+    opt = read_reference_config(N_JSON)
+    opt["name"] = "EMDiffuse-r"
+    big = tmp_path / "EMDiffuse-n-big.json"
+    big.write_text(json.dumps(opt))
+    with pytest.raises(InputError, match=r"name 'EMDiffuse-r' says emdiffuse-r but the file name "
+                       r"says emdiffuse-n.*in_channel 2, out_channel 1.*--variant emdiffuse-n") as info:
+        load_reference_checkpoint(N_PTH, big)
+    assert "\n" not in str(info.value)
+    config, _ = load_reference_checkpoint(N_PTH, big, variant="emdiffuse-n")
+    assert (config.variant, config.scale_factor) == ("emdiffuse-n", 1)
+    assert load_reference_checkpoint(N_PTH, big, variant="emdiffuse-r", scale_factor=2)[0].xy_scale == 2
+    # a name and a file that agree need nothing more
+    agree = tmp_path / "EMDiffuse-r-big.json"
+    agree.write_text(json.dumps(opt))
+    with pytest.raises(InputError, match="super-resolution factor"):
+        load_reference_checkpoint(N_PTH, agree)
+    # a vEMDiffuse name on the 2D network: the network decides it is not isotropic
+    opt["name"] = "vEMDiffuse-i"
+    agree.write_text(json.dumps(opt))
+    with pytest.raises(InputError, match="says vEMDiffuse but the network is the 2D EMDiffuse one"):
+        load_reference_checkpoint(N_PTH, agree)
+    # and the CLI prints it as one line, exit 2
+    assert main(["import-reference", str(N_PTH), str(big), str(tmp_path / "x.safetensors")]) == 2
 
 
 def test_z_factor_from_config_and_mismatch(tmp_path):

@@ -263,6 +263,8 @@ def test_resume_refuses_other_settings(models, volumes, tmp_path):
         enhance(volumes["3d"], models["n"], out, resume=True, **dict(RUN, steps=3))
     # the spacing is part of the run: the default (logsnr for dpmpp_2m) is recorded by name
     assert read_run_config(out)["spacing"] == "logsnr"
+    # and the schedule the sampler walks (this model's training schedule: it stores no other)
+    assert read_run_config(out)["sampling_schedule"]["steps"] == 2000
     with pytest.raises(InputError, match="spacing: 'logsnr' -> 'karras'"):
         enhance(volumes["3d"], models["n"], out, resume=True, spacing="karras", **RUN)
     enhance(volumes["3d"], models["n"], out, resume=True, spacing="logsnr", **RUN)  # same run
