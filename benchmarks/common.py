@@ -48,7 +48,7 @@ def make_model(path: Path, *, seed: int = 0, size: str = "tiny", unet: dict | No
     ``unet`` overrides fields of the preset's UNet config."""
     from emdiffuse.models.checkpoints import save_checkpoint
     from emdiffuse.models.enhancer import Enhancer
-    from emdiffuse.models.variants import make_config
+    from emdiffuse.models.presets import make_config
 
     config = make_config("emdiffuse-n", size, normalization={"low": 0.0, "high": 255.0})
     if unet:

@@ -36,7 +36,7 @@ import torch
 from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import save_checkpoint, sidecar_path
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

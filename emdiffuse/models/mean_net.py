@@ -109,11 +109,11 @@ class MeanUNet(nn.Module):
         return self.config.multiple
 
     @torch.no_grad()
-    def init_skip(self, weights: Sequence[Sequence[float]]) -> None:
-        """Set the 1×1 skip to fixed weights ``(out_channels, in_channels)``, zero bias."""
+    def init_skip(self, weights: Sequence[Sequence[float]], bias: float = 0.0) -> None:
+        """Set the 1×1 skip to fixed weights ``(out_channels, in_channels)`` and ``bias``."""
         w = torch.as_tensor(weights, dtype=self.skip.weight.dtype)
         self.skip.weight.copy_(w.reshape(self.skip.weight.shape).to(self.skip.weight.device))
-        self.skip.bias.zero_()
+        self.skip.bias.fill_(float(bias))
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         c = self.config

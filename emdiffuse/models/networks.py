@@ -16,6 +16,7 @@ from torch import nn
 
 from emdiffuse.models.diffusion import q_sample
 from emdiffuse.models.mean_net import MeanUNet
+from emdiffuse.models.normalization import condition_from_model, from_model
 from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import ModelConfig
 
@@ -28,6 +29,17 @@ def baseline_weights(config: ModelConfig) -> list[list[float]]:
         return [[1.0]]
     k = config.k
     return [[1.0 - j / k, j / k] for j in range(1, k)]
+
+
+def baseline_affine(config: ModelConfig) -> tuple[float, float]:
+    """``(gain, offset)`` that carry the condition's model space to the target's: the input
+    maps to model space with the condition range and the output back with the target range,
+    so "the output is the input" in raw units is ``gain * cond + offset`` in model space
+    (``(1, 0)`` when the two ranges are one)."""
+    cond, target = condition_from_model(config), from_model(config)
+    gain = cond.half_range / target.half_range
+    offset = (cond.half_range + cond.low - target.low) / target.half_range - 1.0
+    return gain, offset
 
 
 class MeanResidualNet(nn.Module):
@@ -72,13 +84,16 @@ class MeanResidualNet(nn.Module):
 
 def build_network(config: ModelConfig) -> nn.Module:
     """The (randomly initialised) network of ``config``: a UNet, or a MeanResidualNet whose
-    mean network's skip starts at :func:`baseline_weights`. Seed torch first for a
+    mean network's skip starts at :func:`baseline_weights` carried into the target's model
+    space (:func:`baseline_affine`): an unbiased first estimate whatever the two ranges. Seed torch first for a
     reproducible initialisation."""
     if not config.residual:
         return UNet(config.unet)
     net = MeanResidualNet(config)
-    net.mean.init_skip(baseline_weights(config))
+    gain, offset = baseline_affine(config)
+    weights = [[gain * w for w in row] for row in baseline_weights(config)]
+    net.mean.init_skip(weights, bias=offset)
     return net
 
 
-__all__ = ["MeanResidualNet", "build_network", "baseline_weights"]
+__all__ = ["MeanResidualNet", "build_network", "baseline_weights", "baseline_affine"]

@@ -14,8 +14,9 @@ import torch
 from emdiffuse.errors import InputError
 from emdiffuse.models.checkpoints import load_checkpoint
 from emdiffuse.models.networks import build_network
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.unet import UNetConfig
-from emdiffuse.models.variants import ModelConfig, make_config
+from emdiffuse.models.variants import ModelConfig
 from emdiffuse.training.loader import PatchDataset
 from emdiffuse.training.settings import TASK_VARIANTS, TrainSettings
 

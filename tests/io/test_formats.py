@@ -32,7 +32,7 @@ from emdiffuse.errors import InputError  # noqa: E402
 from emdiffuse.io.regions import RegionReader, backing_reader  # noqa: E402
 from emdiffuse.models.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from emdiffuse.models.enhancer import Enhancer  # noqa: E402
-from emdiffuse.models.variants import make_config  # noqa: E402
+from emdiffuse.models.presets import make_config  # noqa: E402
 
 SHAPE = (3, 32, 40)
 VOXEL = (40.0, 4.0, 4.0)

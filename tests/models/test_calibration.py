@@ -14,7 +14,7 @@ import pytest
 
 from emdiffuse.errors import InputError
 from emdiffuse.models import calibration
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 
 
 def test_finite_sample_rule():

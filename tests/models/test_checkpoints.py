@@ -18,8 +18,9 @@ from emdiffuse.models.checkpoints import (
     save_checkpoint,
     sidecar_path,
 )
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.unet import UNet
-from emdiffuse.models.variants import ModelConfig, make_config
+from emdiffuse.models.variants import ModelConfig
 
 
 def _model(variant="emdiffuse-n", seed=0, **kwargs):

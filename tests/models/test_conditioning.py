@@ -8,7 +8,7 @@ from skimage.transform import rescale
 from emdiffuse.errors import InputError
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 
 
 def test_bilinear_matches_an_independent_half_pixel_interpolation():

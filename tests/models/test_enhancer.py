@@ -13,8 +13,8 @@ from emdiffuse.errors import InputError
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import denormalize, normalize
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.sampler_names import SAMPLER_NAMES
-from emdiffuse.models.variants import make_config
 
 STEPS = 2  # shapes and determinism do not need many steps
 

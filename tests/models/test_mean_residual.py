@@ -16,8 +16,9 @@ from emdiffuse.models import diffusion
 from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint, save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.networks import MeanResidualNet, baseline_weights, build_network
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.sampler_names import SAMPLER_NAMES, STOCHASTIC
-from emdiffuse.models.variants import DEFAULT_RESIDUAL_SCALE, ModelConfig, make_config
+from emdiffuse.models.variants import DEFAULT_RESIDUAL_SCALE, ModelConfig
 from emdiffuse.training import trainer
 
 
@@ -230,3 +231,22 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
         trainer.train("denoise", [noisy, clean], tmp_path / "ft", steps=1, init=str(path), **fast)
     with pytest.raises(InputError, match="index-embedding|index embedding"):
         make_config("vemdiffuse-a", "tiny", kind="residual", use_index_embedding=True)
+
+
+@pytest.mark.parametrize("variant, k", [("emdiffuse-n", None), ("vemdiffuse-i", 4)])
+def test_untrained_mean_is_the_input_in_raw_units_whatever_the_ranges(variant, k):
+    """The mean network starts at "output = input" in RAW units: with a condition range
+    unlike the target's (a noisy input spans far more), an identity in model space would
+    start the mean — and the posterior mean of a briefly trained model — biased."""
+    condition, target = {"low": -0.05, "high": 2.5}, {"low": 0.12, "high": 0.77}
+    config = make_config(variant, scale_factor=k, kind="residual", normalization=target,
+                         condition_normalization=condition)  # fmt: skip
+    net = build_network(config).eval()
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.1, 0.8, size=(1, config.in_slices, 16, 16))
+    cond = (raw - condition["low"]) / ((condition["high"] - condition["low"]) / 2) - 1
+    with torch.no_grad():
+        mean = net(torch.as_tensor(cond, dtype=torch.float32)).numpy().astype(np.float64)
+    back = (mean + 1) * (target["high"] - target["low"]) / 2 + target["low"]
+    expected = np.einsum("oi,bihw->bohw", np.asarray(baseline_weights(config)), raw)
+    np.testing.assert_allclose(back, expected, atol=1e-5)

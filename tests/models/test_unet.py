@@ -10,8 +10,8 @@ import torch
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.layers import AttentionBlock
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.unet import UNet, UNetConfig
-from emdiffuse.models.variants import make_config
 
 TINY = {"base_channels": 16, "channel_mults": (1, 2, 2), "num_res_blocks": 1,
         "num_head_channels": 16, "dropout": 0.0}  # fmt: skip

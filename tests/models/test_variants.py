@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.unet import UNet
-from emdiffuse.models.variants import (
-    REFERENCE_SCHEDULE,
-    ModelConfig,
-    make_config,
-)
+from emdiffuse.models.variants import REFERENCE_SCHEDULE, ModelConfig
 
 CONTRACTS = [
     # variant, k, in_slices, out_slices, xy_scale, z_scale

@@ -16,7 +16,7 @@ from emdiffuse.cli import main
 from emdiffuse.models.calibration import half_widths
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 from emdiffuse.pipeline.enhance import enhance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

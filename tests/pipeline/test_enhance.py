@@ -16,7 +16,7 @@ from emdiffuse.errors import InputError
 from emdiffuse.io import open_volume, write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.inprocess import run_in_process
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks

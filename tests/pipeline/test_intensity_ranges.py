@@ -17,7 +17,7 @@ from emdiffuse.io import write_image
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import Normalization
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.intensity import run_normalization, transfer

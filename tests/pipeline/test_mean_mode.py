@@ -19,7 +19,7 @@ from emdiffuse.io import open_volume
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import Normalization
-from emdiffuse.models.variants import make_config
+from emdiffuse.models.presets import make_config
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.blend import window_2d
 from emdiffuse.pipeline.enhance import enhance

@@ -24,7 +24,8 @@ from emdiffuse.models.normalization import (
     pair_from_model,
     robust_range,
 )
-from emdiffuse.models.variants import ModelConfig, make_config
+from emdiffuse.models.presets import make_config
+from emdiffuse.models.variants import ModelConfig
 from emdiffuse.training import trainer
 from emdiffuse.training.augment import NONE
 from emdiffuse.training.demo_model import enhance_slices
