@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
-from emdiffuse.training.settings import AXES, LR_SCHEDULES, TASK_VARIANTS, defaults
+from emdiffuse.training.settings import AXES, LR_SCHEDULES, OBJECTIVES, TASK_VARIANTS, defaults
 
 INTERRUPTED = "interrupted; rerun with --resume to continue from the last saved checkpoint"
 HELP = (
@@ -28,7 +28,8 @@ DESCRIPTION = (
 SETTINGS = (
     "size", "steps", "batch_size", "patch", "lr", "warmup", "lr_schedule", "ema_decay",
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
-    "axis", "val_fraction", "workers", "init", "seed", "time_limit",
+    "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
+    "residual_scale",
 )  # fmt: skip
 
 
@@ -38,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="comma-separated sources, see above")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--size", default=d["size"], help="model preset: tiny, small, reference")
+    parser.add_argument(
+        "--objective", choices=OBJECTIVES, default=d["objective"],
+        help="diffusion: one diffusion UNet, the reference's (SR3) kind; residual: mean plus "
+        "residual, a regression network for the posterior mean and a diffusion UNet for the "
+        "texture around it (enhance --samples 0 uses the mean alone); regression: a plain "
+        "regression UNet (CARE-like baseline)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--residual-scale", type=float, default=d["residual_scale"],
+        help="residual objective: scale s of the residual (target - mean) / s in model space",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")
     parser.add_argument(

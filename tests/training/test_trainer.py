@@ -138,6 +138,15 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
 
     config, _ = load_checkpoint(out / "model.safetensors")
     assert tuple(config.voxel_size_nm) == (8.0, 8.0, 8.0)
+    assert config.kind == "sr3"
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "residual"), "--objective", "residual", "--residual-scale", "0.5",
+                 "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
+                 "--device", "cpu", "--val-every", "2"])  # fmt: skip
+    assert code == 0
+    config, state = load_checkpoint(tmp_path / "residual" / "model.safetensors")
+    assert config.kind == "residual" and config.residual_scale == 0.5
+    assert any(name.startswith("mean.") for name in state)
     code = main(["train", "--task", "denoise", "--data", paths[0], "--out", str(tmp_path / "x")])
     assert code == 2
     assert "NOISY,CLEAN" in capsys.readouterr().err
