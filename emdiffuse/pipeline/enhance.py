@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import sys
 import threading
@@ -38,7 +39,7 @@ from emdiffuse.pipeline.cluster import (
     silence_distributed,
 )
 from emdiffuse.pipeline.graph import build_graph, run_graph
-from emdiffuse.pipeline.lattice import iter_chunks
+from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.outputs import create_outputs, finalize_outputs
 from emdiffuse.pipeline.plan import Plan, estimate_plan, measure_seconds_per_evaluation
 from emdiffuse.pipeline.preflight import check_worker_devices, device_problem
@@ -235,7 +236,10 @@ def _execute(
     try:
         graph, keys = build_graph(spec, todo)
         threads = (scheduling.workers or 1) if scheduling.scheduler == "threads" else None
-        run_graph(graph, keys, client=client, num_workers=threads, progress=progress)
+        boxes = (chunk_box(i, spec.lattice.output_shape, spec.chunks) for i in todo)
+        voxels = sum(math.prod(b - a for a, b in box) for box in boxes)
+        run_graph(graph, keys, client=client, num_workers=threads, progress=progress,
+                  voxels=voxels)  # fmt: skip
     except KeyboardInterrupt:
         if client is not None:
             quieted = quiet_shutdown(client, workers_too=owned is not None)

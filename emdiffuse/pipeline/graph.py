@@ -35,9 +35,11 @@ import dask.threaded
 import torch
 from dask.callbacks import Callback
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from distributed import as_completed
 from distributed import progress as distributed_progress
 from tqdm.auto import tqdm
 
+from emdiffuse.pipeline.progress import LineProgress, is_terminal
 from emdiffuse.pipeline.settings import RunSpec
 from emdiffuse.pipeline.tasks import block_plan, produce_block, run_chunk
 
@@ -132,14 +134,19 @@ def run_graph(
     client=None,
     num_workers: int | None = None,
     progress: bool = True,
+    voxels: int | None = None,
 ) -> list[dict]:
     """Execute the graph; return the per-chunk records in the order of ``keys``.
 
     With ``client``: submitted to its cluster (tile tasks GPU-annotated when it has GPU
     workers), with a distributed progress bar. Without: Dask's threaded scheduler with
     ``num_workers`` threads, each giving torch ``cores // num_workers`` threads (no
-    oversubscription), and a progress bar over chunks.
+    oversubscription), and a progress bar over chunks. When stderr is not a terminal (a batch
+    log) the bars are replaced by a plain line every few percent or minute
+    (:class:`~emdiffuse.pipeline.progress.LineProgress`; ``voxels``: the output voxels of the
+    chunks in ``keys``, for the Mvoxel/s figure).
     """
+    lines = progress and not is_terminal(sys.stderr)
     if not keys:
         return []
     if client is not None:
@@ -151,7 +158,11 @@ def run_graph(
         with dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}):
             futures = client.get(submitted, keys, sync=False)
         try:
-            if progress:
+            if lines:
+                reporter = LineProgress(len(futures), voxels)
+                for _ in as_completed(futures):
+                    reporter.update()
+            elif progress:
                 distributed_progress(futures, notebook=False)
                 print(file=sys.stderr)
             return client.gather(futures)
@@ -166,18 +177,19 @@ def run_graph(
         with torch_threads(max(1, cpu_count() // workers)):
             if not progress:
                 return list(dask.threaded.get(graph, keys, pool=pool))
-            with _ChunkBar(len(keys)):
+            with _ChunkBar(len(keys), LineProgress(len(keys), voxels) if lines else None):
                 return list(dask.threaded.get(graph, keys, pool=pool))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ChunkBar:
-    """A tqdm bar over the chunk tasks of a threaded run (tile tasks are not counted)."""
+    """A tqdm bar over the chunk tasks of a threaded run (tile tasks are not counted), or
+    ``lines`` (a :class:`LineProgress`) in its place."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="chunks", unit="chunk")
-        bar = self.bar
+    def __init__(self, total: int, lines: LineProgress | None = None):
+        self.bar = tqdm(total=total, desc="chunks", unit="chunk") if lines is None else None
+        bar = self.bar if lines is None else lines
 
         class _Callback(Callback):
             def _posttask(self, key, result, dsk, state, worker_id):
@@ -192,4 +204,5 @@ class _ChunkBar:
 
     def __exit__(self, *exc):
         self.callback.__exit__(*exc)
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -415,3 +415,42 @@ def test_auto_normalization_is_global_and_recorded(models, volumes, tmp_path):
     low, high = np.percentile(raw, (0.5, 99.5))
     assert stored["normalization"]["low"] == pytest.approx(low, abs=2)
     assert stored["normalization"]["high"] == pytest.approx(high, abs=2)
+
+
+def test_batch_log_gets_plain_progress_lines(models, volumes, tmp_path, capsys):
+    """stderr that is not a terminal (a SLURM log, a captured cell) gets a few plain lines —
+    chunks done, Mvoxel/s, ETA — instead of a live bar's frames."""
+    kw = dict(RUN, chunks=(1, 8, 8), dtype="float32", progress=True)
+    enhance(volumes["3d"], models["n"], tmp_path / "p.zarr", **kw)
+    err = capsys.readouterr().err
+    n_chunks = len(list(iter_chunks((3, 40, 44), (1, 8, 8))))
+    lines = [line for line in err.splitlines() if line.startswith("chunks ")]
+    assert n_chunks >= 60 and "\r" not in err
+    assert 1 <= len(lines) <= 22  # every 5 % at most, and the last
+    assert lines[-1].startswith(f"chunks {n_chunks}/{n_chunks} (100 %)")
+    assert "Mvoxel/s" in lines[-1] and "elapsed" in lines[-1]
+
+
+def test_line_progress_spacing_and_eta():
+    from emdiffuse.pipeline.progress import LineProgress
+
+    class Stream(list):
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    now = [0.0]
+    stream = Stream()
+    bar = LineProgress(200, voxels=200 * 10**6, stream=stream, every_seconds=60.0,
+                       clock=lambda: now[0])  # fmt: skip
+    for _ in range(100):  # 1 chunk a second: a line every 10 chunks (5 %)
+        now[0] += 1.0
+        bar.update()
+    assert bar.lines == 10
+    assert "chunks 100/200 (50 %)" in bar.line(now[0]) and "ETA 1 min 40 s" in bar.line(now[0])
+    assert "1 Mvoxel/s" in bar.line(now[0])
+    now[0] += 600.0  # a long chunk: the time rule prints although only one chunk finished
+    bar.update()
+    assert bar.lines == 11
