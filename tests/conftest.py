@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- paths ----------------------------------------------------------------------------------
+# A test run started in the background of a non-interactive shell (`cmd &`, as CI runners and
+# `nohup` launches do) inherits SIGINT as *ignored*, and so would every command a test starts;
+# the tests that press Ctrl-C on a command (view, enhance, the reliability tests) would then
+# wait forever. Give this process Python's usual handler: commands it starts begin with the
+# default disposition (a handler, unlike "ignored", is reset at exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The root of this checkout (where pyproject.toml is)."""

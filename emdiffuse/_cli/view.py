@@ -33,13 +33,17 @@ def run(args: argparse.Namespace) -> int:
     from emdiffuse.viewer.server import serve
 
     server, url = serve(args.paths, port=args.port, bind=args.bind)
+    # before the URL is printed: reading the children imports zarr and the io readers, and a
+    # Ctrl-C that lands inside such an import (right after the URL) could leave the process
+    # hanging at exit
+    notes = _child_notes(args.paths)
     try:  # from here on a Ctrl-C, wherever it lands, stops the server cleanly
         if args.bind not in ("127.0.0.1", "localhost", "::1"):
             print(
                 f"warning: listening on {args.bind}; anyone who can reach it can read these files"
             )
         print(url, flush=True)
-        for line in _child_notes(args.paths):
+        for line in notes:
             print(line, file=sys.stderr, flush=True)
         print("serving read-only; press Ctrl-C to stop", file=sys.stderr, flush=True)
         if not args.no_browser:
