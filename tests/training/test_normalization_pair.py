@@ -158,19 +158,21 @@ def test_train_accepts_the_pair(tmp_path, wide_pair):
 
 
 def test_enhancer_maps_input_and_output_through_their_own_ranges(tmp_path):
-    """A residual model's mean network starts at its input (its skip is the identity and its
-    correction zero), so with each side in its own range the raw output is the clean image
-    although the input is 2 x clean + 1; a shared range, or either range used on the wrong
-    side, lands far off."""
+    """A residual model's mean network starts at "output = input" in RAW units (its skip
+    carries the condition's model space into the target's, its correction is zero), so with
+    each side in its own range an untrained model returns the noisy input itself, clipped to
+    the target's range; a shared range, or either range used on the wrong side, lands far
+    off (an identity in model space would shrink the input into the target's range)."""
     clean = _smooth((4, 64, 64), 7) * 0.8 + 0.1
-    noisy = 2.0 * clean + 1.0
+    noisy = clean + np.random.default_rng(3).normal(0.0, 0.3, clean.shape)
     path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=1, objective="residual",
                          **{**FAST, "lr": 1e-6})  # fmt: skip
     enhancer = Enhancer.load(path)
     assert enhancer.condition_normalization != enhancer.normalization
     out = enhance_slices(enhancer, noisy, samples=0)
-    target = enhancer.normalization
-    np.testing.assert_allclose(out, np.clip(clean, target.low, target.high), atol=0.01)
+    target, condition = enhancer.normalization, enhancer.condition_normalization
+    inside = np.clip(noisy, condition.low, condition.high)  # the condition is clipped too
+    np.testing.assert_allclose(out, np.clip(inside, target.low, target.high), atol=0.01)
     # the checkpoint written by save_checkpoint reads back the same pair
     save_checkpoint(tmp_path / "copy.safetensors", enhancer.net.state_dict(), enhancer.config)
     copy = Enhancer.load(tmp_path / "copy.safetensors")
