@@ -14,7 +14,7 @@ from emdiffuse import __version__, io, metrics
 from emdiffuse.errors import InputError
 from emdiffuse.models.sampler_names import DEFAULT_STEPS
 from emdiffuse.pipeline.enhance import enhance
-from emdiffuse.training.demo_model import demo_pair, train_demo_denoiser
+from emdiffuse.training.demo_model import DEMO_TRAIN_SHAPE, demo_pair, train_demo_denoiser
 from emdiffuse.training.settings import DEMO_NOISE, DEMO_SETTINGS
 
 SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
@@ -35,7 +35,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
     """The demo denoiser: reused from ``cache`` when an earlier run trained it, else trained."""
-    key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE], sort_keys=True, default=str)
+    key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE, DEMO_TRAIN_SHAPE],
+                     sort_keys=True, default=str)  # fmt: skip
     folder = cache / f"demo-denoise-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     model = folder / "model.safetensors"
     if model.exists():

@@ -334,6 +334,7 @@ def make_denoiser(
     index: torch.Tensor | None = None,
     clip: bool = True,
     clip_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+    centre: bool = False,
 ) -> Denoiser:
     """The bridge from a network to the samplers: ``denoise(x_t, alpha_bar) -> x0_hat``.
 
@@ -342,17 +343,27 @@ def make_denoiser(
     ``clip_denoised``), clamped to [-1, 1] — or, with ``clip_range`` ``(low, high)``
     (tensors broadcasting against x0), to that range instead: the residual kind's bounds
     ``((-1 - mean) / s, (1 - mean) / s)``, so that ``mean + s * x0_hat`` stays in [-1, 1].
+    ``centre`` (the residual kind) subtracts each sample's and channel's spatial mean from
+    x0_hat before clipping: the residual is zero-mean by construction, the mean intensity is
+    the mean network's alone. (A residual UNet trained for a few hundred steps beside a mean
+    network that is still moving learns residuals with a mean of its own: +2 to +3 % of the
+    clean range on the demo's denoiser, for every sampler; benchmarks/results/intensity_bias.md.)
     ``schedule`` is accepted for symmetry and unused.
     """
     _check_prediction(prediction)
     del schedule
+
+    def centred(x0: torch.Tensor) -> torch.Tensor:
+        if not centre:
+            return x0
+        return x0 - x0.mean(dim=tuple(range(2, x0.ndim)), keepdim=True)
 
     def denoise(x_t: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
         b = x_t.shape[0]
         a = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device)
         level = a.expand(b) if a.ndim == 0 else a.reshape(b)
         pred = net(torch.cat([cond.to(x_t.dtype), x_t], dim=1), level, index).float()
-        x0 = to_x0(pred, x_t.float(), level.double(), prediction)
+        x0 = centred(to_x0(pred, x_t.float(), level.double(), prediction))
         if not clip:
             return x0
         if clip_range is not None:

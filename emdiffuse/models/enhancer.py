@@ -387,7 +387,7 @@ class Enhancer:
         bounds = ((-1.0 - mean) / s, (1.0 - mean) / s)
         cond_mean = torch.cat([cond, mean.to(cond.dtype)], dim=1)
         denoise = make_denoiser(self.net.residual, cond_mean, self.schedule, self.config.prediction,
-                                clip_range=bounds)  # fmt: skip
+                                clip_range=bounds, centre=True)  # fmt: skip
         report = None
         if callback is not None:
 

@@ -23,6 +23,13 @@ from emdiffuse.training.state import latest_checkpoint, load_state
 from emdiffuse.training.synthetic import synthetic_block
 from emdiffuse.training.trainer import train
 
+# The demo model's training volume (zyx voxels). Large enough to hold a representative sample
+# of the generator's intensities: an MMSE denoiser at the demo's dose shrinks towards its
+# training data's intensity distribution, and the first 8x256² (mean 0.60 against 0.62-0.65 in
+# held-out regions) made every held-out output 1.4-3.3 % too dark
+# (benchmarks/results/intensity_bias.md).
+DEMO_TRAIN_SHAPE = (16, 512, 512)
+
 
 def demo_pair(
     shape: tuple[int, int, int] = (8, 256, 256),
@@ -111,7 +118,7 @@ def train_demo_denoiser(
     *,
     minutes: float = 5.0,
     seed: int = 0,
-    shape: tuple[int, int, int] = (8, 256, 256),
+    shape: tuple[int, int, int] = DEMO_TRAIN_SHAPE,
     evaluate: bool = True,
     progress: bool = True,
     overwrite: bool = False,
@@ -152,4 +159,4 @@ def train_demo_denoiser(
     return path, report
 
 
-__all__ = ["demo_pair", "enhance_slices", "evaluate_denoiser", "train_demo_denoiser", "DEMO_SETTINGS", "DEMO_NOISE"]
+__all__ = ["DEMO_TRAIN_SHAPE", "demo_pair", "enhance_slices", "evaluate_denoiser", "train_demo_denoiser", "DEMO_SETTINGS", "DEMO_NOISE"]
