@@ -28,8 +28,9 @@ weights), on 256×256 tiles. ``--smoke``: the ``tiny`` preset on 32×32 tiles, b
    (``--pipeline-shape``, default 8×2048×2048) with the same model at ``dpmpp_2m``, 8
    steps (8 NFE), one sample, default tiling, ``--pipeline-batch-size``, bf16 on CUDA
    (fp32 on CPU), on a LocalCluster with one worker (``GPU=1`` on CUDA) after a small
-   warm-up run: output Mvoxel/s, the worker's device memory peak and the pipeline's stage
-   split (:mod:`emdiffuse.pipeline.stages`).
+   warm-up run, with one output chunk per task (the default) and with 2×2×2: output
+   Mvoxel/s, the worker's device memory peak and the pipeline's stage split
+   (:mod:`emdiffuse.pipeline.stages`, worker seconds).
 
 ``--budget-s`` (default 270) bounds the microbenchmarks: combinations left when it is spent
 are recorded as skipped. Writes ``<out>/<name>.json`` (with provenance) and ``<name>.md``;
@@ -73,6 +74,8 @@ PEAK_SOURCE = (
 )
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max abs difference to eager fp32, network output
 NFE = 8
+PIPELINE_STAGES = ("read", "normalise", "gather", "noise", "network", "blend", "write",
+                   "tile_task", "chunk_task")  # fmt: skip
 FULL_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 SMOKE_BATCHES = (1, 2)
 
@@ -305,11 +308,16 @@ def _reset_worker_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def pipeline_row(args, size: str, tile: int, device: torch.device, work: Path) -> dict:
-    """Output Mvoxel/s of ``emdiffuse.enhance`` at 8 NFE on a one-worker LocalCluster."""
+PIPELINE_CONFIGS = ({"chunks_per_task": 1}, {"chunks_per_task": (2, 2, 2)})
+
+
+def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) -> list[dict]:
+    """Output Mvoxel/s of ``emdiffuse.enhance`` at 8 NFE on a one-worker LocalCluster, one
+    row per :data:`PIPELINE_CONFIGS` (the default task size, and 2×2×2 chunks per task)."""
     from distributed import Client, LocalCluster
 
     import emdiffuse
+    from emdiffuse.pipeline.run_record import read_run_config
     from emdiffuse.pipeline.stages import reset_stages, stage_seconds
 
     shape = tuple(int(v) for v in args.pipeline_shape.split(","))
@@ -329,43 +337,47 @@ def pipeline_row(args, size: str, tile: int, device: torch.device, work: Path) -
         resources={"GPU": 1} if cuda else None,
     )  # fmt: skip
     client = Client(cluster)
+    rows = []
     try:
         emdiffuse.enhance(warm_inp, model, work / "warm-out.ome.zarr", client=client, **options)
-        client.run(reset_stages)
-        client.run(_reset_worker_memory)
-        start = time.perf_counter()
-        out = emdiffuse.enhance(inp, model, work / "out.ome.zarr", client=client, **options)
-        wall = time.perf_counter() - start
-        stages = next(iter(client.run(stage_seconds).values()))
-        memory = next(iter(client.run(_worker_memory).values()))
+        for i, config in enumerate(PIPELINE_CONFIGS):
+            client.run(reset_stages)
+            client.run(_reset_worker_memory)
+            out_path = work / f"out{i}.ome.zarr"
+            start = time.perf_counter()
+            out = emdiffuse.enhance(inp, model, out_path, client=client, **options, **config)
+            wall = time.perf_counter() - start
+            stages = next(iter(client.run(stage_seconds).values()))
+            memory = next(iter(client.run(_worker_memory).values()))
+            record = read_run_config(out_path)
+            voxels = math.prod(out.shape)
+            tiles_voxels = _computed_voxels(record)
+            rows.append({
+                "input_shape": list(shape),
+                "output_voxels": voxels,
+                "steps": NFE,
+                "sampler": "dpmpp_2m",
+                "precision": precision,
+                "batch_size": args.pipeline_batch_size,
+                "chunks_per_task": config["chunks_per_task"],
+                "tile": record["tile"],
+                "overlap": record["overlap"],
+                "chunks": record["chunks"],
+                "redundancy": tiles_voxels / voxels if tiles_voxels else None,
+                "input_write_seconds": write_seconds,
+                "wall_seconds": wall,
+                "mvoxel_per_s": voxels / wall / 1e6,
+                "worker_peak_memory_bytes": memory,
+                "worker_stage_seconds": stages["seconds"],
+            })  # fmt: skip
+            shutil.rmtree(out_path, ignore_errors=True)
     finally:
         client.close()
         cluster.close()
-    voxels = math.prod(out.shape)
-    from emdiffuse.pipeline.run_record import read_run_config
-
-    record = read_run_config(work / "out.ome.zarr")
-    tiles_voxels = _computed_voxels(record, tile)
-    return {
-        "input_shape": list(shape),
-        "output_voxels": voxels,
-        "steps": NFE,
-        "sampler": "dpmpp_2m",
-        "precision": precision,
-        "batch_size": args.pipeline_batch_size,
-        "tile": record["tile"],
-        "overlap": record["overlap"],
-        "chunks": record["chunks"],
-        "redundancy": tiles_voxels / voxels if tiles_voxels else None,
-        "input_write_seconds": write_seconds,
-        "wall_seconds": wall,
-        "mvoxel_per_s": voxels / wall / 1e6,
-        "worker_peak_memory_bytes": memory,
-        "worker_stage_seconds": stages["seconds"],
-    }
+    return rows
 
 
-def _computed_voxels(record: dict, tile: int) -> int | None:
+def _computed_voxels(record: dict) -> int | None:
     """Output-grid voxels the lattice's tiles compute (tiles × tile²), from the run record."""
     from emdiffuse.pipeline.lattice import Lattice
 
@@ -427,23 +439,32 @@ def markdown(result: dict) -> str:
             f"{'on' if c['channels_last'] else 'off'} | {c['batch_size']} | "
             f"{c['max_abs_diff']:.2e} | {c['tolerance']:.0e} | {'yes' if c['passed'] else 'NO'} |"
         )
-    p = result["pipeline"]
+    rows = result["pipeline"]
     lines += ["", "## Full pipeline at 8 NFE", ""]
-    if p is None:
+    if not rows:
         lines.append("not run (`--no-pipeline`)")
     else:
-        mem = p["worker_peak_memory_bytes"]
-        lines.append(
+        p = rows[0]
+        lines += [
             f"`emdiffuse.enhance` of {'×'.join(map(str, p['input_shape']))} uint8, "
             f"`{p['sampler']}` {p['steps']} steps, {p['precision']}, batch {p['batch_size']}, "
             f"tile {p['tile']}/{p['overlap']}, chunks {p['chunks']}, redundancy "
-            f"{_fmt(p['redundancy'], '.2f')}, one worker: **{p['mvoxel_per_s']:.3g} Mvoxel/s** "
-            f"({p['wall_seconds']:.1f} s), worker device memory peak "
-            f"{_fmt(None if mem is None else mem / 2**20, '.0f')} MiB."
-        )
-        stages = p["worker_stage_seconds"]
-        lines += ["", "| stage | worker seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in sorted(stages.items())]
+            f"{_fmt(p['redundancy'], '.2f')}, one worker on a LocalCluster:",
+            "",
+            "| chunks per task | Mvoxel/s | wall s | worker device memory peak MiB | "
+            + " | ".join(f"{k} s" for k in PIPELINE_STAGES)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(PIPELINE_STAGES),
+        ]
+        for p in rows:
+            mem = p["worker_peak_memory_bytes"]
+            st = p["worker_stage_seconds"]
+            lines.append(
+                f"| {p['chunks_per_task']} | **{p['mvoxel_per_s']:.3g}** | "
+                f"{p['wall_seconds']:.1f} | {_fmt(None if mem is None else mem / 2**20, '.0f')} | "
+                + " | ".join(f"{st.get(k, 0.0):.2f}" for k in PIPELINE_STAGES)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -499,11 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = begin + args.budget_s
     rows, checks = network_rows(args, net, config, tile, device, peak, flops, deadline)
     del net
-    pipeline = None
+    pipeline: list[dict] = []
     if not args.no_pipeline:
         work = Path(tempfile.mkdtemp(prefix="emdiffuse-gpu-"))
         try:
-            pipeline = pipeline_row(args, size, tile, device, work)
+            pipeline = pipeline_rows(args, size, tile, device, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     result = {

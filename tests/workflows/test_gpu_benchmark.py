@@ -67,9 +67,11 @@ def test_speed_options_are_checked_against_fp32(smoke):
 
 
 def test_the_full_pipeline_ran_at_8_nfe(smoke):
-    p = smoke["pipeline"]
-    assert p["steps"] == smoke["nfe"] == 8
-    assert p["output_voxels"] == 64 * 64 and p["mvoxel_per_s"] > 0
-    assert p["worker_peak_memory_bytes"] is None
-    stages = p["worker_stage_seconds"]
-    assert stages["network"] > 0 and stages["tile_task"] >= stages["network"]
+    rows = smoke["pipeline"]
+    assert [p["chunks_per_task"] for p in rows] == [1, [2, 2, 2]]
+    for p in rows:
+        assert p["steps"] == smoke["nfe"] == 8 and p["sampler"] == "dpmpp_2m"
+        assert p["output_voxels"] == 64 * 64 and p["mvoxel_per_s"] > 0
+        assert p["worker_peak_memory_bytes"] is None
+        stages = p["worker_stage_seconds"]
+        assert stages["network"] > 0 and stages["tile_task"] >= stages["network"]
