@@ -348,6 +348,16 @@ def reading(result: dict) -> list[str]:
             f"CPU second it wrote {base['mvoxel_per_worker_cpu_second']:.2f} Mvoxel, about what "
             f"an unshared core would give per second."
         )
+    if len(rows) > 1:
+        nets = [r["seconds_per_mvoxel_per_worker"]["network"] * 1e3 for r in rows]
+        shares = [r.get("worker_cpu_share", float("nan")) for r in rows]
+        text.append(
+            f"- **How far to trust a comparison**: the `network` stage does the same work per "
+            f"voxel in every configuration, yet took {min(nets):.0f}–{max(nets):.0f} ms/Mvoxel "
+            f"(worker CPU share {min(shares):.2f}–{max(shares):.2f}): the load of the shared "
+            f"machine moves a configuration's figures by that much. Stage shares within a row, "
+            f"and `scheduling/other` per task, are steadier than throughput ratios."
+        )
     for r in rows[1:]:
         rp = {k: v * 1e3 for k, v in r["seconds_per_mvoxel_per_worker"].items()}
         text.append(
