@@ -1,7 +1,7 @@
 """The pipeline's ceiling: output Mvoxel/s per worker with a network that costs nothing.
 
     python benchmarks/pipeline_ceiling.py [--shape 64,2048,2048] [--workers 1]
-        [--configs default,...] [--name pipeline_ceiling]
+        [--configs default,...] [--name pipeline_ceiling] [--table-only]
 
 Goal (issue 16): >= 50 Mvoxel/s of uint8 output per worker process, so that the pipeline
 never starves one GPU (the reference-size UNet at 8 evaluations runs ~30 Mvoxel/s there).
@@ -30,7 +30,10 @@ outside the named stages); ``scheduling/other`` (worker time not inside any task
 scheduler's round trips, transfers of the tiles' pieces between tasks, deserialising,
 idle workers); ``setup`` (prepare, graph, output creation, in the client, x the worker
 slots it keeps idle) and ``pyramid`` (built in the client after the last chunk, likewise).
-The per-worker figure is output voxels / wall / workers.
+The per-worker figure is output voxels / wall / workers. The workers' CPU seconds (user +
+system, ``os.times`` in each worker) give their share of a core per second of wall time and
+the Mvoxel per worker CPU second: on a shared, loaded machine the figure that the other
+users' jobs disturb least.
 
 Writes ``results/<name>.json`` (with provenance), ``<name>.md`` (table, command, what bounds
 the ceiling) and ``<name>.png`` (stacked bars: seconds per output Mvoxel per worker, by stage).
