@@ -42,6 +42,16 @@ def _chunks(text: str) -> tuple[int, ...]:
     return values
 
 
+def _chunks_per_task(text: str) -> int | tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"chunks per task {text!r}: give one factor like 2, or one per axis like 1,2,2"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
 def _voxel_size(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.replace("x", ",").split(","))
@@ -184,6 +194,13 @@ def _add_compute(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULT["batch_size"],
         help=f"tiles per network call (default {_DEFAULT['batch_size']})",
+    )
+    parser.add_argument(
+        "--chunks-per-task",
+        type=_chunks_per_task,
+        default=_DEFAULT["chunks_per_task"],
+        help="output chunks one task computes and writes: one factor for every axis or one "
+        "per axis, e.g. 1,2,2 (default 1; larger tasks amortise the scheduler's cost per task)",
     )
     parser.add_argument(
         "--workers",

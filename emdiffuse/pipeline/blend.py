@@ -115,6 +115,12 @@ def blend_parts(
     the module docstring. Voxels no tile covers (kept slices) are 0."""
     weight = chunk_weight(lattice, box)
     covered = weight > 0
+    if covered.all():  # no kept slices: the same values without the masks' passes
+        blends = totals / weight
+        if residuals is not None:
+            texture = residuals / np.sqrt(chunk_weight(lattice, box, power=2))
+            blends = np.clip(blends + texture, np.minimum(blends, -1.0), np.maximum(blends, 1.0))
+        return blends
     safe = np.where(covered, weight, 1.0)
     blends = np.where(covered, totals / safe, 0.0)  # uncovered voxels: 0, replaced below
     if residuals is not None:
@@ -144,7 +150,7 @@ def finish_chunk(
     the input ``kept_region`` over ``kept_box``."""
     samples = totals.shape[0]
     blends = blend_parts(lattice, box, totals, residuals)
-    mean_model = blends.sum(axis=0) / samples
+    mean_model = blends[0] if samples == 1 else blends.sum(axis=0) / samples
     mean = normalization.inverse(mean_model)
     std = None
     if samples > 1:

@@ -24,7 +24,9 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from emdiffuse.errors import InputError
 from emdiffuse.io import open_volume
@@ -51,6 +53,7 @@ from emdiffuse.pipeline.settings import (
     Scheduling,
     Source,
 )
+from emdiffuse.pipeline.stages import timed
 
 log = logging.getLogger(__name__)
 _DEFAULT = RunSettings.defaults()  # the API's defaults are the settings' own
@@ -83,9 +86,11 @@ def enhance(
     device: str = _DEFAULT["device"],
     precision: str = _DEFAULT["precision"],
     batch_size: int = _DEFAULT["batch_size"],
+    chunks_per_task: int | tuple[int, ...] = _DEFAULT["chunks_per_task"],
     dry_run: bool = False,
     seconds_per_tile: float | None = None,
     chunk_hook: Callable[[tuple], None] | None = None,
+    enhancer_factory: Callable[[RunSpec], Any] | None = None,
     task: str | None = None,
     scale_factor: int | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
@@ -107,8 +112,14 @@ def enhance(
     half-widths at the model's calibrated level when its checkpoint stores a calibration,
     else the standard deviation (the image's ``emdiffuse`` attributes say which). ``resume`` continues an interrupted run with the same
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
+    ``chunks_per_task`` (one factor, or one per axis): output chunks one task computes
+    and writes (larger tasks amortise the scheduler's cost per task; the output's chunks
+    stay ``chunks``).
     ``progress`` shows the plan and progress bars. ``chunk_hook(index)`` is called at the
-    start of every chunk task (instrumentation).
+    start of every chunk task (instrumentation). ``enhancer_factory(spec)`` makes the
+    Enhancer the tasks use in place of the checkpoint's, once per worker process (for
+    benchmarks: a network that costs nothing; the checkpoint still fixes the run's
+    variant, ranges and record).
     ``task`` / ``scale_factor`` refuse a checkpoint made for another task or factor.
     Everything is checked before the output is created: options, input, model, output
     path, device, tile memory and, with ``scheduler`` an address, that the scheduler answers
@@ -117,7 +128,7 @@ def enhance(
     settings = RunSettings(
         sampler=sampler, steps=steps, spacing=spacing, samples=samples, seed=seed, tile=tile,
         overlap=overlap, chunks=chunks, normalize=normalize, dtype=dtype, device=device,
-        precision=precision, batch_size=batch_size,
+        precision=precision, batch_size=batch_size, chunks_per_task=chunks_per_task,
     )  # fmt: skip
     source = Source(
         input, model, level=level, voxel_size=voxel_size, task=task, scale_factor=scale_factor
@@ -129,7 +140,7 @@ def enhance(
     return run_enhancement(
         source, output, settings, scheduling, resume=resume, overwrite=overwrite,
         progress=progress, dry_run=dry_run, seconds_per_tile=seconds_per_tile,
-        chunk_hook=chunk_hook,
+        chunk_hook=chunk_hook, enhancer_factory=enhancer_factory,
     )  # fmt: skip
 
 
@@ -145,6 +156,7 @@ def run_enhancement(
     dry_run: bool = False,
     seconds_per_tile: float | None = None,
     chunk_hook: Callable[[tuple], None] | None = None,
+    enhancer_factory: Callable[[RunSpec], Any] | None = None,
 ):
     """:func:`enhance` with its settings as records (the CLI and the workflow scripts build
     them from the CLI's options)."""
@@ -154,10 +166,13 @@ def run_enhancement(
     notes = progress or dry_run
     with _shown_on_stderr(notes):
         exists = Path(output).exists() if "://" not in output else False
-        spec = prepare(
-            source, output, settings, resume=resume, overwrite=overwrite,
-            check_output=not dry_run, local=not scheduling.remote, chunk_hook=chunk_hook,
-        )  # fmt: skip
+        with timed("prepare"):
+            spec = prepare(
+                source, output, settings, resume=resume, overwrite=overwrite,
+                check_output=not dry_run, local=not scheduling.remote, chunk_hook=chunk_hook,
+            )  # fmt: skip
+        if enhancer_factory is not None:
+            spec = replace(spec, enhancer_factory=enhancer_factory)
         resuming = resume and exists
         done: set = set()
         if resuming:
@@ -170,14 +185,17 @@ def run_enhancement(
         all_chunks = list(iter_chunks(spec.lattice.output_shape, spec.chunks))
         todo = [c for c in all_chunks if tuple(c) not in done]
         if notes:
-            plan = _report_plan(spec, scheduling, len(all_chunks) - len(todo), todo, seconds_per_tile)
+            plan = _report_plan(
+                spec, scheduling, len(all_chunks) - len(todo), todo, seconds_per_tile
+            )
             if dry_run:
                 return plan
         client, owned = _start(spec, scheduling, create=not resuming, overwrite=overwrite or exists)
         if owned is not None and progress:
             log.info("dashboard: %s", client.dashboard_link)
         _execute(spec, todo, scheduling, client, owned, progress=progress, resuming=resuming)
-        finalize_outputs(spec)
+        with timed("pyramid"):
+            finalize_outputs(spec)
         record.mark_complete(output)
         return open_volume(output).to_xarray()
 
@@ -227,19 +245,23 @@ def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bo
 def _execute(
     spec: RunSpec, todo: list, scheduling: Scheduling, client, owned, *, progress, resuming
 ) -> None:
-    """Run the tasks of chunks ``todo``; close a cluster this run made, whatever happens.
+    """Run the tasks of output chunks ``todo``; close a cluster this run made, whatever happens.
     After Ctrl-C or a damaged input the shutdown is quiet; a damaged input is re-raised
     once no task of ours still writes (:func:`_damaged`)."""
     if client is not None:
         drop_all_exit_logs()
     quieted = damaged = None
     try:
-        graph, keys = build_graph(spec, todo)
+        # one task per cell of the task grid holding an unfinished chunk (chunks_per_task)
+        tasks = list(dict.fromkeys(spec.task_of(c) for c in todo))
+        with timed("graph"):
+            graph, keys = build_graph(spec, tasks)
         threads = (scheduling.workers or 1) if scheduling.scheduler == "threads" else None
-        boxes = (chunk_box(i, spec.lattice.output_shape, spec.chunks) for i in todo)
+        boxes = (chunk_box(i, spec.lattice.output_shape, spec.task_chunks) for i in tasks)
         voxels = sum(math.prod(b - a for a, b in box) for box in boxes)
-        run_graph(graph, keys, client=client, num_workers=threads, progress=progress,
-                  voxels=voxels)  # fmt: skip
+        with timed("execute"):
+            run_graph(graph, keys, client=client, num_workers=threads, progress=progress,
+                      voxels=voxels)  # fmt: skip
     except KeyboardInterrupt:
         if client is not None:
             quieted = quiet_shutdown(client, workers_too=owned is not None)
@@ -256,7 +278,9 @@ def _execute(
     if damaged is not None:
         # No task of ours still writes (threads joined, own cluster closed): an output this
         # run created goes; one that outside workers may still write to, or a resumed one, stays.
-        _damaged(spec.output_path, damaged, ours=not resuming and (client is None or owned is not None))
+        _damaged(
+            spec.output_path, damaged, ours=not resuming and (client is None or owned is not None)
+        )
 
 
 def _damaged(output: str, damaged: InputError, *, ours: bool) -> None:

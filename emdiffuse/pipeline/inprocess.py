@@ -67,7 +67,8 @@ def run_in_process(
     enhancer=None,
     on_chunk: Callable[[tuple, np.ndarray], None] | None = None,
 ) -> dict:
-    """Run the chunks in a plain loop in this process — no Dask, no Zarr writes.
+    """Run the chunks (cells of the task grid, :attr:`RunSpec.task_chunks`) in a plain loop
+    in this process — no Dask, no Zarr writes.
 
     The same reads, tiles (each run once), batches and blending as the pipeline, in chunk
     order; a block's tiles are dropped once every chunk that needs them is blended.
@@ -76,7 +77,7 @@ def run_in_process(
     """
     lattice = spec.lattice
     if indices is None:
-        indices = list(iter_chunks(lattice.output_shape, spec.chunks))
+        indices = list(iter_chunks(lattice.output_shape, spec.task_chunks))
     indices = [tuple(int(i) for i in index) for index in indices]
     if enhancer is None:
         enhancer = runtime.spec_enhancer(spec)

@@ -100,6 +100,20 @@ def resolve_chunks(chunks, output_shape, z_scale: int, ndim: int) -> tuple[int, 
     return tuple(int(c) for c in result)
 
 
+def resolve_chunks_per_task(factors, ndim: int) -> tuple[int, int, int]:
+    """Output chunks per task, zyx (z 1 for a 2D input), from one factor for every axis
+    or one per axis of the input."""
+    if isinstance(factors, int):
+        factors = (factors,) * ndim
+    if len(factors) != ndim:
+        raise InputError(
+            f"chunks per task {factors} must have one factor per axis ({ndim}: "
+            f"{'zyx' if ndim == 3 else 'yx'}) or be one integer"
+        )
+    result = (1, *factors) if ndim == 2 else tuple(factors)
+    return tuple(int(f) for f in result)
+
+
 def output_geometry(volume: Volume, xy_scale: int, z_scale: int):
     """Output voxel size and translation (zyx nm, or yx for 2D)."""
     vs = tuple(float(v) for v in volume.voxel_size)
@@ -107,7 +121,11 @@ def output_geometry(volume: Volume, xy_scale: int, z_scale: int):
     if volume.ndim == 2:
         vs, tr = (1.0, *vs), (0.0, *tr)
     out_vs = (vs[0] / z_scale, vs[1] / xy_scale, vs[2] / xy_scale)
-    shift = [0.0, -vs[1] * (xy_scale - 1) / (2 * xy_scale), -vs[2] * (xy_scale - 1) / (2 * xy_scale)]
+    shift = [
+        0.0,
+        -vs[1] * (xy_scale - 1) / (2 * xy_scale),
+        -vs[2] * (xy_scale - 1) / (2 * xy_scale),
+    ]
     out_tr = tuple(t + s for t, s in zip(tr, shift, strict=True))
     if volume.ndim == 2:
         return out_vs[1:], out_tr[1:]
@@ -168,7 +186,11 @@ def _layout(settings: RunSettings, volume: Volume, config) -> tuple[RunSettings,
     tile, overlap = choose_tile(out_yx, multiple, k_xy, settings.tile, settings.overlap)
     lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale)
     chunks = resolve_chunks(settings.chunks, lattice.output_shape, config.z_scale, volume.ndim)
-    return replace(settings, tile=tile, overlap=overlap, chunks=chunks), lattice
+    per_task = resolve_chunks_per_task(settings.chunks_per_task, volume.ndim)
+    settings = replace(
+        settings, tile=tile, overlap=overlap, chunks=chunks, chunks_per_task=per_task
+    )
+    return settings, lattice
 
 
 def prepare(

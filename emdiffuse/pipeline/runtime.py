@@ -43,6 +43,7 @@ _LOCK = threading.RLock()
 _ENHANCERS: dict[tuple, tuple[str, object]] = {}
 _INPUTS: dict[tuple, tuple[tuple, object]] = {}
 _OUTPUTS: dict[str, tuple[bytes, object]] = {}
+_INJECTED: dict[tuple, object] = {}  # an enhancer_factory's Enhancer (see spec_enhancer)
 _THREADS_SET = [False]
 _TILES_RUN = [0]  # tiles this process has run through a network (all runs, all samples)
 _ZARR_META = ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata")
@@ -156,9 +157,25 @@ def get_enhancer(
 
 
 def spec_enhancer(spec: RunSpec):
-    """The Enhancer of ``spec``'s model, settings and recorded hash (:func:`get_enhancer`)."""
+    """The Enhancer of ``spec``'s model, settings and recorded hash (:func:`get_enhancer`).
+
+    A spec with an ``enhancer_factory`` gets ``enhancer_factory(spec)`` instead, made once
+    per process for each factory (identified by its module and qualified name), checkpoint
+    hash, device and precision: an injected Enhancer, e.g. a benchmark's network that costs
+    nothing."""
     s = spec.settings
-    return get_enhancer(spec.checkpoint, s.device, s.precision, spec.checkpoint_sha256)
+    factory = spec.enhancer_factory
+    if factory is None:
+        return get_enhancer(spec.checkpoint, s.device, s.precision, spec.checkpoint_sha256)
+    name = (getattr(factory, "__module__", None), getattr(factory, "__qualname__", repr(factory)))
+    key = (*name, spec.checkpoint_sha256, worker_device(s.device), s.precision)
+    with _LOCK:
+        if key not in _INJECTED:
+            if key[3] == "cpu":
+                _set_torch_threads()
+            tune_malloc()
+            _INJECTED[key] = factory(spec)
+        return _INJECTED[key]
 
 
 # ---- the input -------------------------------------------------------------------------------

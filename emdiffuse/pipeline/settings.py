@@ -85,6 +85,18 @@ def _check_chunks(chunks) -> int | tuple[int, ...] | None:
     return tuple(check_positive_int("each chunk size", c) for c in chunks)
 
 
+def _check_chunks_per_task(value) -> int | tuple[int, ...]:
+    """One factor for every axis, or one per axis (each a positive integer)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return check_positive_int("chunks per task", value)
+    try:
+        return tuple(check_positive_int("each chunks-per-task factor", c) for c in value)
+    except TypeError:
+        raise InputError(
+            f"chunks per task must be an integer or one per axis, got {value!r}"
+        ) from None
+
+
 def _check_dtype(dtype) -> str | None:
     """The output dtype's name (None: the input's), an integer or float type."""
     if dtype is None:
@@ -108,7 +120,12 @@ class RunSettings:
     is prepared. ``samples``: 0 is the posterior mean only (one network evaluation per
     tile, no uncertainty), 1 one sample, N >= 2 the mean of N samples and the uncertainty
     image. ``normalize``: ``model`` (the model's training ranges) or ``auto`` (percentiles
-    of a sample of the input). ``device``: auto, cpu, cuda or cuda:N.
+    of a sample of the input). ``device``: auto, cpu, cuda or cuda:N. ``chunks_per_task``:
+    how many output chunks one Dask task computes and writes, per axis (one factor for
+    every axis, or one per axis of the input): larger tasks amortise the scheduler's cost
+    per task; a task's memory grows with its region, never with the volume. Resolved to
+    zyx factors when the run is prepared; like ``batch_size`` it changes the output only by
+    the float rounding of batched kernels, and a run resumes with any value.
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -124,6 +141,7 @@ class RunSettings:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 4
+    chunks_per_task: int | tuple[int, ...] = 1
 
     def __post_init__(self) -> None:
         checked = {
@@ -146,6 +164,7 @@ class RunSettings:
         checked["tile"] = None if self.tile is None else check_positive_int("tile", self.tile)
         checked["overlap"] = _check_overlap(self.overlap)
         checked["chunks"] = _check_chunks(self.chunks)
+        checked["chunks_per_task"] = _check_chunks_per_task(self.chunks_per_task)
         checked["dtype"] = _check_dtype(self.dtype)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -199,8 +218,10 @@ class Scheduling:
         ):
             if value is not None:
                 check_positive_int(name, value)
-        if self.client is None and self.remote and not str(self.scheduler).startswith(
-            SCHEDULER_SCHEMES
+        if (
+            self.client is None
+            and self.remote
+            and not str(self.scheduler).startswith(SCHEDULER_SCHEMES)
         ):
             raise InputError(
                 f"scheduler must be 'threads' or an address like tcp://host:8786, "
@@ -225,7 +246,9 @@ class RunSpec:
     ``settings`` has every default filled in (tile, overlap, spacing, dtype; ``chunks`` the
     output chunk shape zyx, z 1 for a 2D input, which runs as one z slice). The tasks open
     the input and output stores themselves from the paths here. ``chunk_hook(index)`` is
-    called at the start of every chunk task (instrumentation).
+    called at the start of every chunk task (instrumentation). ``enhancer_factory(spec)``,
+    when given, makes the Enhancer the tasks use in place of the checkpoint's (benchmarks:
+    a network that costs nothing; see :func:`emdiffuse.pipeline.runtime.spec_enhancer`).
     """
 
     settings: RunSettings
@@ -253,11 +276,41 @@ class RunSpec:
     # schedule) and that fact in words; None for specs built without a model config
     sampling_schedule: dict | None = None
     sampling_schedule_text: str = ""
+    enhancer_factory: Callable[[RunSpec], Any] | None = None
 
     @property
     def chunks(self) -> tuple[int, int, int]:
         """The output chunk shape (zyx)."""
         return self.settings.chunks
+
+    @property
+    def task_chunks(self) -> tuple[int, int, int]:
+        """The output region of one task (zyx): ``chunks_per_task`` output chunks along
+        each axis, cut to the volume; a multiple of :attr:`chunks` except at the far
+        border, so a task writes whole chunks of the store."""
+        factors = self.settings.chunks_per_task
+        if isinstance(factors, int):
+            factors = (factors,) * 3
+        return tuple(
+            min(c * f, s)
+            for c, f, s in zip(self.chunks, factors, self.lattice.output_shape, strict=True)
+        )
+
+    def chunks_in_task(self, index: Sequence[int]) -> list[tuple[int, int, int]]:
+        """The output chunk indices inside task ``index`` (of the :attr:`task_chunks` grid),
+        in C order."""
+        shape = self.lattice.output_shape
+        ranges = []
+        for i, t, c, s in zip(index, self.task_chunks, self.chunks, shape, strict=True):
+            lo, hi = int(i) * t, min((int(i) + 1) * t, s)
+            ranges.append(range(lo // c, -(-hi // c)))
+        return [(a, b, d) for a in ranges[0] for b in ranges[1] for d in ranges[2]]
+
+    def task_of(self, chunk: Sequence[int]) -> tuple[int, int, int]:
+        """The task index (of the :attr:`task_chunks` grid) holding output chunk ``chunk``."""
+        return tuple(
+            int(i) * c // t for i, c, t in zip(chunk, self.chunks, self.task_chunks, strict=True)
+        )
 
     @property
     def input_normalization(self) -> Normalization:
@@ -306,8 +359,11 @@ class RunSpec:
             "overlap": int(s.overlap),
             "sampler": s.sampler,
             "spacing": s.spacing,
-            **({} if self.sampling_schedule is None
-               else {"sampling_schedule": dict(self.sampling_schedule)}),
+            **(
+                {}
+                if self.sampling_schedule is None
+                else {"sampling_schedule": dict(self.sampling_schedule)}
+            ),
             "chunks": list(map(int, s.chunks)),
             "normalization": self.normalization.to_dict(),
             **self._condition_record(),

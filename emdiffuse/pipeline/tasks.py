@@ -10,6 +10,11 @@ linearly, the residual texture variance-aware), writes its region of the output 
 uncertainty image) and marks the chunk done. :func:`block_plan` says which blocks feed
 which chunks.
 
+"Chunk" in these tasks is a cell of the task grid (:attr:`RunSpec.task_chunks`): with the
+run's ``chunks_per_task`` at 1 (the default) an output chunk of the store, else a block of
+several whole output chunks, blended and written by one task (fewer, larger tasks: the
+scheduler's cost per task is paid less often).
+
 Everything a task needs travels in a small :class:`~emdiffuse.pipeline.settings.RunSpec`
 (paths and numbers, no arrays); the tasks open the input and output stores themselves and
 use the process's Enhancer (:mod:`~emdiffuse.pipeline.runtime`), so a worker loads a model
@@ -33,6 +38,7 @@ from emdiffuse.pipeline.lattice import Box, Lattice, Ownership, Tile, chunk_box
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
 from emdiffuse.pipeline.run_record import mark_done
 from emdiffuse.pipeline.settings import RunSpec
+from emdiffuse.pipeline.stages import add_seconds, timed
 
 
 # ---- which blocks feed which chunks ----------------------------------------------------------
@@ -52,8 +58,10 @@ class BlockPlan:
 
 
 def block_plan(spec: RunSpec, indices: Sequence[tuple[int, int, int]]) -> BlockPlan:
-    """The blocks that chunks ``indices`` need, and the chunks each block feeds."""
-    own = ownership(spec.lattice, spec.chunks)
+    """The blocks that tasks ``indices`` need, and the tasks each block feeds. Blocks and
+    tasks are both cells of the task grid (:attr:`RunSpec.task_chunks`: with one output
+    chunk per task, the output chunks themselves)."""
+    own = ownership(spec.lattice, spec.task_chunks)
     sources: dict = {}
     targets: dict = {}
     for index in indices:
@@ -130,33 +138,44 @@ def run_tiles(
     T = lattice.tile
     noise_shape = (lattice.tile_output_slices, T, T)
     for batch in _batches(tiles, max(1, s.batch_size)):
-        cond = np.stack([tile_condition(lattice, t, cond_region, read_box) for t in batch])
-        cond = cond.astype(np.float32)
+        with timed("gather"):
+            cond = np.stack([tile_condition(lattice, t, cond_region, read_box) for t in batch])
+            cond = cond.astype(np.float32)
         origins = [lattice.tile_origin(t) for t in batch]
 
         def noise_of(sample: int, step: int, origins=origins) -> np.ndarray:
             return np.stack([tile_noise(s.seed, sample, o, step, noise_shape) for o in origins])
 
         if spec.mean_only:
-            mean = enhancer.posterior_mean(cond, noise_of(0, INITIAL_STEP))
+            with timed("noise"):
+                x_T = noise_of(0, INITIAL_STEP)
+            with timed("network"):
+                mean = enhancer.posterior_mean(cond, x_T)
             runtime.count_tiles(len(batch))
-            yield TileParts(batch, 0, np.clip(np.asarray(mean, np.float32), -1.0, 1.0), None)
+            with timed("blend"):
+                mean = np.clip(np.asarray(mean, np.float32), -1.0, 1.0)
+            yield TileParts(batch, 0, mean, None)
             continue
         shared = None  # the model's own mean of this batch, once computed
         for sample in range(s.samples):
-            mean, residual = enhancer.sample_parts(
-                cond,
-                noise_of(sample, INITIAL_STEP),
-                sampler=s.sampler,
-                steps=s.steps,
-                step_noise=partial(noise_of, sample),
-                spacing=s.spacing,
-                mean=shared,
-            )
+            with timed("noise"):
+                x_T = noise_of(sample, INITIAL_STEP)
+            with timed("network"):  # a stochastic sampler's step noise counts here
+                mean, residual = enhancer.sample_parts(
+                    cond,
+                    x_T,
+                    sampler=s.sampler,
+                    steps=s.steps,
+                    step_noise=partial(noise_of, sample),
+                    spacing=s.spacing,
+                    mean=shared,
+                )
             if spec.shares_mean:
                 shared = mean
             runtime.count_tiles(len(batch))
-            yield TileParts(batch, sample, *split_sample(mean, residual))
+            with timed("blend"):
+                parts = TileParts(batch, sample, *split_sample(mean, residual))
+            yield parts
 
 
 def condition_region(spec: RunSpec, region: np.ndarray) -> np.ndarray:
@@ -185,23 +204,27 @@ def produce_block(
     start = time.perf_counter()
     lattice = spec.lattice
     slots = max(1, spec.settings.samples)
-    tiles = ownership(lattice, spec.chunks).owned_tiles(tuple(block))
+    tiles = ownership(lattice, spec.task_chunks).owned_tiles(tuple(block))
     reach = lattice.output_box_of(tiles)
     boxes: dict = {}
     if tiles:
         for index in targets:
-            inter = intersect(chunk_box(index, lattice.output_shape, spec.chunks), reach)
+            inter = intersect(chunk_box(index, lattice.output_shape, spec.task_chunks), reach)
             if inter is not None:
                 boxes[tuple(index)] = inter
     means = {i: np.zeros((slots, *(b - a for a, b in box)), np.float32) for i, box in boxes.items()}
     residuals: dict = {}  # made at the first residual that is not zero
     if boxes:
         read_box = lattice.input_box_of(tiles)
-        cond_region = condition_region(spec, runtime.read_input(spec, read_box))
+        with timed("read"):
+            region = runtime.read_input(spec, read_box)
+        with timed("normalise"):
+            cond_region = condition_region(spec, region)
         if enhancer is None:
             enhancer = runtime.spec_enhancer(spec)
         window = window_2d(lattice.tile, lattice.overlap)
         for parts in run_tiles(spec, enhancer, tiles, cond_region, read_box):
+            blend_start = time.perf_counter()
             for j, tile in enumerate(parts.batch):
                 tile_box = lattice.tile_output_box(tile)
                 for index, box in boxes.items():
@@ -213,12 +236,15 @@ def produce_block(
                     add_weighted(
                         residuals[index][parts.sample], box, tile_box, parts.residual[j], window
                     )
+            add_seconds("blend", time.perf_counter() - blend_start)
     pieces = {i: (box, means[i], residuals.get(i)) for i, box in boxes.items()}
+    seconds = time.perf_counter() - start
+    add_seconds("tile_task", seconds)
     return {
         "block": tuple(block),
         "pieces": pieces,
         "tiles": len(tiles) if pieces else 0,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
 
 
@@ -240,7 +266,7 @@ def blend_chunk(
     in the order given (the graph gives them in block order, so a rerun adds in the same
     order)."""
     lattice = spec.lattice
-    box = chunk_box(index, lattice.output_shape, spec.chunks)
+    box = chunk_box(index, lattice.output_shape, spec.task_chunks)
     shape = tuple(b - a for a, b in box)
     slots = max(1, spec.settings.samples)
     totals = np.zeros((slots, *shape))
@@ -250,7 +276,10 @@ def blend_chunk(
         if piece is None:
             continue
         pbox, means, rest = piece
-        sl = (slice(None), *(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(pbox, box, strict=True)))
+        sl = (
+            slice(None),
+            *(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(pbox, box, strict=True)),
+        )
         totals[sl] += means
         if rest is not None:
             if residuals is None:
@@ -273,22 +302,31 @@ def uncertainty_of(spec: RunSpec):
 
 
 def run_chunk(spec: RunSpec, index: tuple[int, int, int], *parts: dict) -> dict:
-    """One Dask task: blend output chunk ``index`` from its source blocks' ``parts`` (see
-    :func:`produce_block`), write it and mark it done. Idempotent (a retried task writes
-    the same bytes)."""
+    """One Dask task: blend task region ``index`` (of the :attr:`RunSpec.task_chunks` grid:
+    ``chunks_per_task`` output chunks, one by default) from its source blocks' ``parts``
+    (see :func:`produce_block`), write it and mark each of its output chunks done.
+    Idempotent (a retried task writes the same bytes)."""
     start = time.perf_counter()
     if spec.chunk_hook is not None:
         spec.chunk_hook(index)
-    box = chunk_box(index, spec.lattice.output_shape, spec.chunks)
-    mean, spread = blend_chunk(spec, index, parts)
-    _write(spec.output_path, box, to_dtype(mean, spec.settings.dtype), spec.input_ndim)
-    if spread is not None:
-        _write(spec.uncertainty_path, box, spread.astype(np.float32), spec.input_ndim)
-    mark_done(spec.output_path, index)
+    box = chunk_box(index, spec.lattice.output_shape, spec.task_chunks)
+    blend_start = time.perf_counter()
+    mean, spread = blend_chunk(spec, index, parts)  # (isotropic: with the kept slices' read)
+    values = to_dtype(mean, spec.settings.dtype)
+    spread = None if spread is None else spread.astype(np.float32)
+    add_seconds("blend", time.perf_counter() - blend_start)
+    with timed("write"):
+        _write(spec.output_path, box, values, spec.input_ndim)
+        if spread is not None:
+            _write(spec.uncertainty_path, box, spread, spec.input_ndim)
+        for chunk in spec.chunks_in_task(index):
+            mark_done(spec.output_path, chunk)
+    seconds = time.perf_counter() - start
+    add_seconds("chunk_task", seconds)
     return {
         "index": tuple(index),
         "tiles": len(spec.lattice.tiles_in(box)),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
 
 

@@ -162,7 +162,9 @@ def test_no_seams_at_chunk_borders(models, volumes, tmp_path):
     ours = max(_border_ratio(chunked, chunks[1], 1), _border_ratio(chunked, chunks[2], 2))
     assert ours < 1.5
     # the statistic does see a seam: enhance each chunk as a volume of its own
-    spec = prepare(Source(inp, model), tmp_path / "x.zarr", RunSettings(steps=2, tile=16, overlap=8))
+    spec = prepare(
+        Source(inp, model), tmp_path / "x.zarr", RunSettings(steps=2, tile=16, overlap=8)
+    )
     spec = replace(spec, settings=replace(spec.settings, sampler="ddim"))
     enhancer = get_enhancer(model, "cpu")
     raw = np.asarray(open_volume(inp).data)
@@ -171,7 +173,9 @@ def test_no_seams_at_chunk_borders(models, volumes, tmp_path):
         sl = tuple(slice(a, b) for a, b in chunk_box(index, whole.shape, chunks))
         piece = raw[sl]
         local = replace(
-            spec, lattice=Lattice(piece.shape, 16, 8), settings=replace(spec.settings, chunks=piece.shape)
+            spec,
+            lattice=Lattice(piece.shape, 16, 8),
+            settings=replace(spec.settings, chunks=piece.shape),
         )
         read = tuple((0, n) for n in piece.shape)
         naive[sl] = compute_chunk(local, (0, 0, 0), enhancer, piece, read)[0]
@@ -254,6 +258,64 @@ def test_resume_after_interrupt_gives_same_bytes(models, volumes, tmp_path, caps
     )
     assert again == []
     assert "already complete" in capsys.readouterr().err
+
+
+def test_chunks_per_task_writes_the_same_output_in_fewer_tasks(models, volumes, tmp_path):
+    """Several output chunks per task (fewer, larger tasks) write the output of one chunk
+    per task, with the store's chunking unchanged and every chunk marked done."""
+    kw = dict(RUN, chunks=(1, 16, 24), dtype="float32")
+    ref = np.asarray(enhance(volumes["3d"], models["n"], tmp_path / "ref.zarr", **kw))
+    grid = (3, 3, 2)  # output chunks of (3, 40, 44) by (1, 16, 24)
+    for per_task, tasks in (((1, 2, 2), 3 * 2 * 1), (2, 2 * 2 * 1)):
+        out = tmp_path / f"o{tasks}.zarr"
+        started = []
+        result = enhance(
+            volumes["3d"], models["n"], out, chunks_per_task=per_task,
+            chunk_hook=started.append, **kw,
+        )  # fmt: skip
+        assert len(started) == tasks  # one chunk task per task region
+        assert zarr.open_array(f"{out}/0").chunks == (1, 16, 24)
+        assert np.abs(np.asarray(result) - ref).max() < 1e-4
+        done = {p.name for p in (out / ".emdiffuse" / "done").iterdir()}
+        assert len(done) == int(np.prod(grid))
+        # a scheduling choice, as the batch size: not part of the run record
+        assert read_run_config(out) == read_run_config(tmp_path / "ref.zarr")
+    with pytest.raises(InputError, match="chunks per task"):
+        enhance(volumes["3d"], models["n"], tmp_path / "bad.zarr", chunks_per_task=(2, 2), **kw)
+    with pytest.raises(InputError, match="chunks per task"):
+        enhance(volumes["3d"], models["n"], tmp_path / "bad.zarr", chunks_per_task=0, **kw)
+
+
+def test_resume_with_chunks_per_task_gives_same_bytes(models, volumes, tmp_path):
+    """An interrupted run with several chunks per task resumes to the bytes of an
+    uninterrupted one; it may resume with another grouping (the record leaves it out)."""
+    kw = dict(RUN, chunks=(1, 16, 24), dtype="float32", workers=1, chunks_per_task=(1, 2, 2))
+    ref = tmp_path / "ref.zarr"
+    enhance(volumes["3d"], models["n"], ref, **kw)
+    out = tmp_path / "out.zarr"
+    started = []
+
+    def fail_after_two(index):
+        started.append(index)
+        if len(started) > 2:
+            raise Interrupt("simulated crash")
+
+    with pytest.raises(Interrupt):
+        enhance(volumes["3d"], models["n"], out, chunk_hook=fail_after_two, **kw)
+    done = len(list((out / ".emdiffuse" / "done").iterdir()))
+    assert done % 2 == 0 and 2 <= done < 18  # whole tasks: 2 or 4 chunks each
+    enhance(volumes["3d"], models["n"], out, resume=True, **kw)
+    for level in ("0", "1"):
+        if (ref / level).exists():
+            np.testing.assert_array_equal(
+                zarr.open_array(f"{ref}/{level}")[...], zarr.open_array(f"{out}/{level}")[...]
+            )
+    other = tmp_path / "other.zarr"
+    with pytest.raises(Interrupt):
+        started.clear()
+        enhance(volumes["3d"], models["n"], other, chunk_hook=fail_after_two, **kw)
+    enhance(volumes["3d"], models["n"], other, resume=True, **dict(kw, chunks_per_task=1))
+    assert np.abs(_level0(other) - _level0(ref)).max() < 1e-4
 
 
 def test_resume_refuses_other_settings(models, volumes, tmp_path):
@@ -400,7 +462,9 @@ def _files(path) -> dict[str, bytes]:
     path = Path(path)
     if path.is_file():
         return {path.name: path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def test_auto_normalization_is_global_and_recorded(models, volumes, tmp_path):
