@@ -4,8 +4,24 @@ Trains a tiny conditional UNet (emdiffuse-n, denoise) on a synthetic EM-like noi
 through the shipping ``emdiffuse.training.trainer.train`` (settings: :data:`TRAINING`), then samples
 held-out 64x64 tiles — from a different seed of the synthetic volume, far from the training
 region, with their own noise — with every sampler at 1, 2, 4, 6, 8, 10, 16, 50 steps and the
-reference (ancestral DDPM, 1000 steps), all samplers from the same initial noise per tile,
-every random draw keyed on the tile's global origin (as the pipeline does).
+reference's loop, all samplers from the same initial noise per tile, every random draw keyed on
+the tile's global origin (as the pipeline does).
+
+The baseline is the reference's true sampler: ancestral DDPM at the full length of the
+inference schedule it samples on — by default the reference's ``beta_schedule.test`` (1000
+steps, linear β 1e-4…0.09, alpha-bar 6.6e-21…0.9999; what imported reference weights store as
+their inference schedule), where ``ddpm`` at 1000 steps walks exactly the reference's
+``p_sample_loop``. Every sampler walks that same schedule as the Enhancer does for a model that
+stores it: ``time`` spacing on the schedule itself, ``logsnr``/``karras`` spacings starting no
+noisier than the training schedule's noisiest level (``noisiest``). ``--inference training``
+samples on the training schedule instead (2000 steps; the baseline is then ddpm@1000 ``time``
+spacing on it — what this benchmark measured before issue 15, not the reference's loop).
+
+Two model kinds: the default is ours (:data:`TRAINING`: v-prediction, the reference's training
+schedule); ``--reference-style`` trains the reference's way — ε-prediction on its 2000-step
+linear training schedule (β 1e-6…1e-2) — and writes ``sampler_quality_reference_style.*``.
+The tiny UNet, batch, learning rate and EMA weights are this benchmark's in both (the
+reference samples with its non-EMA weights; a tiny run's raw weights are too noisy to compare).
 
 Both quality axes of DESIGN.md, per tile: fidelity (PSNR, SSIM against the clean ground truth)
 and texture (radial power-spectrum error over the upper half of frequencies, lower is better;
@@ -27,11 +43,13 @@ The training run is cached in ``~/.cache/emdiffuse/bench/sampler_quality/<key>/`
 resumes the cached one (``train(..., resume=True)``: exactly as if trained in one go), a shorter
 one reads the EMA weights of its step's checkpoint, and a fresh machine trains from scratch.
 
-    python benchmarks/sampler_quality.py                # the committed result
+    python benchmarks/sampler_quality.py                # our default kind
+    python benchmarks/sampler_quality.py --reference-style   # trained the reference's way
     python benchmarks/sampler_quality.py --prediction x0 --train-steps 800 --tiles 16 \\
         --steps 1 8 50 250 --out /tmp/pilot_x0          # a quick pilot
 
-Writes ``sampler_quality.{json,md,png}`` to ``--out`` (default ``benchmarks/results``).
+Writes ``<name>.{json,md,png}`` to ``--out`` (default ``benchmarks/results``; ``--name``
+default ``sampler_quality``, ``sampler_quality_reference_style`` with ``--reference-style``).
 """
 
 from __future__ import annotations
@@ -54,9 +72,9 @@ import torch
 from emdiffuse import metrics
 from emdiffuse.models import diffusion, samplers
 from emdiffuse.models.normalization import normalize
-from emdiffuse.models.sampler_names import network_evaluations
+from emdiffuse.models.sampler_names import network_evaluations, resolve_spacing
 from emdiffuse.models.unet import UNet
-from emdiffuse.models.variants import ModelConfig
+from emdiffuse.models.variants import REFERENCE_TEST_SCHEDULE, ModelConfig
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
 from emdiffuse.training.degrade import add_poisson_gaussian_noise
 from emdiffuse.training.state import checkpoint_path, latest_checkpoint, load_state
@@ -66,7 +84,7 @@ from emdiffuse.training.trainer import train
 RESULTS = Path(__file__).parent / "results"
 STEPS = (1, 2, 4, 6, 8, 10, 16, 50, 1000)
 LONG_FROM = 100  # step counts >= this run only for the samplers named in --long
-REFERENCE = "ddpm"
+REFERENCE = "ddpm"  # the baseline: REFERENCE at the inference schedule's full length
 # label -> (sampler, eta, spacing); every sampler of emdiffuse.models.samplers on its default
 # spacing, ancestral DDPM on log-SNR spacing (the reference's sampler with a few-step schedule),
 # and the DPM-Solver++ samplers on Karras et al.'s spacing (denser at low noise)
@@ -79,6 +97,7 @@ CONFIGS: dict[str, tuple[str, float, str | None]] = {
     "dpmpp_3m_sde": ("dpmpp_3m_sde", 1.0, None),
     "dpmpp_2m_karras": ("dpmpp_2m", 0.0, "karras"),
     "dpmpp_2m_sde_karras": ("dpmpp_2m_sde", 1.0, "karras"),
+    "dpmpp_3m_sde_karras": ("dpmpp_3m_sde", 1.0, "karras"),
 }
 PSNR_TOL_DB = 0.3
 Z90 = 1.645  # one-sided 95 % = two one-sided tests at 5 %: the 90 % interval
@@ -91,6 +110,9 @@ MAX_NFE = 10
 # training (through the shipping trainer)
 # --------------------------------------------------------------------------------------
 SCHEDULE = diffusion.Schedule("linear", 2000, 1e-6, 1e-2)  # the reference's training schedule
+# the reference's inference schedule (its beta_schedule.test): what its test phase samples on
+TEST_SCHEDULE = diffusion.Schedule.from_dict(REFERENCE_TEST_SCHEDULE)
+INFERENCE = {"test": TEST_SCHEDULE, "training": SCHEDULE}  # --inference
 # [0, 1] intensities -> model space [-1, 1] (clipped), fixed: training and evaluation alike
 NORMALIZATION = {"low": 0.0, "high": 1.0}
 # what train() is given (TrainSettings fields); the command line replaces a few of them
@@ -309,17 +331,38 @@ def fmt_d(row: dict, key: str, digits: int) -> str:
     return f"{row[f'd_{key}']:+.{digits}f} ± {row[f'se_{key}']:.{digits}f}"
 
 
+def baseline_sentence(result: dict) -> str:
+    """What the baseline and the samplers walked, in words."""
+    sch = result.get("inference_schedule", SCHEDULE.to_dict())
+    kind = ("trained the reference's way (ε-prediction, its 2000-step linear training schedule "
+            "β 1e-6…1e-2)" if result.get("reference_style") else
+            f"our default kind ({result['training']['prediction']}-prediction, the reference's "
+            "2000-step linear training schedule β 1e-6…1e-2)")  # fmt: skip
+    where = (f"**Baseline: the reference's loop** — ancestral `ddpm` at the full length of the "
+             f"reference's inference schedule (`beta_schedule.test`: {sch['steps']} steps, "
+             f"linear β {sch['beta_start']:g}…{sch['beta_end']:g}), step for step its "
+             "`p_sample_loop`. Every sampler walks that schedule (`time` spacing: its own "
+             "points; `logsnr`/`karras`: starting no noisier than the training schedule's "
+             f"noisiest alpha-bar {result.get('noisiest') or 0:.3g}, as the Enhancer does)."
+             if result.get("inference", "training") == "test" else
+             "**Baseline: ddpm@1000 on the TRAINING schedule** (2000 steps, `time` spacing) — "
+             "NOT the reference's loop, which samples on its 1000-step test schedule.")  # fmt: skip
+    return f"{where} Model: {kind}."
+
+
 def markdown(result: dict) -> str:
     rows, ref = result["rows"], result["reference_row"]
     s, m = result["training"], result["machine"]
     md = [
         "# Sampler quality versus network evaluations",
         "",
+        baseline_sentence(result),
+        "",
         f"Tiny emdiffuse-n denoiser ({s['parameters']:,} parameters, {s['prediction']} "
         f"prediction, {s['steps']} steps of batch {s['batch_size']} at {s['patch']}², EMA "
         f"{s['ema_decay']}, trained by trainer.train) on synthetic EM at dose {s['dose']} e⁻/voxel; {result['tiles']} held-out "
         f"{result['tile']}² tiles (another seed of the volume, another region, own noise). "
-        "Δ: paired per-tile difference against the reference ± its standard error. "
+        'Δ: paired per-tile difference against the baseline ("reference") ± its standard error. '
         "Spectrum err: mean |log10 power ratio| over the upper half of frequencies (↓); "
         "FRC: 1/7-threshold resolution in cycles/pixel (↑).",
         "",
@@ -420,7 +463,17 @@ def plot(result: dict, path: Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     unet, data = TRAINING["unet"], Data()
-    p.add_argument("--prediction", default=TRAINING["prediction"], choices=diffusion.PREDICTIONS)
+    p.add_argument("--reference-style", action="store_true",
+                   help="train the reference's way: eps-prediction (its training schedule is "
+                   "the default already); default --name sampler_quality_reference_style")  # fmt: skip
+    p.add_argument("--prediction", default=None, choices=diffusion.PREDICTIONS,
+                   help=f"default {TRAINING['prediction']} (eps with --reference-style)")  # fmt: skip
+    p.add_argument("--inference", default="test", choices=list(INFERENCE),
+                   help="the schedule every sampler walks, the baseline being ddpm at its full "
+                   "length: test = the reference's beta_schedule.test (1000 steps, linear beta "
+                   "1e-4..0.09; ddpm@1000 is its p_sample_loop), training = the 2000-step "
+                   "training schedule (baseline ddpm@1000 on it, time spacing: the pre-issue-15 "
+                   "measurement)")  # fmt: skip
     p.add_argument("--train-steps", type=int, default=TRAINING["steps"])
     p.add_argument("--batch", type=int, default=TRAINING["batch_size"])
     p.add_argument("--base-channels", type=int, default=unet["base_channels"])
@@ -439,6 +492,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--long", nargs="+", default=[REFERENCE], choices=list(CONFIGS),
                    help=f"samplers also run at step counts >= {LONG_FROM}")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default=None,
+                   help="stem of the files written (default sampler_quality, "
+                   "sampler_quality_reference_style with --reference-style)")  # fmt: skip
     return p
 
 
@@ -446,15 +502,25 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], Data]:
     """The trainer's settings and the training data of this invocation."""
     unet = {**TRAINING["unet"], "base_channels": args.base_channels,
             "num_res_blocks": args.num_res_blocks}  # fmt: skip
-    training = {**TRAINING, "unet": unet, "prediction": args.prediction,
+    prediction = args.prediction or ("eps" if args.reference_style else TRAINING["prediction"])
+    training = {**TRAINING, "unet": unet, "prediction": prediction,
                 "steps": args.train_steps, "batch_size": args.batch, "seed": args.seed}  # fmt: skip
     return training, dataclasses.replace(Data(), dose=args.dose)
 
 
-def _evaluate(net, ev: EvalSet, prediction: str, args) -> tuple[list, list, float]:
-    """Every sampler at every step count on the held-out tiles: (runs, error curve, seconds)."""
+def baseline_steps(schedule: diffusion.Schedule, inference: str) -> int:
+    """Steps of the baseline ddpm: the inference schedule's full length (the reference's loop);
+    on the training schedule 1000 (``time`` spacing; the pre-issue-15 baseline)."""
+    return schedule.steps if inference == "test" else 1000
+
+
+def _evaluate(net, ev: EvalSet, prediction: str, args, schedule: diffusion.Schedule,
+              noisiest: float | None) -> tuple[list, list, float]:  # fmt: skip
+    """Every sampler at every step count on the held-out tiles, walking ``schedule`` (few-step
+    spacings start no noisier than ``noisiest``): (runs, error curve, seconds)."""
     x_T = ev.x_T()
-    denoise = diffusion.make_denoiser(net, ev.cond, SCHEDULE, prediction)
+    denoise = diffusion.make_denoiser(net, ev.cond, schedule, prediction)
+    ref_steps = baseline_steps(schedule, args.inference)
     t_eval = time.perf_counter()
     with torch.inference_mode():
         curve = denoise_error_curve(net, ev, prediction)
@@ -464,12 +530,15 @@ def _evaluate(net, ev: EvalSet, prediction: str, args) -> tuple[list, list, floa
         order = [REFERENCE] + [n for n in args.samplers if n != REFERENCE]
         for name in order:
             sampler, eta, spacing = CONFIGS[name]
-            for steps in sorted(args.steps):
-                if steps >= LONG_FROM and name not in args.long:
+            steps_of = set(args.steps) | ({ref_steps} if name == REFERENCE else set())
+            for steps in sorted(steps_of):
+                if steps >= LONG_FROM and name not in args.long and not (
+                        name == REFERENCE and steps == ref_steps):  # fmt: skip
                     continue
                 t = time.perf_counter()
-                out = samplers.sample(denoise, x_T, SCHEDULE, sampler=sampler, steps=steps,
-                                      step_noise=ev.step_noise, eta=eta, spacing=spacing)  # fmt: skip
+                out = samplers.sample(denoise, x_T, schedule, sampler=sampler, steps=steps,
+                                      step_noise=ev.step_noise, eta=eta, spacing=spacing,
+                                      noisiest=noisiest)  # fmt: skip
                 row = {"sampler": name, "steps": steps,
                        "nfe": network_evaluations(sampler, steps),
                        "seconds": time.perf_counter() - t}  # fmt: skip
@@ -481,9 +550,9 @@ def _evaluate(net, ev: EvalSet, prediction: str, args) -> tuple[list, list, floa
     return runs, curve, time.perf_counter() - t_eval
 
 
-def _verdict(runs: list) -> tuple[list[dict], dict, dict]:
-    """Rows summarised against the reference, judged: (rows, reference row, verdict)."""
-    ref_steps = max(r["steps"] for r, _ in runs if r["sampler"] == REFERENCE)
+def _verdict(runs: list, ref_steps: int) -> tuple[list[dict], dict, dict]:
+    """Rows summarised against the baseline ``REFERENCE@ref_steps``, judged: (rows, baseline
+    row, verdict)."""
     ref_tiles = next(tl for r, tl in runs if r["sampler"] == REFERENCE and r["steps"] == ref_steps)
     rows = [summarise(r, tl, ref_tiles) for r, tl in runs]
     ref_row = next(r for r in rows if r["sampler"] == REFERENCE and r["steps"] == ref_steps)
@@ -512,8 +581,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals in a tiny trained net slow CPU inference 2x
     command = "python benchmarks/sampler_quality.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        f"--{k.replace('_', '-')}"
+        + ("" if isinstance(v, bool) else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
         for k, v in vars(args).items()
+        if v is not None and v is not False
     )
     mach = machine()
     # imported here: the tests load this module by path, without benchmarks/ on sys.path
@@ -534,25 +605,33 @@ def main() -> int:
     ev = held_out(args.tiles, tile=tile, dose=data.dose, read_noise=data.read_noise,
                   volume_seed=data.volume_seed + 1,
                   seed=args.seed + 12345 if args.noise_seed is None else args.noise_seed)  # fmt: skip
-    runs, curve, eval_s = _evaluate(net, ev, training["prediction"], args)
-    rows, ref_row, verdict = _verdict(runs)
+    schedule = INFERENCE[args.inference]
+    # as the Enhancer: on a stored inference schedule, few-step spacings start no noisier
+    # than the training schedule's noisiest level
+    noisiest = float(SCHEDULE.alpha_bars[-1]) if args.inference == "test" else None
+    runs, curve, eval_s = _evaluate(net, ev, training["prediction"], args, schedule, noisiest)
+    rows, ref_row, verdict = _verdict(runs, baseline_steps(schedule, args.inference))
     result = {
         "command": command, "machine": mach, "provenance": record,
         "training": training | dataclasses.asdict(data) | {"version": VERSION} | info,
         "train_source": source, "schedule": SCHEDULE.to_dict(), "unet": unet,
+        "inference": args.inference, "inference_schedule": schedule.to_dict(),
+        "noisiest": noisiest, "reference_style": bool(args.reference_style),
         "tile": tile, "tiles": args.tiles, "eval_seconds": eval_s,
-        "samplers": {k: {"sampler": v[0], "eta": v[1], "spacing": v[2] or "logsnr"}
+        "samplers": {k: {"sampler": v[0], "eta": v[1], "spacing": resolve_spacing(v[0], v[2])}
                      for k, v in CONFIGS.items() if k in args.samplers},
         "denoise_error_curve": curve, "rows": rows, "reference_row": ref_row,
         "verdict": verdict,
         "per_tile_psnr": {f"{r['sampler']}@{r['steps']}": tl["psnr"].round(3).tolist()
                           for r, tl in runs},
     }  # fmt: skip
+    name = args.name or ("sampler_quality_reference_style" if args.reference_style
+                         else "sampler_quality")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sampler_quality.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
-    (args.out / "sampler_quality.md").write_text(md)
-    plot(result, args.out / "sampler_quality.png")
+    (args.out / f"{name}.md").write_text(md)
+    plot(result, args.out / f"{name}.png")
     print(md)
     return 0
 

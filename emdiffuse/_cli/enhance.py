@@ -137,8 +137,10 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         help=f"sampler (default {sampler}; ddpm is the reference's ancestral sampler, and at "
         "the model's full schedule length, e.g. --steps 1000 for imported reference weights, "
         f"its loop step for step; {REFERENCE_MATCH[0]} with --steps {REFERENCE_MATCH[1]} came "
-        "within 0.3 dB of 1000-step ddpm on our own model's training schedule: see "
-        "benchmarks/results/sampler_quality.md)",
+        "within 0.3 dB and in texture of that loop (ddpm over the reference's 1000-step test "
+        "schedule) on a small v-prediction model, while on one trained the reference's way "
+        "(eps-prediction) nothing at <= 10 steps did: see "
+        "benchmarks/results/sampler_quality*.md)",
     )
     parser.add_argument(
         "--spacing",

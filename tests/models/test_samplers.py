@@ -326,29 +326,78 @@ def _sampler_benchmark(repo_root):
     return module
 
 
-@pytest.mark.parametrize("folder", ["", "sampler_quality_noise2"])
-def test_reference_match_passes_in_the_committed_benchmark(folder, repo_root):
-    """The setting the CLI and docs name as reproducing the reference (sampler, steps, its
-    default spacing) passes the committed sampler benchmark, in both noise draws: within
-    0.3 dB of ddpm@1000 with its texture, at <= 10 evaluations. Judged afresh by the
-    benchmark's own statistics and criterion from the per-tile PSNRs it recorded, not by
-    reading its verdict."""
+# the committed sampler benchmark: our default kind and a model trained the reference's way,
+# both against the reference's loop (ddpm over the full 1000-step test schedule)
+SAMPLER_RESULTS = ("sampler_quality", "sampler_quality_reference_style")
+
+
+def _committed(repo_root, stem):
     import json
 
-    import numpy as np
+    return json.loads((repo_root / "benchmarks" / "results" / f"{stem}.json").read_text())
+
+
+@pytest.mark.parametrize("stem", SAMPLER_RESULTS)
+def test_committed_sampler_benchmark_measures_against_the_reference_loop(stem, repo_root):
+    """The committed tables' baseline is the reference's own loop: ddpm at the full length of
+    the reference's test schedule (1000 steps, linear beta 1e-4..0.09), every sampler walking
+    that schedule; one model trained the reference's way (eps), one of our default kind."""
+    from emdiffuse.models.variants import REFERENCE_SCHEDULE, REFERENCE_TEST_SCHEDULE
 
     bench = _sampler_benchmark(repo_root)
-    results = repo_root / "benchmarks" / "results" / folder
-    result = json.loads((results / "sampler_quality.json").read_text())
+    result = _committed(repo_root, stem)
+    assert result["inference"] == "test"
+    assert result["inference_schedule"] == REFERENCE_TEST_SCHEDULE
+    assert bench.INFERENCE["test"].to_dict() == REFERENCE_TEST_SCHEDULE
+    assert result["schedule"] == REFERENCE_SCHEDULE  # trained on the reference's schedule
+    reference = result["reference_row"]
+    assert (reference["sampler"], reference["steps"]) == (
+        bench.REFERENCE,
+        REFERENCE_TEST_SCHEDULE["steps"],
+    )
+    assert result["samplers"][bench.REFERENCE]["spacing"] == "time"  # the schedule's own points
+    style = stem.endswith("_reference_style")
+    assert result["reference_style"] is style
+    assert result["training"]["prediction"] == ("eps" if style else bench.TRAINING["prediction"])
+
+
+def _rejudged(bench, result):
+    """Every <= MAX_NFE row of a committed result judged afresh: the PSNR statistics recomputed
+    from the per-tile PSNRs it recorded (kept to 1e-3 dB), texture from its row means."""
+    import numpy as np
+
+    reference = result["reference_row"]
+    tiles = result["per_tile_psnr"]
+    ref = {"psnr": np.array(tiles[f"{reference['sampler']}@{reference['steps']}"])}
+    out = {}
+    for row in result["rows"]:
+        if not 0 < row["nfe"] <= bench.MAX_NFE:
+            continue
+        fresh = bench.summarise(
+            {}, {"psnr": np.array(tiles[f"{row['sampler']}@{row['steps']}"])}, ref
+        )
+        assert fresh["d_psnr"] == pytest.approx(row["d_psnr"], abs=2e-3)
+        assert fresh["se_psnr"] == pytest.approx(row["se_psnr"], abs=2e-3)
+        out[(row["sampler"], row["steps"])] = bench.judge({**row, **fresh}, reference)["pass"]
+    return out
+
+
+def test_reference_match_passes_against_the_reference_loop(repo_root):
+    """The setting the CLI and docs name (sampler, steps, its default spacing) passes the
+    committed benchmark of our default kind against the reference's loop: within 0.3 dB of
+    ddpm over the 1000-step test schedule (90 % interval) with its texture, at <= 10
+    evaluations — judged afresh from the per-tile PSNRs, not by reading the verdict."""
+    bench = _sampler_benchmark(repo_root)
+    result = _committed(repo_root, "sampler_quality")
     sampler, steps = sampler_names.REFERENCE_MATCH
     assert result["samplers"][sampler]["spacing"] == sampler_names.resolve_spacing(sampler)
-    row = next(r for r in result["rows"] if (r["sampler"], r["steps"]) == (sampler, steps))
-    assert row["nfe"] == sampler_names.network_evaluations(sampler, steps) <= bench.MAX_NFE
-    reference = result["reference_row"]
-    assert (reference["sampler"], reference["steps"]) == (bench.REFERENCE, 1000)
-    tiles = result["per_tile_psnr"]
-    psnr = {"psnr": np.array(tiles[f"{sampler}@{steps}"])}
-    fresh = bench.summarise({}, psnr, {"psnr": np.array(tiles[f"{bench.REFERENCE}@1000"])})
-    assert fresh["d_psnr"] == pytest.approx(row["d_psnr"], abs=2e-3)  # tiles kept to 1e-3 dB
-    assert fresh["se_psnr"] == pytest.approx(row["se_psnr"], abs=2e-3)
-    assert bench.judge({**row, **fresh}, reference)["pass"]
+    assert sampler_names.network_evaluations(sampler, steps) <= bench.MAX_NFE
+    assert _rejudged(bench, result)[(sampler, steps)]
+
+
+def test_no_few_step_setting_matches_on_the_reference_style_model(repo_root):
+    """What README and docs say of a model trained the reference's way (eps-prediction): no
+    setting at <= 10 evaluations reproduces the reference's loop in the committed table."""
+    bench = _sampler_benchmark(repo_root)
+    judged = _rejudged(bench, _committed(repo_root, "sampler_quality_reference_style"))
+    assert judged and not any(judged.values())
