@@ -80,21 +80,26 @@ def default_chunks(output_shape: tuple[int, int, int], z_scale: int) -> tuple[in
     return min(nz, cz), min(ny, DEFAULT_CHUNK_YX), min(nx, DEFAULT_CHUNK_YX)
 
 
+def per_axis_zyx(value, ndim: int, what: str, fill: int = 1) -> tuple[int, ...]:
+    """``value`` (one integer for every axis, or one per axis of the input) as zyx integers;
+    a 2D input's z is ``fill``. ``what`` names the option in the error."""
+    values = (value,) * ndim if isinstance(value, int) else tuple(value)
+    if len(values) != ndim:
+        raise InputError(
+            f"{what} {value} must have one value per axis ({ndim}: "
+            f"{'zyx' if ndim == 3 else 'yx'}) or be one integer"
+        )
+    return tuple(int(v) for v in ((fill, *values) if ndim == 2 else values))
+
+
 def resolve_chunks(chunks, output_shape, z_scale: int, ndim: int) -> tuple[int, int, int]:
     """The output chunk shape zyx (z 1 for a 2D input) from the asked-for ``chunks``: None
     (the default), one size for every axis, or one per axis of the input."""
     if chunks is None:
         result = default_chunks(output_shape, z_scale)
     else:
-        if isinstance(chunks, int):
-            chunks = (chunks,) * ndim
-        if len(chunks) != ndim:
-            raise InputError(
-                f"chunks {chunks} must have one size per axis ({ndim}: "
-                f"{'zyx' if ndim == 3 else 'yx'})"
-            )
-        result = (1, *chunks) if ndim == 2 else chunks
-        result = tuple(min(int(c), s) for c, s in zip(result, output_shape, strict=True))
+        asked = per_axis_zyx(chunks, ndim, "chunks")
+        result = tuple(min(c, s) for c, s in zip(asked, output_shape, strict=True))
     if ndim == 2:
         result = (1, *result[1:])
     return tuple(int(c) for c in result)
@@ -103,15 +108,7 @@ def resolve_chunks(chunks, output_shape, z_scale: int, ndim: int) -> tuple[int, 
 def resolve_chunks_per_task(factors, ndim: int) -> tuple[int, int, int]:
     """Output chunks per task, zyx (z 1 for a 2D input), from one factor for every axis
     or one per axis of the input."""
-    if isinstance(factors, int):
-        factors = (factors,) * ndim
-    if len(factors) != ndim:
-        raise InputError(
-            f"chunks per task {factors} must have one factor per axis ({ndim}: "
-            f"{'zyx' if ndim == 3 else 'yx'}) or be one integer"
-        )
-    result = (1, *factors) if ndim == 2 else tuple(factors)
-    return tuple(int(f) for f in result)
+    return per_axis_zyx(factors, ndim, "chunks per task")
 
 
 def output_geometry(volume: Volume, xy_scale: int, z_scale: int):
