@@ -51,6 +51,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# ---- threads --------------------------------------------------------------------------------
+# Under pytest-xdist every worker process would start torch with one thread per core, so two
+# workers on two cores run four busy OpenMP threads: tiny networks then run 6-10x slower than
+# alone (a 14 s training test took 90-160 s). Give each worker, and the commands it starts,
+# its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_SHARE)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))  # and the commands tests start
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
