@@ -172,6 +172,25 @@ def half_widths(
     return (q * np.maximum(std * factor, floor)).astype(np.float32)
 
 
+def residual_correlation(residuals: np.ndarray) -> float:
+    """The correlation of the residual parts (sample minus the model's own mean) of N >= 2
+    samples of the same inputs ``(N, ...)``, averaged over the pairs of samples and clipped
+    to [0, 1]: 0 when the texture is pure noise, 1 when every sample draws the same one.
+    Overlapping tiles draw their residuals independently but from the same content, so they
+    correlate about this much; the pipeline's blend
+    (:func:`emdiffuse.pipeline.blend.blend_parts`) uses it to keep the texture's variance
+    in overlaps."""
+    r = np.asarray(residuals, dtype=np.float64).reshape(len(residuals), -1)
+    if len(r) < 2:
+        raise InputError(f"a correlation needs at least 2 samples, got {len(r)}")
+    norms = np.sqrt((r**2).sum(axis=1))
+    if not (norms > 0).all():
+        return 0.0
+    gram = (r @ r.T) / np.outer(norms, norms)
+    pairs = gram[np.triu_indices(len(r), k=1)]
+    return float(np.clip(pairs.mean(), 0.0, 1.0))
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties), NaN without spread."""
     ra, rb = _ranks(np.asarray(a).ravel()), _ranks(np.asarray(b).ravel())
@@ -192,5 +211,5 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "DEFAULT_LEVEL", "DEFAULT_SAMPLES", "DEFAULT_FLOOR", "conformal_quantile", "t_quantile",
-    "spread_factor", "fit", "half_widths", "spearman",
+    "spread_factor", "fit", "half_widths", "spearman", "residual_correlation",
 ]  # fmt: skip

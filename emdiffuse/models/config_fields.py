@@ -101,7 +101,8 @@ def check_normalization(norm: Any, name: str = "normalization") -> None:
 
 def check_calibration(calibration: Any) -> None:
     """The stored conformal calibration (:mod:`emdiffuse.models.calibration`): ``level`` in
-    (0, 1), ``scale`` >= 0, ``samples`` >= 2, ``floor`` > 0 (other keys are informational)."""
+    (0, 1), ``scale`` >= 0, ``samples`` >= 2, ``floor`` > 0, ``residual_correlation`` (when
+    present) in [0, 1]; other keys are informational."""
     if not isinstance(calibration, Mapping):
         raise InputError("model config: field 'calibration' must be an object or null")
     missing = sorted({"level", "scale", "samples", "floor"} - set(calibration))
@@ -123,6 +124,8 @@ def check_calibration(calibration: Any) -> None:
     samples = calibration["samples"]
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise InputError(f"model config: calibration.samples {samples!r} must be an integer >= 2")
+    if "residual_correlation" in calibration and not 0 <= number("residual_correlation") <= 1:
+        raise InputError("model config: calibration.residual_correlation must be in [0, 1]")
 
 
 __all__ = [

@@ -13,7 +13,7 @@ Two kinds of task, both keyed on block coordinates of the output chunk grid:
   blends, writes its region of the output and its done marker.
 
 A tile that overlaps several chunks used to run once per chunk (1.4–1.8× the network
-evaluations with the default 256/64 tiles and 512 chunks); here it runs once and its
+evaluations with the then-default 256/64 tiles and 512 chunks); here it runs once and its
 output travels to the neighbouring chunk instead (a strip of the chunk, a few MB). The
 graph is a plain dict with one spec node, about two tasks per chunk and at most a handful
 of edges per task — no ``map_overlap``, no slicing graph of the input — so it builds in

@@ -55,7 +55,8 @@ def compute_chunk(
                 add_weighted(residuals[parts.sample], box, tile_box, parts.residual[j], window)
     mean, std = finish_chunk(
         lattice, box, totals, spec.normalization, region, read_box,
-        residuals=residuals, spread=uncertainty_of(spec),
+        residuals=residuals, correlation=spec.residual_correlation,
+        spread=uncertainty_of(spec),
     )  # fmt: skip
     return mean, std, len(tiles)
 

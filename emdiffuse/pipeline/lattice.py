@@ -165,6 +165,13 @@ class Lattice:
         """Output slices one tile produces (k - 1 for isotropic, else 1)."""
         return self.z_scale - 1 if self.isotropic else 1
 
+    @property
+    def redundancy(self) -> float:
+        """Computed output voxels per output voxel: every tile whole (padding and overlaps
+        included) over the output volume (the kept slices of an isotropic run cost nothing)."""
+        computed = self.n_tiles * self.tile_output_slices * self.tile**2
+        return computed / float(np.prod(self.output_shape))
+
     # --- z units -----------------------------------------------------------------------
     def unit_output_z(self, unit: int) -> tuple[int, int]:
         """Output-grid z ``[start, stop)`` written by the model for ``unit``."""

@@ -148,9 +148,6 @@ def make_plan(
     per_chunk_sum = int(np.prod([c.sum() for c in counts]))
     tiles_computed = lattice.n_tiles
     n_chunks = int(np.prod([len(c) for c in counts]))
-    out_shape = lattice.output_shape
-    computed_voxels = tiles_computed * lattice.tile_output_slices * lattice.tile**2
-    redundancy = computed_voxels / float(np.prod(out_shape))
     per_tile = evaluations_per_tile(sampler, steps, samples, shared_mean)
     evaluations = tiles_computed * per_tile
     remaining = tiles_computed * (n_chunks - done) / max(n_chunks, 1)
@@ -162,7 +159,7 @@ def make_plan(
         estimate = tile_seconds * remaining / max(workers, 1)
     return Plan(
         input_shape=tuple(lattice.input_shape),
-        output_shape=tuple(out_shape),
+        output_shape=tuple(lattice.output_shape),
         chunks=tuple(chunks),
         n_chunks=n_chunks,
         chunks_to_run=n_chunks - done,
@@ -175,7 +172,7 @@ def make_plan(
         sampler=sampler,
         spacing=spacing,
         evaluations=evaluations,
-        redundancy=redundancy,
+        redundancy=lattice.redundancy,
         seconds_per_tile=tile_seconds,
         workers=workers,
         estimated_seconds=estimate,

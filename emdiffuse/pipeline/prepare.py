@@ -28,6 +28,7 @@ from emdiffuse.pipeline.lattice import Lattice
 from emdiffuse.pipeline.preflight import check_device, check_tile_memory
 from emdiffuse.pipeline.settings import (
     DEFAULT_CHUNK_YX,
+    DEFAULT_OVERLAP_FRACTION,
     DEFAULT_TILE_MAX,
     RunSettings,
     RunSpec,
@@ -45,9 +46,11 @@ def choose_tile(
     """Tile and overlap on the output grid (checked against the model, defaults filled in).
 
     Default tile: the smallest multiple of ``multiple`` covering the larger yx side, at most
-    256 (rounded up to ``multiple``); default overlap: a quarter of the tile, rounded down to
-    a multiple of ``xy_scale``. A larger tile is capped to that covering side (the padded
-    image: one tile per axis), and an overlap that no longer fits falls back to the default.
+    256 (rounded up to ``multiple``); default overlap: ``DEFAULT_OVERLAP_FRACTION`` (3/32) of
+    the tile, rounded down to a multiple of ``xy_scale`` (24 of 256: about 1.27 computed voxels
+    per output voxel on large slices, with the blend's ramp over those 24 voxels). A larger
+    tile is capped to that covering side (the padded image: one tile per axis), and an overlap
+    that no longer fits falls back to the default.
     """
     step = math.lcm(multiple, xy_scale)
     whole = _round_up(max(output_yx), step)  # one tile covers the (padded) image
@@ -63,7 +66,7 @@ def choose_tile(
             f"try --tile {_round_up(tile, step)}"
         )
     if overlap is None:
-        overlap = (tile // 4) // xy_scale * xy_scale
+        overlap = int(tile * DEFAULT_OVERLAP_FRACTION) // xy_scale * xy_scale
     if not 0 <= overlap < tile:
         raise InputError(f"overlap {overlap} must be >= 0 and smaller than the tile ({tile})")
     if overlap % xy_scale:
@@ -248,6 +251,9 @@ def prepare(
         condition_normalization=condition,
         calibration=config.calibration if settings.samples >= 2 else None,
         model_kind=config.kind,
+        residual_correlation=float((config.calibration or {}).get("residual_correlation", 0.0))
+        if config.residual and settings.samples >= 1
+        else 0.0,
         sampling_schedule=config.sampling_schedule,
         sampling_schedule_text=config.describe_sampling(),
         output_voxel_size=voxel,

@@ -39,6 +39,8 @@ NORMALIZE_MODES = ("model", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what models.enhancer.Enhancer accepts
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DEFAULT_TILE_MAX = 256  # the default tile side (output grid), at most
+DEFAULT_OVERLAP_FRACTION = 3 / 32  # default overlap / tile: 24 of 256, 1.27 computed voxels per
+# output voxel on large slices (0.25 was 1.8; benchmarks/results/tiling.md)
 DEFAULT_CHUNK_YX = 512  # the default output chunk side in y and x
 SCHEDULER_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
 
@@ -272,6 +274,9 @@ class RunSpec:
     # None for the plain standard deviation over samples (models.calibration)
     calibration: Any = None
     model_kind: str = "sr3"  # "residual": a mean network, evaluated once per tile
+    # how much two samples' residual parts of the same content correlate (the model's
+    # calibration record; 0 for models without one): the residuals' blend (pipeline.blend)
+    residual_correlation: float = 0.0
     # the noise schedule the sampler walks (the model's inference schedule, else its training
     # schedule) and that fact in words; None for specs built without a model config
     sampling_schedule: dict | None = None
@@ -369,6 +374,8 @@ class RunSpec:
             **self._condition_record(),
             "dtype": str(np.dtype(s.dtype)),
             "output_shape": list(map(int, self.lattice.output_shape)),
+            # only when it blends otherwise than records without it did
+            **({"residual_correlation": self.residual_correlation} if self.residual_correlation else {}),
         }
 
     def _condition_record(self) -> dict:

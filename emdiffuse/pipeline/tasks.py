@@ -288,7 +288,8 @@ def blend_chunk(
     kept_region, kept_box = kept_input(spec, box)
     return finish_chunk(
         lattice, box, totals, spec.normalization, kept_region, kept_box,
-        residuals=residuals, spread=uncertainty_of(spec),
+        residuals=residuals, correlation=spec.residual_correlation,
+        spread=uncertainty_of(spec),
     )  # fmt: skip
 
 

@@ -74,13 +74,15 @@ def calibrate(
     """The calibration record of the EMA model on held-out ``batch``: ``s.calibration_samples``
     samples (the run default sampler and steps, as ``emdiffuse enhance`` draws them; seeded),
     their spread against the error of their mean (:func:`emdiffuse.models.calibration.fit`,
-    model space), plus the sampler, steps and patches used."""
+    model space), plus the sampler, steps and patches used and, for a model with a mean
+    network, how much its samples' residual parts correlate
+    (:func:`emdiffuse.models.calibration.residual_correlation`)."""
     net = copy.deepcopy(ema_net)
     enhancer = Enhancer(config, net, device=device, precision="auto", channels_last=False)
     cond = batch["cond"].numpy()
     target = batch["target"].numpy().astype(np.float64)
     rng = np.random.default_rng([s.seed, 0xCA1])
-    draws = []
+    draws, residuals = [], []
     mean = None
     for _ in range(s.calibration_samples):
         noise = rng.standard_normal(target.shape).astype(np.float32)
@@ -93,8 +95,11 @@ def calibrate(
         m, r = enhancer.sample_parts(cond, noise, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
                                      step_noise=step_noise, mean=mean)  # fmt: skip
         draws.append(np.clip(m + r, -1.0, 1.0))
+        residuals.append(r)
     record = calibration.fit(np.stack(draws), target, level=s.calibration_level)
     record.update(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, patches=int(len(target)))
+    if config.residual:
+        record["residual_correlation"] = calibration.residual_correlation(np.stack(residuals))
     return record
 
 

@@ -109,3 +109,24 @@ def test_half_widths_floor_units_and_refusals():
         calibration.half_widths(std, record, 1)
     with pytest.raises(InputError, match="calibration"):
         make_config("emdiffuse-n", "tiny").replace(calibration={"level": 0.9})
+
+
+def test_residual_correlation_of_samples():
+    """How much N samples' residual parts share: 1 for one texture drawn N times, about 0
+    for independent ones, the shared variance's fraction for a mix; stored and checked with
+    the calibration."""
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((1, 8, 32, 32))
+    independent = rng.standard_normal((4, 8, 32, 32))
+    assert calibration.residual_correlation(np.repeat(shared, 3, axis=0)) == pytest.approx(1.0)
+    assert abs(calibration.residual_correlation(independent)) < 0.02
+    mix = np.sqrt(0.3) * shared + np.sqrt(0.7) * independent
+    assert calibration.residual_correlation(mix) == pytest.approx(0.3, abs=0.03)
+    assert calibration.residual_correlation(np.stack([shared[0], -shared[0]])) == 0.0  # clipped
+    assert calibration.residual_correlation(np.zeros((2, 4, 4))) == 0.0  # no texture at all
+    with pytest.raises(InputError, match="at least 2"):
+        calibration.residual_correlation(shared)
+    record = {"level": 0.9, "scale": 3.0, "samples": 4, "floor": 0.01}
+    make_config("emdiffuse-n", "tiny").replace(calibration={**record, "residual_correlation": 0.3})
+    with pytest.raises(InputError, match="residual_correlation"):
+        make_config("emdiffuse-n", "tiny").replace(calibration={**record, "residual_correlation": 1.5})

@@ -238,6 +238,7 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
     assert (config.mean_net.base_channels, config.mean_net.depth) == (8, 1)
     assert any(k.startswith("mean.") for k in state) and any(k.startswith("residual.") for k in state)
     assert config.calibration is not None and config.calibration["samples"] == 4
+    assert 0.0 <= config.calibration["residual_correlation"] <= 1.0
     rows = (tmp_path / "r" / "scalars.csv").read_text().splitlines()
     assert "val_psnr_mean" in rows[0]
     # resuming keeps the kind; a diffusion (SR3) run may not continue it

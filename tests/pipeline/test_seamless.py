@@ -27,8 +27,8 @@ import pytest
 import zarr
 
 from emdiffuse.io import write_image
-from emdiffuse.pipeline import runtime
-from emdiffuse.pipeline.blend import blend_parts, window_1d
+from emdiffuse.pipeline import runtime, seams
+from emdiffuse.pipeline.blend import blend_parts
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.lattice import AxisTiling, Lattice
 
@@ -49,8 +49,9 @@ class TextureModel:
     xy_scale = z_scale = 1
     multiple = 1
 
-    def __init__(self, sigma: float = 1.2):
+    def __init__(self, sigma: float = 1.2, shared: float = 0.0):
         self.sigma = sigma
+        self.shared = shared  # the part of the residual's variance every tile draws alike
 
     def _texture(self, noise: np.ndarray) -> np.ndarray:
         h, w = noise.shape[-2:]
@@ -66,72 +67,23 @@ class TextureModel:
     def sample_parts(self, cond, noise, *, sampler, steps, step_noise=None, spacing=None,
                      eta=0.0, mean=None, callback=None):  # fmt: skip
         mean = self.posterior_mean(cond) if mean is None else mean
-        return mean, self._texture(np.asarray(noise, dtype=np.float64))
+        texture = self._texture(np.asarray(noise, dtype=np.float64))
+        if self.shared:  # + the content's texture: the condition's, scaled to unit variance
+            content = (np.asarray(cond, dtype=np.float64) - COND_CENTRE) / COND_STD
+            texture = (
+                np.sqrt(1 - self.shared) * texture + np.sqrt(self.shared) * AMPLITUDE * content
+            )
+        return mean, texture.astype(np.float32)
 
     def enhance(self, cond, noise, *, sampler, steps, step_noise=None, spacing=None, **_):
         mean, residual = self.sample_parts(cond, noise, sampler=sampler, steps=steps)
         return np.clip(mean + residual, -1.0, 1.0)
 
 
-# ---- the statistics ---------------------------------------------------------------------------
-def coverage(n: int) -> np.ndarray:
-    """How many tiles cover each position of an axis of length ``n``."""
-    axis = AxisTiling(n, TILE, OVERLAP)
-    count = np.zeros(n, dtype=int)
-    for i in range(len(axis)):
-        a, b = axis.output_extent(i)
-        count[a:b] += 1
-    return count
-
-
-def edge_boundaries(n: int) -> list[int]:
-    """Boundaries ``p | p+1`` (as ``p``) where a tile starts or ends inside the axis."""
-    origins = AxisTiling(n, TILE, OVERLAP).origins
-    edges = {int(o) - 1 for o in origins[1:]} | {int(o) + TILE - 1 for o in origins[:-1]}
-    return sorted(e for e in edges if 0 <= e < n - 1)
-
-
+# ---- the statistics (emdiffuse.pipeline.seams) ------------------------------------------------
 def seam_statistics(texture: np.ndarray, output: np.ndarray) -> dict[str, float]:
-    """``std_ratio``: standard deviation of the residual ``texture`` (zyx) in overlap zones
-    (covered by two tiles or more) over that in tile interiors (one tile); ``mid_ratio`` the
-    same for the middle of the overlaps (two tiles, neither weighing over 70 %), the worst
-    case of a linear blend; ``edge_excess``: mean squared gradient of ``output`` across the
-    boundaries where tiles start or end, over that across all other boundaries, minus one
-    (the larger of y and x)."""
-    _, ny, nx = texture.shape
-    cy, cx = coverage(ny), coverage(nx)
-    interior = (cy[:, None] == 1) & (cx[None, :] == 1)
-    overlap = (cy[:, None] >= 2) | (cx[None, :] >= 2)
-    mid_y, mid_x = _middle(ny), _middle(nx)
-    mid = (mid_y[:, None] & (cx[None, :] == 1)) | ((cy[:, None] == 1) & mid_x[None, :])
-    std_in = texture[:, interior].std()
-    stats = {
-        "std_ratio": float(texture[:, overlap].std() / std_in),
-        "mid_ratio": float(texture[:, mid].std() / std_in),
-    }
-    excess = []
-    for axis, n in ((1, ny), (2, nx)):
-        energy = (np.diff(output.astype(np.float64), axis=axis) ** 2).mean(
-            axis=tuple(a for a in range(3) if a != axis)
-        )
-        edges = np.zeros(n - 1, dtype=bool)
-        edges[edge_boundaries(n)] = True
-        excess.append(energy[edges].mean() / energy[~edges].mean() - 1.0)
-    stats["edge_excess"] = float(max(excess))
-    return stats
-
-
-def _middle(n: int) -> np.ndarray:
-    """Positions covered by exactly two tiles, neither weighing over 70 % of their sum."""
-    axis = AxisTiling(n, TILE, OVERLAP)
-    window = window_1d(TILE, OVERLAP)
-    weights = np.zeros((len(axis), n))
-    for i in range(len(axis)):
-        a, b = axis.output_extent(i)
-        weights[i, a:b] = window[: b - a]
-    total = weights.sum(axis=0)
-    share = weights.max(axis=0) / total
-    return ((weights > 0).sum(axis=0) == 2) & (share <= 0.7)
+    """:func:`emdiffuse.pipeline.seams.seam_statistics` on this module's tiling."""
+    return seams.seam_statistics(texture, output, TILE, OVERLAP)
 
 
 # ---- running it -------------------------------------------------------------------------------
@@ -142,17 +94,30 @@ def textured_input(seed: int = 0) -> np.ndarray:
     return synthetic_block((0, 0, 0), SHAPE, seed=seed)
 
 
+COND_CENTRE, COND_STD = 0.0, 0.4  # textured_field's input in model space: 2 * (0.5 + 0.2 g) - 1
+
+
+def textured_field(seed: int = 3) -> np.ndarray:
+    """An input whose model-space values are ``COND_STD`` × a stationary unit-variance
+    Gaussian texture (intensities 0.5 + 0.2 g): content that every tile's residual shares."""
+    noise = np.random.default_rng(seed).standard_normal(SHAPE)
+    g = np.stack([TextureModel()._texture(plane[None])[0] for plane in noise]) / AMPLITUDE
+    return (0.5 + 0.2 * g).astype(np.float32)
+
+
 def constant_input() -> np.ndarray:
     return np.full(SHAPE, 0.5, dtype=np.float32)
 
 
-def run_stand_in(monkeypatch, folder, model, data: np.ndarray, name: str, **kw) -> np.ndarray:
-    """``data`` written as OME-Zarr, enhanced through the pipeline with :class:`TextureModel`
-    in place of ``model``'s network; the output (level 0) read back from its store."""
+def run_stand_in(monkeypatch, folder, model, data: np.ndarray, name: str,
+                 stand_in: TextureModel | None = None, **kw) -> np.ndarray:  # fmt: skip
+    """``data`` written as OME-Zarr, enhanced through the pipeline with ``stand_in`` (a
+    :class:`TextureModel`) in place of ``model``'s network; the output (level 0) read back
+    from its store."""
     path = folder / f"{name}-in.ome.zarr"
     if not path.exists():
         write_image(data, path, voxel_size=(8.0, 8.0, 8.0), chunks=(4, 128, 128))
-    stand_in = TextureModel()
+    stand_in = stand_in or TextureModel()
     monkeypatch.setattr(runtime, "spec_enhancer", lambda spec: stand_in)
     out = folder / f"{name}-{len(list(folder.glob('*-out*')))}-out.ome.zarr"
     enhance(path, model, out, **dict(RUN, **kw))
@@ -206,7 +171,9 @@ def test_chunking_and_workers_do_not_change_the_texture(monkeypatch, tmp_path,
     counts, the same output (float rounding of partial sums only)."""
     data = textured_input(seed=1)[:4, :150, :170]
     kw = dict(samples=2)
-    a = run_stand_in(monkeypatch, tmp_path, denoise_checkpoint, data, "c", chunks=(4, 150, 170), **kw)
+    a = run_stand_in(
+        monkeypatch, tmp_path, denoise_checkpoint, data, "c", chunks=(4, 150, 170), **kw
+    )
     b = run_stand_in(monkeypatch, tmp_path, denoise_checkpoint, data, "c", chunks=(1, 40, 56),
                      workers=2, **kw)  # fmt: skip
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
@@ -245,5 +212,54 @@ def test_zero_overlap_shifted_last_tile_keeps_the_texture(monkeypatch, tmp_path,
     assert last[0] < previous[1]  # the shifted tile overlaps its neighbour
     band = slice(last[0], previous[1])
     interior = slice(0, previous[0])
-    ratio = texture[:, band, :][..., :previous[0]].std() / texture[:, interior, interior].std()
+    ratio = texture[:, band, :][..., : previous[0]].std() / texture[:, interior, interior].std()
     assert 0.95 <= ratio <= 1.05, ratio
+
+
+RHO = 0.35  # about what the demo's denoiser measures (models.calibration.residual_correlation)
+
+
+@pytest.fixture(scope="module")
+def residual_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny mean-plus-residual denoisers (intensities 0..1) whose calibration does not and
+    does record how much their samples' residuals correlate."""
+    from emdiffuse.models.checkpoints import save_checkpoint
+    from emdiffuse.models.enhancer import Enhancer
+    from emdiffuse.models.presets import make_config
+
+    root = tmp_path_factory.mktemp("residual-models")
+    config = make_config(
+        "emdiffuse-n", "tiny", kind="residual", normalization={"low": 0.0, "high": 1.0}
+    )
+    state = Enhancer.from_config(config, seed=0).net.state_dict()
+    record = {"level": 0.9, "scale": 1.5, "samples": 4, "floor": 1e-3}
+    paths = {}
+    for name, extra in (("independent", {}), ("correlated", {"residual_correlation": RHO})):
+        paths[name] = str(save_checkpoint(root / f"{name}.safetensors", state,
+                                          config.replace(calibration={**record, **extra})))  # fmt: skip
+    return paths
+
+
+def test_correlated_residuals_keep_the_texture_with_the_models_correlation(
+    monkeypatch, tmp_path, residual_models
+):
+    """A trained model's residuals share part of their texture between tiles (the content's),
+    so dividing their weighted sum by sqrt(sum w**2) alone over-textures the overlaps
+    (sqrt(1 + rho) where two tiles weigh alike). With the correlation its calibration
+    records, overlaps keep the interiors' texture; the run record says which blend ran."""
+    from emdiffuse.pipeline.run_record import read_run_config
+
+    data = textured_field()
+    stats = {}
+    for name, model in residual_models.items():
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        out = run_stand_in(monkeypatch, out_dir, model, data, "rho", TextureModel(shared=RHO),
+                           samples=1)  # fmt: skip
+        stats[name] = seam_statistics(model_space(out) - model_space(data), out)
+        record = read_run_config(next(out_dir.glob("*-out.ome.zarr")))
+        assert record.get("residual_correlation", 0.0) == (RHO if name == "correlated" else 0.0)
+    assert stats["independent"]["mid_ratio"] > 1.08, stats  # sqrt(1.35) = 1.16 at the middle
+    corr = stats["correlated"]
+    assert 0.95 <= corr["std_ratio"] <= 1.05 and 0.95 <= corr["mid_ratio"] <= 1.05, stats
+    assert corr["edge_excess"] <= 0.02, stats
