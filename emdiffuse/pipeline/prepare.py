@@ -47,8 +47,9 @@ def choose_tile(
 
     Default tile: the smallest multiple of ``multiple`` covering the larger yx side, at most
     256 (rounded up to ``multiple``); default overlap: ``DEFAULT_OVERLAP_FRACTION`` (3/32) of
-    the tile, rounded down to a multiple of ``xy_scale`` (24 of 256: about 1.27 computed voxels
-    per output voxel on large slices, with the blend's ramp over those 24 voxels). A larger
+    the tile but at least 16 voxels (a quarter of a tile under 64), rounded down to a multiple
+    of ``xy_scale`` (24 of 256: about 1.27 computed voxels per output voxel on large slices,
+    with the blend's ramp over those 24 voxels). A larger
     tile is capped to that covering side (the padded image: one tile per axis), and an overlap
     that no longer fits falls back to the default.
     """
@@ -66,7 +67,9 @@ def choose_tile(
             f"try --tile {_round_up(tile, step)}"
         )
     if overlap is None:
-        overlap = int(tile * DEFAULT_OVERLAP_FRACTION) // xy_scale * xy_scale
+        # a ramp of at least 16 voxels (a quarter of a smaller tile) for small --tile values
+        overlap = max(int(tile * DEFAULT_OVERLAP_FRACTION), min(16, tile // 4))
+        overlap = overlap // xy_scale * xy_scale
     if not 0 <= overlap < tile:
         raise InputError(f"overlap {overlap} must be >= 0 and smaller than the tile ({tile})")
     if overlap % xy_scale:

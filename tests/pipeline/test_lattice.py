@@ -220,3 +220,7 @@ def test_default_tiling_computes_at_most_1_3_voxels_per_output_voxel(multiple, x
         assert (tile / (tile - overlap)) ** 2 <= 1.25
         lattice = Lattice((1, n_in, n_in), tile, overlap, xy_scale=xy_scale)
         assert lattice.redundancy <= 1.3, (side, tile, overlap, lattice.redundancy)
+    # a small --tile keeps a ramp of 16 voxels (a quarter of a tile under 64)
+    small = choose_tile((1032, 1032), multiple, xy_scale, 96, None)[1]
+    assert small == 16 // xy_scale * xy_scale
+    assert choose_tile((1024, 1024), 8, 1, 32, None)[1] == 8
