@@ -211,20 +211,26 @@ class Interrupt(RuntimeError):
     pass
 
 
+def crash_after(n: int):
+    """A ``chunk_hook`` that raises :class:`Interrupt` when chunk ``n + 1`` starts: a crash
+    with ``n`` chunks started."""
+    started = []
+
+    def hook(index):
+        started.append(index)
+        if len(started) > n:
+            raise Interrupt("simulated crash")
+
+    return hook
+
+
 def test_resume_after_interrupt_gives_same_bytes(models, volumes, tmp_path, capsys):
     kw = dict(RUN, chunks=(1, 16, 24), dtype="float32", workers=1)
     ref = tmp_path / "ref.zarr"
     enhance(volumes["3d"], models["n"], ref, **kw)
     out = tmp_path / "out.zarr"
-    started = []
-
-    def fail_after_four(index):
-        started.append(index)
-        if len(started) > 4:
-            raise Interrupt("simulated crash")
-
     with pytest.raises(Interrupt):
-        enhance(volumes["3d"], models["n"], out, chunk_hook=fail_after_four, **kw)
+        enhance(volumes["3d"], models["n"], out, chunk_hook=crash_after(4), **kw)
     n_chunks = len(list(iter_chunks((3, 40, 44), (1, 16, 24))))
     done = list((out / ".emdiffuse" / "done").iterdir())
     assert 1 <= len(done) < n_chunks
@@ -293,15 +299,8 @@ def test_resume_with_chunks_per_task_gives_same_bytes(models, volumes, tmp_path)
     ref = tmp_path / "ref.zarr"
     enhance(volumes["3d"], models["n"], ref, **kw)
     out = tmp_path / "out.zarr"
-    started = []
-
-    def fail_after_two(index):
-        started.append(index)
-        if len(started) > 2:
-            raise Interrupt("simulated crash")
-
     with pytest.raises(Interrupt):
-        enhance(volumes["3d"], models["n"], out, chunk_hook=fail_after_two, **kw)
+        enhance(volumes["3d"], models["n"], out, chunk_hook=crash_after(2), **kw)
     done = len(list((out / ".emdiffuse" / "done").iterdir()))
     assert done % 2 == 0 and 2 <= done < 18  # whole tasks: 2 or 4 chunks each
     enhance(volumes["3d"], models["n"], out, resume=True, **kw)
@@ -312,8 +311,7 @@ def test_resume_with_chunks_per_task_gives_same_bytes(models, volumes, tmp_path)
             )
     other = tmp_path / "other.zarr"
     with pytest.raises(Interrupt):
-        started.clear()
-        enhance(volumes["3d"], models["n"], other, chunk_hook=fail_after_two, **kw)
+        enhance(volumes["3d"], models["n"], other, chunk_hook=crash_after(2), **kw)
     enhance(volumes["3d"], models["n"], other, resume=True, **dict(kw, chunks_per_task=1))
     assert np.abs(_level0(other) - _level0(ref)).max() < 1e-4
 

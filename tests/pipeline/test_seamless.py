@@ -263,3 +263,9 @@ def test_correlated_residuals_keep_the_texture_with_the_models_correlation(
     corr = stats["correlated"]
     assert 0.95 <= corr["std_ratio"] <= 1.05 and 0.95 <= corr["mid_ratio"] <= 1.05, stats
     assert corr["edge_excess"] <= 0.02, stats
+    # the correlation-aware blend keeps chunking invariance (its weights are analytic too)
+    folder = tmp_path / "correlated"
+    a = zarr.open_array(f"{next(folder.glob('*-out.ome.zarr'))}/0", mode="r")[...]
+    b = run_stand_in(monkeypatch, folder, residual_models["correlated"], data, "rho",
+                     TextureModel(shared=RHO), samples=1, chunks=(1, 40, 56))  # fmt: skip
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
