@@ -16,10 +16,13 @@ from emdiffuse.models.sampler_names import DEFAULT_STEPS
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training.demo_model import DEMO_TRAIN_SHAPE, demo_pair, train_demo_denoiser
 from emdiffuse.training.settings import DEMO_NOISE, DEMO_SETTINGS
+from emdiffuse.training.settings import defaults as train_defaults
 
 SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
 # what a cached demo model holds besides its settings: 2, its calibration records how much its
-# samples' residuals correlate (the blend of overlapping tiles uses it); earlier ones retrain
+# samples' residuals correlate (the blend of overlapping tiles uses it); earlier ones retrain.
+# Every trainer default is in the key as well (a new default, e.g. the mean network's
+# least-squares start, retrains the cached model).
 MODEL_REVISION = 2
 HELD_OUT_ORIGIN = (10_000, 5_000, 5_000)  # far from the training region (origin 0)
 
@@ -38,8 +41,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
     """The demo denoiser: reused from ``cache`` when an earlier run trained it, else trained."""
-    key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE, DEMO_TRAIN_SHAPE, MODEL_REVISION],
-                     sort_keys=True, default=str)  # fmt: skip
+    key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE, DEMO_TRAIN_SHAPE, MODEL_REVISION,
+                      train_defaults()], sort_keys=True, default=str)  # fmt: skip
     folder = cache / f"demo-denoise-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     model = folder / "model.safetensors"
     if model.exists():

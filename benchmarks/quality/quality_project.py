@@ -33,7 +33,11 @@ import emdiffuse
 from emdiffuse import io
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training import trainer
-from emdiffuse.training.settings import DEMO_SETTINGS, OBJECTIVES, field_names
+from emdiffuse.training.settings import DEMO_SETTINGS, OBJECTIVES, defaults, field_names
+
+# the residual kind's settings, written out in its options so that a change of their
+# defaults (e.g. mean_init) retrains its models instead of reusing cached ones
+RESIDUAL_SETTINGS = ("mean_init", "mean_loss", "residual_scale", "mean_net")
 
 HORIZON_MARGIN = 1.1  # steps = measured rate x budget x this: the time limit binds first
 _RATES: dict[str, dict[str, Any]] = {}  # measured rates of this run
@@ -98,9 +102,14 @@ def _options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str, Any
     """Trainer options of ``entry`` on ``data``: the shared recipe, the kind's objective, the
     level's factor. vemdiffuse-a's patch runs along z of its z-subsampled training volume,
     so it is cut to fit (a multiple of 8); the regression UNet skips the end-of-training
-    calibration of the sample spread (it has none)."""
+    calibration of the sample spread (it has none); the residual kind's own settings
+    (:data:`RESIDUAL_SETTINGS`) are written out."""
     level = data.level
     options = dict(train_settings(sizes, extra), objective=OBJECTIVE[entry.kind])
+    if entry.kind == "residual":  # the kind's own settings, recorded (and in the cache key)
+        installed = defaults()
+        options.update({name: installed[name] for name in RESIDUAL_SETTINGS
+                        if name in installed and name not in options})  # fmt: skip
     if level.task != "denoise":
         options["factor"] = level.factor
     if entry.aniso:

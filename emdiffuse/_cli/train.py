@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
-from emdiffuse.training.settings import AXES, LR_SCHEDULES, OBJECTIVES, TASK_VARIANTS, defaults
+from emdiffuse.training.settings import (
+    AXES,
+    LR_SCHEDULES,
+    MEAN_INITS,
+    OBJECTIVE_CHOICES,
+    TASK_VARIANTS,
+    defaults,
+)
 
 INTERRUPTED = "interrupted; rerun with --resume to continue from the last saved checkpoint"
 HELP = (
@@ -29,7 +36,7 @@ SETTINGS = (
     "size", "steps", "batch_size", "patch", "lr", "warmup", "lr_schedule", "ema_decay",
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
-    "residual_scale",
+    "residual_scale", "mean_init",
 )  # fmt: skip
 
 
@@ -40,15 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--size", default=d["size"], help="model preset: tiny, small, reference")
     parser.add_argument(
-        "--objective", choices=OBJECTIVES, default=d["objective"],
-        help="diffusion: one diffusion UNet, the reference's (SR3) kind; residual: mean plus "
-        "residual, a regression network for the posterior mean and a diffusion UNet for the "
-        "texture around it (enhance --samples 0 uses the mean alone); regression: a plain "
-        "regression UNet (CARE-like baseline)",
+        "--objective", choices=OBJECTIVE_CHOICES, default=d["objective"],
+        help="residual: mean plus residual, a regression network for the posterior mean and "
+        "a diffusion UNet for the texture around it (enhance --samples 0 uses the mean "
+        "alone); diffusion: one diffusion UNet, the reference's (SR3) kind; regression: a "
+        "plain regression UNet (CARE-like baseline); auto (default): residual for a new "
+        "model, the --init model's kind when fine-tuning, the run's own when resuming",
     )  # fmt: skip
     parser.add_argument(
         "--residual-scale", type=float, default=d["residual_scale"],
         help="residual objective: scale s of the residual (target - mean) / s in model space",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mean-init", choices=MEAN_INITS, default=d["mean_init"],
+        help="residual objective: start the mean network at the least-squares per-voxel "
+        "linear predictor of the training patches (default), or at the input itself",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

@@ -5,10 +5,12 @@ posterior-mean estimate out, in one evaluation. No noise input, no attention, no
 normalisation layers (so a voxel's output depends only on its receptive field, never on the
 rest of the tile): per level ``convs`` 3×3 convolutions with SiLU, 2× max-pooling down,
 nearest 2× up with a skip connection, a 1×1 output convolution. A learned 1×1 ``skip`` from
-the condition to the output carries the input through (initialised by the caller to the
-obvious baseline: the noisy or upsampled image, linear interpolation between two slices; the
-output convolution starts at zero), so training starts at the baseline and learns the
-correction.
+the condition to the output carries the input through, and the output convolution starts at
+zero, so training starts at the skip's baseline and learns the correction. The caller sets
+the skip: to the obvious baseline (the noisy or upsampled image, linear interpolation between
+two slices) or, better, to the least-squares per-voxel linear predictor of the training data
+(:func:`least_squares_skip`), which at a low dose is a strong shrinkage of the noisy input
+rather than the input itself.
 
 Spatial sides must be multiples of ``2 ** depth`` (:attr:`MeanUNet.multiple`).
 """
@@ -109,11 +111,15 @@ class MeanUNet(nn.Module):
         return self.config.multiple
 
     @torch.no_grad()
-    def init_skip(self, weights: Sequence[Sequence[float]], bias: float = 0.0) -> None:
-        """Set the 1×1 skip to fixed weights ``(out_channels, in_channels)`` and ``bias``."""
+    def init_skip(
+        self, weights: Sequence[Sequence[float]], bias: float | Sequence[float] = 0.0
+    ) -> None:
+        """Set the 1×1 skip to fixed weights ``(out_channels, in_channels)`` and ``bias``
+        (one number for every output channel, or one per channel)."""
         w = torch.as_tensor(weights, dtype=self.skip.weight.dtype)
         self.skip.weight.copy_(w.reshape(self.skip.weight.shape).to(self.skip.weight.device))
-        self.skip.bias.fill_(float(bias))
+        b = torch.as_tensor(bias, dtype=self.skip.bias.dtype).to(self.skip.bias.device)
+        self.skip.bias.copy_(b.expand_as(self.skip.bias))
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -139,4 +145,28 @@ class MeanUNet(nn.Module):
         return self.out(h) + self.skip(cond)
 
 
-__all__ = ["MeanNetConfig", "MeanUNet"]
+def least_squares_skip(
+    cond: torch.Tensor, target: torch.Tensor
+) -> tuple[list[list[float]], list[float]]:
+    """The per-voxel affine map from condition to target with the least squared error:
+    ``(weights (out_channels, in_channels), bias (out_channels,))``.
+
+    ``cond`` (B, C_in, …) and ``target`` (B, C_out, …) on the same grid, in model space. The
+    fit has an intercept, so its output's mean equals the target's mean over the patches.
+    Solved in float64; a channel without variance gets weight 0 (the lstsq minimum-norm
+    solution)."""
+    if cond.shape[0] != target.shape[0] or cond.shape[2:] != target.shape[2:]:
+        raise InputError(
+            f"least_squares_skip: condition {tuple(cond.shape)} and target "
+            f"{tuple(target.shape)} are not on the same grid"
+        )
+    x = cond.detach().double().movedim(1, -1).reshape(-1, cond.shape[1])
+    y = target.detach().double().movedim(1, -1).reshape(-1, target.shape[1])
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    solution = torch.linalg.lstsq(x - x_mean, y - y_mean, driver="gelsd").solution  # (in, out)
+    weights = solution.T
+    bias = y_mean - weights @ x_mean
+    return weights.tolist(), bias.tolist()
+
+
+__all__ = ["MeanNetConfig", "MeanUNet", "least_squares_skip"]

@@ -33,11 +33,22 @@ TASK_VARIANTS = {
 # (a regression network for the posterior mean and a diffusion UNet for the residual, trained
 # together); regression: the diffusion UNet trained as a plain regression (CARE-style baseline)
 OBJECTIVES = ("diffusion", "regression", "residual")
+# "auto" (the default) resolves before anything runs (trainer.resolve_objective): residual
+# for a new model, the --init model's kind when fine-tuning (reference weights: diffusion),
+# the run's own objective when resuming
+OBJECTIVE_CHOICES = ("auto", *OBJECTIVES)
 LOSS_NAMES = ("mse", "l1")
+# how the residual kind's mean network starts (its 1x1 skip from condition to output):
+# least-squares: the best per-voxel affine predictor of the training patches (a shrinkage of
+# a noisy input, near-interpolation weights for isotropic); input: "output = input" in raw
+# units (the noisy / upsampled image, linear interpolation between slices)
+MEAN_INITS = ("least-squares", "input")
 LR_SCHEDULES = ("constant", "cosine")
 AXES = ("y", "x", "both")
-# settings a resumed run must share with the checkpoint it resumes
-RESUME_FIELDS = ("task", "batch_size", "patch", "seed", "prediction", "size", "objective")
+# settings a resumed run must share with the checkpoint it resumes (the architecture's too:
+# a different one could not load the saved weights)
+RESUME_FIELDS = ("task", "batch_size", "patch", "seed", "prediction", "size", "objective",
+                 "unet", "mean_net", "residual_scale")  # fmt: skip
 # UNet fields the variant decides (channels, dimensionality, index embedding): not overridable
 _UNET_FIXED = ("dims", "in_channels", "out_channels", "use_index_embedding", "num_indices")
 
@@ -77,11 +88,12 @@ class TrainSettings:
     voxel_size: list[float] | None = None
     schedule: dict[str, Any] | None = None  # training noise schedule (default: the reference's)
     time_limit: float | None = None  # seconds; stops early (demo)
-    objective: str = "diffusion"  # or "residual", "regression" (see OBJECTIVES, train())
+    objective: str = "auto"  # see OBJECTIVE_CHOICES, train()
     # the residual objective: the mean network (overrides of its preset: base_channels,
     # depth, convs), its loss, and the scale s of the residual r = (x0 - mean) / s
     mean_net: dict[str, Any] | None = None
     mean_loss: str = "mse"
+    mean_init: str = "least-squares"  # see MEAN_INITS
     residual_scale: float | None = None  # None: models.variants.DEFAULT_RESIDUAL_SCALE
     # calibration of the sample spread at the end of training (on the validation split)
     calibration_samples: int = 4  # N samples per patch (0: no calibration)
@@ -119,13 +131,19 @@ class TrainSettings:
             raise InputError(
                 f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
             )
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in OBJECTIVE_CHOICES:
+            raise InputError(
+                f"objective must be {' or '.join(OBJECTIVE_CHOICES)}, got {self.objective!r}"
+            )
         if self.axis not in AXES:
             raise InputError(f"axis must be 'y', 'x' or 'both', got {self.axis!r}")
         check_sampler(self.sampler)
         if self.mean_loss not in LOSS_NAMES:
             raise InputError(f"mean_loss must be {' or '.join(LOSS_NAMES)}, got {self.mean_loss!r}")
+        if self.mean_init not in MEAN_INITS:
+            raise InputError(
+                f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
+            )
         if self.residual_scale is not None and not (
             math.isfinite(self.residual_scale) and self.residual_scale > 0
         ):
@@ -136,7 +154,7 @@ class TrainSettings:
             )
         if not 0 < self.calibration_level < 1:
             raise InputError(f"calibration_level must be in (0, 1), got {self.calibration_level}")
-        if self.objective != "residual" and (
+        if self.objective not in ("residual", "auto") and (
             self.mean_net is not None or self.residual_scale is not None
         ):
             raise InputError("mean_net and residual_scale are for objective 'residual'")
@@ -159,8 +177,8 @@ class TrainSettings:
     def resume_mismatch(self, saved: Mapping[str, Any]) -> str | None:
         """The first of :data:`RESUME_FIELDS` that differs from a checkpoint's settings."""
         saved = {"objective": "diffusion", **saved}  # checkpoints from before the option
-        for name in RESUME_FIELDS:
-            if saved.get(name) != getattr(self, name):
+        for name in RESUME_FIELDS:  # compared as JSON: tuples and lists are one
+            if saved.get(name) != json.loads(json.dumps(getattr(self, name))):
                 return name
         return None
 
@@ -246,7 +264,7 @@ DEMO_STEPS_PER_MINUTE = 300  # cosine horizon; training also stops at the time l
 
 
 __all__ = [
-    "TrainSettings", "TASK_VARIANTS", "OBJECTIVES", "LOSS_NAMES", "LR_SCHEDULES", "AXES", "RESUME_FIELDS",
+    "TrainSettings", "TASK_VARIANTS", "OBJECTIVES", "OBJECTIVE_CHOICES", "LOSS_NAMES", "MEAN_INITS", "LR_SCHEDULES", "AXES", "RESUME_FIELDS",
     "field_names", "defaults", "data_labels", "DEMO_SETTINGS", "DEMO_NOISE",
     "DEMO_STEPS_PER_MINUTE",
 ]  # fmt: skip

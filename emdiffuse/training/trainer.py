@@ -58,7 +58,9 @@ from emdiffuse.training.build import (
     build_dataset,
     build_net,
     check_patch,
+    fit_mean_skip,
     load_init,
+    resolve_objective,
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
@@ -114,6 +116,10 @@ def train(
     checkpoint stores both (``normalization`` = the target's, ``condition_normalization``).
     Returns the path of the final checkpoint (EMA weights).
 
+    ``objective="auto"`` (the default) is ``"residual"`` for a new model, the ``init``
+    model's kind when fine-tuning and the run's own objective when resuming
+    (:func:`~emdiffuse.training.build.resolve_objective`).
+
     ``objective="residual"`` trains a mean-plus-residual model: a regression network for
     the posterior mean (``mean_net``, ``mean_loss``) and a diffusion UNet for the residual
     ``(target - mean) / residual_scale``, in the same steps, one EMA, one checkpoint
@@ -136,6 +142,7 @@ def train(
     s = TrainSettings.build(task, data_labels(sources), settings)
     out = Path(out)
     check_out(out, sources, s.init, resume, overwrite)
+    resolve_objective(s, out, resume)
     d = distributed.setup("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
         run = _prepare(s, sources, out, d, device, resume, normalization)
@@ -221,6 +228,9 @@ def _prepare(
     net = build_net(config, s.seed)
     if init_state is not None:
         net.load_state_dict(init_state, strict=True)
+    elif state is None and config.residual and s.mean_init == "least-squares":
+        weights, bias = fit_mean_skip(net, config, dataset)
+        log.info("mean network starts at the least-squares skip %s + %s", weights, bias)
     ema = EMA(net, s.ema_decay)
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999)

@@ -15,6 +15,7 @@ from emdiffuse.errors import InputError
 from emdiffuse.models import diffusion
 from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint, save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
+from emdiffuse.models.mean_net import least_squares_skip
 from emdiffuse.models.networks import MeanResidualNet, baseline_weights, build_network
 from emdiffuse.models.presets import make_config
 from emdiffuse.models.sampler_names import SAMPLER_NAMES, STOCHASTIC
@@ -94,6 +95,33 @@ def test_one_checkpoint_holds_both_networks(tmp_path):
     np.testing.assert_allclose(enhancer.posterior_mean(cond), up, atol=1e-6)
     assert baseline_weights(make_config("vemdiffuse-i", "tiny", scale_factor=4)) == [
         [0.75, 0.25], [0.5, 0.5], [0.25, 0.75]]  # fmt: skip
+
+
+def test_least_squares_skip_recovers_an_affine_map_and_shrinks_noise():
+    rng = np.random.default_rng(0)
+    cond = torch.from_numpy(rng.uniform(-1, 1, (6, 2, 12, 12)))
+    weights = np.array([[0.75, 0.25], [0.5, 0.5], [-0.2, 1.1]])
+    bias = np.array([0.1, -0.3, 0.0])
+    target = torch.from_numpy(np.einsum("oi,bi...->bo...", weights, cond.numpy())
+                              + bias[None, :, None, None])  # fmt: skip
+    w, b = least_squares_skip(cond.float(), target.float())
+    np.testing.assert_allclose(w, weights, atol=1e-5)
+    np.testing.assert_allclose(b, bias, atol=1e-5)
+    # a noisy copy of a signal: the weight is var(signal) / (var(signal) + var(noise))
+    signal = torch.from_numpy(rng.normal(0.2, 0.5, (64, 1, 32, 32)))
+    noisy = signal + torch.from_numpy(rng.normal(0, 1.0, signal.shape))
+    w, b = least_squares_skip(noisy, signal)
+    assert abs(w[0][0] - 0.25 / 1.25) < 0.01 and abs(b[0] - 0.2 * (1 - w[0][0])) < 0.01
+    # the network takes the fit as its skip; a constant channel gets weight 0
+    config = make_config("vemdiffuse-i", "tiny", scale_factor=4, kind="residual")
+    net = build_network(config)
+    flat = torch.cat([cond[:, :1], torch.zeros_like(cond[:, :1])], dim=1).float()
+    w, b = least_squares_skip(flat, target.float())
+    assert all(row[1] == 0.0 for row in w)
+    net.mean.init_skip(w, b)
+    torch.testing.assert_close(net.mean.skip.bias, torch.tensor(b, dtype=torch.float32))
+    with pytest.raises(InputError, match="same grid"):
+        least_squares_skip(cond[:, :, :8], target)
 
 
 def test_residual_loss_trains_both_and_detaches_the_mean():
@@ -246,9 +274,14 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
                   objective="residual", residual_scale=0.3, resume=True,
                   mean_net={"base_channels": 8, "depth": 1}, **fast)  # fmt: skip
     with pytest.raises(InputError, match="objective"):
+        trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=8, resume=True,
+                      objective="diffusion", **fast)  # fmt: skip
+    # the default objective resumes as residual; another mean network is refused up front
+    with pytest.raises(InputError, match="mean_net was"):
         trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=8, resume=True, **fast)
     with pytest.raises(InputError, match="kind 'residual'"):
-        trainer.train("denoise", [noisy, clean], tmp_path / "ft", steps=1, init=str(path), **fast)
+        trainer.train("denoise", [noisy, clean], tmp_path / "ft", steps=1, init=str(path),
+                      objective="diffusion", **fast)  # fmt: skip
     with pytest.raises(InputError, match="index-embedding|index embedding"):
         make_config("vemdiffuse-a", "tiny", kind="residual", use_index_embedding=True)
 

@@ -82,4 +82,4 @@ def test_regression_run_writes_an_x0_l1_checkpoint_that_runs_in_one_step(tmp_pat
         trainer.train("denoise", pair, tmp_path / "bad", steps=1, objective="care", **FAST)
     with pytest.raises(InputError, match="objective"):  # resume must keep the objective
         trainer.train("denoise", pair, tmp_path / "reg", steps=8, resume=True,
-                      prediction="x0", **FAST)  # fmt: skip
+                      prediction="x0", objective="diffusion", **FAST)  # fmt: skip

@@ -6,6 +6,7 @@ Tiny real models on tiny real zarr volumes; ~10 steps each.
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -109,6 +110,36 @@ def test_finetune_from_init_and_isotropic(tmp_path, pair):
         trainer.train("denoise", pair, tmp_path / "bad", steps=1, init=base, **FAST)
 
 
+def test_auto_objective_is_residual_new_and_follows_init_and_resume(tmp_path, pair):
+    """``objective="auto"`` (the default): a new model is of the residual kind, fine-tuning
+    keeps the --init model's kind (reference weights are SR3) and a resumed run keeps its
+    own objective; the run records the resolved one."""
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    def objective(out):
+        return json.loads((out / "settings.json").read_text())["objective"]
+
+    fast = {**FAST, "calibration_samples": 0}
+    new = trainer.train("denoise", pair, tmp_path / "new", steps=1, **fast)
+    assert load_checkpoint(new)[0].kind == "residual" and objective(tmp_path / "new") == "residual"
+    sr3 = trainer.train("denoise", pair, tmp_path / "sr3", steps=2, ckpt_every=1,
+                        objective="diffusion", **fast)  # fmt: skip
+    tuned = trainer.train("denoise", pair, tmp_path / "tuned", steps=1, init=str(sr3), **fast)
+    assert load_checkpoint(tuned)[0].kind == "sr3" and objective(tmp_path / "tuned") == "diffusion"
+    tuned = trainer.train("denoise", pair, tmp_path / "tuned_r", steps=1, init=str(new), **fast)
+    assert load_checkpoint(tuned)[0].kind == "residual"
+    # resuming the SR3 run with the default continues it as SR3 (its settings say so)
+    trainer.train("denoise", pair, tmp_path / "sr3", steps=3, resume=True, **fast)
+    assert load_checkpoint(tmp_path / "sr3" / "model.safetensors")[0].kind == "sr3"
+    (tmp_path / "sr3" / "settings.json").unlink()  # then the latest checkpoint says so
+    trainer.train("denoise", pair, tmp_path / "sr3", steps=4, resume=True, **fast)
+    assert objective(tmp_path / "sr3") == "diffusion"
+    with pytest.raises(InputError, match="mean_net and residual_scale"):
+        trainer.train("denoise", pair, tmp_path / "bad", steps=1, init=str(sr3),
+                      residual_scale=0.5, **fast)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lr_warmup_and_keyed_noise():
     s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
                       lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
@@ -136,17 +167,28 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     assert code == 0 and (out / "model.safetensors").exists()
     from emdiffuse.models.checkpoints import load_checkpoint
 
-    config, _ = load_checkpoint(out / "model.safetensors")
+    config, state = load_checkpoint(out / "model.safetensors")
     assert tuple(config.voxel_size_nm) == (8.0, 8.0, 8.0)
-    assert config.kind == "sr3"
+    assert config.kind == "residual"  # the default objective for a new model
+    assert any(name.startswith("mean.") for name in state)
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
-                 str(tmp_path / "residual"), "--objective", "residual", "--residual-scale", "0.5",
+                 str(tmp_path / "sr3"), "--objective", "diffusion",
                  "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
                  "--device", "cpu", "--val-every", "2"])  # fmt: skip
     assert code == 0
-    config, state = load_checkpoint(tmp_path / "residual" / "model.safetensors")
+    config, state = load_checkpoint(tmp_path / "sr3" / "model.safetensors")
+    assert config.kind == "sr3" and not any(name.startswith("mean.") for name in state)
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "scaled"), "--residual-scale", "0.5", "--mean-init", "input",
+                 "--steps", "1", "--batch-size", "2", "--patch", "16", "--no-progress",
+                 "--device", "cpu", "--val-every", "2"])  # fmt: skip
+    assert code == 0
+    config, _ = load_checkpoint(tmp_path / "scaled" / "model.safetensors")
     assert config.kind == "residual" and config.residual_scale == 0.5
-    assert any(name.startswith("mean.") for name in state)
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--mean-init", "zero"])  # fmt: skip
+    assert code == 2 and "--mean-init" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", paths[0], "--out", str(tmp_path / "x")])
     assert code == 2
     assert "NOISY,CLEAN" in capsys.readouterr().err
