@@ -33,7 +33,7 @@ TASK_VARIANTS = {
 # (a regression network for the posterior mean and a diffusion UNet for the residual, trained
 # together); regression: the diffusion UNet trained as a plain regression (CARE-style baseline)
 OBJECTIVES = ("diffusion", "regression", "residual")
-# "auto" (the default) resolves before anything runs (trainer.resolve_objective): residual
+# "auto" (the default) resolves before anything runs (build.resolve_objective): residual
 # for a new model, the --init model's kind when fine-tuning (reference weights: diffusion),
 # the run's own objective when resuming
 OBJECTIVE_CHOICES = ("auto", *OBJECTIVES)
