@@ -185,6 +185,55 @@ def calibration(
     }
 
 
+def _block_rms(values: np.ndarray, window: int) -> np.ndarray:
+    """Root mean square over non-overlapping ``window``² blocks of each image (last two
+    axes, cropped to whole blocks), flattened."""
+    y, x = values.shape[-2] // window * window, values.shape[-1] // window * window
+    v = values[..., :y, :x].reshape(*values.shape[:-2], y // window, window, x // window, window)
+    return np.sqrt(np.mean(v**2, axis=(-3, -1))).ravel()
+
+
+def uncertainty_ranking(
+    mean: np.ndarray, std: np.ndarray, truth: np.ndarray, *, window: int = 16, seed: int = 0
+) -> dict[str, float]:
+    """Whether a larger uncertainty value marks a larger error, voxel by voxel and region by
+    region, with the best score such a map could reach.
+
+    A single voxel's error is one draw: even a perfect map (the error is Gaussian with
+    exactly the map's ``std``) ranks it only loosely, the less so the less ``std`` varies.
+    So besides the per-voxel ``spearman`` (of ``std`` against ``|mean - truth|``) this
+    returns ``spearman_window``: the same over non-overlapping ``window``² blocks (voxels;
+    last two axes) of RMS ``std`` against RMS error; and ``ceiling`` / ``ceiling_window``:
+    both scores of the perfect map, whose errors are drawn (seeded by ``seed``) as
+    ``std · N(0, 1)``. NaN where a compared quantity is constant.
+    """
+    from scipy import stats  # lazy, as in calibration
+
+    m, t = _pair(mean, truth)
+    s, _ = _pair(std, truth)
+    if np.any(s < 0) or not np.all(np.isfinite(s)):
+        raise InputError("uncertainty_ranking: std must be finite and >= 0")
+    if int(window) < 1 or min(s.shape[-2:]) < int(window):
+        raise InputError(
+            f"uncertainty_ranking: window must be 1..{min(s.shape[-2:])} voxels, got {window}"
+        )
+    error = np.abs(m - t)
+    drawn = s * np.random.default_rng(seed).standard_normal(s.shape)
+
+    def rank(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a.ravel(), b.ravel()
+        return math.nan if np.ptp(a) == 0 or np.ptp(b) == 0 else float(stats.spearmanr(a, b)[0])
+
+    w = int(window)
+    return {
+        "spearman": rank(s, error),
+        "spearman_window": rank(_block_rms(s, w), _block_rms(error, w)),
+        "ceiling": rank(s, np.abs(drawn)),
+        "ceiling_window": rank(_block_rms(s, w), _block_rms(drawn, w)),
+        "window": w,
+    }
+
+
 def reliability(
     mean: np.ndarray, std: np.ndarray, truth: np.ndarray, *, bins: int = 10
 ) -> dict[str, np.ndarray]:
@@ -218,4 +267,5 @@ __all__ = [
     "spectrum_error",
     "calibration",
     "reliability",
+    "uncertainty_ranking",
 ]

@@ -219,7 +219,8 @@ def pair_notes(lv: dict) -> list[str]:
 
 def uncertainty_table(result: dict) -> list[str]:
     lines = ["| level | model, budget | map | interval | coverage | Spearman | Pearson | "
-             "±2σ coverage (old) | mean map | RMSE of mean |", "|" + "---|" * 10]  # fmt: skip
+             "Spearman per 16² block | perfect map: voxel / block | "
+             "±2σ coverage (old) | mean map | RMSE of mean |", "|" + "---|" * 12]  # fmt: skip
     n = 0
     for key, lv in result["levels"].items():
         for r in lv["rows"]:
@@ -231,7 +232,10 @@ def uncertainty_table(result: dict) -> list[str]:
             lines.append(f"| {key} | {r['method']} ({r['mode']}), {budget} | {u['map']} | "
                          f"{u['interval']} | {_ok(u['coverage_met'])} {u['coverage']:.3f} | "
                          f"{_ok(u['spearman_met'])} {_f(u['spearman'], '.3f')} | "
-                         f"{_f(u['pearson'], '.3f')} | {_f(u.get('coverage_2sigma'), '.3f')} | "
+                         f"{_f(u['pearson'], '.3f')} | {_f(u.get('spearman_window'), '.3f')} | "
+                         f"{_f(u.get('spearman_ceiling'), '.2f')} / "
+                         f"{_f(u.get('spearman_window_ceiling'), '.2f')} | "
+                         f"{_f(u.get('coverage_2sigma'), '.3f')} | "
                          f"{_f(u['mean_map'], '.4f')} | {_f(u['rmse'], '.4f')} |")  # fmt: skip
     return lines if n else ["No mean-of-N row wrote an uncertainty map."]
 
@@ -331,7 +335,12 @@ def source_section(result: dict) -> list[str]:
            "half-widths of an interval at a stated level (its zarr attributes say so); an "
            "uncalibrated one the sample std, scored here as the Gaussian 90 % interval "
            "mean ± 1.645σ. ±2σ coverage (0.954 for a calibrated Gaussian) is kept for "
-           "comparison with the earlier runs.", "", *uncertainty_table(result), ""]  # fmt: skip
+           "comparison with the earlier runs. One voxel's error is a single noisy draw, so "
+           "even a perfect map ranks it loosely: 'perfect map' is what a map of the same "
+           "values would score if the error were Gaussian with exactly that σ, per voxel and "
+           "per 16×16-voxel block; 'Spearman per 16² block' compares the block RMS of the "
+           "map with the block RMS error (does the map mark the error-prone regions).",
+           "", *uncertainty_table(result), ""]  # fmt: skip
     if "calibration" in result["figures"]:
         md += [f"![calibration]({src}/{result['figures']['calibration']})", ""]
     md += ["### Training budgets", "", *budget_table(result), ""]

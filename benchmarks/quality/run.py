@@ -182,14 +182,14 @@ class Context:
     def __init__(self, source: Source, sizes: Sizes, cache: Path, args, mode: str) -> None:
         self.source, self.sizes, self.cache, self.args, self.mode = source, sizes, cache, args, mode
         self.scale = QUICK_SCALE if mode == "quick" else 1.0
-        self.extra = _train_extra(args, mode)
+        self.extra = train_extra(args, mode)
 
     def budget(self, entry: Entry) -> float:
         """Seconds of training for ``entry`` (its nominal budget, scaled by --quick)."""
         return entry.budget * self.scale
 
 
-def _train_extra(args, mode: str) -> dict[str, Any]:
+def train_extra(args, mode: str) -> dict[str, Any]:
     """Extra trainer settings: the end-of-training calibration with the N of the mean-of-N
     rows (fewer patches in a quick run), then ``--train-set``; only fields the installed
     TrainSettings has."""

@@ -94,3 +94,27 @@ def test_reliability_curve_follows_the_diagonal_when_calibrated():
     np.testing.assert_allclose(curve["rmse"], curve["std"], rtol=0.1)
     over = metrics.reliability(mean, 3 * sigma, truth, bins=8)  # over-cautious: 3x the real error
     assert np.all(over["rmse"] < over["std"])
+
+
+def test_uncertainty_ranking_separates_voxel_and_region_scores_and_knows_its_ceiling():
+    rng = np.random.default_rng(7)
+    # The error scale varies by region (16 x 16 blocks), as a posterior's does between
+    # membranes and cytoplasm; the map is exactly right.
+    blocks = 0.02 + 0.2 * rng.random((2, 8, 8))
+    sigma = np.kron(blocks, np.ones((16, 16)))
+    truth = np.zeros(sigma.shape)
+    mean = truth + sigma * rng.standard_normal(sigma.shape)
+    good = metrics.uncertainty_ranking(mean, sigma, truth, window=16)
+    assert good["window"] == 16
+    # Per voxel a perfect map ranks the error only loosely; by region almost exactly.
+    assert 0.3 < good["spearman"] < 0.7 and good["spearman_window"] > 0.9
+    assert good["ceiling"] == pytest.approx(good["spearman"], abs=0.05)
+    assert good["ceiling_window"] == pytest.approx(good["spearman_window"], abs=0.05)
+    # The same values in the wrong places: no ranking, though the ceiling is unchanged.
+    shuffled = np.kron(rng.permutation(blocks.ravel()).reshape(blocks.shape), np.ones((16, 16)))
+    bad = metrics.uncertainty_ranking(mean, shuffled, truth, window=16)
+    assert abs(bad["spearman_window"]) < 0.3 and bad["ceiling_window"] > 0.9
+    flat = metrics.uncertainty_ranking(mean, np.full(sigma.shape, 0.1), truth)
+    assert math.isnan(flat["spearman"]) and math.isnan(flat["ceiling_window"])
+    with pytest.raises(InputError, match="window"):
+        metrics.uncertainty_ranking(mean, sigma, truth, window=500)
