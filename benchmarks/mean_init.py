@@ -27,7 +27,7 @@ from pathlib import Path
 from common import RESULTS, start_record, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
-from quality_data import make_source  # noqa: E402
+from quality_data import flyem_levels  # noqa: E402
 from quality_plan import Entry  # noqa: E402
 from quality_project import _options, _sources, run_enhance, write_input  # noqa: E402
 from quality_scores import score  # noqa: E402
@@ -98,26 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small volumes, 20 steps (smoke run)")
     args = p.parse_args(argv)
     record = start_record(__file__, argv)
-    source = make_source("flyem")
-    missing = source.available()
-    if missing:
-        print(f"FlyEM data not found ({missing}); see ../shared/data/README", file=sys.stderr)
+    try:
+        source, levels = flyem_levels(args.levels)
+    except ValueError as error:
+        print(error, file=sys.stderr)
         return 2
     sizes = source.quick if args.quick else source.full
     steps = 20 if args.quick else args.steps
-    levels = {lv.key: lv for lv in source.levels}
-    unknown = [k for k in args.levels if k not in levels]
-    if unknown:
-        print(f"unknown level(s) {unknown}; choose from {sorted(levels)}", file=sys.stderr)
-        return 2
     clean_train = source.train_volume(sizes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mean_init_") as tmp:
-        for key in args.levels:
+        for level in levels:
             for init in args.inits:
-                row = run_level(source, levels[key], sizes, clean_train, init, steps, Path(tmp))
+                row = run_level(source, level, sizes, clean_train, init, steps, Path(tmp))
                 rows.append(row)
-                print(f"{key} {init}: start {row['start']['psnr']:.2f} dB -> trained "
+                print(f"{level.key} {init}: start {row['start']['psnr']:.2f} dB -> trained "
                       f"{row['trained']['psnr']:.2f} dB / {row['trained']['ssim']:.3f}, bias "
                       f"{row['trained']['bias_pct']:+.2f} %, skip {row['start']['skip_raw']} -> "
                       f"{row['trained']['skip_raw']}", flush=True)  # fmt: skip

@@ -33,7 +33,7 @@ import numpy as np
 from common import RESULTS, start_record, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
-from quality_data import make_source  # noqa: E402
+from quality_data import flyem_levels  # noqa: E402
 from quality_plan import QUICK_SCALE, Entry  # noqa: E402
 from quality_project import level_work_dir, run_enhance, train_model, write_input  # noqa: E402
 from quality_scores import score  # noqa: E402
@@ -172,15 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small volumes and budgets (smoke run)")
     args = p.parse_args(argv)
     record = start_record(__file__, argv)
-    source = make_source("flyem")
-    missing = source.available()
-    if missing:
-        print(f"FlyEM data not found ({missing}); see ../shared/data/README", file=sys.stderr)
-        return 2
-    levels = {lv.key: lv for lv in source.levels}
-    unknown = [k for k in args.levels if k not in levels]
-    if unknown:
-        print(f"unknown level(s) {unknown}; choose from {sorted(levels)}", file=sys.stderr)
+    try:
+        source, levels = flyem_levels(args.levels)
+    except ValueError as error:
+        print(error, file=sys.stderr)
         return 2
     sizes = source.quick if args.quick else source.full
     scale = QUICK_SCALE if args.quick else 1.0
@@ -189,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slices < 2:
         print("--slices must be at least 2 (the paired differences need a spread)", file=sys.stderr)
         return 2
-    isotropic = [k for k in args.levels if levels[k].task == "isotropic"]
+    isotropic = [lv.key for lv in levels if lv.task == "isotropic"]
     if isotropic:
         print(f"{isotropic}: only the 2D tasks (denoise, super-resolve) are offered here",
               file=sys.stderr)  # fmt: skip
@@ -198,10 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     clean_train = source.train_volume(sizes)
     result = {"budget": args.budget, "reference": args.reference, "levels": [],
               "provenance": record}  # fmt: skip
-    for key in args.levels:
-        print(f"{key}:", flush=True)
-        result["levels"].append(run_level(source, levels[key], sizes, clean_train, args, cache,
-                                          scale))  # fmt: skip
+    for level in levels:
+        print(f"{level.key}:", flush=True)
+        result["levels"].append(run_level(source, level, sizes, clean_train, args, cache, scale))
     name = "residual_nfe" + ("_quick" if args.quick else "")
     write_results(name, result)
     (RESULTS / f"{name}.md").write_text(report(result))

@@ -318,3 +318,18 @@ def make_source(name: str, *, flyem_dir: Path | None = None) -> Source:
     if name == "flyem":
         return FlyEM(flyem_dir or FLYEM_DIR)
     raise ValueError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def flyem_levels(keys: list[str]) -> tuple[Source, list[Level]]:
+    """The FlyEM source and its levels named by ``keys`` (e.g. ``denoise-dose2``), for the
+    scripts that run single levels. ValueError, one line, when the data are missing or a key
+    is unknown."""
+    source = make_source("flyem")
+    missing = source.available()
+    if missing:
+        raise ValueError(f"FlyEM data not found ({missing}); see ../shared/data/README")
+    levels = {lv.key: lv for lv in source.levels}
+    unknown = [k for k in keys if k not in levels]
+    if unknown:
+        raise ValueError(f"unknown level(s) {unknown}; choose from {sorted(levels)}")
+    return source, [levels[k] for k in keys]
