@@ -36,7 +36,7 @@ SETTINGS = (
     "size", "steps", "batch_size", "patch", "lr", "warmup", "lr_schedule", "ema_decay",
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
-    "residual_scale", "mean_init",
+    "residual_scale", "mean_init", "mean_warmup",
 )  # fmt: skip
 
 
@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mean-init", choices=MEAN_INITS, default=d["mean_init"],
         help="residual objective: start the mean network at the least-squares per-voxel "
         "linear predictor of the training patches (default), or at the input itself",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mean-warmup", type=float, default=d["mean_warmup"], metavar="FRACTION",
+        help="residual objective: the first FRACTION of the steps train the mean network "
+        "alone (default 0: both networks from the first step)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

@@ -325,6 +325,17 @@ def residual_loss(
     return part_mean + fn[loss](pred.float(), target), part_mean.detach()
 
 
+def mean_loss_only(
+    model: Callable[..., Any], cond: torch.Tensor, x0: torch.Tensor, mean_loss: str = "mse"
+) -> torch.Tensor:
+    """The mean part of :func:`residual_loss` alone: ``mean_loss``(model(cond), x0), one
+    evaluation of the mean network and none of the residual network (a mean-only warm-up)."""
+    if mean_loss not in LOSSES:
+        raise InputError(f"mean_loss {mean_loss!r} unknown; choose one of {', '.join(LOSSES)}")
+    fn = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
+    return fn[mean_loss](model(cond).float(), x0.float())
+
+
 def make_denoiser(
     net: Callable[..., torch.Tensor],
     cond: torch.Tensor,

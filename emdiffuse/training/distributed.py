@@ -53,11 +53,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def wrap(net: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Module:
-    """The module the loop calls: ``net`` itself, or ``net`` in DDP on several ranks."""
+def wrap(
+    net: torch.nn.Module, d: Dist, device: torch.device, *, unused: bool = False
+) -> torch.nn.Module:
+    """The module the loop calls: ``net`` itself, or ``net`` in DDP on several ranks.
+    ``unused``: some steps leave parameters without gradients (a mean-only warm-up)."""
     if d.world <= 1:
         return net
-    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
 
 
 __all__ = ["Dist", "setup", "teardown", "barrier", "wrap"]

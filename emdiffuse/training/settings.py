@@ -94,6 +94,8 @@ class TrainSettings:
     mean_net: dict[str, Any] | None = None
     mean_loss: str = "mse"
     mean_init: str = "least-squares"  # see MEAN_INITS
+    # the first mean_warmup x steps train the mean network alone (residual objective)
+    mean_warmup: float = 0.0
     residual_scale: float | None = None  # None: models.variants.DEFAULT_RESIDUAL_SCALE
     # calibration of the sample spread at the end of training (on the validation split)
     calibration_samples: int = 4  # N samples per patch (0: no calibration)
@@ -144,6 +146,8 @@ class TrainSettings:
             raise InputError(
                 f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
             )
+        if not (isinstance(self.mean_warmup, int | float) and 0 <= self.mean_warmup < 1):
+            raise InputError(f"mean_warmup must be a fraction in [0, 1), got {self.mean_warmup!r}")
         if self.residual_scale is not None and not (
             math.isfinite(self.residual_scale) and self.residual_scale > 0
         ):

@@ -66,14 +66,16 @@ def training_loss(
 
 
 def train_step(
-    model, net, optimizer, batch, schedule, config, s: TrainSettings, dev, amp
+    model, net, optimizer, batch, schedule, config, s: TrainSettings, dev, amp,
+    mean_only: bool = False,
 ) -> tuple[float, float]:
     """One step on ``batch``: loss, backward (through ``model``, DDP or ``net`` itself),
     gradient clipping and the optimizer step. Returns (loss, gradient norm).
 
     A regression run (``s.objective``) puts every sample at the noisiest level, the
     sampler's first step. A residual-kind model (``config.residual``) trains its mean and
-    residual networks together (:func:`emdiffuse.models.diffusion.residual_loss`)."""
+    residual networks together (:func:`emdiffuse.models.diffusion.residual_loss`), or with
+    ``mean_only`` (its warm-up, :func:`mean_warmup_steps`) the mean network alone."""
     cond = batch["cond"].to(dev, non_blocking=True)
     target = batch["target"].to(dev, non_blocking=True)
     cond = upsample_xy(cond, config.xy_scale, config.cond_upsample)
@@ -85,7 +87,9 @@ def train_step(
         index = index.to(dev)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-        if config.residual:
+        if config.residual and mean_only:
+            loss = diffusion.mean_loss_only(model, cond, target, s.mean_loss)
+        elif config.residual:
             loss, _ = diffusion.residual_loss(
                 model, cond, target, schedule, config.prediction, config.loss, s.mean_loss,
                 noise=noise.to(dev), u=uniforms.to(dev),
@@ -101,6 +105,12 @@ def train_step(
     return float(loss.detach()), float(grad_norm)
 
 
+def mean_warmup_steps(s: TrainSettings) -> int:
+    """How many first steps train the mean network alone: ``mean_warmup`` of the run's
+    ``steps`` (a residual-kind run; 0 for any other)."""
+    return int(s.mean_warmup * s.steps)
+
+
 def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradient norm to ``max_norm``: of the whole network, or — a mean-plus-residual
     model — of its mean and residual networks separately (their losses differ in scale, and
@@ -111,4 +121,5 @@ def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
     return float(torch.stack([n.float() for n in norms]).pow(2).sum().sqrt())
 
 
-__all__ = ["lr_at", "keyed_noise", "training_loss", "train_step", "clip_gradients"]
+__all__ = ["lr_at", "keyed_noise", "training_loss", "train_step", "mean_warmup_steps",
+           "clip_gradients"]  # fmt: skip

@@ -77,7 +77,7 @@ from emdiffuse.training.state import (
     save_state,
     saved_normalization,
 )
-from emdiffuse.training.step import lr_at, train_step
+from emdiffuse.training.step import lr_at, mean_warmup_steps, train_step
 from emdiffuse.training.validation import (
     calibrate,
     condition_on_output_grid,
@@ -242,7 +242,8 @@ def _prepare(
     move_optimizer(optimizer, dev)
     return _Run(
         s, d, dev, dataset, config, Schedule.from_dict(dict(config.schedule)), net,
-        distributed.wrap(net, d, dev), ema, optimizer, start,
+        distributed.wrap(net, d, dev, unused=config.residual and s.mean_warmup > 0), ema,
+        optimizer, start,
         0.0 if state is None else float(state.get("elapsed", 0.0)),
         dev.type == "cuda" and torch.cuda.is_bf16_supported(),
     )  # fmt: skip
@@ -291,6 +292,7 @@ def _loop(
     """The optimisation steps from ``run.start``; returns the step reached."""
     s, d = run.s, run.d
     step = run.start
+    warmup = mean_warmup_steps(s)
     losses: list[float] = []
     while step < s.steps:
         if s.time_limit is not None and time.perf_counter() - t0 > s.time_limit:
@@ -302,7 +304,7 @@ def _loop(
             group["lr"] = lr
         loss, grad_norm = train_step(
             run.model, run.net, run.optimizer, batch, run.schedule, run.config, s, run.device,
-            run.amp,
+            run.amp, mean_only=run.config.residual and step < warmup,
         )  # fmt: skip
         run.ema.update(run.net)
         step += 1

@@ -140,6 +140,30 @@ def test_auto_objective_is_residual_new_and_follows_init_and_resume(tmp_path, pa
     assert not (tmp_path / "bad").exists()
 
 
+def test_mean_warmup_trains_the_mean_network_alone_first(tmp_path, pair):
+    """``mean_warmup``: the first fraction of the steps moves only the mean network's weights
+    (the residual network is not evaluated); after it both train, and resume stays exact."""
+    fast = {**FAST, "calibration_samples": 0, "mean_warmup": 0.5}
+    out = tmp_path / "warm"
+    trainer.train("denoise", pair, out, steps=4, ckpt_every=1, **fast)
+    s1, s2, s3 = (_ckpt(out, k)["model"] for k in (1, 2, 3))
+    residual = [k for k in s1 if k.startswith("residual.")]
+    mean = [k for k in s1 if k.startswith("mean.")]
+    assert residual and mean
+    assert all(torch.equal(s1[k], s2[k]) for k in residual)  # step 2 was still warm-up
+    assert any(not torch.equal(s1[k], s2[k]) for k in mean)
+    assert any(not torch.equal(s2[k], s3[k]) for k in residual)  # step 3: both train
+    # a run killed inside the warm-up (its later checkpoints lost) resumes to the same weights
+    for step in (2, 3, 4):
+        (out / "checkpoints" / f"step_{step:08d}.pt").unlink()
+    trainer.train("denoise", pair, out, steps=4, ckpt_every=1, resume=True, **fast)
+    for name, tensor in s3.items():
+        torch.testing.assert_close(tensor, _ckpt(out, 3)["model"][name], rtol=0, atol=0)
+    with pytest.raises(InputError, match="mean_warmup"):
+        trainer.train("denoise", pair, tmp_path / "bad", steps=1, **{**fast, "mean_warmup": 1.0})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lr_warmup_and_keyed_noise():
     s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
                       lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
