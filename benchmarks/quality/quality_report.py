@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,9 @@ TASK_TITLES = {
 BIAS_LIMIT = 1.0  # % of the truth's range
 ISO_GAIN = 2.0  # dB over cubic z, FlyEM isotropic k = 4
 READING = Path(__file__).with_name("READING.md")
+# READING.md's relative links are written from here (the committed report's folder)
+READING_BASE = Path(__file__).resolve().parents[1] / "results" / "quality"
+_LINK = re.compile(r"\]\((?![a-z]+:|#|/)([^)\s#]+)(#[^)\s]*)?\)")
 
 TARGETS_TEXT = """Issue 14's targets, checked in this benchmark (not as timed tests), at equal
 wall-clock training budget on the same cores:
@@ -378,12 +383,23 @@ def load_results(out: Path) -> list[dict]:
     return [found[s] for s in order]
 
 
+def rebase_links(text: str, base: Path, out: Path) -> str:
+    """``text`` with its relative markdown links, written from folder ``base``, rewritten to
+    point at the same files from folder ``out`` (a report written one folder deeper)."""
+
+    def rebase(match: re.Match) -> str:
+        target = os.path.relpath(base / match.group(1), out.resolve())
+        return f"]({Path(target).as_posix()}{match.group(2) or ''})"
+
+    return _LINK.sub(rebase, text)
+
+
 def write_markdown(out: Path) -> Path:
     """``<out>/quality.md`` from every source's JSON in ``out``."""
     results = load_results(out)
     md = ["# Quality benchmark: emdiffuse vs baselines and CAREamics, on synthetic and real EM", ""]
     if READING.exists():
-        md += [READING.read_text().strip(), ""]
+        md += [rebase_links(READING.read_text().strip(), READING_BASE, out), ""]
     md += ["## Targets (issue 14)", "", TARGETS_TEXT, ""]
     if not results:
         md += [f"No results in {out} yet.", ""]
