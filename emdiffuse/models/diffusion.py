@@ -273,8 +273,7 @@ def diffusion_loss(
     global sample ids — else they are drawn from ``generator``.
     """
     _check_prediction(prediction)
-    if loss not in LOSSES:
-        raise InputError(f"loss {loss!r} unknown; choose one of {', '.join(LOSSES)}")
+    _check_loss("loss", loss)
     schedule = as_schedule(schedule)
     b = x0.shape[0]
     if noise is None:
@@ -283,11 +282,7 @@ def diffusion_loss(
     x_t = q_sample(x0, levels, noise)
     pred = net(torch.cat([cond, x_t], dim=1), levels, index)
     target = target_for(x0, noise, levels, prediction)
-    pred = pred.float()
-    target = target.float()
-    if loss == "mse":
-        return torch.nn.functional.mse_loss(pred, target)
-    return torch.nn.functional.l1_loss(pred, target)
+    return _pointwise(loss, pred, target)
 
 
 def residual_loss(
@@ -311,18 +306,16 @@ def residual_loss(
     does). Both networks learn in the same step; the residual branch never moves the mean.
     """
     _check_prediction(prediction)
-    for name, value in (("loss", loss), ("mean_loss", mean_loss)):
-        if value not in LOSSES:
-            raise InputError(f"{name} {value!r} unknown; choose one of {', '.join(LOSSES)}")
+    _check_loss("loss", loss)
+    _check_loss("mean_loss", mean_loss)
     schedule = as_schedule(schedule)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     levels = schedule.sample_noise_level(x0.shape[0], generator, u=u, device=x0.device)
     mean, pred, r = model(cond, x0, noise, levels)
     target = target_for(r.float(), noise.float(), levels, prediction)
-    fn = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
-    part_mean = fn[mean_loss](mean.float(), x0.float())
-    return part_mean + fn[loss](pred.float(), target), part_mean.detach()
+    part_mean = _pointwise(mean_loss, mean, x0)
+    return part_mean + _pointwise(loss, pred, target), part_mean.detach()
 
 
 def mean_loss_only(
@@ -330,10 +323,21 @@ def mean_loss_only(
 ) -> torch.Tensor:
     """The mean part of :func:`residual_loss` alone: ``mean_loss``(model(cond), x0), one
     evaluation of the mean network and none of the residual network (a mean-only warm-up)."""
-    if mean_loss not in LOSSES:
-        raise InputError(f"mean_loss {mean_loss!r} unknown; choose one of {', '.join(LOSSES)}")
-    fn = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
-    return fn[mean_loss](model(cond).float(), x0.float())
+    _check_loss("mean_loss", mean_loss)
+    return _pointwise(mean_loss, model(cond), x0)
+
+
+_LOSS_FUNCTIONS = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
+
+
+def _check_loss(name: str, value: str) -> None:
+    if value not in LOSSES:
+        raise InputError(f"{name} {value!r} unknown; choose one of {', '.join(LOSSES)}")
+
+
+def _pointwise(loss: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean ``loss`` (one of :data:`LOSSES`) between ``a`` and ``b``, in float32."""
+    return _LOSS_FUNCTIONS[loss](a.float(), b.float())
 
 
 def make_denoiser(

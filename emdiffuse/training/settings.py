@@ -159,9 +159,11 @@ class TrainSettings:
         if not 0 < self.calibration_level < 1:
             raise InputError(f"calibration_level must be in (0, 1), got {self.calibration_level}")
         if self.objective not in ("residual", "auto") and (
-            self.mean_net is not None or self.residual_scale is not None
+            self.mean_net is not None or self.residual_scale is not None or self.mean_warmup
         ):
-            raise InputError("mean_net and residual_scale are for objective 'residual'")
+            raise InputError(
+                "mean_net and residual_scale (and mean_warmup) are for objective 'residual'"
+            )
         if self.unet is not None:
             fixed = sorted(set(self.unet) & set(_UNET_FIXED))
             if fixed:

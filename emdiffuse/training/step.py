@@ -107,7 +107,7 @@ def train_step(
 
 def mean_warmup_steps(s: TrainSettings) -> int:
     """How many first steps train the mean network alone: ``mean_warmup`` of the run's
-    ``steps`` (a residual-kind run; 0 for any other)."""
+    ``steps`` (the loop applies it to residual-kind models only)."""
     return int(s.mean_warmup * s.steps)
 
 

@@ -161,6 +161,8 @@ def test_mean_warmup_trains_the_mean_network_alone_first(tmp_path, pair):
         torch.testing.assert_close(tensor, _ckpt(out, 3)["model"][name], rtol=0, atol=0)
     with pytest.raises(InputError, match="mean_warmup"):
         trainer.train("denoise", pair, tmp_path / "bad", steps=1, **{**fast, "mean_warmup": 1.0})
+    with pytest.raises(InputError, match="mean_warmup"):  # no mean network to warm up
+        trainer.train("denoise", pair, tmp_path / "bad", steps=1, objective="diffusion", **fast)
     assert not (tmp_path / "bad").exists()
 
 
