@@ -36,7 +36,7 @@ SETTINGS = (
     "size", "steps", "batch_size", "patch", "lr", "warmup", "lr_schedule", "ema_decay",
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
-    "residual_scale", "mean_init", "mean_warmup",
+    "residual_scale", "mean_init", "mean_warmup", "residual_batch",
 )  # fmt: skip
 
 
@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mean-warmup", type=float, default=d["mean_warmup"], metavar="FRACTION",
         help="residual objective: the first FRACTION of the steps train the mean network "
         "alone (default 0: both networks from the first step)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--residual-batch", type=int, default=d["residual_batch"], metavar="N",
+        help="residual objective: the residual network trains on the first N samples of "
+        "each batch, the mean network on all (cheaper steps; default: the whole batch)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

@@ -297,6 +297,7 @@ def residual_loss(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
+    residual_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss of a mean-plus-residual model (:class:`~emdiffuse.models.networks.
     MeanResidualNet`, or DDP around one): ``(total, mean part)``.
@@ -304,6 +305,8 @@ def residual_loss(
     total = ``mean_loss``(mean, x0) + ``loss``(prediction, target of the residual
     ``r = (x0 - mean.detach()) / scale`` at a noise level drawn as :func:`diffusion_loss`
     does). Both networks learn in the same step; the residual branch never moves the mean.
+    With ``residual_rows`` = k the residual term covers the first k samples only (the mean
+    term all of them): a step that costs less where the residual network is the dearer one.
     """
     _check_prediction(prediction)
     _check_loss("loss", loss)
@@ -312,7 +315,11 @@ def residual_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     levels = schedule.sample_noise_level(x0.shape[0], generator, u=u, device=x0.device)
-    mean, pred, r = model(cond, x0, noise, levels)
+    k = x0.shape[0] if residual_rows is None else residual_rows
+    if not 1 <= k <= x0.shape[0]:
+        raise InputError(f"residual_rows must be in 1..{x0.shape[0]} (the batch), got {k}")
+    noise, levels = noise[:k], levels[:k]
+    mean, pred, r = model(cond, x0[:k], noise, levels)
     target = target_for(r.float(), noise.float(), levels, prediction)
     part_mean = _pointwise(mean_loss, mean, x0)
     return part_mean + _pointwise(loss, pred, target), part_mean.detach()

@@ -51,7 +51,9 @@ class MeanResidualNet(nn.Module):
     returns ``(mean, prediction, r)``: the mean (with gradients), the residual UNet's
     prediction at ``r_t = q_sample(r, noise_level, noise)`` and the residual ``r`` it is
     trained on, built from the mean *detached* (the diffusion loss does not move the mean
-    network). One ``forward`` per step, so DDP sees both networks in one call.
+    network). ``x0``, ``noise`` and ``noise_level`` may cover only the first ``k`` samples of
+    ``cond``: the mean is computed for all of them and the residual for those ``k`` (a
+    cheaper step). One ``forward`` per step, so DDP sees both networks in one call.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -74,7 +76,8 @@ class MeanResidualNet(nn.Module):
         mean = self.mean(cond)
         if x0 is None:
             return mean
-        m = mean.detach()
+        k = x0.shape[0]
+        cond, m = cond[:k], mean[:k].detach()
         r = (x0 - m) / self.scale
         r_t = q_sample(r, noise_level, noise)
         pred = self.residual(torch.cat([cond, m.to(cond.dtype), r_t.to(cond.dtype)], dim=1),

@@ -96,6 +96,8 @@ class TrainSettings:
     mean_init: str = "least-squares"  # see MEAN_INITS
     # the first mean_warmup x steps train the mean network alone (residual objective)
     mean_warmup: float = 0.0
+    # samples of each batch (per process) the residual network trains on; None: all of them
+    residual_batch: int | None = None
     residual_scale: float | None = None  # None: models.variants.DEFAULT_RESIDUAL_SCALE
     # calibration of the sample spread at the end of training (on the validation split)
     calibration_samples: int = 4  # N samples per patch (0: no calibration)
@@ -148,6 +150,11 @@ class TrainSettings:
             )
         if not (isinstance(self.mean_warmup, int | float) and 0 <= self.mean_warmup < 1):
             raise InputError(f"mean_warmup must be a fraction in [0, 1), got {self.mean_warmup!r}")
+        if self.residual_batch is not None and not 1 <= self.residual_batch <= self.batch_size:
+            raise InputError(
+                f"residual_batch must be in 1..batch_size ({self.batch_size}), "
+                f"got {self.residual_batch}"
+            )
         if self.residual_scale is not None and not (
             math.isfinite(self.residual_scale) and self.residual_scale > 0
         ):
@@ -160,9 +167,11 @@ class TrainSettings:
             raise InputError(f"calibration_level must be in (0, 1), got {self.calibration_level}")
         if self.objective not in ("residual", "auto") and (
             self.mean_net is not None or self.residual_scale is not None or self.mean_warmup
+            or self.residual_batch is not None
         ):
             raise InputError(
-                "mean_net and residual_scale (and mean_warmup) are for objective 'residual'"
+                "mean_net and residual_scale (and mean_warmup, residual_batch) are for "
+                "objective 'residual'"
             )
         if self.unet is not None:
             fixed = sorted(set(self.unet) & set(_UNET_FIXED))
@@ -210,7 +219,7 @@ def data_labels(sources: Sequence[Any]) -> list[str]:
 
 _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "val_batch",
          "ckpt_every", "workers", "seed", "factor", "region", "calibration_samples",
-         "calibration_patches"}  # fmt: skip
+         "calibration_patches", "residual_batch"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
            "time_limit", "residual_scale", "calibration_level"}  # fmt: skip
 

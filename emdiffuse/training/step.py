@@ -75,7 +75,8 @@ def train_step(
     A regression run (``s.objective``) puts every sample at the noisiest level, the
     sampler's first step. A residual-kind model (``config.residual``) trains its mean and
     residual networks together (:func:`emdiffuse.models.diffusion.residual_loss`), or with
-    ``mean_only`` (its warm-up, :func:`mean_warmup_steps`) the mean network alone."""
+    ``mean_only`` (its warm-up, :func:`mean_warmup_steps`) the mean network alone; the
+    residual network sees the first ``s.residual_batch`` samples of the batch (all if None)."""
     cond = batch["cond"].to(dev, non_blocking=True)
     target = batch["target"].to(dev, non_blocking=True)
     cond = upsample_xy(cond, config.xy_scale, config.cond_upsample)
@@ -92,7 +93,7 @@ def train_step(
         elif config.residual:
             loss, _ = diffusion.residual_loss(
                 model, cond, target, schedule, config.prediction, config.loss, s.mean_loss,
-                noise=noise.to(dev), u=uniforms.to(dev),
+                noise=noise.to(dev), u=uniforms.to(dev), residual_rows=s.residual_batch,
             )  # fmt: skip
         else:
             loss = training_loss(

@@ -146,6 +146,45 @@ def test_residual_loss_trains_both_and_detaches_the_mean():
     assert any(p.grad is not None and p.grad.any() for p in net.mean.parameters())
 
 
+
+def test_residual_rows_train_the_mean_on_all_samples_and_the_residual_on_the_first_k():
+    """``residual_rows=k``: the mean term covers the whole batch, the diffusion term only the
+    first k samples (the same numbers as a batch of those k alone), and samples past k give
+    the residual network no gradient."""
+    config = make_config("emdiffuse-n", "tiny", kind="residual", prediction="v")
+    torch.manual_seed(0)
+    net = build_network(config)
+    with torch.no_grad():  # zero-initialised output layers would hide the rows
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cond = torch.rand(4, 1, 16, 16) * 2 - 1
+    x0 = (cond * 0.5).clamp(-1, 1)
+    noise, u = torch.randn_like(x0), torch.rand(4)
+    schedule = diffusion.Schedule()
+    args = (schedule, "v", "mse", "mse")
+    total, part_mean = diffusion.residual_loss(net, cond, x0, *args, noise=noise, u=u,
+                                               residual_rows=2)  # fmt: skip
+    sub_total, sub_mean = diffusion.residual_loss(net, cond[:2], x0[:2], *args,
+                                                  noise=noise[:2], u=u[:2])  # fmt: skip
+    torch.testing.assert_close(part_mean, torch.nn.functional.mse_loss(net(cond), x0))
+    torch.testing.assert_close(total - part_mean, sub_total - sub_mean)
+    full_total, _ = diffusion.residual_loss(net, cond, x0, *args, noise=noise, u=u)
+    assert not torch.isclose(full_total, total)  # the rows past k counted before
+    grads = []
+    for k in (2, 2, 4):  # change a sample past k: the residual's gradient does not move
+        net.zero_grad()
+        c = cond.clone()
+        if len(grads) == 1:
+            c[3] = -c[3]
+        diffusion.residual_loss(net, c, x0, *args, noise=noise, u=u, residual_rows=k)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.residual.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert not torch.allclose(grads[0], grads[2])
+    for bad in (0, 5):
+        with pytest.raises(InputError, match="residual_rows must be in 1..4"):
+            diffusion.residual_loss(net, cond, x0, *args, noise=noise, u=u, residual_rows=bad)
+
+
 # ---- the Enhancer interface ------------------------------------------------------------------
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_residual_samples_are_zero_mean_around_the_mean_network(sampler):

@@ -166,6 +166,33 @@ def test_mean_warmup_trains_the_mean_network_alone_first(tmp_path, pair):
     assert not (tmp_path / "bad").exists()
 
 
+def test_residual_batch_trains_the_residual_on_part_of_each_batch(tmp_path, pair):
+    """``residual_batch``: a cheaper step in which the residual network sees the first N
+    samples of the batch; recorded in the settings, resumable exactly, bad values refused
+    before anything is written."""
+    fast = {**FAST, "batch_size": 4, "calibration_samples": 0}
+    out = tmp_path / "part"
+    trainer.train("denoise", pair, out, steps=3, ckpt_every=1, residual_batch=1, **fast)
+    full = tmp_path / "full"
+    trainer.train("denoise", pair, full, steps=3, ckpt_every=1, **fast)
+    part3, full3 = _ckpt(out, 3), _ckpt(full, 3)
+    assert json.loads(part3["settings"])["residual_batch"] == 1
+    residual = [k for k in part3["model"] if k.startswith("residual.")]
+    assert any(not torch.equal(part3["model"][k], full3["model"][k]) for k in residual)
+    assert any(not torch.equal(_ckpt(out, 1)["model"][k], part3["model"][k]) for k in residual)
+    (out / "checkpoints" / "step_00000003.pt").unlink()
+    trainer.train("denoise", pair, out, steps=3, ckpt_every=1, residual_batch=1, resume=True,
+                  **fast)  # fmt: skip
+    for name, tensor in part3["model"].items():
+        torch.testing.assert_close(tensor, _ckpt(out, 3)["model"][name], rtol=0, atol=0)
+    with pytest.raises(InputError, match=r"residual_batch must be in 1..batch_size \(4\)"):
+        trainer.train("denoise", pair, tmp_path / "bad", steps=1, residual_batch=5, **fast)
+    with pytest.raises(InputError, match="residual_batch"):
+        trainer.train("denoise", pair, tmp_path / "bad", steps=1, objective="diffusion",
+                      residual_batch=2, **fast)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lr_warmup_and_keyed_noise():
     s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
                       lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
