@@ -29,7 +29,7 @@ from common import RESULTS, start_record, write_results
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
 from quality_data import flyem_levels  # noqa: E402
 from quality_plan import Entry  # noqa: E402
-from quality_project import _options, _sources, run_enhance, write_input  # noqa: E402
+from quality_project import run_enhance, train_options, train_sources, write_input  # noqa: E402
 from quality_scores import score  # noqa: E402
 
 from emdiffuse.models.checkpoints import load_checkpoint  # noqa: E402
@@ -48,8 +48,8 @@ def raw_skip(path: Path) -> list[list[float]]:
 def run_level(source, level, sizes, clean_train, init: str, steps: int, work: Path) -> dict:
     data = source.task_data(level, sizes, clean_train)
     entry = Entry(method="residual", budget=0.0)
-    task, sources, voxel = _sources(entry, data)
-    options = _options(entry, data, sizes, None)
+    task, sources, voxel = train_sources(entry, data)
+    options = train_options(entry, data, sizes, None)
     options.update(val_every=steps, ckpt_every=steps, mean_init=init, calibration_samples=0)
     inp = write_input(data.test_inputs[0], work / "input.ome.zarr", data.input_voxel)
     row: dict = {"level": level.key, "mean_init": init, "steps": steps}
@@ -99,11 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     record = start_record(__file__, argv)
     try:
-        source, levels = flyem_levels(args.levels)
+        source, levels, sizes = flyem_levels(args.levels, args.quick)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-    sizes = source.quick if args.quick else source.full
     steps = 20 if args.quick else args.steps
     clean_train = source.train_volume(sizes)
     rows = []

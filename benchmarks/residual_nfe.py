@@ -173,11 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     record = start_record(__file__, argv)
     try:
-        source, levels = flyem_levels(args.levels)
+        source, levels, sizes = flyem_levels(args.levels, args.quick)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-    sizes = source.quick if args.quick else source.full
     scale = QUICK_SCALE if args.quick else 1.0
     if args.quick:
         args.reference = min(args.reference, 50)

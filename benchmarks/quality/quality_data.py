@@ -320,10 +320,10 @@ def make_source(name: str, *, flyem_dir: Path | None = None) -> Source:
     raise ValueError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
 
 
-def flyem_levels(keys: list[str]) -> tuple[Source, list[Level]]:
-    """The FlyEM source and its levels named by ``keys`` (e.g. ``denoise-dose2``), for the
-    scripts that run single levels. ValueError, one line, when the data are missing or a key
-    is unknown."""
+def flyem_levels(keys: list[str], quick: bool = False) -> tuple[Source, list[Level], Sizes]:
+    """The FlyEM source, its levels named by ``keys`` (e.g. ``denoise-dose2``) and its sizes
+    (``quick``: the smoke run's), for the scripts that run single levels. ValueError, one
+    line, when the data are missing or a key is unknown."""
     source = make_source("flyem")
     missing = source.available()
     if missing:
@@ -332,4 +332,4 @@ def flyem_levels(keys: list[str]) -> tuple[Source, list[Level]]:
     unknown = [k for k in keys if k not in levels]
     if unknown:
         raise ValueError(f"unknown level(s) {unknown}; choose from {sorted(levels)}")
-    return source, [levels[k] for k in keys]
+    return source, [levels[k] for k in keys], source.quick if quick else source.full

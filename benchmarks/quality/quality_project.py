@@ -83,7 +83,9 @@ def model_name(entry: Entry, task: str) -> str:
     return f"{variant}, {entry.kind}"
 
 
-def _sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], list[float]]:
+def train_sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], list[float]]:
+    """What ``entry`` trains on for ``data``'s level: the trainer task, the source arrays and
+    their voxel size (nm, zyx)."""
     level = data.level
     if level.task == "denoise":
         return (
@@ -98,7 +100,7 @@ def _sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], list[
     return "isotropic", [data.train["clean"]], list(data.train_voxel["clean"])
 
 
-def _options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str, Any]:
+def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str, Any]:
     """Trainer options of ``entry`` on ``data``: the shared recipe, the kind's objective, the
     level's factor. vemdiffuse-a's patch runs along z of its z-subsampled training volume,
     so it is cut to fit (a multiple of 8); the regression UNet skips the end-of-training
@@ -148,8 +150,8 @@ def measure_rate(entry: Entry, data: TaskData, sizes: Sizes, cache_dir: Path, *,
     """Training steps per second of ``entry``'s kind on ``data``'s task: a probe run of
     ``seconds``, measured once per run (not across runs: the shared machine's load
     changes) for each task, kind, factor and settings."""
-    task, sources, voxel = _sources(entry, data)
-    options = _options(entry, data, sizes, extra)
+    task, sources, voxel = train_sources(entry, data)
+    options = train_options(entry, data, sizes, extra)
     key = settings_key("rate", task, options, seconds, emdiffuse.__version__)
     if key in _RATES:
         return {**_RATES[key], "reused": True}
@@ -192,8 +194,8 @@ def train_model(
     "horizon" (the schedule's steps), "rate", "cached", "task", "settings"}``.
     """
     level = data.level
-    task, sources, voxel = _sources(entry, data)
-    options = _options(entry, data, sizes, extra)
+    task, sources, voxel = train_sources(entry, data)
+    options = train_options(entry, data, sizes, extra)
     key = settings_key(source, level, sizes, entry.method, budget, options, seed,
                        emdiffuse.__version__)  # fmt: skip
     folder = cache_dir / "models" / f"{source}-{level.key}-{entry.method}-{budget:g}s-{key}"

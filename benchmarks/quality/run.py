@@ -464,7 +464,7 @@ def provenance_record(argv: list[str] | None) -> dict:
     return record(None if argv is None else [__file__, *argv])
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
@@ -516,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-set",
         nargs="+",
-        type=_key_value,
+        type=key_value,
         default=None,
         metavar="KEY=VALUE",
         help="extra TrainSettings fields for the project's models (JSON values)",
