@@ -242,6 +242,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
                  str(tmp_path / "y"), "--mean-init", "zero"])  # fmt: skip
     assert code == 2 and "--mean-init" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--batch-size", "2", "--residual-batch", "3"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "residual_batch must be in 1..batch_size (2), got 3" in err
+    assert "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", paths[0], "--out", str(tmp_path / "x")])
     assert code == 2
     assert "NOISY,CLEAN" in capsys.readouterr().err
