@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, start_record, write_results
+from common import publish, start_record
 from mean_init import raw_skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
@@ -141,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         result["levels"].append(run_level(source, levels[key], sizes, clean_train, args,
                                           args.cache or default_cache(), scale))  # fmt: skip
     name = (args.name or f"bias_shift_{args.source}") + ("_quick" if args.quick else "")
-    write_results(name, result)
-    (RESULTS / f"{name}.md").write_text(report(result))
-    print(report(result))
+    publish(name, result, report(result))
     return 0
 
 

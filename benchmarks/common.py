@@ -132,6 +132,13 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def publish(name: str, payload: dict, markdown: str) -> None:
+    """``results/<name>.json`` and ``results/<name>.md``, and the table printed."""
+    write_results(name, payload)
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def _jsonable(value):
     if isinstance(value, (np.integer,)):
         return int(value)

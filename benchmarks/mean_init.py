@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, start_record, write_results
+from common import publish, start_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
 from quality_data import flyem_levels  # noqa: E402
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['trained']['skip_raw']}", flush=True)  # fmt: skip
     result = {"steps": steps, "levels": args.levels, "rows": rows, "provenance": record}
     name = args.name + ("_quick" if args.quick else "")
-    write_results(name, result)
-    (RESULTS / f"{name}.md").write_text(report(result))
-    print(report(result))
+    publish(name, result, report(result))
     return 0
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, start_record, write_results
+from common import publish, start_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
 from quality_data import flyem_levels  # noqa: E402
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{level.key}:", flush=True)
         result["levels"].append(run_level(source, level, sizes, clean_train, args, cache, scale))
     name = "residual_nfe" + ("_quick" if args.quick else "")
-    write_results(name, result)
-    (RESULTS / f"{name}.md").write_text(report(result))
-    print(report(result))
+    publish(name, result, report(result))
     return 0
 
 
