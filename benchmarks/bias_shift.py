@@ -31,7 +31,7 @@ from common import publish, start_record
 from mean_init import raw_skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
-from quality_data import make_source  # noqa: E402
+from quality_data import select_levels  # noqa: E402
 from quality_plan import QUICK_SCALE, Entry  # noqa: E402
 from quality_project import level_work_dir, run_enhance, train_model, write_input  # noqa: E402
 from quality_scores import truth_range  # noqa: E402
@@ -122,23 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small volumes and budgets (smoke run)")
     args = p.parse_args(argv)
     record = start_record(__file__, argv)
-    source = make_source(args.source)
-    missing = source.available()
-    if missing:
-        print(f"{args.source} data not found ({missing})", file=sys.stderr)
+    try:
+        source, levels, sizes = select_levels(args.source, args.levels, args.quick, "denoise")
+    except ValueError as error:
+        print(error, file=sys.stderr)
         return 2
-    levels = {lv.key: lv for lv in source.levels if lv.task == "denoise"}
-    unknown = [k for k in args.levels if k not in levels]
-    if unknown:
-        print(f"unknown denoising level(s) {unknown}; choose from {sorted(levels)}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    sizes = source.quick if args.quick else source.full
     scale = QUICK_SCALE if args.quick else 1.0
     clean_train = source.train_volume(sizes)
     result = {"source": args.source, "budget": args.budget, "levels": [], "provenance": record}
-    for key in args.levels:
-        result["levels"].append(run_level(source, levels[key], sizes, clean_train, args,
+    for level in levels:
+        result["levels"].append(run_level(source, level, sizes, clean_train, args,
                                           args.cache or default_cache(), scale))  # fmt: skip
     name = (args.name or f"bias_shift_{args.source}") + ("_quick" if args.quick else "")
     publish(name, result, report(result))

@@ -320,16 +320,23 @@ def make_source(name: str, *, flyem_dir: Path | None = None) -> Source:
     raise ValueError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
 
 
-def flyem_levels(keys: list[str], quick: bool = False) -> tuple[Source, list[Level], Sizes]:
-    """The FlyEM source, its levels named by ``keys`` (e.g. ``denoise-dose2``) and its sizes
-    (``quick``: the smoke run's), for the scripts that run single levels. ValueError, one
-    line, when the data are missing or a key is unknown."""
-    source = make_source("flyem")
+def select_levels(
+    name: str, keys: list[str], quick: bool = False, task: str | None = None
+) -> tuple[Source, list[Level], Sizes]:
+    """Source ``name``, its levels named by ``keys`` (e.g. ``denoise-dose2``; only ``task``'s
+    when given) and its sizes (``quick``: the smoke run's), for the scripts that run single
+    levels. ValueError, one line, when the data are missing or a key is unknown."""
+    source = make_source(name)
     missing = source.available()
     if missing:
-        raise ValueError(f"FlyEM data not found ({missing}); see ../shared/data/README")
-    levels = {lv.key: lv for lv in source.levels}
+        raise ValueError(f"{name} data not found ({missing}); see ../shared/data/README")
+    levels = {lv.key: lv for lv in source.levels if task is None or lv.task == task}
     unknown = [k for k in keys if k not in levels]
     if unknown:
         raise ValueError(f"unknown level(s) {unknown}; choose from {sorted(levels)}")
     return source, [levels[k] for k in keys], source.quick if quick else source.full
+
+
+def flyem_levels(keys: list[str], quick: bool = False) -> tuple[Source, list[Level], Sizes]:
+    """:func:`select_levels` of the FlyEM source."""
+    return select_levels("flyem", keys, quick)
