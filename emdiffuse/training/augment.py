@@ -2,9 +2,15 @@
 
 Arrays are ``(C, h, w)`` numpy images; ``cond`` and ``target`` may sit on different grids
 (super-resolution: ``target`` is ``k`` times finer), which flips and 90° rotations respect.
-Intensity jitter is ``x -> scale * x + offset`` in model space, the same for both, so the
-pair stays consistent. Every draw comes from the ``rng`` passed in (a per-sample generator),
-never from global state.
+Intensity jitter is a change of the detector's gain and offset: one affine map of raw
+intensities, ``raw -> c + scale * (raw - c) + offset * h`` with ``c`` the centre and ``h`` the
+half-range of the target's intensity range, applied to condition and target alike. In the
+target's model space that is ``x -> scale * x + offset``; the condition has its own range
+(:mod:`emdiffuse.models.normalization`), so :func:`condition_jitter` gives the same raw map in
+its model space. (The same model-space map on both would shift a noisy condition, whose range
+is wider, by more raw units than its target: the network would learn to pass on only part of
+a brightness difference — the synthetic denoising bias of issue 14.) Every draw comes from
+the ``rng`` passed in (a per-sample generator), never from global state.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from emdiffuse.models.normalization import Normalization
 
 
 @dataclass(frozen=True)
@@ -22,7 +30,7 @@ class Augment:
     plane (only for square images, so batches keep one shape); ``reverse_slices``: reverse the
     slice order of both condition and target (isotropic recipes: z → -z is as likely as z);
     ``scale``/``offset``: intensity jitter ranges, ``scale`` drawn from ``[1 - s, 1 + s]`` and
-    ``offset`` from ``[-o, o]`` (model-space units).
+    ``offset`` from ``[-o, o]`` (the target's model-space units: 0.1 is 5 % of its range).
     """
 
     flips: bool = True
@@ -40,18 +48,42 @@ class Augment:
 NONE = Augment(flips=False, rotations=False, reverse_slices=False, scale=0.0, offset=0.0)
 
 
+def condition_jitter(
+    scale: float, offset: float, condition: Normalization, target: Normalization
+) -> tuple[float, float]:
+    """The condition's model-space ``(scale, offset)`` for the raw-intensity map that
+    ``x -> scale * x + offset`` is in the target's model space.
+
+    With ``c`` the centres and ``h`` the half-ranges: ``scale`` is unchanged and the offset
+    is ``((1 - scale) (c_t - c_c) + offset h_t) / h_c``.
+    """
+    c_t, c_c = target.low + target.half_range, condition.low + condition.half_range
+    shift = (1.0 - scale) * (c_t - c_c) + offset * target.half_range
+    return scale, shift / condition.half_range
+
+
 def augment_pair(
-    cond: np.ndarray, target: np.ndarray, rng: np.random.Generator, spec: Augment = Augment()
+    cond: np.ndarray,
+    target: np.ndarray,
+    rng: np.random.Generator,
+    spec: Augment = Augment(),
+    ranges: tuple[Normalization, Normalization] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one random draw of ``spec`` to ``cond`` and ``target`` (new arrays; inputs are
-    not modified). The number of draws from ``rng`` does not depend on the data."""
+    """Apply one random draw of ``spec`` to ``cond`` and ``target`` in model space (new
+    arrays; inputs are not modified). ``ranges``: the (condition, target) intensity ranges
+    the two were normalised with, so that the intensity jitter is one raw-unit change for
+    both; None when they share one range. The number of draws from ``rng`` does not depend
+    on the data."""
     flip_y, flip_x, reverse = rng.random(3) < 0.5
     quarter = int(rng.integers(0, 4))
     scale = 1.0 + spec.scale * (2.0 * rng.random() - 1.0)
     offset = spec.offset * (2.0 * rng.random() - 1.0)
+    jitter = [(scale, offset), (scale, offset)]
+    if ranges is not None:
+        jitter[0] = condition_jitter(scale, offset, *ranges)
     square = cond.shape[-1] == cond.shape[-2] and target.shape[-1] == target.shape[-2]
     out = []
-    for a in (cond, target):
+    for a, (gain, shift) in zip((cond, target), jitter, strict=True):
         if spec.flips and flip_y:
             a = a[..., ::-1, :]
         if spec.flips and flip_x:
@@ -62,9 +94,9 @@ def augment_pair(
             a = a[::-1]
         a = np.ascontiguousarray(a, dtype=np.float32)
         if spec.scale or spec.offset:
-            a = (a * np.float32(scale) + np.float32(offset)).astype(np.float32)
+            a = (a * np.float32(gain) + np.float32(shift)).astype(np.float32)
         out.append(a)
     return out[0], out[1]
 
 
-__all__ = ["Augment", "NONE", "augment_pair"]
+__all__ = ["Augment", "NONE", "augment_pair", "condition_jitter"]

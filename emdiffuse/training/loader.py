@@ -301,7 +301,7 @@ class PatchDataset(IterableDataset):
             target = target[index : index + 1]
             out["index"] = index
         spec = self.augment if split == "train" else NONE
-        cond, target = augment_pair(cond, target, rng, spec)
+        cond, target = augment_pair(cond, target, rng, spec, (self._cond_norm, self._norm))
         out.update(
             cond=torch.from_numpy(cond),
             target=torch.from_numpy(target),

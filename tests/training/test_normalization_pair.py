@@ -27,7 +27,7 @@ from emdiffuse.models.normalization import (
 from emdiffuse.models.presets import make_config
 from emdiffuse.models.variants import ModelConfig
 from emdiffuse.training import trainer
-from emdiffuse.training.augment import NONE
+from emdiffuse.training.augment import NONE, Augment, condition_jitter
 from emdiffuse.training.demo_model import enhance_slices
 from emdiffuse.training.loader import PatchDataset
 
@@ -199,3 +199,35 @@ def test_untrained_mean_starts_at_the_least_squares_shrinkage(tmp_path):
     mse_out, mse_in = np.mean((out - clean) ** 2), np.mean((noisy - clean) ** 2)
     assert mse_out < 0.5 * mse_in, (mse_out, mse_in)
     assert abs(out.mean() - clean.mean()) < 0.01 * np.ptp(clean)
+
+
+def test_intensity_jitter_is_one_raw_change_for_condition_and_target():
+    """A perfect pair (condition = target in raw units) normalised with two different ranges
+    stays a perfect pair in raw units after the gain/offset jitter. Before the fix the jitter
+    was the same model-space map on both: it shifted the condition, whose range is twice as
+    wide, by twice as many raw units as its target."""
+    vol = 0.1 + 0.8 * _smooth((2, 48, 48), 7)  # inside both ranges: nothing is clipped
+    ranges = {"condition": {"low": -0.5, "high": 1.5}, "target": {"low": 0.0, "high": 1.0}}
+    spec = Augment(flips=False, rotations=False, scale=0.2, offset=0.2)
+    ds = PatchDataset("denoise", [vol, vol], 16, normalization=ranges, augment=spec,
+                      val_fraction=0.0, seed=2)  # fmt: skip
+    cond_norm, target_norm = (Normalization.of(ranges[side]) for side in ("condition", "target"))
+    moved = 0.0
+    for key in range(8):
+        s = ds.sample(key)
+        raw_cond = cond_norm.inverse(s["cond"].numpy())
+        raw_target = target_norm.inverse(s["target"].numpy())
+        np.testing.assert_allclose(raw_cond, raw_target, atol=1e-5)
+        moved = max(moved, float(np.abs(raw_target - vol[ds.footprint_of(s)]).max()))
+    assert moved > 0.02  # the jitter did change the intensities
+
+
+def test_condition_jitter_maps_the_same_raw_change():
+    cond, target = Normalization(-2.0, 6.0), Normalization(0.5, 1.5)
+    scale, offset = 1.1, -0.07
+    c_scale, c_offset = condition_jitter(scale, offset, cond, target)
+    raw = np.linspace(0.4, 1.6, 7)
+    via_target = target.inverse(scale * target.forward(raw) + offset)
+    via_cond = cond.inverse(c_scale * cond.forward(raw) + c_offset)
+    np.testing.assert_allclose(via_cond, via_target, atol=1e-6)
+    assert condition_jitter(scale, offset, target, target) == pytest.approx((scale, offset))
