@@ -647,8 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals in small trained nets slow CPU inference
     print(f"quality benchmark: results {out_root}, cache {cache}; library features {features()}")
-    for name in args.source:
-        run_source(name, args, argv, record, out_root, cache)
+    ran = [run_source(name, args, argv, record, out_root, cache) for name in args.source]
+    if not any(ran) and not out_root.is_dir():
+        print("quality benchmark: no source could run (see above); nothing written",
+              file=sys.stderr)  # fmt: skip
+        return 2
     print(f"report: {write_markdown(out_root)}")
     return 0
 

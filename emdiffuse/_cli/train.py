@@ -36,7 +36,7 @@ SETTINGS = (
     "size", "steps", "batch_size", "patch", "lr", "warmup", "lr_schedule", "ema_decay",
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
-    "residual_scale", "mean_init", "mean_warmup", "residual_batch",
+    "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
 )  # fmt: skip
 
 
@@ -72,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--residual-batch", type=int, default=d["residual_batch"], metavar="N",
         help="residual objective: the residual network trains on the first N samples of "
         "each batch, the mean network on all (cheaper steps; default: the whole batch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--intensity-jitter", type=float, default=d["intensity_jitter"], metavar="FRACTION",
+        help="brightness/contrast augmentation: a gain in 1 +- FRACTION and an offset in "
+        "+- FRACTION/2 of the target's range, the same raw change for input and target "
+        "(default %(default)s; 0: none)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

@@ -21,6 +21,8 @@ import numpy as np
 
 from emdiffuse.models.normalization import Normalization
 
+DEFAULT_JITTER = 0.2  # gain 1 +- 0.2, offset +- 0.2 in the target's model space (10 % of range)
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -36,8 +38,8 @@ class Augment:
     flips: bool = True
     rotations: bool = True
     reverse_slices: bool = False
-    scale: float = 0.1
-    offset: float = 0.1
+    scale: float = DEFAULT_JITTER
+    offset: float = DEFAULT_JITTER
 
     def __call__(
         self, cond: np.ndarray, target: np.ndarray, rng: np.random.Generator
@@ -46,6 +48,13 @@ class Augment:
 
 
 NONE = Augment(flips=False, rotations=False, reverse_slices=False, scale=0.0, offset=0.0)
+
+
+def training_augment(recipe: str, intensity_jitter: float = DEFAULT_JITTER) -> Augment:
+    """The training augmentation of a recipe: flips, rotations, the slice order reversed for
+    the isotropic recipes (z -> -z is as likely as z), and the intensity jitter."""
+    return Augment(reverse_slices=recipe in ("isotropic", "anisotropic"),
+                   scale=intensity_jitter, offset=intensity_jitter)  # fmt: skip
 
 
 def condition_jitter(
@@ -99,4 +108,4 @@ def augment_pair(
     return out[0], out[1]
 
 
-__all__ = ["Augment", "NONE", "augment_pair", "condition_jitter"]
+__all__ = ["Augment", "NONE", "DEFAULT_JITTER", "augment_pair", "condition_jitter", "training_augment"]

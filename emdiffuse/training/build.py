@@ -21,6 +21,7 @@ from emdiffuse.models.networks import build_network
 from emdiffuse.models.presets import make_config
 from emdiffuse.models.unet import UNetConfig
 from emdiffuse.models.variants import ModelConfig
+from emdiffuse.training.augment import training_augment
 from emdiffuse.training.loader import PatchDataset
 from emdiffuse.training.settings import TASK_VARIANTS, TrainSettings
 from emdiffuse.training.state import latest_checkpoint, load_state
@@ -46,6 +47,7 @@ def build_dataset(s: TrainSettings, sources: Sequence[Any], **kw) -> PatchDatase
         batch_size=s.batch_size,
         axis=s.axis,
         voxel_size=s.voxel_size,
+        augment=training_augment(s.task, s.intensity_jitter),
         **kw,
     )
 

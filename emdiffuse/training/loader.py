@@ -59,7 +59,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from emdiffuse.errors import InputError
 from emdiffuse.io.regions import worker_start_method
 from emdiffuse.models.normalization import Normalization, as_pair, robust_range
-from emdiffuse.training.augment import NONE, Augment, augment_pair
+from emdiffuse.training.augment import NONE, Augment, augment_pair, training_augment
 from emdiffuse.training.chunks import ChunkReader, SourceInfo, open_source
 from emdiffuse.training.degrade import blur_downsample_xy
 from emdiffuse.training.recipes import (
@@ -138,9 +138,7 @@ class PatchDataset(IterableDataset):
         self.max_tries = int(max_tries)
         self.cache_bytes = int(cache_bytes)
         self.margin = 2 * self.k if (recipe == "super-resolve" and len(self.sources) == 1) else 0
-        if augment is None:
-            augment = Augment(reverse_slices=recipe in ("isotropic", "anisotropic"))
-        self.augment = augment
+        self.augment = training_augment(recipe) if augment is None else augment
         self._voxel_size_arg = voxel_size
         self._readers: list[ChunkReader] | None = None
         self._pid: int | None = None

@@ -22,6 +22,7 @@ from typing import Any
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.sampler_names import check_sampler
+from emdiffuse.training.augment import DEFAULT_JITTER
 
 TASK_VARIANTS = {
     "denoise": "emdiffuse-n",
@@ -86,6 +87,9 @@ class TrainSettings:
     seed: int = 0
     init: str | None = None
     voxel_size: list[float] | None = None
+    # brightness/contrast augmentation: a detector gain in 1 +- j and offset in +- j/2 of the
+    # target's range, one raw-unit change for condition and target (training/augment.py)
+    intensity_jitter: float = DEFAULT_JITTER
     schedule: dict[str, Any] | None = None  # training noise schedule (default: the reference's)
     time_limit: float | None = None  # seconds; stops early (demo)
     objective: str = "auto"  # see OBJECTIVE_CHOICES, train()
@@ -147,6 +151,10 @@ class TrainSettings:
         if self.mean_init not in MEAN_INITS:
             raise InputError(
                 f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
+            )
+        if not (isinstance(self.intensity_jitter, int | float) and 0 <= self.intensity_jitter < 1):
+            raise InputError(
+                f"intensity_jitter must be a fraction in [0, 1), got {self.intensity_jitter!r}"
             )
         if not (isinstance(self.mean_warmup, int | float) and 0 <= self.mean_warmup < 1):
             raise InputError(f"mean_warmup must be a fraction in [0, 1), got {self.mean_warmup!r}")
@@ -221,7 +229,7 @@ _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "va
          "ckpt_every", "workers", "seed", "factor", "region", "calibration_samples",
          "calibration_patches", "residual_batch"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
-           "time_limit", "residual_scale", "calibration_level"}  # fmt: skip
+           "time_limit", "residual_scale", "calibration_level", "intensity_jitter"}  # fmt: skip
 
 
 def _convert(name: str, value: Any) -> Any:

@@ -193,6 +193,29 @@ def test_residual_batch_trains_the_residual_on_part_of_each_batch(tmp_path, pair
     assert not (tmp_path / "bad").exists()
 
 
+def test_intensity_jitter_setting_reaches_the_training_patches(pair):
+    """``intensity_jitter`` is recorded and decides the loader's gain/offset draw: at 0 the
+    patches are the normalised data; at the default the same patches under one affine
+    intensity map that is not the identity."""
+    from emdiffuse.training.build import build_dataset
+
+    options = {"patch": 16, "region": 32, "val_fraction": 0.25, "batch_size": 2}
+    patches = {}
+    for jitter in (0.0, 0.1):
+        s = TrainSettings.build("denoise", ["noisy", "clean"], {**options, "intensity_jitter": jitter})
+        assert s.intensity_jitter == jitter
+        ds = build_dataset(s, pair)
+        assert (ds.augment.scale, ds.augment.offset) == (jitter, jitter)
+        patches[jitter] = [ds.sample(key) for key in range(4)]
+    for plain, jittered in zip(patches[0.0], patches[0.1], strict=True):
+        assert torch.equal(plain["origin"], jittered["origin"])
+        x, y = plain["target"].numpy().ravel(), jittered["target"].numpy().ravel()
+        gain, offset = np.polyfit(x, y, 1)
+        np.testing.assert_allclose(gain * x + offset, y, atol=1e-4)
+        assert abs(gain - 1) <= 0.1 + 1e-6 and abs(offset) <= 0.1 + 1e-6
+        assert abs(gain - 1) + abs(offset) > 1e-3
+
+
 def test_lr_warmup_and_keyed_noise():
     s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
                       lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
@@ -246,6 +269,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
                  str(tmp_path / "y"), "--batch-size", "2", "--residual-batch", "3"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "residual_batch must be in 1..batch_size (2), got 3" in err
+    assert "Traceback" not in err and not (tmp_path / "y").exists()
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--intensity-jitter", "1.5"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "intensity_jitter must be a fraction in [0, 1), got 1.5" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", paths[0], "--out", str(tmp_path / "x")])
     assert code == 2
