@@ -16,6 +16,7 @@ posterior mean, one network evaluation) and a calibrated ``uncertainty/`` image.
 from __future__ import annotations
 
 import csv
+import hashlib
 import inspect
 import json
 import math
@@ -174,6 +175,18 @@ def measure_rate(entry: Entry, data: TaskData, sizes: Sizes, cache_dir: Path, *,
     return {**_RATES[key], "reused": False}
 
 
+@cache
+def training_code_digest() -> str:
+    """A hash of the library code a trained model depends on (``emdiffuse/models`` and
+    ``emdiffuse/training``): part of a model's cache key, so a change to how models train
+    retrains them instead of reusing models the old code made."""
+    root = Path(emdiffuse.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(f for sub in ("models", "training") for f in (root / sub).rglob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def train_model(
     entry: Entry,
     data: TaskData,
@@ -197,7 +210,7 @@ def train_model(
     task, sources, voxel = train_sources(entry, data)
     options = train_options(entry, data, sizes, extra)
     key = settings_key(source, level, sizes, entry.method, budget, options, seed,
-                       emdiffuse.__version__)  # fmt: skip
+                       emdiffuse.__version__, training_code_digest())  # fmt: skip
     folder = cache_dir / "models" / f"{source}-{level.key}-{entry.method}-{budget:g}s-{key}"
     meta_path = folder / "meta.json"
     if meta_path.exists() and (folder / trainer.FINAL_NAME).exists():
