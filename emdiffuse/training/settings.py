@@ -152,12 +152,10 @@ class TrainSettings:
             raise InputError(
                 f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
             )
-        if not (isinstance(self.intensity_jitter, int | float) and 0 <= self.intensity_jitter < 1):
-            raise InputError(
-                f"intensity_jitter must be a fraction in [0, 1), got {self.intensity_jitter!r}"
-            )
-        if not (isinstance(self.mean_warmup, int | float) and 0 <= self.mean_warmup < 1):
-            raise InputError(f"mean_warmup must be a fraction in [0, 1), got {self.mean_warmup!r}")
+        for name in ("intensity_jitter", "mean_warmup"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value < 1):
+                raise InputError(f"{name} must be a fraction in [0, 1), got {value!r}")
         if self.residual_batch is not None and not 1 <= self.residual_batch <= self.batch_size:
             raise InputError(
                 f"residual_batch must be in 1..batch_size ({self.batch_size}), "
