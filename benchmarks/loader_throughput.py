@@ -71,10 +71,10 @@ def trainer_rate(dataset: PatchDataset, steps: int) -> float:
     schedule = diffusion.Schedule.from_dict(dict(config.schedule))
     batch = dataset.batch(range(dataset.batch_size))
     dev = torch.device("cpu")
-    train_step(net, net, opt, batch, schedule, config, s, dev, False)  # warm-up
+    train_step(net, net, opt, batch, schedule, config, s, dev, None)  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(net, net, opt, batch, schedule, config, s, dev, False)
+        train_step(net, net, opt, batch, schedule, config, s, dev, None)
     dt = time.perf_counter() - t0
     return steps * dataset.batch_size / dt
 

@@ -11,6 +11,7 @@ from emdiffuse.training.settings import (
     MEAN_INITS,
     OBJECTIVE_CHOICES,
     TASK_VARIANTS,
+    TRAIN_PRECISIONS,
     defaults,
 )
 
@@ -37,6 +38,7 @@ SETTINGS = (
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
+    "precision",
 )  # fmt: skip
 
 
@@ -108,6 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a run in --out")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--precision", choices=TRAIN_PRECISIONS, default=d["precision"],
+        help="autocast of the network: auto (default) is bf16 where the hardware computes it "
+        "natively (CUDA GPUs with bf16, CPUs with Intel AMX) and fp32 elsewhere",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument(
         "--voxel-size", default=None, help="z,y,x nm when the data does not say (TIFF)"

@@ -44,27 +44,12 @@ from emdiffuse.errors import InputError
 from emdiffuse.models import samplers
 from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint
 from emdiffuse.models.conditioning import upsample_xy
-from emdiffuse.models.device import resolve_device
+from emdiffuse.models.device import autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule, make_denoiser
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.normalization import Normalization, condition_from_model, from_model
 from emdiffuse.models.sampler_names import resolve_spacing
 from emdiffuse.models.variants import ModelConfig
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 class Enhancer:
@@ -81,7 +66,7 @@ class Enhancer:
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
-        self.autocast_dtype = _resolve_precision(precision, self.device)
+        self.autocast_dtype = autocast_dtype(precision, self.device)
         self.precision = precision
         self.net = net.to(self.device).eval()
         for parameter in self.net.parameters():

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.precision_names import PRECISIONS
 from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_spacing
 from emdiffuse.pipeline.lattice import Lattice
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # a type only: the record stays importable without the models
 SEED_MAX = 2**63 - 1  # the noise key packs the seed as a signed 64-bit integer (pipeline.noise)
 CONNECT_TIMEOUT = 5.0  # seconds to reach a Dask scheduler (distributed's own default is 30)
 NORMALIZE_MODES = ("model", "auto")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what models.enhancer.Enhancer accepts
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DEFAULT_TILE_MAX = 256  # the default tile side (output grid), at most
 DEFAULT_OVERLAP_FRACTION = 3 / 32  # default overlap / tile: 24 of 256, 1.27 computed voxels per

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.precision_names import TRAIN_PRECISIONS
 from emdiffuse.models.sampler_names import check_sampler
 from emdiffuse.training.augment import DEFAULT_JITTER
 
@@ -85,6 +86,9 @@ class TrainSettings:
     region: int | None = None
     workers: int = 0
     seed: int = 0
+    # autocast: auto = bf16 where the hardware has it natively (CUDA, CPUs with AMX), else
+    # fp32 (models/device.py). Not a resume field: a run may resume on other hardware
+    precision: str = "auto"
     init: str | None = None
     voxel_size: list[float] | None = None
     # brightness/contrast augmentation: a detector gain in 1 +- j and offset in +- j/2 of the
@@ -146,6 +150,10 @@ class TrainSettings:
         if self.axis not in AXES:
             raise InputError(f"axis must be 'y', 'x' or 'both', got {self.axis!r}")
         check_sampler(self.sampler)
+        if self.precision not in TRAIN_PRECISIONS:
+            raise InputError(
+                f"precision must be {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}"
+            )
         if self.mean_loss not in LOSS_NAMES:
             raise InputError(f"mean_loss must be {' or '.join(LOSS_NAMES)}, got {self.mean_loss!r}")
         if self.mean_init not in MEAN_INITS:

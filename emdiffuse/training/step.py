@@ -66,11 +66,12 @@ def training_loss(
 
 
 def train_step(
-    model, net, optimizer, batch, schedule, config, s: TrainSettings, dev, amp,
-    mean_only: bool = False,
+    model, net, optimizer, batch, schedule, config, s: TrainSettings, dev,
+    autocast: torch.dtype | None, mean_only: bool = False,
 ) -> tuple[float, float]:
     """One step on ``batch``: loss, backward (through ``model``, DDP or ``net`` itself),
-    gradient clipping and the optimizer step. Returns (loss, gradient norm).
+    gradient clipping and the optimizer step. Returns (loss, gradient norm). ``autocast``:
+    the forward pass's autocast dtype (None: fp32; :func:`emdiffuse.models.device.autocast_dtype`).
 
     A regression run (``s.objective``) puts every sample at the noisiest level, the
     sampler's first step. A residual-kind model (``config.residual``) trains its mean and
@@ -87,7 +88,9 @@ def train_step(
     if index is not None:
         index = index.to(dev)
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(
+        device_type=dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
+    ):
         if config.residual and mean_only:
             loss = diffusion.mean_loss_only(model, cond, target, s.mean_loss)
         elif config.residual:

@@ -1,7 +1,7 @@
 """Training: patches from OME-Zarr through :class:`PatchDataset` into a diffusion UNet.
 
 :func:`train` runs AdamW with linear warm-up (then constant or cosine), an EMA of the
-weights, gradient clipping, bf16 autocast on GPUs, validation PSNR/SSIM with a few-step
+weights, gradient clipping, bf16 autocast where the hardware has it (``precision``), validation PSNR/SSIM with a few-step
 sampler, a progress bar, scalars to ``scalars.csv`` (and TensorBoard when installed), a PNG
 of validation samples, and checkpoints every ``ckpt_every`` steps that resume exactly. Under
 ``torchrun`` (or any initialised process group) it runs data-parallel (DDP): each rank takes
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from emdiffuse.errors import InputError
 from emdiffuse.io import make_output_folder, refuse_output
-from emdiffuse.models.device import resolve_device
+from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.ema import EMA
 from emdiffuse.models.variants import ModelConfig
@@ -182,7 +182,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     start: int
     elapsed: float  # seconds of training before this process (a resumed run's)
-    amp: bool  # bf16 autocast (GPUs that have it)
+    autocast: torch.dtype | None  # the forward pass's autocast dtype (None: fp32)
 
     def state(self, step: int, t0: float) -> dict[str, Any]:
         return make_state(
@@ -245,7 +245,7 @@ def _prepare(
         distributed.wrap(net, d, dev, unused=config.residual and s.mean_warmup > 0), ema,
         optimizer, start,
         0.0 if state is None else float(state.get("elapsed", 0.0)),
-        dev.type == "cuda" and torch.cuda.is_bf16_supported(),
+        autocast_dtype(s.precision, dev, choices=TRAIN_PRECISIONS),
     )  # fmt: skip
 
 
@@ -304,7 +304,7 @@ def _loop(
             group["lr"] = lr
         loss, grad_norm = train_step(
             run.model, run.net, run.optimizer, batch, run.schedule, run.config, s, run.device,
-            run.amp, mean_only=run.config.residual and step < warmup,
+            run.autocast, mean_only=run.config.residual and step < warmup,
         )  # fmt: skip
         run.ema.update(run.net)
         step += 1

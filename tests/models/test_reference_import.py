@@ -261,7 +261,7 @@ def test_ddpm_replays_reference_loop():
     same start and step noise = the reference's own p_sample_loop output, and its states
     along the way."""
     config, state_dict = load_reference_checkpoint(N_PTH, N_JSON)
-    enhancer = Enhancer.from_config(config, state_dict)
+    enhancer = Enhancer.from_config(config, state_dict, precision="fp32")  # exact replay
     tr = _trajectory()
     states: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 

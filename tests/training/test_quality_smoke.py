@@ -55,7 +55,7 @@ def test_regression_step_is_l1_on_x0_at_the_noisiest_level(tmp_path, pair):
         expected = float(torch.nn.functional.l1_loss(pred, batch["target"]))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss, _ = train_step(net, net, optimizer, batch, schedule, config, s,
-                         torch.device("cpu"), False)  # fmt: skip
+                         torch.device("cpu"), None)  # fmt: skip
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
@@ -67,7 +67,7 @@ def test_regression_run_writes_an_x0_l1_checkpoint_that_runs_in_one_step(tmp_pat
                          prediction="v", **FAST)  # fmt: skip
     settings = json.loads((tmp_path / "reg" / "settings.json").read_text())
     assert settings["objective"] == "regression" and settings["val_steps"] == 1
-    enhancer = Enhancer.load(path, expect_task="denoise")
+    enhancer = Enhancer.load(path, expect_task="denoise", precision="fp32")
     assert enhancer.config.prediction == "x0" and enhancer.config.loss == "l1"
     cond = np.zeros((1, 1, 16, 16), np.float32)
     noise = np.random.default_rng(1).standard_normal((1, 1, 16, 16)).astype(np.float32)

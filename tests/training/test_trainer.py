@@ -216,6 +216,39 @@ def test_intensity_jitter_setting_reaches_the_training_patches(pair):
         assert abs(gain - 1) + abs(offset) > 1e-3
 
 
+def test_precision_setting_decides_the_dtype_the_network_trains_in(tmp_path, pair):
+    """``precision="bf16"`` runs every convolution of the training steps under bf16
+    autocast, ``"fp32"`` none; ``"auto"`` is what :func:`autocast_dtype` resolves for the CPU
+    (bf16 with Intel AMX); the run records its setting and fp16 is refused before anything
+    is written."""
+    from emdiffuse.models.device import autocast_dtype
+
+    seen: list[torch.dtype] = []
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.append(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        dtypes = {}
+        for precision in ("fp32", "bf16", "auto"):
+            seen.clear()
+            out = tmp_path / precision
+            trainer.train("denoise", pair, out, steps=2, ckpt_every=10, calibration_samples=0,
+                          precision=precision, **FAST)  # fmt: skip
+            assert json.loads((out / "settings.json").read_text())["precision"] == precision
+            dtypes[precision] = set(seen)
+    finally:
+        handle.remove()
+    assert dtypes["fp32"] == {torch.float32}
+    assert dtypes["bf16"] == {torch.bfloat16}
+    assert dtypes["auto"] == {autocast_dtype("auto", torch.device("cpu")) or torch.float32}
+    with pytest.raises(InputError, match="precision must be auto, fp32, bf16, got 'fp16'"):
+        trainer.train("denoise", pair, tmp_path / "fp16", steps=2, precision="fp16", **FAST)
+    assert not (tmp_path / "fp16").exists()
+
+
 def test_lr_warmup_and_keyed_noise():
     s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=4, steps=10,
                       lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
@@ -275,6 +308,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "intensity_jitter must be a fraction in [0, 1), got 1.5" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--precision", "fp16"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--precision" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", paths[0], "--out", str(tmp_path / "x")])
     assert code == 2
     assert "NOISY,CLEAN" in capsys.readouterr().err
