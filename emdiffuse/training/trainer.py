@@ -1,10 +1,11 @@
 """Training: patches from OME-Zarr through :class:`PatchDataset` into a diffusion UNet.
 
 :func:`train` runs AdamW with linear warm-up (then constant or cosine), an EMA of the
-weights, gradient clipping, bf16 autocast where the hardware has it (``precision``), validation PSNR/SSIM with a few-step
-sampler, a progress bar, scalars to ``scalars.csv`` (and TensorBoard when installed), a PNG
-of validation samples, and checkpoints every ``ckpt_every`` steps that resume exactly. Under
-``torchrun`` (or any initialised process group) it runs data-parallel (DDP): each rank takes
+weights, gradient clipping, bf16 autocast where the hardware has it (``precision``),
+validation PSNR/SSIM with a few-step sampler, a progress bar, scalars to ``scalars.csv``
+(and TensorBoard when installed), a PNG of validation samples, and checkpoints every
+``ckpt_every`` steps that resume exactly. Under ``torchrun`` (or any initialised process
+group) it runs data-parallel (DDP): each rank takes
 its own ``batch_size`` samples of the global batch.
 
 This module is the loop; its parts live next to it: :mod:`~emdiffuse.training.settings` (the

@@ -45,7 +45,7 @@ def validate(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Few-step sampling of the fixed validation batch with the EMA weights."""
     net = copy.deepcopy(ema_net)
-    enhancer = Enhancer(config, net, device=device, precision="auto", channels_last=False)
+    enhancer = Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
     cond = batch["cond"].numpy()
     target = batch["target"].numpy()
     noise = np.random.default_rng([s.seed, 0xA11]).standard_normal(target.shape)
@@ -78,7 +78,7 @@ def calibrate(
     network, how much its samples' residual parts correlate
     (:func:`emdiffuse.models.calibration.residual_correlation`)."""
     net = copy.deepcopy(ema_net)
-    enhancer = Enhancer(config, net, device=device, precision="auto", channels_last=False)
+    enhancer = Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
     cond = batch["cond"].numpy()
     target = batch["target"].numpy().astype(np.float64)
     rng = np.random.default_rng([s.seed, 0xCA1])

@@ -217,8 +217,8 @@ def test_intensity_jitter_setting_reaches_the_training_patches(pair):
 
 
 def test_precision_setting_decides_the_dtype_the_network_trains_in(tmp_path, pair):
-    """``precision="bf16"`` runs every convolution of the training steps under bf16
-    autocast, ``"fp32"`` none; ``"auto"`` is what :func:`autocast_dtype` resolves for the CPU
+    """``precision="bf16"`` runs every convolution of the run (training steps and the
+    final validation) under bf16 autocast, ``"fp32"`` none; ``"auto"`` is what :func:`autocast_dtype` resolves for the CPU
     (bf16 with Intel AMX); the run records its setting and fp16 is refused before anything
     is written."""
     from emdiffuse.models.device import autocast_dtype
@@ -226,8 +226,8 @@ def test_precision_setting_decides_the_dtype_the_network_trains_in(tmp_path, pai
     seen: list[torch.dtype] = []
 
     def record(module, args, output):
-        if isinstance(module, torch.nn.Conv2d) and module.training:
-            seen.append(output.dtype)
+        if isinstance(module, torch.nn.Conv2d):
+            seen.append((module.training, output.dtype))
 
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
@@ -238,7 +238,8 @@ def test_precision_setting_decides_the_dtype_the_network_trains_in(tmp_path, pai
             trainer.train("denoise", pair, out, steps=2, ckpt_every=10, calibration_samples=0,
                           precision=precision, **FAST)  # fmt: skip
             assert json.loads((out / "settings.json").read_text())["precision"] == precision
-            dtypes[precision] = set(seen)
+            assert {training for training, _ in seen} == {True, False}  # steps, validation
+            dtypes[precision] = {dtype for _, dtype in seen}
     finally:
         handle.remove()
     assert dtypes["fp32"] == {torch.float32}
