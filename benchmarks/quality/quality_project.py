@@ -303,10 +303,12 @@ def run_enhance(
     seed: int,
     steps: int | None = None,
     sampler: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """``emdiffuse.enhance`` of ``source`` into ``out`` on the in-process threaded scheduler.
 
-    ``samples=0`` asks for the posterior mean (one network evaluation). Returns ``{"mean",
+    ``samples=0`` asks for the posterior mean (one network evaluation); ``options``: more
+    of ``enhance``'s settings (``spacing``, ``start_noise``). Returns ``{"mean",
     "uncertainty" (None below 2 samples), "uncertainty_meaning", "seconds", "steps",
     "sampler", …}``, or ``{"error": why}`` when the library refuses the request.
     """
@@ -317,7 +319,7 @@ def run_enhance(
     try:
         result = enhance(source, model, out, steps=steps, samples=samples, seed=seed,
                          sampler=sampler, dtype="float32", overwrite=True, scheduler="threads",
-                         workers=1, progress=False)  # fmt: skip
+                         workers=1, progress=False, **options)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - e.g. samples=0 before the mean mode lands
         return {"error": f"{type(error).__name__}: {error}", "samples": samples}
     mean = np.asarray(result.values, dtype=np.float32)

@@ -149,6 +149,17 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         help="how the steps are placed between noise and clean: time (the reference's), "
         "logsnr, or karras (denser at low noise); default time for ddpm, logsnr for the others",
     )
+    parser.add_argument(
+        "--start-noise",
+        type=float,
+        default=_DEFAULT["start_noise"],
+        metavar="SIGMA",
+        help="mean-plus-residual models: start each sample at noise level SIGMA instead of "
+        "pure noise, so the steps add the fine texture around the mean (e.g. --sampler "
+        "dpmpp_2m --steps 4 --spacing karras --start-noise 1.5: on held-out FlyEM the texture "
+        "of a 1000-step sample at 4 evaluations, closer to the truth than a full sample; "
+        "benchmarks/results/residual_nfe.md); needs logsnr or karras spacing",
+    )
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ from emdiffuse.models.device import autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule, make_denoiser
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.normalization import Normalization, condition_from_model, from_model
-from emdiffuse.models.sampler_names import resolve_spacing
+from emdiffuse.models.sampler_names import check_start_noise, resolve_spacing, start_alpha_bar
 from emdiffuse.models.variants import ModelConfig
 
 
@@ -225,6 +225,7 @@ class Enhancer:
         eta: float = 0.0,
         mean: np.ndarray | None = None,
         callback: samplers.Callback | None = None,
+        start_noise: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One sample of a batch split as ``(mean, residual)``, sample = mean + residual,
         both (B, out_slices, H, W) in model space and NOT clamped (clamp after blending).
@@ -239,7 +240,7 @@ class Enhancer:
         """
         mean_t, residual_t, _ = self._run(
             cond, noise, sampler=sampler, steps=steps, step_noise=step_noise, index=None,
-            eta=eta, spacing=spacing, callback=callback, mean=mean,
+            eta=eta, spacing=spacing, callback=callback, mean=mean, start_noise=start_noise,
         )  # fmt: skip
         return mean_t.float().cpu().numpy(), residual_t.float().cpu().numpy()
 
@@ -255,6 +256,7 @@ class Enhancer:
         eta: float = 0.0,
         spacing: str | None = None,
         callback: samplers.Callback | None = None,
+        start_noise: float | None = None,
     ) -> np.ndarray:
         """Sample the enhanced tiles for a batch: see the module docstring for shapes.
 
@@ -263,6 +265,13 @@ class Enhancer:
         with ``eta > 0``).
         ``spacing`` places the steps (``time``, ``logsnr``, ``karras``; None: the sampler's
         default, see :func:`emdiffuse.models.samplers.sample`).
+        ``start_noise`` (residual kind; ``logsnr``/``karras`` spacing): start the residual's
+        sampling at noise level σ = ``start_noise`` instead of the schedule's noisiest, with
+        ``noise`` as that state (the residual is scaled to about unit variance, so unit
+        noise is its marginal's Gaussian approximation there). A truncated start keeps the
+        residual's coarse structure near the mean and leaves the steps the fine texture
+        (σ ≈ 1.5–2 at 4 steps: ``benchmarks/results/residual_nfe_start_noise.md``); None:
+        a full sample.
         ``index`` (isotropic models) restricts the output to these in-between slices (0-based,
         ``0..k-2``). Index-embedding models then run only those (``noise`` has one channel per
         index); output-channel models still take full ``noise`` and return the chosen slices.
@@ -275,7 +284,7 @@ class Enhancer:
         """
         _, _, out = self._run(
             cond, noise, sampler=sampler, steps=steps, step_noise=step_noise, index=index,
-            eta=eta, spacing=spacing, callback=callback, mean=None,
+            eta=eta, spacing=spacing, callback=callback, mean=None, start_noise=start_noise,
         )  # fmt: skip
         return out.float().clamp(-1.0, 1.0).cpu().numpy()
 
@@ -295,10 +304,17 @@ class Enhancer:
         spacing: str | None,
         callback: samplers.Callback | None,
         mean: np.ndarray | None,
+        start_noise: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean, residual, sample)`` tensors of one sample (sample computed directly, not
         as mean + residual, so that :meth:`enhance` is exactly the sampler's result)."""
         spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
+        start_noise = check_start_noise(start_noise, spacing)
+        if start_noise is not None and not self.config.residual:
+            raise InputError(
+                f"start_noise is for mean-plus-residual models; {self.config.describe()} is "
+                "the sr3 kind, whose sample has no mean to start near"
+            )  # fmt: skip
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         indices = self._indices(index)
@@ -310,12 +326,15 @@ class Enhancer:
                 raise InputError("mean= is for residual-kind models (their mean network)")
             mean_t = self._check_mean(mean, noise_t.shape)
         kw = {"sampler": sampler, "steps": int(steps), "eta": eta, "spacing": spacing}
+        noisiest = self.noisiest
+        if start_noise is not None:
+            noisiest = max(noisiest or 0.0, start_alpha_bar(start_noise))
         with torch.inference_mode(), self._autocast():
             cond_t = self._upsample(cond_t)
             if self.config.residual:
                 m, r = self._sample_residual(
                     cond_t, noise_t, mean_t, _channel(step_noise, None, self._to_tensor),
-                    callback, kw,
+                    callback, {**kw, "noisiest": noisiest},
                 )  # fmt: skip
                 sample = m + r
             else:
@@ -380,7 +399,7 @@ class Enhancer:
                 callback({**info, "x": mean + s * info["x"], "denoised": mean + s * info["denoised"]})
 
         r = samplers.sample(denoise, x_T, self.schedule, step_noise=step_noise, callback=report,
-                            noisiest=self.noisiest, **kw).float()  # fmt: skip
+                            **kw).float()  # fmt: skip
         return mean, s * r
 
     def _check_mean(self, mean: np.ndarray, shape) -> torch.Tensor:

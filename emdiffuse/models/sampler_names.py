@@ -7,6 +7,8 @@ The one list the pipeline, its plan and the CLI take their choices from (importi
 
 from __future__ import annotations
 
+import math
+
 from emdiffuse.errors import InputError
 
 # the default first, then the reference's ancestral sampler, then the others
@@ -57,7 +59,33 @@ def network_evaluations(sampler: str, steps: int) -> int:
     return _EVALS_PER_STEP[check_sampler(sampler)] * int(steps)
 
 
+def check_start_noise(start_noise: float | None, spacing: str) -> float | None:
+    """``start_noise`` (σ where a residual sample starts: the noise's standard deviation
+    relative to the residual's, which the model scales to about 1) as a float, or None
+    (a full sample from pure noise). Refused (:class:`~emdiffuse.errors.InputError`) unless
+    positive and finite, and with ``time`` spacing, which walks the training schedule's own
+    points from its noisiest."""
+    if start_noise is None:
+        return None
+    try:
+        value = float(start_noise)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(start_noise, bool) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"start_noise must be a positive number (σ, e.g. 2), got {start_noise!r}")
+    if spacing == "time":
+        raise InputError("start_noise needs logsnr or karras spacing, not time "
+                         "(e.g. --spacing karras)")  # fmt: skip
+    return value
+
+
+def start_alpha_bar(start_noise: float) -> float:
+    """The alpha-bar of the noise level σ = ``start_noise`` (σ² = (1 - a) / a)."""
+    return 1.0 / (1.0 + float(start_noise) ** 2)
+
+
 __all__ = [
     "SAMPLER_NAMES", "SPACING_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS",
     "REFERENCE_MATCH", "check_sampler", "resolve_spacing", "network_evaluations",
+    "check_start_noise", "start_alpha_bar",
 ]  # fmt: skip

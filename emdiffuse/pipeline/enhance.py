@@ -72,6 +72,7 @@ def enhance(
     client=None,
     sampler: str = _DEFAULT["sampler"],
     spacing: str | None = _DEFAULT["spacing"],
+    start_noise: float | None = _DEFAULT["start_noise"],
     chunks=_DEFAULT["chunks"],
     resume: bool = False,
     overwrite: bool = False,
@@ -106,6 +107,10 @@ def enhance(
     worker per GPU, or ``workers`` CPU worker processes) and closed at the end.
     ``spacing`` places the sampler's steps: ``time``, ``logsnr`` or ``karras`` (None: the
     sampler's default, ``time`` for ddpm and ``logsnr`` for the others).
+    ``start_noise`` (mean-plus-residual models, logsnr/karras spacing): each sample starts
+    at noise level σ = ``start_noise`` instead of pure noise, so the steps add the fine
+    texture around the mean (e.g. ``sampler="dpmpp_2m", steps=4, spacing="karras",
+    start_noise=2``).
     ``samples``: 0 writes the posterior mean only (one network evaluation per tile, the
     fastest, regression-like); 1 one sample (texture); N >= 2 the mean of N samples and,
     as the child image ``uncertainty``, the per-voxel spread over samples: the interval
@@ -126,7 +131,8 @@ def enhance(
     within ``connect_timeout`` seconds.
     """
     settings = RunSettings(
-        sampler=sampler, steps=steps, spacing=spacing, samples=samples, seed=seed, tile=tile,
+        sampler=sampler, steps=steps, spacing=spacing, start_noise=start_noise, samples=samples,
+        seed=seed, tile=tile,
         overlap=overlap, chunks=chunks, normalize=normalize, dtype=dtype, device=device,
         precision=precision, batch_size=batch_size, chunks_per_task=chunks_per_task,
     )  # fmt: skip

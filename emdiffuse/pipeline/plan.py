@@ -41,6 +41,7 @@ class Plan:
     evaluations_per_tile: int = 0  # NFE * samples (+1 for a model's own mean); 1 mean-only
     seconds_per_evaluation: float | None = None
     schedule: str = ""  # the noise schedule the sampler walks, in words ("" when not given)
+    start_noise: float | None = None  # σ each sample starts at (None: pure noise)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +78,7 @@ class Plan:
             f"{self.sampler}, {self.steps} steps"
             + (f" on {self.spacing} spacing" if self.spacing else "")
             + (f" of {self.schedule}" if self.schedule else "")
+            + (f", starting at noise σ {self.start_noise:g}" if self.start_noise else "")
             + f", {self.samples} sample(s)"
         )
         sampled = network_evaluations(self.sampler, self.steps) * self.samples
@@ -134,6 +136,7 @@ def make_plan(
     shared_mean: bool = False,
     seconds_per_evaluation: float | None = None,
     schedule: str = "",
+    start_noise: float | None = None,
 ) -> Plan:
     """Plan of a run. ``done``: chunks already finished (resume).
 
@@ -180,6 +183,7 @@ def make_plan(
         evaluations_per_tile=per_tile,
         seconds_per_evaluation=seconds_per_evaluation,
         schedule=schedule,
+        start_noise=start_noise,
     )
 
 
@@ -206,6 +210,7 @@ def estimate_plan(
         shared_mean=spec.shares_mean,
         seconds_per_evaluation=seconds_per_evaluation,
         schedule=spec.sampling_schedule_text,
+        start_noise=s.start_noise,
     )
 
 

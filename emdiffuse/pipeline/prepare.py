@@ -224,6 +224,11 @@ def prepare(
     config, _, model_sha256 = read_checkpoint(source.model)
     check_expected(config, expect_task=source.task, expect_scale_factor=source.scale_factor)
     check_model_fits(volume, config)
+    if settings.start_noise is not None and not config.residual:
+        raise InputError(
+            f"--start-noise is for mean-plus-residual models; {config.describe()} is the sr3 "
+            "kind; leave it out"
+        )
     if check_output:
         refuse_output(
             str(output), source.input, overwrite=overwrite, resume=resume,
@@ -252,7 +257,10 @@ def prepare(
         output_path=str(output),
         normalization=target,
         condition_normalization=condition,
-        calibration=config.calibration if settings.samples >= 2 else None,
+        # the calibration holds for full samples: a truncated start spreads less
+        calibration=config.calibration
+        if settings.samples >= 2 and settings.start_noise is None
+        else None,
         model_kind=config.kind,
         residual_correlation=float((config.calibration or {}).get("residual_correlation", 0.0))
         if config.residual and settings.samples >= 1

@@ -28,7 +28,12 @@ import numpy as np
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.precision_names import PRECISIONS
-from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_spacing
+from emdiffuse.models.sampler_names import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    check_start_noise,
+    resolve_spacing,
+)
 from emdiffuse.pipeline.lattice import Lattice
 
 if TYPE_CHECKING:  # a type only: the record stays importable without the models' numerics
@@ -117,7 +122,9 @@ class RunSettings:
     """What a run computes and how; the defaults here are the API's and the CLI's.
 
     ``spacing`` None is the sampler's default (``time`` for ddpm, ``logsnr`` for the
-    others) and is filled in on construction; ``tile``, ``overlap``, ``chunks`` (one size,
+    others) and is filled in on construction; ``start_noise`` (residual-kind models) starts
+    each sample at noise level σ instead of pure noise (a truncated start: the mean's
+    structure, the model's texture; see :meth:`~emdiffuse.models.enhancer.Enhancer.enhance`); ``tile``, ``overlap``, ``chunks`` (one size,
     or one per axis) and ``dtype`` None are chosen for the input and the model when the run
     is prepared. ``samples``: 0 is the posterior mean only (one network evaluation per
     tile, no uncertainty), 1 one sample, N >= 2 the mean of N samples and the uncertainty
@@ -133,6 +140,7 @@ class RunSettings:
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_STEPS
     spacing: str | None = None
+    start_noise: float | None = None
     samples: int = 1
     seed: int = 0
     tile: int | None = None
@@ -153,6 +161,9 @@ class RunSettings:
             "seed": check_seed(self.seed),
             "spacing": resolve_spacing(self.sampler, self.spacing),  # refuses unknown names
         }
+        checked["start_noise"] = check_start_noise(self.start_noise, checked["spacing"])
+        if checked["start_noise"] is not None and checked["samples"] == 0:
+            raise InputError("start_noise is for sampling; with samples 0 (the mean) leave it out")
         if self.normalize not in NORMALIZE_MODES:
             raise InputError(f"normalize must be 'model' or 'auto', got {self.normalize!r}")
         device = str(self.device)
@@ -364,6 +375,7 @@ class RunSpec:
             "overlap": int(s.overlap),
             "sampler": s.sampler,
             "spacing": s.spacing,
+            **({} if s.start_noise is None else {"start_noise": float(s.start_noise)}),
             **(
                 {}
                 if self.sampling_schedule is None

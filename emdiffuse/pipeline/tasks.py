@@ -169,6 +169,7 @@ def run_tiles(
                     step_noise=partial(noise_of, sample),
                     spacing=s.spacing,
                     mean=shared,
+                    start_noise=s.start_noise,
                 )
             if spec.shares_mean:
                 shared = mean

@@ -342,3 +342,40 @@ def test_untrained_mean_is_the_input_in_raw_units_whatever_the_ranges(variant, k
     back = (mean + 1) * (target["high"] - target["low"]) / 2 + target["low"]
     expected = np.einsum("oi,bihw->bohw", np.asarray(baseline_weights(config)), raw)
     np.testing.assert_allclose(back, expected, atol=1e-5)
+
+
+# ---- a truncated start (start_noise) -----------------------------------------------------------
+def test_start_noise_starts_the_residual_sample_at_that_noise_level():
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", kind="residual", prediction="v"))
+    cond, noise = _batch(enhancer)
+    kw = dict(sampler="dpmpp_2m", steps=4, spacing="karras")
+    levels: list[float] = []
+    truncated = enhancer.enhance(cond, noise, start_noise=2.0,
+                                 callback=lambda info: levels.append(info["alpha_bar"]), **kw)  # fmt: skip
+    assert levels[0] == pytest.approx(1 / (1 + 2.0**2))  # sigma 2: alpha-bar 0.2
+    assert len(levels) == 4 and all(b > a for a, b in zip(levels, levels[1:], strict=False))
+    full = enhancer.enhance(cond, noise, **kw)
+    assert np.abs(truncated - full).max() > 1e-3  # another sample: it starts elsewhere
+    # a start noisier than the schedule's noisiest level is the full sample, exactly
+    np.testing.assert_array_equal(enhancer.enhance(cond, noise, start_noise=1e6, **kw), full)
+    m, r = enhancer.sample_parts(cond, noise, start_noise=2.0, **kw)
+    np.testing.assert_allclose(np.clip(m + r, -1, 1), truncated, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [({"start_noise": -1.0}, "positive number"), ({"start_noise": float("nan")}, "positive"),
+     ({"start_noise": True}, "positive"), ({"start_noise": 2.0, "spacing": "time"}, "karras")],
+)  # fmt: skip
+def test_start_noise_is_checked(bad, words):
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", kind="residual"))
+    cond, noise = _batch(enhancer)
+    with pytest.raises(InputError, match=words):
+        enhancer.enhance(cond, noise, **{"sampler": "dpmpp_2m", "steps": 2, **bad})
+
+
+def test_start_noise_is_refused_for_the_sr3_kind():
+    enhancer = _perturbed(make_config("emdiffuse-n", "tiny", prediction="v"))
+    cond, noise = _batch(enhancer)
+    with pytest.raises(InputError, match="mean-plus-residual"):
+        enhancer.enhance(cond, noise, sampler="dpmpp_2m", steps=2, start_noise=2.0)

@@ -15,6 +15,7 @@ import torch
 import zarr
 
 from emdiffuse.cli import main
+from emdiffuse.errors import InputError
 from emdiffuse.io import open_volume
 from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
@@ -181,3 +182,61 @@ def test_cli_samples_zero_plan_and_help(residual_model, random_volume, tmp_path,
         main(["enhance", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "0: the posterior mean only" in text and "N >= 2" in text
+
+
+def test_start_noise_runs_through_the_pipeline_and_is_part_of_the_run(
+    residual_model, sr3_model, random_volume, tmp_path, capsys
+):
+    """``--start-noise``: the tiles start at that noise level (the same as the Enhancer's
+    own truncated sample, chunking aside), the run record and plan say so, resume
+    compares it, and a model without a mean refuses it before anything is written."""
+    path = random_volume(SHAPE, chunks=(1, 24, 24))
+    kw = dict(RUN, sampler="dpmpp_2m", spacing="karras", steps=3)
+    a = enhance(path, residual_model, tmp_path / "a.zarr", start_noise=2.0, **kw)
+    b = enhance(path, residual_model, tmp_path / "b.zarr", start_noise=2.0, chunks=(1, 16, 20),
+                **dict(kw, batch_size=1))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
+    full = enhance(path, residual_model, tmp_path / "full.zarr", **kw)
+    assert np.abs(np.asarray(a) - np.asarray(full)).max() > 1e-3
+    record = json.loads((tmp_path / "a.zarr" / ".emdiffuse" / "run.json").read_text())
+    assert record["start_noise"] == 2.0 and "start_noise" not in json.loads(
+        (tmp_path / "full.zarr" / ".emdiffuse" / "run.json").read_text())  # fmt: skip
+    with pytest.raises(InputError, match="start_noise"):
+        enhance(path, residual_model, tmp_path / "a.zarr", resume=True, start_noise=1.0, **kw)
+    argv = ["enhance", str(path), str(tmp_path / "dry.zarr"), "--model", residual_model,
+            "--sampler", "dpmpp_2m", "--spacing", "karras", "--steps", "4",
+            "--start-noise", "2", "--dry-run", "--scheduler", "threads"]  # fmt: skip
+    assert main(argv) == 0
+    assert "starting at noise σ 2" in capsys.readouterr().err  # the plan goes to stderr
+    out = tmp_path / "sr3.zarr"
+    argv = ["enhance", str(path), str(out), "--model", sr3_model, "--spacing", "karras",
+            "--start-noise", "2", "--scheduler", "threads"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mean-plus-residual" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(InputError, match="samples 0"):
+        enhance(path, residual_model, tmp_path / "m.zarr", samples=0, start_noise=2.0, **kw)
+
+
+def test_start_noise_writes_the_plain_spread_not_the_calibrated_intervals(
+    random_volume, tmp_path
+):
+    """A model's calibration was fitted on full samples; truncated ones spread less, so
+    their uncertainty image is the plain standard deviation and says so."""
+    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
+                         kind="residual")  # fmt: skip
+    config.calibration = {"level": 0.9, "scale": 1.7, "samples": 4, "floor": 1e-3, "excess": 0.2}
+    config.validate()
+    model = _perturbed(config, tmp_path / "calibrated.safetensors")
+    path = random_volume(SHAPE, chunks=(1, 24, 24))
+    kw = dict(RUN, sampler="dpmpp_2m", spacing="karras", samples=2)
+    enhance(path, model, tmp_path / "full.zarr", **kw)
+    enhance(path, model, tmp_path / "truncated.zarr", start_noise=2.0, **kw)
+
+    def meaning(name: str) -> str:
+        group = zarr.open_group(str(tmp_path / name / "uncertainty"), mode="r")
+        return dict(group.attrs["emdiffuse"])["uncertainty"]
+
+    assert meaning("full.zarr") == "half-width"
+    assert meaning("truncated.zarr") == "std"
