@@ -158,7 +158,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         "pure noise, so the steps add the fine texture around the mean (e.g. --sampler "
         "dpmpp_2m --steps 4 --spacing karras --start-noise 1.5: on held-out FlyEM the texture "
         "of a 1000-step sample at 4 evaluations, closer to the truth than a full sample; "
-        "benchmarks/results/residual_nfe.md); needs logsnr or karras spacing",
+        "benchmarks/results/residual_nfe_start_noise.md); needs logsnr or karras spacing",
     )
 
 

@@ -110,7 +110,7 @@ def enhance(
     ``start_noise`` (mean-plus-residual models, logsnr/karras spacing): each sample starts
     at noise level σ = ``start_noise`` instead of pure noise, so the steps add the fine
     texture around the mean (e.g. ``sampler="dpmpp_2m", steps=4, spacing="karras",
-    start_noise=2``).
+    start_noise=1.5``).
     ``samples``: 0 writes the posterior mean only (one network evaluation per tile, the
     fastest, regression-like); 1 one sample (texture); N >= 2 the mean of N samples and,
     as the child image ``uncertainty``, the per-voxel spread over samples: the interval
