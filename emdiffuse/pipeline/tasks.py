@@ -169,7 +169,8 @@ def run_tiles(
                     step_noise=partial(noise_of, sample),
                     spacing=s.spacing,
                     mean=shared,
-                    start_noise=s.start_noise,
+                    # only when set: an injected enhancer (enhancer_factory) need not know it
+                    **({} if s.start_noise is None else {"start_noise": s.start_noise}),
                 )
             if spec.shares_mean:
                 shared = mean
