@@ -1,14 +1,16 @@
 """Default tiling: computed voxels per output voxel against seams and quality (issue 16, item 5).
 
     python benchmarks/tiling.py [--shape 4 1024 1024] [--configs 256/64 256/32 512/48 ...]
-        [--sampler dpmpp_2m] [--steps 8] [--name tiling] [--quick] [--table-only]
+        [--sampler dpmpp_2m] [--steps 8] [--spacing karras] [--start-noise 1.5]
+        [--name tiling] [--quick] [--table-only]
 
 Every tiling ``T/O`` (tile side T, overlap O, output-grid voxels) enhances the same held-out
 volume (the demo's synthetic EM at its dose, ``--shape``, far from the training region)
 through the real pipeline (``emdiffuse.enhance``: OME-Zarr in and out, Dask's threads,
 one tile per batch) with the demo's trained denoiser (cached by ``emdiffuse demo``; trained
 here when missing), twice: the posterior mean (``samples=0``, one evaluation per tile) and
-one sample (``--sampler``/``--steps``, the defaults). The first tiling of ``--configs`` (the
+one sample (``--sampler``/``--steps``, the defaults; ``--spacing``, ``--start-noise``: a
+truncated start). The first tiling of ``--configs`` (the
 old default) is the baseline. There is no seam-free reference: the network's middle
 self-attention spans the whole tile, so a larger tile changes every voxel a little, and one
 tile per 1024² slice would need ~65 GiB on a CPU.
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="tile/overlap, ...")
     p.add_argument("--sampler", default=None, help="default: the pipeline's")
     p.add_argument("--steps", type=int, default=None, help="default: the pipeline's")
+    p.add_argument("--spacing", default=None, help="default: the sampler's")
+    p.add_argument("--start-noise", type=float, default=None, help="σ of a truncated start")
     p.add_argument("--minutes", type=float, default=5.0, help="the demo model's training budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="tiling")
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     rho = calibration.get("residual_correlation")  # None: blended as independent (rho = 0)
     noisy, clean = demo_pair(shape, origin=HELD_OUT_ORIGIN, seed=args.seed, noise_seed=args.seed + 101)
     span = float(clean.max() - clean.min())
-    sample_kw = dict(samples=1, sampler=sampler, steps=steps, seed=args.seed)
+    sample_kw = dict(samples=1, sampler=sampler, steps=steps, seed=args.seed,
+                     spacing=args.spacing, start_noise=args.start_noise)  # fmt: skip
     rows, base = [], None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t_mean + t_sample:.0f} s", flush=True)  # fmt: skip
     result = {
         "shape": list(shape), "sampler": sampler, "steps": steps, "model": str(model),
+        "spacing": args.spacing, "start_noise": args.start_noise,
         "model_cached": cached, "residual_correlation": rho,
         "noisy_psnr": metrics.psnr(noisy, clean, data_range=span),
         "rows": rows, "provenance": record,
@@ -179,7 +185,9 @@ def report(result: dict) -> str:
         "",
         f"Held-out synthetic EM {'×'.join(map(str, result['shape']))} at the demo's dose "
         f"(noisy PSNR {result['noisy_psnr']:.2f} dB), the demo's denoiser, through the pipeline: "
-        f"the posterior mean (1 evaluation) and one sample ({result['sampler']}@{result['steps']}); "
+        f"the posterior mean (1 evaluation) and one sample ({result['sampler']}@{result['steps']}"
+        + (f", {result['spacing']} spacing" if result.get("spacing") else "")
+        + (f", from σ {result['start_noise']:g}" if result.get("start_noise") else "") + "); "
         + (f"the residuals blended with the correlation ρ = {result['residual_correlation']:.3f} "
            "the model's calibration measured." if result.get("residual_correlation") is not None
            else "the residuals blended as independent (ρ = 0: the model's calibration predates "
