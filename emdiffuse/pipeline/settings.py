@@ -122,11 +122,11 @@ class RunSettings:
     """What a run computes and how; the defaults here are the API's and the CLI's.
 
     ``spacing`` None is the sampler's default (``time`` for ddpm, ``logsnr`` for the
-    others) and is filled in on construction; ``start_noise`` (residual-kind models) starts
+    others) and is filled in on construction. ``start_noise`` (residual-kind models) starts
     each sample at noise level σ instead of pure noise (a truncated start: the mean's
-    structure, the model's texture; see :meth:`~emdiffuse.models.enhancer.Enhancer.enhance`); ``tile``, ``overlap``, ``chunks`` (one size,
-    or one per axis) and ``dtype`` None are chosen for the input and the model when the run
-    is prepared. ``samples``: 0 is the posterior mean only (one network evaluation per
+    structure, the model's texture; see :meth:`~emdiffuse.models.enhancer.Enhancer.enhance`).
+    ``tile``, ``overlap``, ``chunks`` (one size, or one per axis) and ``dtype`` None are
+    chosen for the input and the model when the run is prepared. ``samples``: 0 is the posterior mean only (one network evaluation per
     tile, no uncertainty), 1 one sample, N >= 2 the mean of N samples and the uncertainty
     image. ``normalize``: ``model`` (the model's training ranges) or ``auto`` (percentiles
     of a sample of the input). ``device``: auto, cpu, cuda or cuda:N. ``chunks_per_task``:
