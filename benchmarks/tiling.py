@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     from emdiffuse.io import write_image
     from emdiffuse.models.checkpoints import load_checkpoint
     from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from emdiffuse.pipeline.correlation import calibrated_correlation
     from emdiffuse.pipeline.lattice import Lattice
+    from emdiffuse.pipeline.run_record import read_run_config
     from emdiffuse.pipeline.seams import edge_excess, texture_ratios
+    from emdiffuse.pipeline.settings import RunSettings
     from emdiffuse.training.demo_model import demo_pair
 
     shape = (2, 256, 256) if args.quick else tuple(args.shape)
@@ -120,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or DEFAULT_STEPS
     model, cached = demo_model(args.minutes, cache=cache_dir(), seed=args.seed)
     calibration = load_checkpoint(model)[0].calibration or {}
-    rho = calibration.get("residual_correlation")  # None: blended as independent (rho = 0)
     noisy, clean = demo_pair(shape, origin=HELD_OUT_ORIGIN, seed=args.seed, noise_seed=args.seed + 101)
     span = float(clean.max() - clean.min())
     sample_kw = dict(samples=1, sampler=sampler, steps=steps, seed=args.seed,
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (tile, overlap) in enumerate(configs):
             mean, t_mean = run(noisy_path, model, tmp / f"{i}-mean.ome.zarr", tile, overlap, samples=0)
             sample, t_sample = run(noisy_path, model, tmp / f"{i}-sample.ome.zarr", tile, overlap, **sample_kw)
+            # the correlation the sample's blend used (the run record's; absent: 0)
+            rho = read_run_config(tmp / f"{i}-sample.ome.zarr").get("residual_correlation", 0.0)
             base = base or (mean, sample)
             texture = sample - mean
             half = (tile - overlap) // 2  # half a stride: inside the tiles
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_edge_excess": edge_excess(sample, tile, overlap),
                 "sample_edge_excess_floor": edge_excess(sample, tile, overlap, shift=half),
                 "seconds_mean": t_mean, "seconds_sample": t_sample,
+                "residual_correlation": rho,
             }  # fmt: skip
             rows.append(row)
             print(f"{tile}/{overlap}: redundancy {row['redundancy_8192']:.3f}  mean PSNR "
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "shape": list(shape), "sampler": sampler, "steps": steps, "model": str(model),
         "spacing": args.spacing, "start_noise": args.start_noise,
-        "model_cached": cached, "residual_correlation": rho,
+        "model_cached": cached,
+        # the calibration's value when it holds for this sampling, else None: measured per run
+        "residual_correlation": calibrated_correlation(calibration, RunSettings(**sample_kw)),
         "noisy_psnr": metrics.psnr(noisy, clean, data_range=span),
         "rows": rows, "provenance": record,
     }  # fmt: skip
@@ -173,6 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, RESULTS / f"{name}.png")
     print(report(result))
     return 0
+
+
+def _correlation_text(result: dict) -> str:
+    """How the sample's residuals were blended: with the calibration's correlation, or with
+    one each run measured on its own tiles (rows with ``residual_correlation``)."""
+    measured = [r["residual_correlation"] for r in result["rows"] if "residual_correlation" in r]
+    if result.get("residual_correlation") is not None:
+        return (f"the residuals blended with the correlation ρ = "
+                f"{result['residual_correlation']:.3f} the model's calibration measured.")  # fmt: skip
+    if measured:
+        values = ", ".join(f"{v:.3f}" for v in measured)
+        return ("the model's calibration does not hold for this sampling, so each run measured "
+                f"the residuals' correlation on its own tiles before blending: ρ = {values} "
+                "(in the order of the rows).")  # fmt: skip
+    return ("the residuals blended as independent (ρ = 0: the model's calibration predates "
+            "the correlation).")
 
 
 def report(result: dict) -> str:
@@ -188,10 +211,7 @@ def report(result: dict) -> str:
         f"the posterior mean (1 evaluation) and one sample ({result['sampler']}@{result['steps']}"
         + (f", {result['spacing']} spacing" if result.get("spacing") else "")
         + (f", from σ {result['start_noise']:g}" if result.get("start_noise") else "") + "); "
-        + (f"the residuals blended with the correlation ρ = {result['residual_correlation']:.3f} "
-           "the model's calibration measured." if result.get("residual_correlation") is not None
-           else "the residuals blended as independent (ρ = 0: the model's calibration predates "
-           "the correlation)."),
+        + _correlation_text(result),
         "Redundancy: computed voxels per output voxel on this volume / a 2048² / an 8192² slice. "
         f"dev: RMS change of the mean from {base['tile']}/{base['overlap']}'s (% of the clean "
         "range); near: the same within 4 voxels of this tiling's tile edges. edge: gradient "

@@ -40,6 +40,7 @@ from emdiffuse.pipeline.cluster import (
     quiet_shutdown,
     silence_distributed,
 )
+from emdiffuse.pipeline.correlation import with_correlation
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.outputs import create_outputs, finalize_outputs
@@ -182,6 +183,7 @@ def run_enhancement(
         resuming = resume and exists
         done: set = set()
         if resuming:
+            spec = _recorded_correlation(spec, output)
             record.check_run_config(output, spec.record())
             if record.is_complete(output):
                 if notes:
@@ -196,7 +198,9 @@ def run_enhancement(
             )
             if dry_run:
                 return plan
-        client, owned = _start(spec, scheduling, create=not resuming, overwrite=overwrite or exists)
+        spec, client, owned = _start(
+            spec, scheduling, create=not resuming, overwrite=overwrite or exists
+        )
         if owned is not None and progress:
             log.info("dashboard: %s", client.dashboard_link)
         _execute(spec, todo, scheduling, client, owned, progress=progress, resuming=resuming)
@@ -228,16 +232,35 @@ def _report_plan(
     return plan
 
 
+def _recorded_correlation(spec: RunSpec, output: str) -> RunSpec:
+    """A resumed run whose residual correlation is measured (not the model's calibrated
+    value) blends with the value its record holds: the one its first part measured and
+    used. A record without it ran with 0."""
+    if spec.residual_correlation is not None:
+        return spec
+    stored = (record.read_run_config(output) or {}).get("residual_correlation", 0.0)
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
+        return spec  # left unknown: the record comparison names the difference
+    return replace(spec, residual_correlation=float(stored))
+
+
 def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bool):
-    """Connect to (or start) the cluster, check its workers' device, then create the outputs
-    and the run record (``create``: not when resuming). Returns ``(client or None, the
-    client this run made or None)``; a client made here is closed again on failure."""
+    """Connect to (or start) the cluster, check its workers' device, measure the residual
+    correlation when the model's calibration does not give it for this run's sampling
+    (:func:`~emdiffuse.pipeline.correlation.with_correlation`, on a worker), then create the
+    outputs and the run record (``create``: not when resuming). Returns ``(spec, client or
+    None, the client this run made or None)``; a client made here is closed again on
+    failure."""
     client, owned = scheduling.client, None
     if client is None and not scheduling.threads:  # connect (or start) before creating
         client = owned = make_client(scheduling)
     try:
         if scheduling.remote:
             check_worker_devices(client, spec.settings.device)
+        if spec.residual_correlation is None:
+            with timed("correlation"):
+                spec = with_correlation(spec, client)
+            log.debug("residual correlation measured: %.3f", spec.residual_correlation)
         if create:
             create_outputs(spec, overwrite=overwrite)
             record.write_run_config(spec.output_path, spec.record())
@@ -245,7 +268,7 @@ def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bo
         if owned is not None:
             close_owned(owned)
         raise
-    return client, owned
+    return spec, client, owned
 
 
 def _execute(

@@ -2,7 +2,9 @@
 
 :func:`run_in_process` is the reference for benchmarks and tests (the same reads, tiles,
 batches and blending as a Dask run, in chunk order); :func:`compute_chunk` is the
-self-contained form for one chunk (all its tiles run here, nothing shared).
+self-contained form for one chunk (all its tiles run here, nothing shared). Both measure the
+residual correlation first when the run's spec leaves it to be measured, as ``enhance`` does
+(:mod:`~emdiffuse.pipeline.correlation`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.blend import add_weighted, finish_chunk, window_2d
+from emdiffuse.pipeline.correlation import with_correlation
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.settings import RunSpec
 from emdiffuse.pipeline.tasks import (
@@ -37,6 +40,7 @@ def compute_chunk(
     (:func:`~emdiffuse.pipeline.tasks.produce_block`,
     :func:`~emdiffuse.pipeline.tasks.blend_chunk`); this is the self-contained form.
     """
+    spec = with_correlation(spec, enhancer=enhancer)
     lattice = spec.lattice
     box = chunk_box(index, lattice.output_shape, spec.chunks)
     tiles = lattice.tiles_in(box)
@@ -83,6 +87,7 @@ def run_in_process(
     if enhancer is None:
         enhancer = runtime.spec_enhancer(spec)
     start = time.perf_counter()
+    spec = with_correlation(spec, enhancer=enhancer)
     plan = block_plan(spec, indices)
     consumers: dict = {}
     for index in indices:

@@ -8,11 +8,12 @@ the plan of a 10⁴-chunk volume costs microseconds, not a walk over every tile.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from emdiffuse.models.sampler_names import network_evaluations  # NFE: the samplers' own count
+from emdiffuse.pipeline.correlation import PILOT_SAMPLES, PILOT_TILES
 from emdiffuse.pipeline.lattice import Lattice, chunk_grid
 from emdiffuse.pipeline.settings import RunSpec
 
@@ -42,6 +43,7 @@ class Plan:
     seconds_per_evaluation: float | None = None
     schedule: str = ""  # the noise schedule the sampler walks, in words ("" when not given)
     start_noise: float | None = None  # σ each sample starts at (None: pure noise)
+    blend: str = ""  # where the residual texture's correlation comes from ("" without texture)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +65,8 @@ class Plan:
             f"network evaluations: {self.evaluations} ({self._evaluations_text()})",
             f"redundancy: {self.redundancy:.2f} computed voxels per output voxel",
         ]
+        if self.blend:
+            lines.append(f"texture blend: {self.blend}")
         if self.estimated_seconds is not None:
             lines.append(
                 f"estimated time: {_format_seconds(self.estimated_seconds)} on {self.workers} "
@@ -197,7 +201,7 @@ def estimate_plan(
 ) -> Plan:
     """The :class:`Plan` of a prepared run."""
     s = spec.settings
-    return make_plan(
+    plan = make_plan(
         spec.lattice,
         spec.chunks,
         steps=s.steps,
@@ -211,6 +215,24 @@ def estimate_plan(
         seconds_per_evaluation=seconds_per_evaluation,
         schedule=spec.sampling_schedule_text,
         start_noise=s.start_noise,
+    )
+    return replace(plan, blend=blend_text(spec))
+
+
+def blend_text(spec: RunSpec) -> str:
+    """Where the residual correlation of the texture blend comes from, in words ("" for a
+    run without residual texture): the model's calibration, or a measurement before the
+    run (:mod:`~emdiffuse.pipeline.correlation`) and what it costs."""
+    s = spec.settings
+    if spec.model_kind != "residual" or s.samples == 0:
+        return ""
+    if spec.residual_correlation is not None:
+        return f"residual correlation {spec.residual_correlation:.3f}, the model's calibration"
+    cost = PILOT_TILES * (PILOT_SAMPLES * network_evaluations(s.sampler, s.steps) + 1)
+    return (
+        f"residual correlation measured before the run on {PILOT_TILES} central tiles, "
+        f"{PILOT_SAMPLES} samples each ({cost} evaluations; the model records none for "
+        "this sampling)"
     )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from emdiffuse.errors import InputError
 from emdiffuse.io import Volume, check_finite, open_volume, refuse_output
 from emdiffuse.models.checkpoints import check_expected, read_checkpoint
+from emdiffuse.pipeline.correlation import calibrated_correlation
 from emdiffuse.pipeline.intensity import run_normalization, warn_if_far_from_training_range
 from emdiffuse.pipeline.lattice import Lattice
 from emdiffuse.pipeline.preflight import check_device, check_tile_memory
@@ -262,7 +263,8 @@ def prepare(
         if settings.samples >= 2 and settings.start_noise is None
         else None,
         model_kind=config.kind,
-        residual_correlation=float((config.calibration or {}).get("residual_correlation", 0.0))
+        # None: measured on the run's own tiles before the run (pipeline.correlation)
+        residual_correlation=calibrated_correlation(config.calibration, settings)
         if config.residual and settings.samples >= 1
         else 0.0,
         sampling_schedule=config.sampling_schedule,

@@ -285,9 +285,11 @@ class RunSpec:
     # None for the plain standard deviation over samples (models.calibration)
     calibration: Any = None
     model_kind: str = "sr3"  # "residual": a mean network, evaluated once per tile
-    # how much two samples' residual parts of the same content correlate (the model's
-    # calibration record; 0 for models without one): the residuals' blend (pipeline.blend)
-    residual_correlation: float = 0.0
+    # how much two samples' residual parts of the same content correlate: the residuals'
+    # blend (pipeline.blend). The model's calibration record when the run samples as it was
+    # measured, 0 without residual texture, None until measured before the run
+    # (pipeline.correlation.with_correlation)
+    residual_correlation: float | None = 0.0
     # the noise schedule the sampler walks (the model's inference schedule, else its training
     # schedule) and that fact in words; None for specs built without a model config
     sampling_schedule: dict | None = None

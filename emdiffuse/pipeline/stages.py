@@ -19,7 +19,9 @@ In the processes that run tasks:
   :func:`~emdiffuse.pipeline.tasks.run_chunk`), their stages and the rest.
 
 In the process that calls :func:`~emdiffuse.pipeline.enhance.enhance`: ``prepare`` (checks,
-intensity ranges, lattice), ``graph`` (building it), ``execute`` (the graph's run, wall
+intensity ranges, lattice), ``correlation`` (the residual correlation measured on a few
+tiles, when the model's calibration does not give it: :mod:`~emdiffuse.pipeline.correlation`),
+``graph`` (building it), ``execute`` (the graph's run, wall
 time) and ``pyramid`` (the pyramid levels and metadata, built after the last chunk).
 
 :func:`stage_seconds` reads a process's totals (on a Dask cluster: ``client.run``),

@@ -267,6 +267,9 @@ def blend_chunk(
     ``(mean in raw units as float64, uncertainty in raw units or None)``. Parts are summed
     in the order given (the graph gives them in block order, so a rerun adds in the same
     order)."""
+    if spec.residual_correlation is None:
+        raise RuntimeError("the run's residual correlation is not measured yet "
+                           "(pipeline.correlation.with_correlation comes before the tasks)")  # fmt: skip
     lattice = spec.lattice
     box = chunk_box(index, lattice.output_shape, spec.task_chunks)
     shape = tuple(b - a for a, b in box)

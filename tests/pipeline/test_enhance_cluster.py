@@ -18,6 +18,7 @@ import cloudpickle
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from perturbed import perturbed_checkpoint
 
 from emdiffuse.io import open_volume
 from emdiffuse.pipeline import run_record as record
@@ -69,6 +70,31 @@ def test_two_workers_equal_one(client, inputs, tmp_path):
         lambda: len(__import__("emdiffuse.pipeline.runtime").pipeline.runtime._ENHANCERS)
     )
     assert sum(loaded.values()) >= 1 and max(loaded.values()) == 1
+
+
+def test_a_residual_models_correlation_is_measured_on_a_worker(client, tmp_path):
+    """A model without a recorded residual correlation: the run measures it on a worker of
+    the cluster (where its tasks load the model; this process never loads it) before
+    anything is written; the value and the output are those of a run on Dask's threads in
+    this process."""
+    from emdiffuse.io import write_image
+    from emdiffuse.models.presets import make_config
+    from emdiffuse.pipeline import runtime
+
+    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
+                         kind="residual")  # fmt: skip
+    model = perturbed_checkpoint(config, tmp_path / "own.safetensors", seed=11)
+    path = str(tmp_path / "in.ome.zarr")
+    data = np.random.default_rng(5).uniform(0.2, 0.8, SHAPE).astype(np.float32)
+    write_image(data, path, voxel_size=(8.0, 8.0, 8.0), chunks=(1, 32, 40))
+    there = enhance(path, model, tmp_path / "there.zarr", client=client, **RUN)
+    sha = record.file_sha256(model)
+    assert not any(key[0] == sha for key in runtime._ENHANCERS)  # not measured here
+    here = enhance(path, model, tmp_path / "here.zarr", scheduler="threads", **RUN)
+    rho_here = record.read_run_config(tmp_path / "here.zarr")["residual_correlation"]
+    rho_there = record.read_run_config(tmp_path / "there.zarr")["residual_correlation"]
+    assert 0 < rho_there <= 1 and rho_there == pytest.approx(rho_here, abs=1e-5)
+    np.testing.assert_allclose(np.asarray(there), np.asarray(here), rtol=0, atol=1e-4)
 
 
 def _malloc_state():

@@ -11,18 +11,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import zarr
+from perturbed import perturbed_checkpoint
 
 from emdiffuse.cli import main
 from emdiffuse.errors import InputError
 from emdiffuse.io import open_volume
-from emdiffuse.models.checkpoints import save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import Normalization
 from emdiffuse.models.presets import make_config
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.blend import window_2d
+from emdiffuse.pipeline.correlation import PILOT_SAMPLES, PILOT_TILES
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.pipeline.lattice import Lattice
 from emdiffuse.pipeline.plan import make_plan
@@ -34,29 +34,11 @@ RUN = dict(tile=16, overlap=4, steps=2, scheduler="threads", progress=False, dty
 SHAPE = (2, 40, 44)
 
 
-def _perturbed(config, path, seed=3) -> str:
-    """A checkpoint of ``config`` whose zero-initialised layers get random weights (a fresh
-    network's last layers are zero: its output would not depend on its input)."""
-    state = dict(Enhancer.from_config(config, seed=seed).net.state_dict())
-    generator = torch.Generator().manual_seed(seed + 1)
-    for name, t in state.items():
-        if t.is_floating_point() and t.ndim == 4 and not t.any():
-            state[name] = 0.05 * torch.randn(t.shape, generator=generator)
-    return str(save_checkpoint(path, state, config))
-
-
-@pytest.fixture(scope="module")
-def residual_model(tmp_path_factory) -> str:
-    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
-                         kind="residual")  # fmt: skip
-    return _perturbed(config, tmp_path_factory.mktemp("models") / "residual.safetensors")
-
-
 @pytest.fixture(scope="module")
 def sr3_model(tmp_path_factory) -> str:
     config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
                          prediction="v")  # fmt: skip
-    return _perturbed(config, tmp_path_factory.mktemp("models") / "sr3v.safetensors")
+    return perturbed_checkpoint(config, tmp_path_factory.mktemp("models") / "sr3v.safetensors")
 
 
 class Calls:
@@ -131,7 +113,9 @@ def test_residual_kind_evaluates_its_mean_once_per_batch(
     residual_model, random_volume, tmp_path, monkeypatch
 ):
     """Batch outer, sample inner: the mean network runs once per batch and every sample
-    reuses it; the output does not depend on the batch size."""
+    reuses it; the output does not depend on the batch size. (This model records no
+    residual correlation, so each run first measures it on PILOT_TILES tiles,
+    PILOT_SAMPLES samples each, in the same way.)"""
     small = (1, 28, 28)
     path = random_volume(small, chunks=(1, 28, 28))
     n_tiles = Lattice(small, 16, 4).n_tiles
@@ -139,9 +123,9 @@ def test_residual_kind_evaluates_its_mean_once_per_batch(
     sampled = Calls(monkeypatch, "sample_parts")
     kw = dict(RUN, samples=3, sampler="ddpm", steps=1, chunks=(1, 28, 28))
     a = enhance(path, residual_model, tmp_path / "a.zarr", batch_size=3, **kw)
-    assert sum(c["batch"] for c in sampled.calls) == 3 * n_tiles
+    assert sum(c["batch"] for c in sampled.calls) == 3 * n_tiles + PILOT_SAMPLES * PILOT_TILES
     first = [c for c in sampled.calls if not c["mean"]]  # the samples that ran the mean
-    assert sum(c["batch"] for c in first) == n_tiles  # once per tile, not per sample
+    assert sum(c["batch"] for c in first) == n_tiles + PILOT_TILES  # once per tile
     assert not means.calls
     b = enhance(path, residual_model, tmp_path / "b.zarr", batch_size=1, **kw)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
@@ -228,7 +212,7 @@ def test_start_noise_writes_the_plain_spread_not_the_calibrated_intervals(
                          kind="residual")  # fmt: skip
     config.calibration = {"level": 0.9, "scale": 1.7, "samples": 4, "floor": 1e-3, "excess": 0.2}
     config.validate()
-    model = _perturbed(config, tmp_path / "calibrated.safetensors")
+    model = perturbed_checkpoint(config, tmp_path / "calibrated.safetensors")
     path = random_volume(SHAPE, chunks=(1, 24, 24))
     kw = dict(RUN, sampler="dpmpp_2m", spacing="karras", samples=2)
     enhance(path, model, tmp_path / "full.zarr", **kw)
