@@ -108,7 +108,9 @@ def with_correlation(spec: RunSpec, client=None, enhancer=None) -> RunSpec:
         value = client.submit(measure_correlation, spec, pure=False).result()
     else:
         value = measure_correlation(spec, enhancer)
-    return replace(spec, residual_correlation=float(value))
+    return replace(
+        spec, residual_correlation=float(value), correlation_source="this run's measurement"
+    )
 
 
 __all__ = [

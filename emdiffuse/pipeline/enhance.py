@@ -241,7 +241,7 @@ def _recorded_correlation(spec: RunSpec, output: str) -> RunSpec:
     stored = (record.read_run_config(output) or {}).get("residual_correlation", 0.0)
     if isinstance(stored, bool) or not isinstance(stored, (int, float)):
         return spec  # left unknown: the record comparison names the difference
-    return replace(spec, residual_correlation=float(stored))
+    return replace(spec, residual_correlation=float(stored), correlation_source="the run record")
 
 
 def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bool):

@@ -227,7 +227,8 @@ def blend_text(spec: RunSpec) -> str:
     if spec.model_kind != "residual" or s.samples == 0:
         return ""
     if spec.residual_correlation is not None:
-        return f"residual correlation {spec.residual_correlation:.3f}, the model's calibration"
+        source = spec.correlation_source or "given"
+        return f"residual correlation {spec.residual_correlation:.3f}, {source}"
     cost = PILOT_TILES * (PILOT_SAMPLES * network_evaluations(s.sampler, s.steps) + 1)
     return (
         f"residual correlation measured before the run on {PILOT_TILES} central tiles, "

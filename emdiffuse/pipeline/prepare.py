@@ -244,6 +244,8 @@ def prepare(
         settings.normalize, config, volume.data, seed=settings.seed
     )
     voxel, translation = output_geometry(volume, config.xy_scale, config.z_scale)
+    textured = config.residual and settings.samples >= 1  # samples have a residual texture
+    calibrated = calibrated_correlation(config.calibration, settings)
     spec = RunSpec(
         settings=settings,
         input_path=str(volume.path),
@@ -264,9 +266,8 @@ def prepare(
         else None,
         model_kind=config.kind,
         # None: measured on the run's own tiles before the run (pipeline.correlation)
-        residual_correlation=calibrated_correlation(config.calibration, settings)
-        if config.residual and settings.samples >= 1
-        else 0.0,
+        residual_correlation=calibrated if textured else 0.0,
+        correlation_source="the model's calibration" if textured and calibrated is not None else "",
         sampling_schedule=config.sampling_schedule,
         sampling_schedule_text=config.describe_sampling(),
         output_voxel_size=voxel,

@@ -290,6 +290,9 @@ class RunSpec:
     # measured, 0 without residual texture, None until measured before the run
     # (pipeline.correlation.with_correlation)
     residual_correlation: float | None = 0.0
+    # where that value came from, in words for the plan: "the model's calibration", "this
+    # run's measurement", "the run record" (a resumed run), "" (no residual texture)
+    correlation_source: str = ""
     # the noise schedule the sampler walks (the model's inference schedule, else its training
     # schedule) and that fact in words; None for specs built without a model config
     sampling_schedule: dict | None = None

@@ -108,6 +108,9 @@ def test_an_unrecorded_correlation_is_measured_once_and_recorded(
         raise AssertionError("a resumed run measured its correlation again")
 
     monkeypatch.setattr(correlation, "measure_correlation", refuse)
+    plan = enhance(path, residual_model, tmp_path / "c.zarr", chunks=(1, 40, 44), resume=True,
+                   dry_run=True, **dict(RUN, batch_size=1))  # fmt: skip
+    assert plan.blend == f"residual correlation {rho:.3f}, the run record", plan.blend
     c = enhance(path, residual_model, tmp_path / "c.zarr", chunks=(1, 40, 44), resume=True,
                 **dict(RUN, batch_size=1))  # fmt: skip
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-5)
