@@ -4,14 +4,16 @@ metadata after the last.
 
 The uncertainty image's ``emdiffuse`` attributes say what it holds
 (:func:`uncertainty_attributes`): ``{"uncertainty": "half-width", "level": 0.9, "samples":
-N}`` — half-widths of per-voxel intervals ``output ± half-width`` at that level, from a
-model that stores a calibration — or ``{"uncertainty": "std", "samples": N}``, the standard
+N, "calibrated_sampler", "calibrated_steps"}`` — half-widths of per-voxel intervals
+``output ± half-width`` at that level, from a model that stores a calibration (fitted on
+samples of that sampler and steps; a run may sample otherwise) — or ``{"uncertainty": "std", "samples": N}``, the standard
 deviation over the N samples (not calibrated). Both in the output's intensity units.
 """
 
 from __future__ import annotations
 
 from emdiffuse.io import create_image, finalize_image
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
 from emdiffuse.pipeline.settings import RunSpec
 
 
@@ -57,6 +59,9 @@ def uncertainty_attributes(spec: RunSpec) -> dict:
         "level": float(calibration["level"]),
         "samples": samples,
         "calibrated_samples": int(calibration["samples"]),
+        # the sampling the calibration was fitted on (a record without it: the run defaults)
+        "calibrated_sampler": str(calibration.get("sampler", DEFAULT_SAMPLER)),
+        "calibrated_steps": int(calibration.get("steps", DEFAULT_STEPS)),
     }
 
 

@@ -151,3 +151,22 @@ def test_a_calibrated_correlation_is_used_without_a_measurement(
     assert "texture blend: residual correlation 0.400, the model's calibration" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("variant, factor", [("vemdiffuse-i", 3), ("emdiffuse-r", 2)])
+def test_the_measurement_serves_every_task(variant, factor, random_volume, tmp_path):
+    """Isotropic (a tile spans several output slices) and super-resolution (the condition
+    is coarser than the output) residual models: the run measures ρ on their own tiles, and
+    the output does not depend on the chunking."""
+    config = make_config(variant, "tiny", normalization={"low": 0.0, "high": 1.0},
+                         kind="residual", scale_factor=factor)  # fmt: skip
+    model = perturbed_checkpoint(config, tmp_path / f"{variant}.safetensors")
+    voxel = (8.0 * factor, 8.0, 8.0) if variant == "vemdiffuse-i" else (8.0, 8.0, 8.0)
+    path = random_volume((3, 20, 22), chunks=(1, 20, 22), voxel_size=voxel)
+    kw = dict(RUN, tile=16 if factor == 3 else 32, overlap=4, samples=1)
+    a = enhance(path, model, tmp_path / "a.zarr", **kw)
+    rho = read_run_config(tmp_path / "a.zarr").get("residual_correlation", 0.0)
+    assert 0.0 <= rho <= 1.0
+    b = enhance(path, model, tmp_path / "b.zarr", chunks=(1, 12, 14), **kw)
+    assert read_run_config(tmp_path / "b.zarr").get("residual_correlation", 0.0) == rho
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
