@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_spacing
 
 DEFAULT_LEVEL = 0.9
 DEFAULT_SAMPLES = 4
@@ -172,6 +173,14 @@ def half_widths(
     return (q * np.maximum(std * factor, floor)).astype(np.float32)
 
 
+def fitted_sampling(calibration: Mapping[str, Any]) -> tuple[str, int, str]:
+    """The (sampler, steps, spacing) a calibration record was fitted on; a record without
+    them was fitted at the run defaults, as training fits it."""
+    sampler = str(calibration.get("sampler", DEFAULT_SAMPLER))
+    steps = int(calibration.get("steps", DEFAULT_STEPS))
+    return sampler, steps, str(calibration.get("spacing") or resolve_spacing(sampler))
+
+
 def residual_correlation(residuals: np.ndarray) -> float:
     """The correlation of the residual parts (sample minus the model's own mean) of N >= 2
     samples of the same inputs ``(N, ...)``, averaged over the pairs of samples and clipped
@@ -211,5 +220,5 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "DEFAULT_LEVEL", "DEFAULT_SAMPLES", "DEFAULT_FLOOR", "conformal_quantile", "t_quantile",
-    "spread_factor", "fit", "half_widths", "spearman", "residual_correlation",
+    "spread_factor", "fit", "half_widths", "spearman", "residual_correlation", "fitted_sampling",
 ]  # fmt: skip

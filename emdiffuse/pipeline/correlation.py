@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from emdiffuse.models.calibration import residual_correlation
-from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_spacing
+from emdiffuse.models.calibration import fitted_sampling, residual_correlation
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.lattice import Lattice, Tile
 from emdiffuse.pipeline.settings import RunSettings, RunSpec
@@ -44,12 +43,7 @@ def calibrated_correlation(calibration: Mapping[str, Any] | None, settings: RunS
     measures it), and without ``spacing`` at the sampler's default spacing."""
     if not calibration or "residual_correlation" not in calibration:
         return None
-    sampler = str(calibration.get("sampler", DEFAULT_SAMPLER))
-    measured_at = (
-        sampler,
-        int(calibration.get("steps", DEFAULT_STEPS)),
-        calibration.get("spacing") or resolve_spacing(sampler),
-    )
+    measured_at = fitted_sampling(calibration)
     if settings.start_noise is not None:
         return None
     if (settings.sampler, int(settings.steps), settings.spacing) != measured_at:

@@ -13,7 +13,7 @@ deviation over the N samples (not calibrated). Both in the output's intensity un
 from __future__ import annotations
 
 from emdiffuse.io import create_image, finalize_image
-from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
+from emdiffuse.models.calibration import fitted_sampling
 from emdiffuse.pipeline.settings import RunSpec
 
 
@@ -54,14 +54,14 @@ def uncertainty_attributes(spec: RunSpec) -> dict:
     calibration = spec.calibration
     if calibration is None:
         return {"uncertainty": "std", "samples": samples}
+    sampler, steps, _ = fitted_sampling(calibration)
     return {
         "uncertainty": "half-width",
         "level": float(calibration["level"]),
         "samples": samples,
         "calibrated_samples": int(calibration["samples"]),
-        # the sampling the calibration was fitted on (a record without it: the run defaults)
-        "calibrated_sampler": str(calibration.get("sampler", DEFAULT_SAMPLER)),
-        "calibrated_steps": int(calibration.get("steps", DEFAULT_STEPS)),
+        "calibrated_sampler": sampler,  # the sampling the calibration was fitted on
+        "calibrated_steps": steps,
     }
 
 
