@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import machine_info, publish, start_record
+from train_step import round_times
 
 from emdiffuse import metrics
 from emdiffuse.models.device import cpu_has_native_bf16
@@ -54,21 +55,17 @@ def step_times(sources, rounds: int, per_round: int) -> dict[str, list[float]]:
     config = build.build_config(s, dataset, None)
     schedule = Schedule.from_dict(dict(config.schedule))
     batches = [dataset.batch(range(i * 8, i * 8 + 8)) for i in range(per_round + 2)]
-    runs = {}
+    dev = torch.device("cpu")
+    steps = {}
     for name, dtype in PRECISIONS.items():
         net = build.build_net(config, s.seed)
-        runs[name] = (net, torch.optim.AdamW(net.parameters(), lr=s.lr), dtype)
-    times: dict[str, list[float]] = {name: [] for name in PRECISIONS}
-    dev = torch.device("cpu")
-    for _ in range(rounds):
-        for name, (net, optimizer, dtype) in runs.items():
-            for batch in batches[:2]:  # warm-up: oneDNN picks its kernels
-                train_step(net, net, optimizer, batch, schedule, config, s, dev, dtype)
-            t0 = time.perf_counter()
-            for batch in batches[2:]:
-                train_step(net, net, optimizer, batch, schedule, config, s, dev, dtype)
-            times[name].append(1000 * (time.perf_counter() - t0) / per_round)
-    return times
+        optimizer = build.make_optimizer(net, s, dev)
+
+        def step(batch, net=net, optimizer=optimizer, dtype=dtype) -> None:
+            train_step(net, net, optimizer, batch, schedule, config, s, dev, dtype)
+
+        steps[name] = step
+    return round_times(steps, batches, rounds)
 
 
 def sampling(model: Path, test: tuple[np.ndarray, np.ndarray], tiles: int) -> dict:

@@ -136,11 +136,14 @@ def restore(
 
 
 def move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """The optimizer's state tensors onto ``device`` (its step counters stay where they are)."""
-    for st in optimizer.state.values():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                st[k] = v.to(device)
+    """The optimizer's state tensors onto ``device``. Step counters stay where they are,
+    except in a fused or capturable group, whose kernels read them on the parameters' device."""
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            for k, v in optimizer.state.get(param, {}).items():
+                if isinstance(v, torch.Tensor) and (k != "step" or on_device):
+                    optimizer.state[param][k] = v.to(device)
 
 
 def save_final(out: Path, ema: EMA, config) -> Path:

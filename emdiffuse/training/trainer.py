@@ -61,6 +61,7 @@ from emdiffuse.training.build import (
     check_patch,
     fit_mean_skip,
     load_init,
+    make_optimizer,
     resolve_objective,
     split_data,
 )
@@ -233,9 +234,7 @@ def _prepare(
         weights, bias = fit_mean_skip(net, config, dataset)
         log.info("mean network starts at the least-squares skip %s + %s", weights, bias)
     ema = EMA(net, s.ema_decay)
-    optimizer = torch.optim.AdamW(
-        net.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999)
-    )
+    optimizer = make_optimizer(net, s, dev)
     if state is not None:
         restore(state, net, ema, optimizer, dev)
     net.to(dev)

@@ -69,6 +69,43 @@ def test_resume_is_exact(tmp_path, pair):
     assert any(not torch.equal(s4["model"][k], sa["model"][k]) for k in sa["model"])
 
 
+def test_optimizer_is_fused_and_a_loop_optimizers_checkpoint_resumes_exactly(
+    tmp_path, pair, monkeypatch
+):
+    """New runs step AdamW as one fused kernel; a checkpoint written by the per-parameter
+    loop (every run before it) resumes with that loop, and ends where its own run would."""
+    fresh = tmp_path / "fresh"
+    trainer.train("denoise", pair, fresh, steps=2, ckpt_every=1, **FAST)
+    assert all(group["fused"] for group in _ckpt(fresh, 1)["optimizer"]["param_groups"])
+
+    def loop_adamw(net, s, device):
+        return torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "make_optimizer", loop_adamw)
+        trainer.train("denoise", pair, a, steps=8, ckpt_every=4, **FAST)
+        trainer.train("denoise", pair, b, steps=4, ckpt_every=4, **FAST)
+    assert not any(group["fused"] for group in _ckpt(b, 4)["optimizer"]["param_groups"])
+    trainer.train("denoise", pair, b, steps=8, ckpt_every=4, resume=True, **FAST)
+    for name, tensor in _ckpt(a, 8)["model"].items():
+        torch.testing.assert_close(tensor, _ckpt(b, 8)["model"][name], rtol=0, atol=0)
+
+
+def test_move_optimizer_moves_step_counters_only_for_fused_groups():
+    from emdiffuse.training.state import move_optimizer
+
+    for fused in (False, True):
+        net = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=fused)
+        net(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        move_optimizer(optimizer, torch.device("meta"))
+        for state in optimizer.state.values():
+            assert state["exp_avg"].device.type == "meta"
+            assert state["step"].device.type == ("meta" if fused else "cpu")
+
+
 def test_outputs_checkpoint_csv_png(tmp_path, pair):
     from emdiffuse.models.checkpoints import load_checkpoint
 
@@ -202,7 +239,9 @@ def test_intensity_jitter_setting_reaches_the_training_patches(pair):
     options = {"patch": 16, "region": 32, "val_fraction": 0.25, "batch_size": 2}
     patches = {}
     for jitter in (0.0, 0.1):
-        s = TrainSettings.build("denoise", ["noisy", "clean"], {**options, "intensity_jitter": jitter})
+        s = TrainSettings.build(
+            "denoise", ["noisy", "clean"], {**options, "intensity_jitter": jitter}
+        )
         assert s.intensity_jitter == jitter
         ds = build_dataset(s, pair)
         assert (ds.augment.scale, ds.augment.offset) == (jitter, jitter)
