@@ -12,6 +12,9 @@ this reports, in model space:
 
 * ``calibrated``: the share of voxels whose truth lies within the mean of the samples ± the
   calibrated half-width (``models.calibration.half_widths``, the model's record; level 90 %);
+* ``rescaled``: the same after the rescaling ``enhance`` applies to a sampling other than the
+  calibration's (``pipeline.correlation.spread_ratio``: the ratio of the two samplings' RMS
+  spreads on 2 samples of 2 tiles, as the run's pilot measures it), and that ratio;
 * ``plain``: the same for ± 1.645 × the standard deviation over the samples (what an
   uncalibrated 90 % interval would be);
 * the mean standard deviation over samples, and the RMS error of their mean;
@@ -74,6 +77,7 @@ def measure(enhancer, tiles: np.ndarray, truth: np.ndarray, sampling: dict, samp
     widths = calibration.half_widths(std, calibration=enhancer.config.calibration, samples=samples)
     return {
         **sampling,
+        "draws": draws,  # for the rescaled column (rescaled_coverage); not written out
         "calibrated": float((error <= widths).mean()),
         "plain": float((error <= Z90 * std).mean()),
         "mean_std": float(std.mean()),
@@ -81,6 +85,24 @@ def measure(enhancer, tiles: np.ndarray, truth: np.ndarray, sampling: dict, samp
         "rho": calibration.residual_correlation(np.stack(residuals)),
         "seconds": time.perf_counter() - start,
     }
+
+
+def rescaled_coverage(draws: np.ndarray, fitted: np.ndarray, truth: np.ndarray,
+                      record: dict) -> tuple[float, float]:  # fmt: skip
+    """``(coverage, ratio)`` of the calibrated half-widths rescaled as the pipeline rescales
+    another sampling's (``pipeline.correlation.spread_ratio``): the ratio from the first
+    ``PILOT_SAMPLES`` draws of the first ``PILOT_TILES`` tiles of this sampling and of the
+    sampling the calibration was fitted on (``fitted``), the coverage over every tile."""
+    from emdiffuse.models import calibration
+    from emdiffuse.pipeline.correlation import PILOT_SAMPLES, PILOT_TILES, spread_ratio
+
+    def pilot(d: np.ndarray) -> np.ndarray:
+        return d[:PILOT_SAMPLES, :PILOT_TILES].reshape(PILOT_SAMPLES, -1)
+
+    ratio = spread_ratio(pilot(fitted), pilot(draws))
+    std = draws.std(axis=0, ddof=1)
+    widths = calibration.half_widths(std, calibration=record, samples=len(draws), ratio=ratio)
+    return float((np.abs(draws.mean(axis=0) - truth) <= widths).mean()), ratio
 
 
 def label(row: dict) -> str:
@@ -107,14 +129,23 @@ def report(result: dict) -> str:
         "1.645 × their standard deviation (plain); target 87–93 %. ρ: how much two samples' "
         "residual parts correlate, the value the pipeline's texture blend needs.",
         "",
-        "| sampling | calibrated coverage | plain ±1.645σ | mean σ | RMSE of the mean | ρ | s |",
-        "|---|---|---|---|---|---|---|",
+        "| sampling | calibrated coverage | rescaled (ratio) | plain ±1.645σ | mean σ | RMSE of the mean | ρ | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
+        rescaled = (f"**{row['rescaled']:.3f}** ({row['ratio']:.3f})" if "rescaled" in row
+                    else "—")  # fmt: skip
         lines.append(
-            f"| {label(row)} | {row['calibrated']:.3f} | {row['plain']:.3f} | "
+            f"| {label(row)} | {row['calibrated']:.3f} | {rescaled} | {row['plain']:.3f} | "
             f"{row['mean_std']:.4f} | {row['rmse']:.4f} | {row['rho']:.3f} | {row['seconds']:.0f} |"
         )
+    lines += [
+        "",
+        "Rescaled: what `enhance` writes since the eleventh session for a sampling other than the "
+        "calibration's: the half-widths times the ratio of the two samplings' RMS spreads, "
+        "measured (as the pipeline's pilot does) on 2 samples of 2 of the tiles; the fitted "
+        "sampling itself is not rescaled.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     record = start_record(sys.argv[0], argv)
 
     from emdiffuse.demo import HELD_OUT_ORIGIN, cache_dir, demo_model
+    from emdiffuse.models.calibration import fitted_sampling
     from emdiffuse.models.enhancer import Enhancer
     from emdiffuse.models.normalization import condition_from_model, from_model
     from emdiffuse.training.demo_model import demo_pair
@@ -152,13 +184,22 @@ def main(argv: list[str] | None = None) -> int:
 
     tiles, truth = tiled(cond), tiled(target)
     rng = np.random.default_rng([args.seed, 0xC0FE])
-    rows = []
-    for text in args.samplings:
-        row = measure(enhancer, tiles, truth, parse_sampling(text), args.samples, rng)
-        rows.append(row)
-        print(f"{label(row)}: calibrated {row['calibrated']:.3f} plain {row['plain']:.3f} "
-              f"rho {row['rho']:.3f} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
     calibration = dict(enhancer.config.calibration or {})
+    sampler, steps, spacing = fitted_sampling(calibration)
+    fitted_text = f"{sampler}@{steps}"
+    rows, fitted = [], None
+    for text in [fitted_text] + [t for t in args.samplings if t != fitted_text]:
+        row = measure(enhancer, tiles, truth, parse_sampling(text), args.samples, rng)
+        draws = row.pop("draws")
+        if fitted is None:
+            fitted = draws
+        else:
+            row["rescaled"], row["ratio"] = rescaled_coverage(draws, fitted, truth, calibration)
+        if text in args.samplings:
+            rows.append(row)
+        print(f"{label(row)}: calibrated {row['calibrated']:.3f} rescaled "
+              f"{row.get('rescaled', row['calibrated']):.3f} plain {row['plain']:.3f} "
+              f"rho {row['rho']:.3f} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
     result = {
         "model": str(model), "calibration": calibration, "side": args.side, "tiles": n * n,
         "samples": args.samples, "rows": rows, "provenance": record,

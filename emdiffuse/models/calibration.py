@@ -153,11 +153,15 @@ def half_widths(
     samples: int,
     *,
     scale: float = 1.0,
+    ratio: float = 1.0,
 ) -> np.ndarray:
     """Interval half-widths at the calibration's level from the spread ``std`` of
     ``samples`` draws (population std, as the pipeline writes it):
-    ``q · max(std · c(N) / c(Nc), floor · scale)`` (module docstring). ``scale``: raw units
-    per model unit when ``std`` is in raw units (the target normalisation's half range).
+    ``q · max(ratio · std · c(N) / c(Nc), floor · scale)`` (module docstring). ``scale``: raw
+    units per model unit when ``std`` is in raw units (the target normalisation's half
+    range). ``ratio``: how much more samples drawn as the calibration was fitted spread than
+    the ``std``'s sampling did (1: the same sampling;
+    :func:`emdiffuse.pipeline.correlation.spread_ratio`).
     The interval is ``mean_N ± half-width``; it holds for about ``level`` of the voxels of
     data like the calibration's. float32."""
     n = int(samples)
@@ -170,7 +174,7 @@ def half_widths(
     factor = 1.0 if n == nc else spread_factor(n, level, excess) / spread_factor(nc, level, excess)
     floor = float(calibration["floor"]) * float(scale)
     std = np.asarray(std, dtype=np.float64)
-    return (q * np.maximum(std * factor, floor)).astype(np.float32)
+    return (q * np.maximum(std * (factor * float(ratio)), floor)).astype(np.float32)
 
 
 def fitted_sampling(calibration: Mapping[str, Any]) -> tuple[str, int, str]:

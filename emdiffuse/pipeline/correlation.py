@@ -15,6 +15,15 @@ measures ρ on its own input before anything is written (:func:`measure_correlat
 each, one tile at a time, with the run's own sampler, seed and tile noise — so the value
 depends on neither the chunking nor the batch size, and the run record keeps it (a resumed
 run blends with the value its first part used).
+
+The calibrated intervals have the same limit: their scale was fitted on the spread of samples
+drawn the calibration's way, and other sampling spreads otherwise — at 4 steps or with
+``ddim`` the demo's samples spread 0.67-0.70× as much while the error of their mean hardly
+moves, so the intervals covered 84 % where 90 % was meant
+(``benchmarks/results/interval_coverage.md``). The same pilot tiles therefore also draw
+samples the calibration's way, and the half-widths of a run that samples otherwise are
+multiplied by the ratio of the two spreads (:func:`spread_ratio`, RMS over the pilot's
+voxels): the run's intervals are as wide as the calibrated sampling's would be.
 """
 
 from __future__ import annotations
@@ -70,44 +79,98 @@ def pilot_tiles(lattice: Lattice, count: int = PILOT_TILES) -> list[Tile]:
     return sorted(candidates, key=lambda t: (distance(t), t.unit, t.iy, t.ix))[:count]
 
 
-def measure_correlation(spec: RunSpec, enhancer=None) -> float:
-    """ρ of ``spec``'s sampling on its own input: :data:`PILOT_SAMPLES` samples of each
-    :func:`pilot_tiles` tile (one tile per batch, the run's seed and tile noise), their
-    residual parts' correlation (:func:`emdiffuse.models.calibration.residual_correlation`;
-    0 when the residuals are zero). ``enhancer`` defaults to the run's
-    (:func:`emdiffuse.pipeline.runtime.spec_enhancer`)."""
-    if enhancer is None:
-        enhancer = runtime.spec_enhancer(spec)
+def calibrated_ratio(calibration: Mapping[str, Any] | None, settings: RunSettings) -> float | None:
+    """The calibrated half-widths' factor when it needs no measurement: 1.0 when the run
+    writes no calibrated intervals (no record, fewer than 2 samples) or samples as the
+    calibration was fitted (sampler, steps, spacing; full samples); None otherwise."""
+    if not calibration or settings.samples < 2:
+        return 1.0
+    fitted = fitted_sampling(calibration)
+    sampling = (settings.sampler, int(settings.steps), settings.spacing)
+    if settings.start_noise is None and sampling == fitted:
+        return 1.0
+    return None
+
+
+def _pilot_parts(spec: RunSpec, enhancer) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, residual parts) of :data:`PILOT_SAMPLES` samples of each :func:`pilot_tiles`
+    tile, ``(PILOT_SAMPLES, voxels)`` each, model space: one tile per batch, ``spec``'s
+    sampling, seed and tile noise."""
     pilot = replace(spec, settings=replace(spec.settings, samples=PILOT_SAMPLES, batch_size=1))
     lattice = spec.lattice
-    per_sample: list[list[np.ndarray]] = [[] for _ in range(PILOT_SAMPLES)]
+    samples: list[list[np.ndarray]] = [[] for _ in range(PILOT_SAMPLES)]
+    residuals: list[list[np.ndarray]] = [[] for _ in range(PILOT_SAMPLES)]
     for tile in pilot_tiles(lattice):
         box = lattice.input_box_of([tile])
         region = condition_region(spec, runtime.read_input(spec, box))
         for parts in run_tiles(pilot, enhancer, [tile], region, box):
             rest = parts.residual if parts.residual is not None else np.zeros_like(parts.mean)
-            per_sample[parts.sample].append(rest)
-    residuals = np.stack([np.concatenate(tiles) for tiles in per_sample])
-    return residual_correlation(residuals)
+            samples[parts.sample].append((parts.mean + rest).ravel())
+            residuals[parts.sample].append(rest.ravel())
+    return (np.stack([np.concatenate(t) for t in samples]),
+            np.stack([np.concatenate(t) for t in residuals]))  # fmt: skip
+
+
+def spread_ratio(calibrated: np.ndarray, run: np.ndarray) -> float:
+    """RMS spread over samples of ``calibrated`` (samples drawn the calibration's way) over
+    that of ``run`` (this run's sampling), both ``(N, voxels)`` of the same tiles and N:
+    the factor that makes the run's calibrated half-widths as wide as the calibrated
+    sampling's. 1.0 where the run's samples do not spread."""
+    spread_run = float(np.var(run, axis=0).mean())
+    if spread_run <= 0.0:
+        return 1.0
+    return float(np.sqrt(np.var(calibrated, axis=0).mean() / spread_run))
+
+
+def measure_pilot(spec: RunSpec, enhancer=None) -> dict[str, float]:
+    """What ``spec``'s run needs measured on its own input, from :data:`PILOT_SAMPLES`
+    samples of each :func:`pilot_tiles` tile (one tile per batch, the run's seed and tile
+    noise): ``residual_correlation`` when ``spec`` lacks it (the residual parts'
+    correlation, :func:`emdiffuse.models.calibration.residual_correlation`; 0 when they
+    are zero) and ``interval_ratio`` when ``spec`` lacks it (:func:`spread_ratio` against
+    samples of the same tiles drawn as the calibration was fitted). ``enhancer`` defaults
+    to the run's (:func:`emdiffuse.pipeline.runtime.spec_enhancer`)."""
+    if enhancer is None:
+        enhancer = runtime.spec_enhancer(spec)
+    samples, residuals = _pilot_parts(spec, enhancer)
+    out: dict[str, float] = {}
+    if spec.residual_correlation is None:
+        out["residual_correlation"] = residual_correlation(residuals)
+    if spec.interval_ratio is None:
+        sampler, steps, spacing = fitted_sampling(spec.calibration)
+        fitted = replace(spec.settings, sampler=sampler, steps=steps, spacing=spacing,
+                         start_noise=None)  # fmt: skip
+        calibrated, _ = _pilot_parts(replace(spec, settings=fitted), enhancer)
+        out["interval_ratio"] = spread_ratio(calibrated, samples)
+    return out
+
+
+def measure_correlation(spec: RunSpec, enhancer=None) -> float:
+    """ρ of ``spec``'s sampling on its own input (:func:`measure_pilot`)."""
+    only_rho = replace(spec, residual_correlation=None, interval_ratio=1.0)
+    return measure_pilot(only_rho, enhancer)["residual_correlation"]
 
 
 def with_correlation(spec: RunSpec, client=None, enhancer=None) -> RunSpec:
-    """``spec`` with its residual correlation known: as it is when the model's calibration
-    gave it (or the run has no residual texture), else measured
-    (:func:`measure_correlation`) — on a worker of ``client`` when given, where the run's
+    """``spec`` with its residual correlation and interval ratio known: as they are when
+    the model's calibration gave them (or the run needs none), else measured
+    (:func:`measure_pilot`) — on a worker of ``client`` when given, where the run's
     tasks will load the model, else in this process (with ``enhancer`` when given)."""
-    if spec.residual_correlation is not None:
+    if spec.residual_correlation is not None and spec.interval_ratio is not None:
         return spec
     if client is not None:
-        value = client.submit(measure_correlation, spec, pure=False).result()
+        values = client.submit(measure_pilot, spec, pure=False).result()
     else:
-        value = measure_correlation(spec, enhancer)
-    return replace(
-        spec, residual_correlation=float(value), correlation_source="this run's measurement"
-    )
+        values = measure_pilot(spec, enhancer)
+    if "residual_correlation" in values:
+        spec = replace(spec, residual_correlation=float(values["residual_correlation"]),
+                       correlation_source="this run's measurement")  # fmt: skip
+    if "interval_ratio" in values:
+        spec = replace(spec, interval_ratio=float(values["interval_ratio"]))
+    return spec
 
 
 __all__ = [
-    "PILOT_TILES", "PILOT_SAMPLES", "calibrated_correlation", "pilot_tiles",
-    "measure_correlation", "with_correlation",
+    "PILOT_TILES", "PILOT_SAMPLES", "calibrated_correlation", "calibrated_ratio", "pilot_tiles",
+    "spread_ratio", "measure_pilot", "measure_correlation", "with_correlation",
 ]  # fmt: skip

@@ -233,15 +233,20 @@ def _report_plan(
 
 
 def _recorded_correlation(spec: RunSpec, output: str) -> RunSpec:
-    """A resumed run whose residual correlation is measured (not the model's calibrated
-    value) blends with the value its record holds: the one its first part measured and
-    used. A record without it ran with 0."""
-    if spec.residual_correlation is not None:
-        return spec
-    stored = (record.read_run_config(output) or {}).get("residual_correlation", 0.0)
-    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
-        return spec  # left unknown: the record comparison names the difference
-    return replace(spec, residual_correlation=float(stored), correlation_source="the run record")
+    """A resumed run whose residual correlation or interval ratio is measured (not given by
+    the model's calibration) takes the value its record holds: the one its first part
+    measured and used. A record without it ran with 0 (correlation) or 1 (ratio)."""
+    stored = record.read_run_config(output) or {}
+    for name, absent in (("residual_correlation", 0.0), ("interval_ratio", 1.0)):
+        value = stored.get(name, absent)
+        if getattr(spec, name) is not None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # left unknown: the record comparison names the difference
+        spec = replace(spec, **{name: float(value)})
+        if name == "residual_correlation":
+            spec = replace(spec, correlation_source="the run record")
+    return spec
 
 
 def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bool):
@@ -257,10 +262,11 @@ def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bo
     try:
         if scheduling.remote:
             check_worker_devices(client, spec.settings.device)
-        if spec.residual_correlation is None:
+        if spec.residual_correlation is None or spec.interval_ratio is None:
             with timed("correlation"):
                 spec = with_correlation(spec, client)
-            log.debug("residual correlation measured: %.3f", spec.residual_correlation)
+            log.debug("pilot: residual correlation %.3f, interval ratio %.3f",
+                      spec.residual_correlation, spec.interval_ratio)  # fmt: skip
         if create:
             create_outputs(spec, overwrite=overwrite)
             record.write_run_config(spec.output_path, spec.record())

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from emdiffuse.models.calibration import fitted_sampling
 from emdiffuse.models.sampler_names import network_evaluations  # NFE: the samplers' own count
 from emdiffuse.pipeline.correlation import PILOT_SAMPLES, PILOT_TILES
 from emdiffuse.pipeline.lattice import Lattice, chunk_grid
@@ -44,6 +45,7 @@ class Plan:
     schedule: str = ""  # the noise schedule the sampler walks, in words ("" when not given)
     start_noise: float | None = None  # σ each sample starts at (None: pure noise)
     blend: str = ""  # where the residual texture's correlation comes from ("" without texture)
+    intervals: str = ""  # what the uncertainty image holds and how its scale is set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +69,8 @@ class Plan:
         ]
         if self.blend:
             lines.append(f"texture blend: {self.blend}")
+        if self.intervals:
+            lines.append(f"uncertainty: {self.intervals}")
         if self.estimated_seconds is not None:
             lines.append(
                 f"estimated time: {_format_seconds(self.estimated_seconds)} on {self.workers} "
@@ -216,7 +220,7 @@ def estimate_plan(
         schedule=spec.sampling_schedule_text,
         start_noise=s.start_noise,
     )
-    return replace(plan, blend=blend_text(spec))
+    return replace(plan, blend=blend_text(spec), intervals=intervals_text(spec))
 
 
 def blend_text(spec: RunSpec) -> str:
@@ -234,6 +238,31 @@ def blend_text(spec: RunSpec) -> str:
         f"residual correlation measured before the run on {PILOT_TILES} central tiles, "
         f"{PILOT_SAMPLES} samples each ({cost} evaluations; the model records none for "
         "this sampling)"
+    )
+
+
+def intervals_text(spec: RunSpec) -> str:
+    """What the uncertainty image will hold, in words ("" without one): the standard
+    deviation over samples, or calibrated interval half-widths — fitted on this run's
+    sampling, or rescaled to it by a spread ratio measured before the run
+    (:mod:`~emdiffuse.pipeline.correlation`)."""
+    s, calibration = spec.settings, spec.calibration
+    if s.samples < 2:
+        return ""
+    if calibration is None:
+        return f"standard deviation over the {s.samples} samples (the model has no calibration)"
+    level = f"{100 * float(calibration['level']):g} % interval half-widths"
+    sampler, steps, _ = fitted_sampling(calibration)
+    if spec.interval_ratio == 1.0:
+        return f"{level}, calibrated on this sampling ({sampler}, {steps} steps)"
+    if spec.interval_ratio is not None:
+        return (f"{level}, calibrated on {sampler} at {steps} steps, spread × "
+                f"{spec.interval_ratio:.3f} for this sampling (measured on the central tiles)")  # fmt: skip
+    cost = PILOT_TILES * (PILOT_SAMPLES * network_evaluations(sampler, steps) + 1)
+    return (
+        f"{level}, calibrated on {sampler} at {steps} steps; this sampling's spread is "
+        f"rescaled to it by a ratio measured before the run on the same {PILOT_TILES} "
+        f"central tiles ({cost} more evaluations)"
     )
 
 

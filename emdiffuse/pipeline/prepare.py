@@ -23,7 +23,7 @@ import numpy as np
 from emdiffuse.errors import InputError
 from emdiffuse.io import Volume, check_finite, open_volume, refuse_output
 from emdiffuse.models.checkpoints import check_expected, read_checkpoint
-from emdiffuse.pipeline.correlation import calibrated_correlation
+from emdiffuse.pipeline.correlation import calibrated_correlation, calibrated_ratio
 from emdiffuse.pipeline.intensity import run_normalization, warn_if_far_from_training_range
 from emdiffuse.pipeline.lattice import Lattice
 from emdiffuse.pipeline.preflight import check_device, check_tile_memory
@@ -260,10 +260,10 @@ def prepare(
         output_path=str(output),
         normalization=target,
         condition_normalization=condition,
-        # fitted on the default sampling, its intervals still cover 84-91 % at 90 % with
-        # other samplers and truncated starts, where the plain spread covers 59-73 %
-        # (benchmarks/results/interval_coverage.md)
+        # fitted on the default sampling; another sampling's half-widths are rescaled by the
+        # ratio of the two samplings' spreads, measured before the run (interval_ratio None)
         calibration=config.calibration if settings.samples >= 2 else None,
+        interval_ratio=calibrated_ratio(config.calibration, settings),
         model_kind=config.kind,
         # None: measured on the run's own tiles before the run (pipeline.correlation)
         residual_correlation=calibrated if textured else 0.0,

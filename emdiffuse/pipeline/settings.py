@@ -293,6 +293,11 @@ class RunSpec:
     # where that value came from, in words for the plan: "the model's calibration", "this
     # run's measurement", "the run record" (a resumed run), "" (no residual texture)
     correlation_source: str = ""
+    # the calibrated half-widths' factor for the run's sampling: the RMS spread of samples
+    # drawn as the calibration was fitted over the run's own, on the same pilot tiles. 1.0
+    # when the run samples as the calibration was fitted (or writes no calibrated
+    # intervals), None until measured before the run (pipeline.correlation.with_correlation)
+    interval_ratio: float | None = 1.0
     # the noise schedule the sampler walks (the model's inference schedule, else its training
     # schedule) and that fact in words; None for specs built without a model config
     sampling_schedule: dict | None = None
@@ -393,6 +398,7 @@ class RunSpec:
             "output_shape": list(map(int, self.lattice.output_shape)),
             # only when it blends otherwise than records without it did
             **({"residual_correlation": self.residual_correlation} if self.residual_correlation else {}),
+            **({"interval_ratio": self.interval_ratio} if self.interval_ratio != 1.0 else {}),
         }
 
     def _condition_record(self) -> dict:

@@ -304,7 +304,11 @@ def uncertainty_of(spec: RunSpec):
     else None (the standard deviation itself)."""
     if spec.calibration is None or spec.settings.samples < 2:
         return None
-    return partial(half_widths, calibration=spec.calibration, samples=spec.settings.samples)
+    if spec.interval_ratio is None:
+        raise RuntimeError("the run's interval ratio is not measured yet "
+                           "(pipeline.correlation.with_correlation comes before the tasks)")  # fmt: skip
+    return partial(half_widths, calibration=spec.calibration, samples=spec.settings.samples,
+                   ratio=spec.interval_ratio)  # fmt: skip
 
 
 def run_chunk(spec: RunSpec, index: tuple[int, int, int], *parts: dict) -> dict:

@@ -107,7 +107,7 @@ def test_an_unrecorded_correlation_is_measured_once_and_recorded(
     def refuse(*_args, **_kw):
         raise AssertionError("a resumed run measured its correlation again")
 
-    monkeypatch.setattr(correlation, "measure_correlation", refuse)
+    monkeypatch.setattr(correlation, "measure_pilot", refuse)
     plan = enhance(path, residual_model, tmp_path / "c.zarr", chunks=(1, 40, 44), resume=True,
                    dry_run=True, **dict(RUN, batch_size=1))  # fmt: skip
     assert plan.blend == f"residual correlation {rho:.3f}, the run record", plan.blend
@@ -134,8 +134,8 @@ def test_a_calibrated_correlation_is_used_without_a_measurement(
     model = perturbed_checkpoint(config, tmp_path / "calibrated.safetensors")
     path = random_volume(SHAPE, chunks=(1, 24, 24))
     measured = []
-    original = correlation.measure_correlation
-    monkeypatch.setattr(correlation, "measure_correlation",
+    original = correlation.measure_pilot
+    monkeypatch.setattr(correlation, "measure_pilot",
                         lambda *a, **k: measured.append(1) or original(*a, **k))  # fmt: skip
     enhance(path, model, tmp_path / "a.zarr", sampler="ddim", **RUN)
     assert not measured
