@@ -33,28 +33,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import machine_info, publish, start_record
-from train_step import round_times
+from train_step import demo_recipe, round_times
 
 from emdiffuse import metrics
 from emdiffuse.models.device import cpu_has_native_bf16
-from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import condition_from_model, from_model, normalize
 from emdiffuse.training import build, trainer
 from emdiffuse.training.demo_model import demo_pair
-from emdiffuse.training.settings import DEMO_SETTINGS, TrainSettings
+from emdiffuse.training.settings import DEMO_SETTINGS
 from emdiffuse.training.step import train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def step_times(sources, rounds: int, per_round: int) -> dict[str, list[float]]:
+def step_times(rounds: int, per_round: int) -> dict[str, list[float]]:
     """ms per training step of each precision, one list entry per round."""
-    s = TrainSettings(task="denoise", data=["noisy", "clean"], **{**DEMO_SETTINGS, "steps": 10**4})
-    dataset = build.build_dataset(s, sources)
-    config = build.build_config(s, dataset, None)
-    schedule = Schedule.from_dict(dict(config.schedule))
-    batches = [dataset.batch(range(i * 8, i * 8 + 8)) for i in range(per_round + 2)]
+    s, config, schedule, batches = demo_recipe(per_round + 2)
     dev = torch.device("cpu")
     steps = {}
     for name, dtype in PRECISIONS.items():
@@ -146,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     record = start_record(__file__, argv)
     torch.manual_seed(0)
     train_pair = demo_pair((8, 192, 192))
-    times = step_times(train_pair, args.rounds, args.steps_per_round)
+    times = step_times(args.rounds, args.steps_per_round)
     with tempfile.TemporaryDirectory() as tmp:
         settings = {**DEMO_SETTINGS, "steps": args.train_steps, "precision": "fp32",
                     "val_every": 10**6, "ckpt_every": 10**6}  # fmt: skip

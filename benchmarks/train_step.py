@@ -59,12 +59,18 @@ def round_times(steps: dict[str, Callable[[dict], None]], batches: list[dict], r
     return times
 
 
-def measure(rounds: int, per_round: int) -> dict:
+def demo_recipe(batches: int) -> tuple[TrainSettings, object, Schedule, list[dict]]:
+    """The demo recipe's settings, model config and schedule, and ``batches`` pre-drawn
+    batches of its training data (8 patches each)."""
     s = TrainSettings(task="denoise", data=["noisy", "clean"], **{**DEMO_SETTINGS, "steps": 10**4})
     dataset = build.build_dataset(s, list(demo_pair((8, 192, 192))))
     config = build.build_config(s, dataset, None)
     schedule = Schedule.from_dict(dict(config.schedule))
-    batches = [dataset.batch(range(i * 8, i * 8 + 8)) for i in range(per_round + 2)]
+    return s, config, schedule, [dataset.batch(range(i * 8, i * 8 + 8)) for i in range(batches)]
+
+
+def measure(rounds: int, per_round: int) -> dict:
+    s, config, schedule, batches = demo_recipe(per_round + 2)
     dev = torch.device("cpu")
     dtype = autocast_dtype(s.precision, dev, choices=TRAIN_PRECISIONS)
     nets, steps = {}, {}
