@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from emdiffuse.models.calibration import fitted_sampling, residual_correlation
+from emdiffuse.models.sampler_names import network_evaluations
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.lattice import Lattice, Tile
 from emdiffuse.pipeline.settings import RunSettings, RunSpec
@@ -44,20 +45,44 @@ PILOT_TILES = 2
 PILOT_SAMPLES = 2
 
 
+def samples_as_fitted(calibration: Mapping[str, Any], settings: RunSettings) -> bool:
+    """Whether the run draws full samples with the sampler, steps and spacing the
+    calibration was fitted on (:func:`emdiffuse.models.calibration.fitted_sampling`)."""
+    sampling = (settings.sampler, int(settings.steps), settings.spacing)
+    return settings.start_noise is None and sampling == fitted_sampling(calibration)
+
+
 def calibrated_correlation(calibration: Mapping[str, Any] | None, settings: RunSettings) -> float | None:
     """The correlation the model's calibration measured, when the run samples as the
-    calibration did (sampler, steps and spacing, full samples); None when it is unknown for
-    these settings (another sampler, steps or spacing, a truncated start, no record). A
-    record without ``sampler``/``steps`` was measured at the run defaults (as training
-    measures it), and without ``spacing`` at the sampler's default spacing."""
+    calibration did (:func:`samples_as_fitted`); None when it is unknown for these settings
+    (another sampler, steps or spacing, a truncated start, no record). A record without
+    ``sampler``/``steps`` was measured at the run defaults (as training measures it), and
+    without ``spacing`` at the sampler's default spacing."""
     if not calibration or "residual_correlation" not in calibration:
         return None
-    measured_at = fitted_sampling(calibration)
-    if settings.start_noise is not None:
-        return None
-    if (settings.sampler, int(settings.steps), settings.spacing) != measured_at:
+    if not samples_as_fitted(calibration, settings):
         return None
     return float(calibration["residual_correlation"])
+
+
+def calibrated_ratio(calibration: Mapping[str, Any] | None, settings: RunSettings) -> float | None:
+    """The calibrated half-widths' factor when it needs no measurement: 1.0 when the run
+    writes no calibrated intervals (no record, fewer than 2 samples) or samples as the
+    calibration was fitted (:func:`samples_as_fitted`); None otherwise."""
+    if not calibration or settings.samples < 2 or samples_as_fitted(calibration, settings):
+        return 1.0
+    return None
+
+
+def pilot_evaluations(sampler: str, steps: int) -> int:
+    """Network evaluations of one pilot sampling: :data:`PILOT_SAMPLES` samples (and the
+    model's mean) of each of the :data:`PILOT_TILES` tiles."""
+    return PILOT_TILES * (PILOT_SAMPLES * network_evaluations(sampler, steps) + 1)
+
+
+def needs_pilot(spec: RunSpec) -> bool:
+    """Whether ``spec`` still lacks its residual correlation or its interval ratio."""
+    return spec.residual_correlation is None or spec.interval_ratio is None
 
 
 def pilot_tiles(lattice: Lattice, count: int = PILOT_TILES) -> list[Tile]:
@@ -79,36 +104,26 @@ def pilot_tiles(lattice: Lattice, count: int = PILOT_TILES) -> list[Tile]:
     return sorted(candidates, key=lambda t: (distance(t), t.unit, t.iy, t.ix))[:count]
 
 
-def calibrated_ratio(calibration: Mapping[str, Any] | None, settings: RunSettings) -> float | None:
-    """The calibrated half-widths' factor when it needs no measurement: 1.0 when the run
-    writes no calibrated intervals (no record, fewer than 2 samples) or samples as the
-    calibration was fitted (sampler, steps, spacing; full samples); None otherwise."""
-    if not calibration or settings.samples < 2:
-        return 1.0
-    fitted = fitted_sampling(calibration)
-    sampling = (settings.sampler, int(settings.steps), settings.spacing)
-    if settings.start_noise is None and sampling == fitted:
-        return 1.0
-    return None
-
-
-def _pilot_parts(spec: RunSpec, enhancer) -> tuple[np.ndarray, np.ndarray]:
-    """(samples, residual parts) of :data:`PILOT_SAMPLES` samples of each :func:`pilot_tiles`
-    tile, ``(PILOT_SAMPLES, voxels)`` each, model space: one tile per batch, ``spec``'s
-    sampling, seed and tile noise."""
-    pilot = replace(spec, settings=replace(spec.settings, samples=PILOT_SAMPLES, batch_size=1))
-    lattice = spec.lattice
-    samples: list[list[np.ndarray]] = [[] for _ in range(PILOT_SAMPLES)]
-    residuals: list[list[np.ndarray]] = [[] for _ in range(PILOT_SAMPLES)]
+def _pilot_parts(specs: list[RunSpec], enhancer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each of ``specs`` (the same run, sampled otherwise), (samples, residual parts)
+    of :data:`PILOT_SAMPLES` samples of each :func:`pilot_tiles` tile, ``(PILOT_SAMPLES,
+    voxels)`` each, model space: one tile per batch, the run's seed and tile noise; each
+    tile's input is read once for all of them."""
+    pilots = [replace(s, settings=replace(s.settings, samples=PILOT_SAMPLES, batch_size=1))
+              for s in specs]  # fmt: skip
+    lattice = specs[0].lattice
+    parts_of = [([[] for _ in range(PILOT_SAMPLES)], [[] for _ in range(PILOT_SAMPLES)])
+                for _ in specs]  # fmt: skip
     for tile in pilot_tiles(lattice):
         box = lattice.input_box_of([tile])
-        region = condition_region(spec, runtime.read_input(spec, box))
-        for parts in run_tiles(pilot, enhancer, [tile], region, box):
-            rest = parts.residual if parts.residual is not None else np.zeros_like(parts.mean)
-            samples[parts.sample].append((parts.mean + rest).ravel())
-            residuals[parts.sample].append(rest.ravel())
-    return (np.stack([np.concatenate(t) for t in samples]),
-            np.stack([np.concatenate(t) for t in residuals]))  # fmt: skip
+        region = condition_region(specs[0], runtime.read_input(specs[0], box))
+        for pilot, (samples, residuals) in zip(pilots, parts_of, strict=True):
+            for parts in run_tiles(pilot, enhancer, [tile], region, box):
+                rest = parts.residual if parts.residual is not None else np.zeros_like(parts.mean)
+                samples[parts.sample].append((parts.mean + rest).ravel())
+                residuals[parts.sample].append(rest.ravel())
+    return [(np.stack([np.concatenate(t) for t in samples]),
+             np.stack([np.concatenate(t) for t in residuals])) for samples, residuals in parts_of]  # fmt: skip
 
 
 def spread_ratio(calibrated: np.ndarray, run: np.ndarray) -> float:
@@ -132,16 +147,19 @@ def measure_pilot(spec: RunSpec, enhancer=None) -> dict[str, float]:
     to the run's (:func:`emdiffuse.pipeline.runtime.spec_enhancer`)."""
     if enhancer is None:
         enhancer = runtime.spec_enhancer(spec)
-    samples, residuals = _pilot_parts(spec, enhancer)
+    specs = [spec]
+    if spec.interval_ratio is None:  # also samples drawn as the calibration was fitted
+        sampler, steps, spacing = fitted_sampling(spec.calibration)
+        fitted = replace(spec.settings, sampler=sampler, steps=steps, spacing=spacing,
+                         start_noise=None)  # fmt: skip
+        specs.append(replace(spec, settings=fitted))
+    measured = _pilot_parts(specs, enhancer)
+    samples, residuals = measured[0]
     out: dict[str, float] = {}
     if spec.residual_correlation is None:
         out["residual_correlation"] = residual_correlation(residuals)
     if spec.interval_ratio is None:
-        sampler, steps, spacing = fitted_sampling(spec.calibration)
-        fitted = replace(spec.settings, sampler=sampler, steps=steps, spacing=spacing,
-                         start_noise=None)  # fmt: skip
-        calibrated, _ = _pilot_parts(replace(spec, settings=fitted), enhancer)
-        out["interval_ratio"] = spread_ratio(calibrated, samples)
+        out["interval_ratio"] = spread_ratio(measured[1][0], samples)
     return out
 
 
@@ -156,7 +174,7 @@ def with_correlation(spec: RunSpec, client=None, enhancer=None) -> RunSpec:
     the model's calibration gave them (or the run needs none), else measured
     (:func:`measure_pilot`) — on a worker of ``client`` when given, where the run's
     tasks will load the model, else in this process (with ``enhancer`` when given)."""
-    if spec.residual_correlation is not None and spec.interval_ratio is not None:
+    if not needs_pilot(spec):
         return spec
     if client is not None:
         values = client.submit(measure_pilot, spec, pure=False).result()
@@ -171,6 +189,6 @@ def with_correlation(spec: RunSpec, client=None, enhancer=None) -> RunSpec:
 
 
 __all__ = [
-    "PILOT_TILES", "PILOT_SAMPLES", "calibrated_correlation", "calibrated_ratio", "pilot_tiles",
-    "spread_ratio", "measure_pilot", "measure_correlation", "with_correlation",
+    "PILOT_TILES", "PILOT_SAMPLES", "samples_as_fitted", "calibrated_correlation", "calibrated_ratio",
+    "pilot_evaluations", "needs_pilot", "pilot_tiles", "spread_ratio", "measure_pilot", "measure_correlation", "with_correlation",
 ]  # fmt: skip

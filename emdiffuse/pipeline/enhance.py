@@ -40,7 +40,7 @@ from emdiffuse.pipeline.cluster import (
     quiet_shutdown,
     silence_distributed,
 )
-from emdiffuse.pipeline.correlation import with_correlation
+from emdiffuse.pipeline.correlation import needs_pilot, with_correlation
 from emdiffuse.pipeline.graph import build_graph, run_graph
 from emdiffuse.pipeline.lattice import chunk_box, iter_chunks
 from emdiffuse.pipeline.outputs import create_outputs, finalize_outputs
@@ -183,7 +183,7 @@ def run_enhancement(
         resuming = resume and exists
         done: set = set()
         if resuming:
-            spec = _recorded_correlation(spec, output)
+            spec = _recorded_pilot(spec, output)
             record.check_run_config(output, spec.record())
             if record.is_complete(output):
                 if notes:
@@ -232,7 +232,7 @@ def _report_plan(
     return plan
 
 
-def _recorded_correlation(spec: RunSpec, output: str) -> RunSpec:
+def _recorded_pilot(spec: RunSpec, output: str) -> RunSpec:
     """A resumed run whose residual correlation or interval ratio is measured (not given by
     the model's calibration) takes the value its record holds: the one its first part
     measured and used. A record without it ran with 0 (correlation) or 1 (ratio)."""
@@ -262,7 +262,7 @@ def _start(spec: RunSpec, scheduling: Scheduling, *, create: bool, overwrite: bo
     try:
         if scheduling.remote:
             check_worker_devices(client, spec.settings.device)
-        if spec.residual_correlation is None or spec.interval_ratio is None:
+        if needs_pilot(spec):
             with timed("correlation"):
                 spec = with_correlation(spec, client)
             log.debug("pilot: residual correlation %.3f, interval ratio %.3f",

@@ -14,7 +14,7 @@ import numpy as np
 
 from emdiffuse.models.calibration import fitted_sampling
 from emdiffuse.models.sampler_names import network_evaluations  # NFE: the samplers' own count
-from emdiffuse.pipeline.correlation import PILOT_SAMPLES, PILOT_TILES
+from emdiffuse.pipeline.correlation import PILOT_SAMPLES, PILOT_TILES, pilot_evaluations
 from emdiffuse.pipeline.lattice import Lattice, chunk_grid
 from emdiffuse.pipeline.settings import RunSpec
 
@@ -233,7 +233,7 @@ def blend_text(spec: RunSpec) -> str:
     if spec.residual_correlation is not None:
         source = spec.correlation_source or "given"
         return f"residual correlation {spec.residual_correlation:.3f}, {source}"
-    cost = PILOT_TILES * (PILOT_SAMPLES * network_evaluations(s.sampler, s.steps) + 1)
+    cost = pilot_evaluations(s.sampler, s.steps)
     return (
         f"residual correlation measured before the run on {PILOT_TILES} central tiles, "
         f"{PILOT_SAMPLES} samples each ({cost} evaluations; the model records none for "
@@ -258,7 +258,7 @@ def intervals_text(spec: RunSpec) -> str:
     if spec.interval_ratio is not None:
         return (f"{level}, calibrated on {sampler} at {steps} steps, spread × "
                 f"{spec.interval_ratio:.3f} for this sampling (measured on the central tiles)")  # fmt: skip
-    cost = PILOT_TILES * (PILOT_SAMPLES * network_evaluations(sampler, steps) + 1)
+    cost = pilot_evaluations(sampler, steps)
     return (
         f"{level}, calibrated on {sampler} at {steps} steps; this sampling's spread is "
         f"rescaled to it by a ratio measured before the run on the same {PILOT_TILES} "
