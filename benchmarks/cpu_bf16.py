@@ -1,7 +1,7 @@
 """bf16 autocast on a CPU: training and sampling speed, and what it changes in the output.
 
 ``precision="auto"`` (training and enhancement) runs the network under bf16 autocast on a CPU
-with Intel AMX (:func:`emdiffuse.models.device.autocast_dtype`). This benchmark measures, in
+with Intel AMX or AVX512-BF16 (:func:`emdiffuse.models.device.autocast_dtype`). This benchmark measures, in
 one run on the machine it runs on:
 
 The data are the demo's (``training.demo_model.demo_pair``); the test tiles lie outside the
@@ -36,7 +36,7 @@ from common import machine_info, publish, start_record
 from train_step import demo_recipe, round_times
 
 from emdiffuse import metrics
-from emdiffuse.models.device import cpu_has_native_bf16
+from emdiffuse.models.device import cpu_bf16_hardware, cpu_has_native_bf16
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import condition_from_model, from_model, normalize
 from emdiffuse.training import build, trainer
@@ -104,7 +104,7 @@ def markdown(r: dict) -> str:
         "# bf16 autocast on a CPU: speed and output",
         "",
         f"`python benchmarks/cpu_bf16.py {' '.join(r['argv'])}`; {r['machine']['processor']}, "
-        f"{r['machine']['cpu_count']} logical CPUs, Intel AMX: {r['amx']}; torch {r['machine']['torch']}.",
+        f"{r['machine']['cpu_count']} logical CPUs, bf16 hardware: {r.get('bf16_hardware') or ('AMX' if r['amx'] else 'none')}; torch {r['machine']['torch']}.",
         "",
         "| what | fp32 | bf16 autocast | ratio fp32 / bf16 |",
         "|---|---|---|---|",
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         result = sampling(model, (test_noisy, test_clean), args.tiles)
     payload = {
         "argv": sys.argv[1:] if argv is None else argv, "provenance": record,
-        "machine": machine_info(record), "amx": cpu_has_native_bf16(), "tiles": args.tiles,
+        "machine": machine_info(record), "amx": cpu_has_native_bf16(), "bf16_hardware": cpu_bf16_hardware(), "tiles": args.tiles,
         "train_steps": args.train_steps, "train_ms": times, "sampling": result,
     }  # fmt: skip
     publish(args.name, payload, markdown(payload))

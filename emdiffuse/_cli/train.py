@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=TRAIN_PRECISIONS, default=d["precision"],
         help="autocast of the network: auto (default) is bf16 where the hardware computes it "
-        "natively (CUDA GPUs with bf16, CPUs with Intel AMX) and fp32 elsewhere",
+        "natively (CUDA GPUs with bf16, CPUs with Intel AMX or AVX512-BF16) and fp32 elsewhere",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument(

@@ -6,8 +6,10 @@ Used by the Enhancer (inference), the trainer (one GPU per rank) and the pipelin
 the worker's number) and gets the same validation and the same error message.
 
 ``auto`` precision is bf16 autocast wherever the hardware multiplies bf16 matrices natively:
-a CUDA GPU with bf16 (else fp16 for inference), or a CPU with Intel AMX, where oneDNN runs the
-convolutions in bf16 tiles (measured 1.4x per training step, benchmarks/results/cpu_bf16.md);
+a CUDA GPU with bf16 (else fp16 for inference), or a CPU whose oneDNN kernels compute bf16 in
+hardware: Intel AMX tiles (Xeon Sapphire Rapids and later; measured 1.5x per training step,
+benchmarks/results/cpu_bf16.md) or AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper
+Lake; 1.4x per training step, 1.7x per 8-step sample, benchmarks/results/cpu_bf16_avx512.md);
 plain fp32 elsewhere, where emulated bf16 would be slower.
 """
 
@@ -53,11 +55,21 @@ def resolve_device(device: str | torch.device = "auto", *, index: int | None = N
     return resolved
 
 
+def cpu_bf16_hardware() -> str | None:
+    """The bf16 instructions of this CPU that torch's oneDNN backend uses: ``"AMX"`` (Intel
+    AMX tiles), ``"AVX512-BF16"`` (bf16 dot products in AVX-512), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        supported = getattr(torch.cpu, probe, None)
+        if supported is not None and supported():
+            return name
+    return None
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles) and torch's
-    oneDNN backend can use them."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe() and torch.backends.mkldnn.is_available())
+    """Whether this CPU computes bf16 matrix products in hardware (:func:`cpu_bf16_hardware`)."""
+    return cpu_bf16_hardware() is not None
 
 
 def autocast_dtype(
@@ -84,4 +96,4 @@ def autocast_dtype(
 
 
 __all__ = ["resolve_device", "DEVICE_CHOICES", "PRECISIONS", "TRAIN_PRECISIONS",
-           "cpu_has_native_bf16", "autocast_dtype"]  # fmt: skip
+           "cpu_bf16_hardware", "cpu_has_native_bf16", "autocast_dtype"]  # fmt: skip

@@ -86,7 +86,7 @@ class TrainSettings:
     region: int | None = None
     workers: int = 0
     seed: int = 0
-    # autocast: auto = bf16 where the hardware has it natively (CUDA, CPUs with AMX), else
+    # autocast: auto = bf16 where the hardware has it natively (CUDA, CPUs with AMX or AVX512-BF16), else
     # fp32 (models/device.py). Not a resume field: a run may resume on other hardware
     precision: str = "auto"
     init: str | None = None
