@@ -31,7 +31,12 @@ from collections.abc import Callable
 import torch
 from common import machine_info, publish, start_record
 
-from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype, cpu_bf16_hardware, cpu_has_native_bf16
+from emdiffuse.models.device import (
+    TRAIN_PRECISIONS,
+    autocast_dtype,
+    cpu_bf16_hardware,
+    cpu_has_native_bf16,
+)
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.ema import EMA
 from emdiffuse.training import build

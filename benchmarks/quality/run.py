@@ -310,7 +310,7 @@ def peer_entry(run: LevelRun, ctx: Context, entry: Entry, arrays: dict[str, Any]
     print(f"  CAREamics {algorithm} for {ctx.budget(entry):g} s", flush=True)
     result = run_peer(algorithm, arrays, d, ctx.sizes, ctx.cache, args.peers_python,
                       budget=ctx.budget(entry), source=ctx.source.name,
-                      batch_size=int(train_settings(ctx.sizes)["batch_size"]),
+                      batch_size=args.peer_batch or int(train_settings(ctx.sizes)["batch_size"]),
                       probe_steps=PEER_PROBE_STEPS[ctx.mode], seed=args.seed,
                       threads=args.threads)  # fmt: skip
     if "error" in result:
@@ -522,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra TrainSettings fields for the project's models (JSON values)",
     )
     p.add_argument("--no-peers", action="store_true", help="skip CAREamics")
+    p.add_argument("--peer-batch", type=int, default=None, metavar="N",
+                   help="CAREamics batch size (default: the project recipe's)")
     p.add_argument("--no-aniso", action="store_true", help="skip vemdiffuse-a")
     p.add_argument("--peers-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
     p.add_argument(

@@ -1,0 +1,69 @@
+"""Training-recipe variants of the residual kind, scored on the posterior mean only.
+
+A quicker loop than ``run.py`` for questions about the mean network at a short budget: each
+variant trains through the harness's own ``train_model`` (rate probe, cosine horizon, wall
+time limit, model cache) on one FlyEM level, enhances the first test input with
+``samples=0`` (one network evaluation) and scores it against the truth. No peers, no
+samples, no report: one JSON line per variant, printed and appended to ``--out``.
+
+    python benchmarks/quality/mean_recipe.py --level denoise-dose8 \\
+        --variants '{}' '{"batch_size": 16, "residual_batch": 4}' [--seed 0] [--budget 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import quality_project as qp
+from quality_data import flyem_levels
+from quality_plan import Entry
+from quality_scores import score
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--level", required=True, help="a FlyEM level key, e.g. denoise-dose8")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        type=json.loads,
+        required=True,
+        help="TrainSettings overrides, one JSON object per variant ({} = the recipe)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=150.0, help="training seconds per variant")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/qcache"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "quality" / "mean_recipe.jsonl",
+    )
+    args = p.parse_args(argv)
+    source, levels, sizes = flyem_levels([args.level])
+    data = source.task_data(levels[0], sizes, source.train_volume(sizes))
+    work = args.cache / "work" / "mean_recipe"
+    work.mkdir(parents=True, exist_ok=True)
+    inp = qp.write_input(data.test_inputs[0], work / f"in_{args.level}.ome.zarr", data.input_voxel)
+    for extra in args.variants:
+        start = time.time()
+        model = qp.train_model(Entry("residual", args.budget), data, sizes, args.cache,
+                               budget=args.budget, probe_seconds=20, source="flyem",
+                               seed=args.seed, extra=extra)  # fmt: skip
+        mean = qp.run_enhance(model["path"], inp, work / "out.ome.zarr", samples=0, seed=0)["mean"]
+        s = score(mean, data.truth, data.eval_z, data.voxel_nm)
+        line = {"level": args.level, "extra": extra, "seed": args.seed, "budget_s": args.budget,
+                "steps": model.get("steps"), "psnr": round(s["psnr"], 3),
+                "ssim": round(s["ssim"], 4), "bias_pct": round(s["bias_pct"], 3),
+                "wall_s": round(time.time() - start)}  # fmt: skip
+        print(json.dumps(line), flush=True)
+        with args.out.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
