@@ -121,7 +121,23 @@ def machine_info(record: dict) -> dict:
         "zarr": versions["zarr"],
         "numpy": versions["numpy"],
         "cuda": (machine["gpu"] or [None])[0],
+        "bf16_hardware": _bf16_hardware(),
     }
+
+
+def _bf16_hardware() -> str | None:
+    from emdiffuse.models.device import cpu_bf16_hardware
+
+    return cpu_bf16_hardware()
+
+
+def bf16_hardware_label(payload: dict) -> str:
+    """The CPU's bf16 hardware as a result records it (results from before the field say
+    only whether the machine had AMX)."""
+    found = payload["machine"].get("bf16_hardware")
+    if found is None and "bf16_hardware" not in payload["machine"]:
+        found = payload.get("bf16_hardware") or ("AMX" if payload.get("amx") else None)
+    return found or "none"
 
 
 def write_results(name: str, payload: dict) -> Path:

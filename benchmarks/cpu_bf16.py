@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_info, publish, start_record
+from common import bf16_hardware_label, machine_info, publish, start_record
 from train_step import demo_recipe, round_times
 
 from emdiffuse import metrics
-from emdiffuse.models.device import cpu_bf16_hardware, cpu_has_native_bf16
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.normalization import condition_from_model, from_model, normalize
 from emdiffuse.training import build, trainer
@@ -104,7 +103,7 @@ def markdown(r: dict) -> str:
         "# bf16 autocast on a CPU: speed and output",
         "",
         f"`python benchmarks/cpu_bf16.py {' '.join(r['argv'])}`; {r['machine']['processor']}, "
-        f"{r['machine']['cpu_count']} logical CPUs, bf16 hardware: {r.get('bf16_hardware') or ('AMX' if r['amx'] else 'none')}; torch {r['machine']['torch']}.",
+        f"{r['machine']['cpu_count']} logical CPUs, bf16 hardware: {bf16_hardware_label(r)}; torch {r['machine']['torch']}.",
         "",
         "| what | fp32 | bf16 autocast | ratio fp32 / bf16 |",
         "|---|---|---|---|",
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         result = sampling(model, (test_noisy, test_clean), args.tiles)
     payload = {
         "argv": sys.argv[1:] if argv is None else argv, "provenance": record,
-        "machine": machine_info(record), "amx": cpu_has_native_bf16(), "bf16_hardware": cpu_bf16_hardware(), "tiles": args.tiles,
+        "machine": machine_info(record), "tiles": args.tiles,
         "train_steps": args.train_steps, "train_ms": times, "sampling": result,
     }  # fmt: skip
     publish(args.name, payload, markdown(payload))

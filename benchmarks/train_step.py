@@ -29,14 +29,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import machine_info, publish, start_record
+from common import bf16_hardware_label, machine_info, publish, start_record
 
-from emdiffuse.models.device import (
-    TRAIN_PRECISIONS,
-    autocast_dtype,
-    cpu_bf16_hardware,
-    cpu_has_native_bf16,
-)
+from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.ema import EMA
 from emdiffuse.training import build
@@ -122,7 +117,7 @@ def markdown(r: dict) -> str:
         "# A training step: where its time goes, and the fused optimizer",
         "",
         f"`python benchmarks/train_step.py {' '.join(r['argv'])}`; {r['machine']['processor']}, "
-        f"{r['machine']['cpu_count']} logical CPUs, bf16 hardware: {r.get('bf16_hardware') or ('AMX' if r['amx'] else 'none')}; torch "
+        f"{r['machine']['cpu_count']} logical CPUs, bf16 hardware: {bf16_hardware_label(r)}; torch "
         f"{r['machine']['torch']}; autocast {r['precision']}. Residual kind, the demo's recipe "
         "(tiny preset, batch 8, 48² patches); median of the rounds.",
         "",
@@ -157,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     result = measure(args.rounds, args.steps_per_round)
     payload = {"argv": sys.argv[1:] if argv is None else argv, "provenance": record,
-               "machine": machine_info(record), "amx": cpu_has_native_bf16(), "bf16_hardware": cpu_bf16_hardware(), **result}  # fmt: skip
+               "machine": machine_info(record), **result}  # fmt: skip
     publish(args.name, payload, markdown(payload))
 
 
