@@ -40,17 +40,24 @@ def psnr(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0
     return float(10.0 * math.log10(float(data_range) ** 2 / err))
 
 
+# side of scikit-image's Gaussian SSIM window at sigma 1.5 (truncated at 3.5 sigma): 11
+GAUSSIAN_WINDOW = 2 * int(3.5 * 1.5 + 0.5) + 1
+
+
 def ssim(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0) -> float:
     """Mean structural similarity (scikit-image, Gaussian window as Wang et al. 2004).
 
     Stacks (``ndim > 2``) are scored image by image over the last two axes and averaged.
+    Images smaller than the Gaussian window (11 voxels) use a uniform window of the largest
+    odd side up to 7 that fits (at least 3).
     """
     a, b = _pair(estimate, reference)
     if a.ndim < 2:
         raise InputError(f"ssim: need images (…, y, x), got shape {a.shape}")
     a2 = a.reshape(-1, *a.shape[-2:])
     b2 = b.reshape(-1, *b.shape[-2:])
-    small = min(a.shape[-2:]) < 7
+    side = min(a.shape[-2:])
+    small = side < GAUSSIAN_WINDOW  # too small for the Gaussian window: a uniform one
     scores = [
         structural_similarity(
             x,
@@ -59,7 +66,7 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0
             gaussian_weights=not small,
             sigma=1.5,
             use_sample_covariance=False,
-            win_size=3 if small else None,
+            win_size=max(3, min(7, side - (1 - side % 2))) if small else None,
         )
         for x, y in zip(a2, b2, strict=True)
     ]

@@ -65,6 +65,13 @@ def enhance_defaults() -> dict[str, Any]:
     return {"sampler": params["sampler"].default, "steps": params["steps"].default}
 
 
+# Isotropic levels train at a quarter of the demo's learning rate: at 2e-3 the mean network's
+# body blew up in the first ~150 steps and died (its output ~0, the model its linear skip,
+# ~0.7 dB lower) in 2 of 8 FlyEM isotropic ×4 runs; at 5e-4 it did not, and scored as well or
+# better at 2.5 min (READING.md, thirteenth session; benchmarks/quality/mean_activity.py).
+ISOTROPIC_LR = 5e-4
+
+
 def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trainer settings of every project model: the demo's tiny-CPU recipe at the run's
     patch and region, validation and checkpoint only at the end, plus ``extra`` (the
@@ -104,7 +111,8 @@ def train_sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], 
 def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str, Any]:
     """Trainer options of ``entry`` on ``data``: the shared recipe, the kind's objective, the
     level's factor. vemdiffuse-a's patch runs along z of its z-subsampled training volume,
-    so it is cut to fit (a multiple of 8); the regression UNet skips the end-of-training
+    so it is cut to fit (a multiple of 8); isotropic levels train at :data:`ISOTROPIC_LR`
+    unless ``extra`` sets ``lr``; the regression UNet skips the end-of-training
     calibration of the sample spread (it has none); the residual kind's own settings
     (:data:`RESIDUAL_SETTINGS`) are written out."""
     level = data.level
@@ -115,6 +123,8 @@ def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str
                         if name in installed and name not in options})  # fmt: skip
     if level.task != "denoise":
         options["factor"] = level.factor
+    if level.task == "isotropic" and "lr" not in (extra or {}):
+        options["lr"] = ISOTROPIC_LR
     if entry.aniso:
         options["patch"] = min(options["patch"], data.train["aniso"].shape[0] // 8 * 8)
     if entry.kind == "regression" and "calibration_samples" in field_names():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.z_context import DEFAULT_Z_CONTEXT
 from emdiffuse.training.settings import (
     AXES,
     LR_SCHEDULES,
@@ -38,7 +39,7 @@ SETTINGS = (
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
-    "precision",
+    "precision", "z_context",
 )  # fmt: skip
 
 
@@ -80,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="brightness/contrast augmentation: a gain in 1 +- FRACTION and an offset in "
         "+- FRACTION/2 of the target's range, the same raw change for input and target "
         "(default %(default)s; 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--z-context", type=int, default=d["z_context"], metavar="C",
+        help="isotropic tasks: input slices the model reads beyond the two bounding slices "
+        "on each side (0: the pair, as the reference; 1: four slices). Default: the --init "
+        f"model's, else {DEFAULT_Z_CONTEXT} for a new model",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

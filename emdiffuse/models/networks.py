@@ -24,11 +24,12 @@ from emdiffuse.models.variants import ModelConfig
 def baseline_weights(config: ModelConfig) -> list[list[float]]:
     """``(out_slices, in_slices)`` weights of what the input alone gives on the output grid:
     the (noisy or upsampled) image itself, or linear interpolation between the two bounding
-    slices (isotropic). The mean network's skip starts there."""
+    slices (isotropic; context slices beyond them get weight 0). The mean network's skip
+    starts there with ``--mean-init input``."""
     if not config.isotropic:
         return [[1.0]]
-    k = config.k
-    return [[1.0 - j / k, j / k] for j in range(1, k)]
+    k, c = config.k, config.z_context
+    return [[0.0] * c + [1.0 - j / k, j / k] + [0.0] * c for j in range(1, k)]
 
 
 def baseline_affine(config: ModelConfig) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from emdiffuse.models.variants import (
     VARIANTS,
     ModelConfig,
 )
+from emdiffuse.models.z_context import condition_slices
 
 # Network sizes. "reference" is the published EMDiffuse UNet (32 base channels, multipliers
 # 1-2-4-8, 2 residual blocks per level, self-attention at 16x16, 32 channels per head,
@@ -75,9 +76,10 @@ def make_unet_config(
     use_index_embedding: bool = False,
     dims: int = 2,
     kind: str = "sr3",
+    z_context: int = 0,
 ) -> UNetConfig:
-    """The (diffusion) UNet architecture of a preset (channels follow the variant's contract;
-    the residual kind's UNet also takes the mean as conditioning)."""
+    """The (diffusion) UNet architecture of a preset (channels follow the variant's contract,
+    ``z_context`` included; the residual kind's UNet also takes the mean as conditioning)."""
     if size not in _SIZES:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     if variant not in VARIANTS:
@@ -86,7 +88,7 @@ def make_unet_config(
     k = _default_scale(task) if scale_factor is None else int(scale_factor)
     if task == "isotropic":
         out = 1 if use_index_embedding else k - 1
-        cond = 2
+        cond = condition_slices(z_context)
     else:
         out, cond = 1, 1
     if kind == "residual":
@@ -107,7 +109,7 @@ def make_unet_config(
 
 def make_mean_net_config(
     variant: str, *, size: str = "tiny", scale_factor: int | None = None, dims: int = 2,
-    **overrides: Any,
+    z_context: int = 0, **overrides: Any,
 ) -> MeanNetConfig:
     """The mean network of a preset (the residual kind), with ``overrides`` of its fields
     (``base_channels``, ``depth``, ``convs``)."""
@@ -115,7 +117,7 @@ def make_mean_net_config(
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     task = VARIANTS[variant]
     k = _default_scale(task) if scale_factor is None else int(scale_factor)
-    cond, out = (2, k - 1) if task == "isotropic" else (1, 1)
+    cond, out = (condition_slices(z_context), k - 1) if task == "isotropic" else (1, 1)
     fixed = sorted(set(overrides) & {"dims", "in_channels", "out_channels"})
     if fixed:
         raise InputError(f"mean_net: {', '.join(fixed)} follow(s) from the task; leave out")
@@ -147,6 +149,7 @@ def make_config(
     kind: str = "sr3",
     mean_net: Mapping[str, Any] | None = None,
     residual_scale: float | None = None,
+    z_context: int = 0,
 ) -> ModelConfig:
     """A named preset: ``variant`` in ``VARIANTS``, ``size`` in ``tiny|small|reference``.
 
@@ -155,7 +158,8 @@ def make_config(
     super-resolve only). Defaults follow the reference: linear schedule over 2000 steps,
     epsilon prediction, MSE. ``kind="residual"`` adds the preset's mean network (fields
     overridden by ``mean_net``) and ``residual_scale`` (default
-    :data:`DEFAULT_RESIDUAL_SCALE`).
+    :data:`DEFAULT_RESIDUAL_SCALE`). ``z_context`` (isotropic): input slices read beyond the
+    bounding pair on each side (:class:`ModelConfig`).
     """
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -170,14 +174,15 @@ def make_config(
         )
     unet = make_unet_config(
         variant, size=size, scale_factor=k, use_index_embedding=use_index_embedding, dims=dims,
-        kind=kind,
+        kind=kind, z_context=z_context,
     )
     residual: dict[str, Any] = {}
     if kind == "residual":
         residual = {
             "kind": kind,
             "mean_net": make_mean_net_config(
-                variant, size=size, scale_factor=k, dims=dims, **dict(mean_net or {})
+                variant, size=size, scale_factor=k, dims=dims, z_context=z_context,
+                **dict(mean_net or {}),
             ),
             "residual_scale": float(
                 DEFAULT_RESIDUAL_SCALE if residual_scale is None else residual_scale
@@ -198,6 +203,7 @@ def make_config(
         condition_normalization=(
             None if condition_normalization is None else dict(condition_normalization)
         ),
+        z_context=z_context,
         **residual,
     )
 

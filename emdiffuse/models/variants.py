@@ -13,9 +13,13 @@ variant       task           in_slices  out_slices  xy_scale  z_scale
 ============  =============  =========  ==========  ========  =======
 emdiffuse-n   denoise        1          1           1         1
 emdiffuse-r   super-resolve  1          1           k         1
-vemdiffuse-i  isotropic      2          k - 1       1         k
-vemdiffuse-a  isotropic      2          k - 1       1         k
+vemdiffuse-i  isotropic      2 + 2c     k - 1       1         k
+vemdiffuse-a  isotropic      2 + 2c     k - 1       1         k
 ============  =============  =========  ==========  ========  =======
+
+``c`` is :attr:`ModelConfig.z_context`: input slices beyond the bounding pair on each side
+(0, the reference's layout: the two bounding slices; 1: four slices, as cubic interpolation
+reads; :mod:`emdiffuse.models.z_context`).
 
 Isotropic variants come in two network layouts:
 
@@ -52,6 +56,7 @@ from emdiffuse.models.config_fields import (
 )
 from emdiffuse.models.mean_net import MeanNetConfig
 from emdiffuse.models.unet import UNetConfig
+from emdiffuse.models.z_context import check_z_context, condition_slices
 
 VARIANTS: dict[str, str] = {
     "emdiffuse-n": "denoise",
@@ -119,7 +124,9 @@ class ModelConfig:
     training ``schedule`` (checkpoints from before the field). See :attr:`sampling_schedule`.
     ``cond_upsample`` is how super-resolution puts its input on the output grid
     (:mod:`emdiffuse.models.conditioning`): ``"bicubic"``, or ``"bilinear"`` for reference
-    weights.
+    weights. ``z_context`` (isotropic only) is the number of input slices the network reads
+    beyond the two bounding slices on each side (see the module docstring; 0 for checkpoints
+    from before the field and for reference weights).
     """
 
     variant: str
@@ -140,6 +147,7 @@ class ModelConfig:
     residual_scale: float | None = None
     calibration: dict[str, Any] | None = None
     inference_schedule: dict[str, Any] | None = None
+    z_context: int = 0
     emdiffuse_version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
@@ -160,8 +168,9 @@ class ModelConfig:
 
     @property
     def in_slices(self) -> int:
-        """Input z-slices per tile (channels of the conditioning)."""
-        return 2 if self.isotropic else 1
+        """Input z-slices per tile (channels of the conditioning): the bounding pair and
+        ``z_context`` more on each side for isotropic models, else 1."""
+        return condition_slices(self.z_context) if self.isotropic else 1
 
     @property
     def out_slices(self) -> int:
@@ -258,6 +267,7 @@ class ModelConfig:
                 f"model config: use_index_embedding is only for isotropic variants, "
                 f"not {self.variant}"
             )
+        self._validate_z_context()
         if self.prediction not in PREDICTIONS:
             raise InputError(
                 f"model config: unknown prediction {self.prediction!r}; "
@@ -290,6 +300,15 @@ class ModelConfig:
                 "sizes in nm (zyx) or null"
             )
         self._validate_unet()
+
+    def _validate_z_context(self) -> None:
+        check_z_context(self.z_context, isotropic=self.isotropic, what=self.variant,
+                        prefix="model config: ")  # fmt: skip
+        if self.z_context and self.use_index_embedding:
+            raise InputError(
+                "model config: the index-embedding layout (the reference's) reads the two "
+                "bounding slices only; set z_context to 0"
+            )
 
     def _validate_kind(self) -> None:
         if self.kind not in KINDS:
@@ -370,6 +389,8 @@ class ModelConfig:
             what = f"super-resolve, xy×{self.k}"
         else:
             what = f"isotropic, z×{self.k}"
+            if self.z_context:
+                what += f", {self.in_slices} input slices"
         return f"{self.variant} ({what})"
 
     # ---- JSON --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ model writes:
 - isotropic reconstruction (``z_scale = k``): ``((nz - 1) * k + 1, ny, nx)``; voxel size z
   divided by k. Input slice ``i`` is kept unchanged as output slice ``i * k``; the ``k - 1``
   output slices ``i*k + 1 .. i*k + k - 1`` come from the model conditioned on input slices
-  ``i`` and ``i + 1`` (one *z unit* per input interval).
+  ``i`` and ``i + 1`` (one *z unit* per input interval), and on ``z_context`` slices beyond
+  each of them where the model reads a z context (mirrored at the volume's ends).
 
 2D variants run slice by slice: one z unit per input slice.
 
@@ -124,6 +125,7 @@ class Lattice:
     overlap: int
     xy_scale: int = 1
     z_scale: int = 1
+    z_context: int = 0
 
     def __post_init__(self) -> None:
         nz, ny, nx = self.input_shape
@@ -131,6 +133,8 @@ class Lattice:
             raise ValueError(f"empty input shape {self.input_shape}")
         if self.z_scale > 1 and nz < 2:
             raise ValueError("isotropic reconstruction needs at least 2 input slices")
+        if self.z_context and self.z_scale == 1:
+            raise ValueError("z_context is for isotropic reconstruction (z_scale > 1)")
 
     @property
     def isotropic(self) -> bool:
@@ -181,8 +185,23 @@ class Lattice:
         return unit, unit + 1
 
     def unit_input_z(self, unit: int) -> tuple[int, int]:
-        """Input-grid z ``[start, stop)`` the model is conditioned on for ``unit``."""
-        return (unit, unit + 2) if self.isotropic else (unit, unit + 1)
+        """Input-grid z ``[start, stop)`` the model is conditioned on for ``unit`` and that
+        lies in the volume (the z context beyond the volume is mirrored:
+        :meth:`unit_input_pad`)."""
+        if not self.isotropic:
+            return unit, unit + 1
+        c = self.z_context
+        return max(unit - c, 0), min(unit + 2 + c, self.input_shape[0])
+
+    def unit_input_pad(self, unit: int) -> tuple[int, int]:
+        """Context slices of ``unit`` beyond the volume's first and last slice, ``(before,
+        after)``: filled by mirroring the volume about its end slice (``numpy.pad``'s
+        ``reflect``: slice ``-1`` is slice ``1``), a function of the volume, not of the
+        chunking."""
+        if not self.isotropic:
+            return 0, 0
+        c = self.z_context
+        return max(c - unit, 0), max(unit + 2 + c - self.input_shape[0], 0)
 
     def units_between(self, z0: int, z1: int) -> range:
         """z units whose model output intersects output z ``[z0, z1)``."""

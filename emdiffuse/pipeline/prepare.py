@@ -188,7 +188,8 @@ def _layout(settings: RunSettings, volume: Volume, config) -> tuple[RunSettings,
         multiple = math.lcm(multiple, config.mean_net.multiple)
     out_yx = (in_shape[1] * k_xy, in_shape[2] * k_xy)
     tile, overlap = choose_tile(out_yx, multiple, k_xy, settings.tile, settings.overlap)
-    lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale)
+    lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale,
+                      z_context=config.z_context)  # fmt: skip
     chunks = resolve_chunks(settings.chunks, lattice.output_shape, config.z_scale, volume.ndim)
     per_task = resolve_chunks_per_task(settings.chunks_per_task, volume.ndim)
     settings = replace(

@@ -76,15 +76,26 @@ def block_plan(spec: RunSpec, indices: Sequence[tuple[int, int, int]]) -> BlockP
 # ---- running tiles ---------------------------------------------------------------------------
 def tile_condition(lattice: Lattice, tile: Tile, region: np.ndarray, read_box: Box) -> np.ndarray:
     """A tile's conditioning (in_slices, t, t) cut from the read region, padded by
-    reflection where the volume is smaller than a tile."""
+    reflection where the volume is smaller than a tile, and its z context beyond the
+    volume's ends mirrored (:meth:`Lattice.unit_input_pad`)."""
     box = lattice.tile_input_box(tile)
     sl = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(box, read_box, strict=True))
     cond = region[sl]
+    before, after = lattice.unit_input_pad(tile.unit)
+    if before or after:
+        cond = _mirror_z(cond, before, after)
     t = lattice.tile // lattice.xy_scale
     pad_y, pad_x = t - cond.shape[1], t - cond.shape[2]
     if pad_y or pad_x:
         cond = np.pad(cond, ((0, 0), (0, pad_y), (0, pad_x)), mode="symmetric")
     return cond
+
+
+def _mirror_z(cond: np.ndarray, before: int, after: int) -> np.ndarray:
+    """``cond`` (z, y, x) with ``before``/``after`` slices mirrored about its end slices
+    (``numpy.pad`` ``reflect``; a single slice is repeated)."""
+    mode = "reflect" if cond.shape[0] > 1 else "edge"
+    return np.pad(cond, ((before, after), (0, 0), (0, 0)), mode=mode)
 
 
 def _batches(items: Sequence, size: int):

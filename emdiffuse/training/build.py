@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.checkpoints import load_checkpoint
+from emdiffuse.models.checkpoints import config_from_file, load_checkpoint
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.mean_net import least_squares_skip
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.presets import make_config
 from emdiffuse.models.unet import UNetConfig
 from emdiffuse.models.variants import ModelConfig
+from emdiffuse.models.z_context import DEFAULT_Z_CONTEXT
 from emdiffuse.training.augment import training_augment
 from emdiffuse.training.loader import PatchDataset
 from emdiffuse.training.settings import TASK_VARIANTS, TrainSettings
@@ -48,6 +49,7 @@ def build_dataset(s: TrainSettings, sources: Sequence[Any], **kw) -> PatchDatase
         axis=s.axis,
         voxel_size=s.voxel_size,
         augment=training_augment(s.task, s.intensity_jitter),
+        z_context=s.z_context or 0,
         **kw,
     )
 
@@ -65,22 +67,55 @@ def resolve_objective(s: TrainSettings, out: str | os.PathLike, resume: bool) ->
 
 
 def _auto_objective(s: TrainSettings, out: Path, resume: bool) -> str:
-    if resume:
-        saved = None
-        if (out / "settings.json").is_file():
-            try:
-                saved = json.loads((out / "settings.json").read_text())
-            except (OSError, ValueError):
-                saved = None
-        if not isinstance(saved, dict):
-            ckpt = latest_checkpoint(out)
-            saved = json.loads(load_state(ckpt)["settings"]) if ckpt is not None else None
-        if isinstance(saved, dict):  # records from before the option are the SR3 kind
-            return str(saved.get("objective", "diffusion"))
+    saved = _saved_settings(out) if resume else None
+    if saved is not None:  # records from before the option are the SR3 kind
+        return str(saved.get("objective", "diffusion"))
     if s.init is not None:
         config, _ = load_checkpoint(s.init)
         return "residual" if config.residual else "diffusion"
     return "residual"
+
+
+def _saved_settings(out: Path) -> dict[str, Any] | None:
+    """The settings record of the run in ``out`` (its ``settings.json``, else its latest
+    checkpoint's), or None."""
+    saved = None
+    if (out / "settings.json").is_file():
+        try:
+            saved = json.loads((out / "settings.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+    if not isinstance(saved, dict):
+        ckpt = latest_checkpoint(out)
+        saved = json.loads(load_state(ckpt)["settings"]) if ckpt is not None else None
+    return saved if isinstance(saved, dict) else None
+
+
+def resolve_z_context(s: TrainSettings, out: str | os.PathLike, resume: bool) -> int:
+    """The z context (input slices beyond the bounding pair, isotropic recipes) ``None``
+    stands for, set in ``s``: the run's own when resuming (0 for runs from before the
+    option), the ``--init`` model's when fine-tuning, :data:`DEFAULT_Z_CONTEXT` for a new
+    isotropic model and 0 for the other tasks. A given value is kept; one that differs
+    from the ``--init`` model's is refused (the network's input channels follow from it)."""
+    isotropic = s.task in ("isotropic", "anisotropic")
+    init_context = None
+    if s.init is not None and not resume:
+        init_context = config_from_file(s.init).z_context
+    if s.z_context is None:
+        saved = _saved_settings(Path(out)) if resume else None
+        if saved is not None:
+            s.z_context = int(saved.get("z_context") or 0)
+        elif init_context is not None:
+            s.z_context = init_context
+        else:
+            s.z_context = DEFAULT_Z_CONTEXT if isotropic else 0
+    elif init_context is not None and s.z_context != init_context:
+        raise InputError(
+            f"--z-context {s.z_context} but the --init model reads {init_context} slice(s) "
+            f"beyond each bounding slice; leave --z-context out to fine-tune it as it is"
+        )
+    s.validate()
+    return s.z_context
 
 
 def load_init(s: TrainSettings) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -118,6 +153,8 @@ def build_config(s: TrainSettings, dataset, init_config: ModelConfig | None = No
         kwargs["schedule"] = s.schedule
     if s.objective == "residual":
         kwargs.update(kind="residual", mean_net=s.mean_net, residual_scale=s.residual_scale)
+    if dataset.z_context:
+        kwargs["z_context"] = dataset.z_context
     config = make_config(
         variant, s.size, scale_factor=dataset.k, prediction=s.prediction, loss=s.loss,
         **data, **kwargs,
@@ -212,5 +249,6 @@ def make_optimizer(
 
 __all__ = [
     "split_data", "build_dataset", "build_config", "build_net", "load_init", "check_patch",
-    "fit_mean_skip", "SKIP_FIT_PATCHES", "resolve_objective", "make_optimizer", "FUSED_DEVICES",
+    "fit_mean_skip", "SKIP_FIT_PATCHES", "resolve_objective", "resolve_z_context",
+    "make_optimizer", "FUSED_DEVICES",
 ]  # fmt: skip

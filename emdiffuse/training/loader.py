@@ -22,12 +22,15 @@ clean target into a small part of [-1, 1] next to its far wider noisy input.
     image then made by ``degrade.blur_downsample_xy`` from a region with a margin.
     cond is (1, H/k, W/k) on the low grid.
 ``isotropic`` (vEMDiffuse-i)
-    one isotropic volume: slices z and z+k → the k-1 slices between (output channels).
+    one isotropic volume: slices z and z+k → the k-1 slices between (output channels); with
+    ``z_context`` c also the c slices k apart beyond each of them (``z - ck … z + k + ck``,
+    :mod:`emdiffuse.models.z_context`).
 ``anisotropic`` (vEMDiffuse-a)
     one anisotropic volume: inside the xy planes, rows y and y+k → the k-1 rows between. The
     patch is laid out (y → channels, z → h, x → w): the network sees two bounding "slices"
     and predicts the ones between, as at inference where z is the channel axis.
-    ``axis="x"`` uses columns (x → channels, z → h, y → w); ``"both"`` draws either.
+    ``axis="x"`` uses columns (x → channels, z → h, y → w); ``"both"`` draws either. The
+    z context reads rows (columns) k apart beyond the pair, as for ``isotropic``.
 
 Reading (:mod:`emdiffuse.training.chunks`). Only the chunks a patch's footprint touches are
 read, straight from the zarr array (not through dask), through a small per-process LRU
@@ -59,6 +62,12 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from emdiffuse.errors import InputError
 from emdiffuse.io.regions import worker_start_method
 from emdiffuse.models.normalization import Normalization, as_pair, robust_range
+from emdiffuse.models.z_context import (
+    check_z_context,
+    condition_slices,
+    context_layout,
+    footprint_span,
+)
 from emdiffuse.training.augment import NONE, Augment, augment_pair, training_augment
 from emdiffuse.training.chunks import ChunkReader, SourceInfo, open_source
 from emdiffuse.training.degrade import blur_downsample_xy
@@ -111,6 +120,7 @@ class PatchDataset(IterableDataset):
         augment: Augment | None = None,
         axis: str = "both",
         index_embedding: bool = False,
+        z_context: int = 0,
         min_std: float = 0.02,
         max_flat: float = 0.5,
         max_tries: int = 20,
@@ -133,6 +143,14 @@ class PatchDataset(IterableDataset):
         self.start_step = int(start_step)
         self.axis = axis
         self.index_embedding = bool(index_embedding)
+        self.z_context = check_z_context(
+            z_context, isotropic=recipe in ("isotropic", "anisotropic"), what=recipe
+        )
+        if self.z_context and self.index_embedding:
+            raise InputError(
+                "the index-embedding layout reads the two bounding slices only; "
+                "use z_context 0 with it"
+            )
         self.min_std = float(min_std)
         self.max_flat = float(max_flat)
         self.max_tries = int(max_tries)
@@ -171,7 +189,9 @@ class PatchDataset(IterableDataset):
 
     @property
     def in_channels(self) -> int:
-        return 2 if self.recipe in ("isotropic", "anisotropic") else 1
+        if self.recipe in ("isotropic", "anisotropic"):
+            return condition_slices(self.z_context)
+        return 1
 
     @property
     def out_channels(self) -> int:
@@ -196,7 +216,7 @@ class PatchDataset(IterableDataset):
 
     def _footprint(self) -> tuple[int, int, int]:
         """Extent (zyx) of the target-grid region one sample reads (``recipes.footprint``)."""
-        return footprint(self.recipe, self.patch, self.k, self.margin, self.axis)
+        return footprint(self.recipe, self.patch, self.k, self.margin, self.axis, self.z_context)
 
     def _footprint_yx(self) -> tuple[int, int]:
         return self._footprint()[1:]
@@ -259,17 +279,18 @@ class PatchDataset(IterableDataset):
             low = np.asarray(blur_downsample_xy(region, k), dtype=np.float32)
             cond = low[:, m // k : m // k + ph // k, m // k : m // k + pw // k]
             target = region[:, m : m + ph, m : m + pw]
-        elif self.recipe == "isotropic":
-            block = readers[0].read(origin, (k + 1, ph, pw))
-            cond, target = block[[0, k]], block[1:k]
-        elif axis == "y":
-            block = readers[0].read(origin, (ph, k + 1, pw))  # (z, rows, x)
-            block = block.transpose(1, 0, 2)  # rows -> channels, z -> h, x -> w
-            cond, target = block[[0, k]], block[1:k]
-        else:
-            block = readers[0].read(origin, (ph, pw, k + 1))  # (z, y, cols)
-            block = block.transpose(2, 0, 1)  # cols -> channels, z -> h, y -> w
-            cond, target = block[[0, k]], block[1:k]
+        else:  # isotropic recipes: slices (rows, columns) laid out by the z context
+            span = footprint_span(k, self.z_context)
+            picks, between = context_layout(k, self.z_context)
+            if self.recipe == "isotropic":
+                block = readers[0].read(origin, (span, ph, pw))
+            elif axis == "y":
+                block = readers[0].read(origin, (ph, span, pw))  # (z, rows, x)
+                block = block.transpose(1, 0, 2)  # rows -> channels, z -> h, x -> w
+            else:
+                block = readers[0].read(origin, (ph, pw, span))  # (z, y, cols)
+                block = block.transpose(2, 0, 1)  # cols -> channels, z -> h, y -> w
+            cond, target = block[picks], block[between]
         return cond, target
 
     def _foreground(self, target: np.ndarray) -> bool:
@@ -309,7 +330,7 @@ class PatchDataset(IterableDataset):
         return out
 
     def _axis_footprint(self, axis: str) -> tuple[int, int, int]:
-        return footprint(self.recipe, self.patch, self.k, self.margin, axis)
+        return footprint(self.recipe, self.patch, self.k, self.margin, axis, self.z_context)
 
     def footprint_of(self, sample: dict[str, Any], axis: str | None = None) -> tuple[slice, ...]:
         """The zyx region (target grid) a sample was read from, for checks."""

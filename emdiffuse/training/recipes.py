@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.z_context import footprint_span
 
 RECIPES = ("denoise", "super-resolve", "isotropic", "anisotropic")
 SPLITS = {"train": 1, "val": 2}
@@ -78,19 +79,22 @@ def patch_shape(recipe: str, patch: int | Sequence[int], k: int) -> tuple[int, i
 
 
 def footprint(
-    recipe: str, patch: tuple[int, int], k: int, margin: int, axis: str
+    recipe: str, patch: tuple[int, int], k: int, margin: int, axis: str, z_context: int = 0
 ) -> tuple[int, int, int]:
     """Extent (zyx) of the target-grid region one sample reads; for anisotropic with axis
-    ``both``, the box that holds either orientation."""
+    ``both``, the box that holds either orientation. Isotropic recipes read ``(2c + 1) k + 1``
+    slices (rows, columns) with ``c = z_context``: the bounding pair, the ``k - 1`` between
+    and ``c`` slices ``k`` apart beyond each side."""
     ph, pw = patch
+    span = footprint_span(k, z_context)
     if recipe == "isotropic":
-        return (k + 1, ph, pw)
+        return (span, ph, pw)
     if recipe == "anisotropic":
         if axis == "x":
-            return (ph, pw, k + 1)
+            return (ph, pw, span)
         if axis == "y":
-            return (ph, k + 1, pw)
-        return (ph, max(k + 1, pw), max(k + 1, pw))
+            return (ph, span, pw)
+        return (ph, max(span, pw), max(span, pw))
     return (1, ph + 2 * margin, pw + 2 * margin)
 
 
@@ -154,5 +158,6 @@ def split_regions(
 
 __all__ = [
     "RECIPES", "SPLITS", "normalization_sources", "check_options", "scale_factor", "patch_shape", "footprint",
+
     "check_pairing", "region_side", "split_regions",
 ]  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 from emdiffuse.errors import InputError
 from emdiffuse.models.precision_names import TRAIN_PRECISIONS
 from emdiffuse.models.sampler_names import check_sampler
+from emdiffuse.models.z_context import check_z_context
 from emdiffuse.training.augment import DEFAULT_JITTER
 
 TASK_VARIANTS = {
@@ -50,7 +51,7 @@ AXES = ("y", "x", "both")
 # settings a resumed run must share with the checkpoint it resumes (the architecture's too:
 # a different one could not load the saved weights)
 RESUME_FIELDS = ("task", "batch_size", "patch", "seed", "prediction", "size", "objective",
-                 "unet", "mean_net", "residual_scale")  # fmt: skip
+                 "unet", "mean_net", "residual_scale", "z_context")  # fmt: skip
 # UNet fields the variant decides (channels, dimensionality, index embedding): not overridable
 _UNET_FIXED = ("dims", "in_channels", "out_channels", "use_index_embedding", "num_indices")
 
@@ -111,6 +112,9 @@ class TrainSettings:
     calibration_samples: int = 4  # N samples per patch (0: no calibration)
     calibration_patches: int = 32
     calibration_level: float = 0.9
+    # isotropic recipes: input slices read beyond the bounding pair on each side (None: the
+    # run's own when resuming, the --init model's, else models.z_context.DEFAULT_Z_CONTEXT)
+    z_context: int | None = None
 
     # ---- building --------------------------------------------------------------------
     @classmethod
@@ -187,6 +191,9 @@ class TrainSettings:
                 "mean_net and residual_scale (and mean_warmup, residual_batch) are for "
                 "objective 'residual'"
             )
+        if self.z_context is not None:
+            check_z_context(self.z_context, isotropic=self.task in ("isotropic", "anisotropic"),
+                            what=self.task)  # fmt: skip
         if self.unet is not None:
             fixed = sorted(set(self.unet) & set(_UNET_FIXED))
             if fixed:
@@ -205,7 +212,7 @@ class TrainSettings:
 
     def resume_mismatch(self, saved: Mapping[str, Any]) -> str | None:
         """The first of :data:`RESUME_FIELDS` that differs from a checkpoint's settings."""
-        saved = {"objective": "diffusion", **saved}  # checkpoints from before the option
+        saved = {"objective": "diffusion", "z_context": 0, **saved}  # records from before the options
         for name in RESUME_FIELDS:  # compared as JSON: tuples and lists are one
             if saved.get(name) != json.loads(json.dumps(getattr(self, name))):
                 return name
@@ -233,7 +240,7 @@ def data_labels(sources: Sequence[Any]) -> list[str]:
 
 _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "val_batch",
          "ckpt_every", "workers", "seed", "factor", "region", "calibration_samples",
-         "calibration_patches", "residual_batch"}  # fmt: skip
+         "calibration_patches", "residual_batch", "z_context"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
            "time_limit", "residual_scale", "calibration_level", "intensity_jitter"}  # fmt: skip
 

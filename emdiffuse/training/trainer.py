@@ -63,6 +63,7 @@ from emdiffuse.training.build import (
     load_init,
     make_optimizer,
     resolve_objective,
+    resolve_z_context,
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
@@ -145,6 +146,7 @@ def train(
     out = Path(out)
     check_out(out, sources, s.init, resume, overwrite)
     resolve_objective(s, out, resume)
+    resolve_z_context(s, out, resume)
     d = distributed.setup("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
         run = _prepare(s, sources, out, d, device, resume, normalization)

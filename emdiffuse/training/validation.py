@@ -25,15 +25,19 @@ from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, STOCH
 from emdiffuse.training.settings import TrainSettings
 
 
-def baseline(cond: np.ndarray, task: str, k: int, out_channels: int) -> np.ndarray:
+def baseline(
+    cond: np.ndarray, task: str, k: int, out_channels: int, z_context: int = 0
+) -> np.ndarray:
     """What the input alone gives on the target grid: the noisy image, bicubic upsampling,
-    or linear interpolation between the two bounding slices."""
+    or linear interpolation between the two bounding slices (channels ``z_context`` and
+    ``z_context + 1`` of an isotropic condition)."""
     if task == "denoise":
         return cond
     if task == "super-resolve":
         return upsample_xy(torch.from_numpy(cond), k).numpy()
+    c = z_context
     w = (np.arange(1, out_channels + 1, dtype=np.float32) / k)[None, :, None, None]
-    return (1 - w) * cond[:, :1] + w * cond[:, 1:2]
+    return (1 - w) * cond[:, c : c + 1] + w * cond[:, c + 1 : c + 2]
 
 
 def validate(
@@ -52,7 +56,7 @@ def validate(
     noise = noise.astype(np.float32)
     output = enhancer.enhance(cond, noise, sampler=s.sampler, steps=s.val_steps)
     mean = np.clip(enhancer.posterior_mean(cond, noise), -1.0, 1.0)
-    base = baseline(cond, config.task, config.k, target.shape[1])
+    base = baseline(cond, config.task, config.k, target.shape[1], config.z_context)
     values = {
         "val_psnr": metrics.psnr(output, target, data_range=2.0),
         "val_ssim": metrics.ssim(output, target, data_range=2.0),
@@ -104,7 +108,10 @@ def calibrate(
 
 
 def condition_on_output_grid(cond: torch.Tensor, config) -> np.ndarray:
-    """The condition as the network sees it (upsampled for super-resolution), for pictures."""
+    """The condition as the network sees it (upsampled for super-resolution; for isotropic
+    models the bounding pair, without its z context), for pictures."""
+    if config.isotropic and config.z_context:
+        cond = cond[:, config.z_context : config.z_context + 2]
     if config.xy_scale == 1:
         return cond.numpy()
     return upsample_xy(cond, config.xy_scale, config.cond_upsample).numpy()

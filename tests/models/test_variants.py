@@ -167,3 +167,32 @@ def test_describe():
     assert make_config("emdiffuse-r", scale_factor=2).describe() == (
         "emdiffuse-r (super-resolve, xy×2)"
     )
+
+
+@pytest.mark.parametrize("kind", ["sr3", "residual"])
+def test_z_context_widens_the_condition_of_isotropic_models_only(kind):
+    """``z_context`` c: an isotropic model reads 2 + 2c slices (both of its networks); the
+    JSON round trip keeps it, a config from before the field reads as 0, and it is refused
+    where it means nothing."""
+    config = make_config("vemdiffuse-i", "tiny", scale_factor=4, kind=kind, z_context=1)
+    assert (config.in_slices, config.out_slices) == (4, 3)
+    assert config.net_cond_channels == 4 + (3 if kind == "residual" else 0)
+    if kind == "residual":
+        assert config.mean_net.in_channels == 4
+    again = ModelConfig.from_json(config.to_json())
+    assert again == config and again.z_context == 1
+    assert config.describe() == "vemdiffuse-i (isotropic, z×4, 4 input slices)"
+    old = json.loads(make_config("vemdiffuse-i", "tiny", kind=kind).to_json())
+    old.pop("z_context")
+    assert ModelConfig.from_dict(old).in_slices == 2
+    with pytest.raises(InputError, match="isotropic reconstruction.*emdiffuse-n reads one slice"):
+        make_config("emdiffuse-n", "tiny", z_context=1)
+    with pytest.raises(InputError, match="index-embedding"):
+        make_config("vemdiffuse-i", "tiny", use_index_embedding=True, z_context=1)
+    with pytest.raises(InputError, match="z_context must be an integer in 0..3, got 9"):
+        make_config("vemdiffuse-i", "tiny", z_context=9)
+    from emdiffuse.models.networks import baseline_weights
+
+    assert baseline_weights(config) == [
+        [0.0, 0.75, 0.25, 0.0], [0.0, 0.5, 0.5, 0.0], [0.0, 0.25, 0.75, 0.0]
+    ]

@@ -224,3 +224,34 @@ def test_default_tiling_computes_at_most_1_3_voxels_per_output_voxel(multiple, x
     small = choose_tile((1032, 1032), multiple, xy_scale, 96, None)[1]
     assert small == 16 // xy_scale * xy_scale
     assert choose_tile((1024, 1024), 8, 1, 32, None)[1] == 8
+
+
+def test_z_context_reads_beyond_the_pair_and_mirrors_at_the_volume_ends():
+    """A model with a z context of 1 reads input slices u - 1 .. u + 2 for unit u; beyond
+    the volume they are mirrored about its end slices, and a tile's condition is the same
+    whatever region (output chunk) it is cut from."""
+    from emdiffuse.pipeline.lattice import Tile
+    from emdiffuse.pipeline.tasks import tile_condition
+
+    nz = 5
+    lat = Lattice((nz, 10, 10), 8, 2, z_scale=2, z_context=1)
+    assert lat.n_units == 4 and lat.output_shape == (9, 10, 10)
+    assert [lat.unit_input_z(u) for u in range(4)] == [(0, 3), (0, 4), (1, 5), (2, 5)]
+    assert [lat.unit_input_pad(u) for u in range(4)] == [(1, 0), (0, 0), (0, 0), (0, 1)]
+    volume = np.broadcast_to(np.arange(nz, dtype=np.float32)[:, None, None], (nz, 10, 10))
+    expected = {0: [1, 0, 1, 2], 1: [0, 1, 2, 3], 2: [1, 2, 3, 4], 3: [2, 3, 4, 3]}
+    full = ((0, nz), (0, 10), (0, 10))
+    for unit, slices in expected.items():
+        tile = Tile(unit, 0, 0)
+        cond = tile_condition(lat, tile, volume, full)
+        assert cond[:, 0, 0].tolist() == slices
+        # cut from the read region of one output chunk holding the tile
+        box = lat.read_box(lat.tile_output_box(tile))
+        region = volume[tuple(slice(a, b) for a, b in box)]
+        np.testing.assert_array_equal(tile_condition(lat, tile, region, box), cond)
+    # two input slices: both ends mirrored
+    two = Lattice((2, 10, 10), 8, 2, z_scale=3, z_context=1)
+    cond = tile_condition(two, Tile(0, 0, 0), volume[:2], ((0, 2), (0, 10), (0, 10)))
+    assert cond[:, 0, 0].tolist() == [1, 0, 1, 0]
+    with pytest.raises(ValueError, match="isotropic"):
+        Lattice((4, 10, 10), 8, 2, z_context=1)

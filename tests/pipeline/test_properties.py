@@ -51,7 +51,9 @@ def lattices(draw) -> tuple[Lattice, int]:
     ny, nx = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     t_in = draw(st.integers(1, 12))
     o_in = draw(st.integers(0, t_in - 1))
-    lattice = Lattice((nz, ny, nx), k * t_in, k * o_in, xy_scale=k, z_scale=z_scale)
+    z_context = draw(st.sampled_from([0, 1, 2])) if kind == "isotropic" else 0
+    lattice = Lattice((nz, ny, nx), k * t_in, k * o_in, xy_scale=k, z_scale=z_scale,
+                      z_context=z_context)  # fmt: skip
     return lattice, 2 if kind == "2d" else 3
 
 
@@ -209,6 +211,21 @@ def assemble(spec: RunSpec, enhancer) -> np.ndarray:
     return out
 
 
+def z_slices(lattice: Lattice, unit: int) -> list[int]:
+    """The input slices a unit's model reads, by definition: ``u - c .. u + 1 + c`` for
+    isotropic runs (z context ``c``), an index beyond the volume mirrored about its end
+    slice (-1 -> 1, nz -> nz - 2) until it lies inside."""
+    if not lattice.isotropic:
+        return [unit]
+    nz, c = lattice.input_shape[0], lattice.z_context
+    out = []
+    for i in range(unit - c, unit + 2 + c):
+        while not 0 <= i < nz:
+            i = -i if i < 0 else 2 * (nz - 1) - i
+        out.append(i)
+    return out
+
+
 def brute_force(lattice: Lattice, data: np.ndarray, samples: int, seed: int = 3) -> np.ndarray:
     """The definition: blend every tile of the lattice over the whole volume at once."""
     norm = Normalization(0.0, 1.0)
@@ -222,7 +239,7 @@ def brute_force(lattice: Lattice, data: np.ndarray, samples: int, seed: int = 3)
         weight = np.zeros(lattice.output_shape)
         for tile in lattice.all_tiles():
             sl = tuple(slice(a, b) for a, b in lattice.tile_input_box(tile))
-            cond = cond_all[sl]
+            cond = cond_all[(z_slices(lattice, tile.unit), *sl[1:])]
             cond = np.pad(cond, ((0, 0), (0, t - cond.shape[1]), (0, t - cond.shape[2])),
                           mode="symmetric")
             noise = tile_noise(seed, sample, lattice.tile_origin(tile), INITIAL_STEP,
@@ -282,7 +299,8 @@ def test_constant_model_gives_that_constant_everywhere(tmp_path_factory, data):
 
 
 def test_strategies_reach_every_case():
-    """The strategies above do produce 2D, super-resolution, isotropic, tiny volumes,
+    """The strategies above do produce 2D, super-resolution, isotropic (with a z context
+    mirrored at both ends of the volume), tiny volumes,
     single-tile axes, shifted last tiles and zero overlap (so the properties cover them)."""
     seen = set()
 
@@ -298,6 +316,7 @@ def test_strategies_reach_every_case():
                 ("2d", ndim == 2),
                 ("sr", lattice.xy_scale > 1),
                 ("iso", lattice.isotropic),
+                ("z-context-mirrored", lattice.z_context >= nz - 1),
                 ("tiny", min(ny, nx) <= 2),
                 ("single-tile", len(lattice.y) == 1),
                 ("shifted-last", ny > t and (ny - t) % (t - lattice.overlap // lattice.xy_scale)),
@@ -307,5 +326,6 @@ def test_strategies_reach_every_case():
         )
 
     collect()
-    assert seen == {"2d", "sr", "iso", "tiny", "single-tile", "shifted-last", "no-overlap"}
+    assert seen == {"2d", "sr", "iso", "z-context-mirrored", "tiny", "single-tile",
+                    "shifted-last", "no-overlap"}  # fmt: skip
 

@@ -109,6 +109,49 @@ def test_anisotropic_rows_between_in_plane(coords, axis):
         assert np.all(np.diff(cond[0], axis=1) == other)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_isotropic_z_context_reads_slices_k_apart_beyond_the_pair(coords, k):
+    """With a z context of 1 the condition is four slices k apart, in z order, and the
+    target the k - 1 slices between the middle two (the bounding pair)."""
+    arr, _ = coords
+    ds = dataset("isotropic", [arr], 16, factor=k, z_context=1)
+    assert (ds.in_channels, ds.out_channels) == (4, k - 1)
+    for key in range(6):
+        s = ds.sample(key)
+        cond, target = decode(s["cond"]), decode(s["target"])
+        assert cond.shape == (4, 16, 16) and target.shape == (k - 1, 16, 16)
+        z0 = s["origin"].tolist()[0]
+        assert [int(c[0, 0]) // 10000 for c in cond] == [z0, z0 + k, z0 + 2 * k, z0 + 3 * k]
+        for j in range(k - 1):
+            assert np.all(target[j] - cond[1] == (j + 1) * 10000)
+        assert ds.footprint_of(s)[0] == slice(z0, z0 + 3 * k + 1)
+
+
+@pytest.mark.parametrize("axis", ["y", "x"])
+def test_anisotropic_z_context_reads_rows_beyond_the_pair(coords, axis):
+    arr, _ = coords
+    k = 2
+    ds = dataset("anisotropic", [arr], (8, 8), factor=k, axis=axis, z_context=1)
+    step = 100 if axis == "y" else 1
+    for key in range(4):
+        s = ds.sample(key)
+        cond, target = decode(s["cond"]), decode(s["target"])
+        assert cond.shape == (4, 8, 8) and target.shape == (1, 8, 8)
+        assert np.all(np.diff(cond, axis=0) == k * step)
+        assert np.all(target[0] - cond[1] == step)
+
+
+def test_z_context_refused_where_it_means_nothing(tmp_path, coords):
+    arr, vol = coords
+    noisy = write(tmp_path / "noisy.zarr", vol, (4, 16, 16))
+    with pytest.raises(InputError, match="z_context 1 is for isotropic reconstruction"):
+        dataset("denoise", [noisy, arr], 16, z_context=1)
+    with pytest.raises(InputError, match="index-embedding"):
+        dataset("isotropic", [arr], 16, factor=2, z_context=1, index_embedding=True)
+    with pytest.raises(InputError, match="does not fit"):  # 12 slices < 3 * 4 + 1
+        dataset("isotropic", [arr], 16, factor=4, z_context=1)
+
+
 def test_super_resolve_pair_and_synthesised(tmp_path, coords):
     arr, vol = coords
     low = write(tmp_path / "low.zarr", np.ascontiguousarray(vol[:, ::2, ::2]), (4, 8, 8))

@@ -349,6 +349,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     assert code == 2 and "intensity_jitter must be a fraction in [0, 1), got 1.5" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--z-context", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "z_context 1 is for isotropic reconstruction" in err
+    assert "Traceback" not in err and not (tmp_path / "y").exists()
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
                  str(tmp_path / "y"), "--precision", "fp16"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--precision" in err and "Traceback" not in err
@@ -357,3 +362,56 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     assert code == 2
     assert "NOISY,CLEAN" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_path):
+    """``z_context=1``: the isotropic model reads four slices (its config and channels say
+    so), a resumed run keeps it, fine-tuning takes the --init model's and refuses another;
+    its enhancement does not depend on the output chunking, mirrored ends included."""
+    from emdiffuse import enhance
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    volume = _write(tmp_path / "iso.zarr", _smooth((12, 64, 64), 4), chunks=(4, 16, 16))
+    fast = {**FAST, "calibration_samples": 0}
+    out = tmp_path / "ctx"
+    trainer.train("isotropic", [volume], out, steps=2, factor=2, z_context=1, ckpt_every=1,
+                  **fast)  # fmt: skip
+    config, state = load_checkpoint(out / "model.safetensors")
+    assert (config.z_context, config.in_slices) == (1, 4)
+    assert state["mean.skip.weight"].shape[1] == 4  # the mean network reads the four slices
+    assert json.loads((out / "settings.json").read_text())["z_context"] == 1
+    trainer.train("isotropic", [volume], out, steps=3, factor=2, resume=True, **fast)
+    assert load_checkpoint(out / "model.safetensors")[0].z_context == 1
+    with pytest.raises(InputError, match="z_context"):
+        trainer.train("isotropic", [volume], out, steps=4, factor=2, resume=True, z_context=0,
+                      **fast)  # fmt: skip
+    tuned = trainer.train("anisotropic", [volume], tmp_path / "tuned", steps=1, factor=2,
+                          init=str(out / "model.safetensors"), **{**fast, "patch": 4, "region": 16})  # fmt: skip
+    assert load_checkpoint(tuned)[0].z_context == 1
+    with pytest.raises(InputError, match="--z-context 0"):
+        trainer.train("isotropic", [volume], tmp_path / "bad", steps=1, factor=2, z_context=0,
+                      init=str(out / "model.safetensors"), **fast)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(InputError, match="denoise reads one slice"):
+        trainer.train("denoise", [volume, volume], tmp_path / "bad", steps=1, z_context=1, **fast)
+
+    source = tmp_path / "aniso.ome.zarr"
+    io.write_image(_smooth((5, 24, 24), 5), source, voxel_size=(16.0, 8.0, 8.0), levels=0)
+    run = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
+               scheduler="threads", workers=1, dtype="float32")  # fmt: skip
+    for samples in (0, 1):
+        a = enhance(source, out / "model.safetensors", tmp_path / f"a{samples}.zarr",
+                    chunks=(9, 24, 24), samples=samples, **run)  # fmt: skip
+        b = enhance(source, out / "model.safetensors", tmp_path / f"b{samples}.zarr",
+                    chunks=(2, 10, 7), samples=samples, **run)  # fmt: skip
+        assert a.shape == (9, 24, 24)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_validation_baseline_interpolates_the_bounding_pair_not_the_z_context():
+    from emdiffuse.training.validation import baseline
+
+    cond = np.stack([np.full((1, 4, 4), v, np.float32) for v in (9.0, 1.0, 3.0, -9.0)], axis=1)
+    base = baseline(cond, "isotropic", 4, 3, z_context=1)
+    np.testing.assert_allclose(base[0, :, 0, 0], [1.5, 2.0, 2.5])
+    np.testing.assert_allclose(baseline(cond[:, 1:3], "isotropic", 4, 3), base)
