@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from common import publish, start_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "quality"))
@@ -33,14 +34,16 @@ from quality_project import run_enhance, train_options, train_sources, write_inp
 from quality_scores import score  # noqa: E402
 
 from emdiffuse.models.checkpoints import load_checkpoint  # noqa: E402
+from emdiffuse.models.mean_net import skip_gains  # noqa: E402
 from emdiffuse.models.normalization import condition_from_model, from_model  # noqa: E402
 from emdiffuse.training import trainer  # noqa: E402
 
 
 def raw_skip(path: Path) -> list[list[float]]:
-    """The mean network's 1×1 skip weights of a checkpoint in raw units (output per input)."""
+    """The mean network's skip of a checkpoint in raw units (output per input; a wider skip
+    by its zero-frequency gain)."""
     config, state = load_checkpoint(path)
-    w = state["mean.skip.weight"].double().reshape(config.out_slices, config.in_slices).numpy()
+    w = np.array(skip_gains(state["mean.skip.weight"]))
     gain = from_model(config).half_range / condition_from_model(config).half_range
     return (w * gain).round(4).tolist()
 

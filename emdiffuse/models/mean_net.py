@@ -4,13 +4,15 @@
 posterior-mean estimate out, in one evaluation. No noise input, no attention, no
 normalisation layers (so a voxel's output depends only on its receptive field, never on the
 rest of the tile): per level ``convs`` 3×3 convolutions with SiLU, 2× max-pooling down,
-nearest 2× up with a skip connection, a 1×1 output convolution. A learned 1×1 ``skip`` from
-the condition to the output carries the input through, and the output convolution starts at
+nearest 2× up with a skip connection, a 1×1 output convolution. A learned linear ``skip``
+from the condition to the output (a ``skip_size``-wide convolution, mirrored at the tile's
+edges; 1×1 by default) carries the input through, and the output convolution starts at
 zero, so training starts at the skip's baseline and learns the correction. The caller sets
 the skip: to the obvious baseline (the noisy or upsampled image, linear interpolation between
-two slices) or, better, to the least-squares per-voxel linear predictor of the training data
-(:func:`least_squares_skip`), which at a low dose is a strong shrinkage of the noisy input
-rather than the input itself.
+two slices) or, better, to the least-squares linear predictor of the training data
+(:func:`least_squares_skip`): per voxel, a strong shrinkage of the noisy input at a low dose;
+with a wider skip, the Wiener filter of the training data (denoising: 18.6 → 25.8 dB on
+FlyEM at 8 e⁻/px from 1×1 to 7×7; isotropic ×4: 28.1 → 29.1 dB).
 
 Spatial sides must be multiples of ``2 ** depth`` (:attr:`MeanUNet.multiple`).
 """
@@ -28,6 +30,8 @@ from torch import nn
 from emdiffuse.errors import InputError
 from emdiffuse.models.layers import conv_nd
 
+MAX_SKIP_SIZE = 15  # the widest linear skip (voxels)
+
 
 @dataclass
 class MeanNetConfig:
@@ -39,6 +43,7 @@ class MeanNetConfig:
     base_channels: int = 32
     depth: int = 2  # downsamplings
     convs: int = 2  # 3x3 convolutions per level
+    skip_size: int = 1  # the linear skip's width in voxels (odd)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +61,13 @@ class MeanNetConfig:
                 raise InputError(f"mean_net config: {name} must be a positive integer, got {value!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 0 <= self.depth <= 5:
             raise InputError(f"mean_net config: depth must be an integer in 0..5, got {self.depth!r}")
+        size = self.skip_size
+        odd = isinstance(size, int) and not isinstance(size, bool) and size % 2 == 1
+        if not odd or not 1 <= size <= MAX_SKIP_SIZE:
+            raise InputError(
+                f"mean_net config: skip_size must be an odd integer in 1..{MAX_SKIP_SIZE}, "
+                f"got {size!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +113,9 @@ class MeanUNet(nn.Module):
         for width, below in zip(reversed(widths[:-1]), reversed(widths[1:]), strict=True):
             self.up.append(_block(c.dims, width + below, width, c.convs))
         self.out = conv_nd(c.dims, widths[0], c.out_channels, 1)
-        self.skip = conv_nd(c.dims, c.in_channels, c.out_channels, 1)
+        self.skip = conv_nd(c.dims, c.in_channels, c.out_channels, c.skip_size,
+                            padding=c.skip_size // 2,
+                            padding_mode="reflect" if c.skip_size > 1 else "zeros")  # fmt: skip
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.pool = nn.MaxPool2d(2) if c.dims == 2 else nn.MaxPool3d(2)
@@ -114,10 +128,18 @@ class MeanUNet(nn.Module):
     def init_skip(
         self, weights: Sequence[Sequence[float]], bias: float | Sequence[float] = 0.0
     ) -> None:
-        """Set the 1×1 skip to fixed weights ``(out_channels, in_channels)`` and ``bias``
-        (one number for every output channel, or one per channel)."""
-        w = torch.as_tensor(weights, dtype=self.skip.weight.dtype)
-        self.skip.weight.copy_(w.reshape(self.skip.weight.shape).to(self.skip.weight.device))
+        """Set the skip to fixed weights and ``bias`` (one number for every output channel, or
+        one per channel). ``weights``: the whole kernel ``(out_channels, in_channels,
+        *[skip_size] * dims)``, or ``(out_channels, in_channels)`` for its centre tap (the
+        other taps 0: a per-voxel map)."""
+        w = torch.as_tensor(weights, dtype=self.skip.weight.dtype).to(self.skip.weight.device)
+        shape = self.skip.weight.shape
+        if w.ndim == 2:
+            centre = (slice(None), slice(None)) + (self.config.skip_size // 2,) * self.config.dims
+            self.skip.weight.zero_()
+            self.skip.weight[centre] = w.reshape(shape[:2])
+        else:
+            self.skip.weight.copy_(w.reshape(shape))
         b = torch.as_tensor(bias, dtype=self.skip.bias.dtype).to(self.skip.bias.device)
         self.skip.bias.copy_(b.expand_as(self.skip.bias))
 
@@ -145,28 +167,69 @@ class MeanUNet(nn.Module):
         return self.out(h) + self.skip(cond)
 
 
-def least_squares_skip(
-    cond: torch.Tensor, target: torch.Tensor
-) -> tuple[list[list[float]], list[float]]:
-    """The per-voxel affine map from condition to target with the least squared error:
-    ``(weights (out_channels, in_channels), bias (out_channels,))``.
+def _windows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Every full ``size``-wide window of ``x`` (C, *spatial) as rows: (positions, C·size^d),
+    in the order of a convolution kernel's (in_channel, *spatial) weights."""
+    dims = x.ndim - 1
+    for axis in range(1, dims + 1):
+        x = x.unfold(axis, size, 1)  # (C, n0, …, s0, …)
+    x = x.movedim(0, dims)  # (n0, …, C, s0, …)
+    return x.reshape(-1, x[(0,) * dims].numel())
 
-    ``cond`` (B, C_in, …) and ``target`` (B, C_out, …) on the same grid, in model space. The
-    fit has an intercept, so its output's mean equals the target's mean over the patches.
-    Solved in float64; a channel without variance gets weight 0 (the lstsq minimum-norm
-    solution)."""
+
+def least_squares_skip(
+    cond: torch.Tensor, target: torch.Tensor, size: int = 1
+) -> tuple[list, list[float]]:
+    """The linear map from condition to target, ``size`` voxels wide, with the least squared
+    error: ``(weights, bias (out_channels,))``; weights ``(out_channels, in_channels)`` for
+    ``size`` 1, else the kernel ``(out_channels, in_channels, *[size] * dims)``.
+
+    ``cond`` (B, C_in, …) and ``target`` (B, C_out, …) on the same grid, in model space; the
+    fit uses the voxels whose whole window lies inside the patch. The fit has an intercept, so
+    its output's mean equals the target's mean over those voxels. Solved in float64 from the
+    normal equations; an input (channel and tap) without variance gets weight 0."""
     if cond.shape[0] != target.shape[0] or cond.shape[2:] != target.shape[2:]:
         raise InputError(
             f"least_squares_skip: condition {tuple(cond.shape)} and target "
             f"{tuple(target.shape)} are not on the same grid"
         )
-    x = cond.detach().double().movedim(1, -1).reshape(-1, cond.shape[1])
-    y = target.detach().double().movedim(1, -1).reshape(-1, target.shape[1])
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    solution = torch.linalg.lstsq(x - x_mean, y - y_mean, driver="gelsd").solution  # (in, out)
+    r, dims = size // 2, cond.ndim - 2
+    if size < 1 or size % 2 == 0 or any(side <= 2 * r for side in cond.shape[2:]):
+        raise InputError(
+            f"least_squares_skip: size must be odd and smaller than the patch, got {size} "
+            f"for patches {tuple(cond.shape[2:])}"
+        )
+    inner = (slice(None),) + (slice(r, -r if r else None),) * dims
+    n, xx, xy, xs, ys = 0, 0.0, 0.0, 0.0, 0.0
+    for c, t in zip(cond.detach().double(), target.detach().double(), strict=True):
+        x = _windows(c, size)
+        y = t[inner].reshape(t.shape[0], -1).T
+        n += x.shape[0]
+        xx, xy = xx + x.T @ x, xy + x.T @ y
+        xs, ys = xs + x.sum(0), ys + y.sum(0)
+    x_mean, y_mean = xs / n, ys / n
+    cov_xx = xx - n * torch.outer(x_mean, x_mean)
+    cov_xy = xy - n * torch.outer(x_mean, y_mean)
+    var = cov_xx.diagonal()
+    keep = var > 1e-12 * max(float(var.max()), 1e-300)
+    solution = torch.zeros_like(cov_xy)  # (in·taps, out)
+    if bool(keep.any()):
+        solution[keep] = torch.linalg.lstsq(
+            cov_xx[keep][:, keep], cov_xy[keep], driver="gelsd"
+        ).solution
     weights = solution.T
     bias = y_mean - weights @ x_mean
+    if size > 1:
+        weights = weights.reshape(target.shape[1], cond.shape[1], *[size] * dims)
     return weights.tolist(), bias.tolist()
 
 
-__all__ = ["MeanNetConfig", "MeanUNet", "least_squares_skip"]
+def skip_gains(weights) -> list[list[float]]:
+    """``(out_channels, in_channels)``: how much of each input channel a skip passes to each
+    output channel at zero frequency (the sum of its kernel's taps), rounded to 4 places."""
+    w = torch.as_tensor(weights).detach().to(torch.float64)
+    w = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)
+    return [[round(float(v), 4) for v in row] for row in w]
+
+
+__all__ = ["MeanNetConfig", "MeanUNet", "least_squares_skip", "skip_gains", "MAX_SKIP_SIZE"]

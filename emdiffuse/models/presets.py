@@ -59,6 +59,13 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+# The linear skip of a new 2D isotropic mean network: 7×7, started at the least-squares
+# (Wiener) filter of the training data and kept there (training.build.skip_is_fixed). On FlyEM
+# after 2.5 min it beat the 1×1 skip by 0.17 dB for isotropic ×4; denoising gained nothing
+# clear (+0.04 at 8 e⁻/px, 0.00 at 2 e⁻/px) and super-resolution ×4 lost 1.0 dB, so the other
+# tasks and 3D mean networks keep 1×1 (benchmarks/quality/READING.md, fourteenth session).
+DEFAULT_MEAN_SKIP = 7
+
 # Mean networks of the residual kind (a CARE-sized regression UNet: 32 base channels, two
 # downsamplings, two 3x3 convolutions per level, no attention, no normalisation layers).
 _MEAN_SIZES: dict[str, dict[str, Any]] = {
@@ -112,7 +119,8 @@ def make_mean_net_config(
     z_context: int = 0, **overrides: Any,
 ) -> MeanNetConfig:
     """The mean network of a preset (the residual kind), with ``overrides`` of its fields
-    (``base_channels``, ``depth``, ``convs``)."""
+    (``base_channels``, ``depth``, ``convs``, ``skip_size``: :data:`DEFAULT_MEAN_SKIP` for
+    2D isotropic models, else 1)."""
     if size not in _MEAN_SIZES:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     task = VARIANTS[variant]
@@ -124,7 +132,8 @@ def make_mean_net_config(
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MeanNetConfig)})
     if unknown:
         raise InputError(f"mean_net: unknown field(s) {', '.join(unknown)}")
-    fields = {**_MEAN_SIZES[size], **overrides}
+    skip = DEFAULT_MEAN_SKIP if dims == 2 and task == "isotropic" else 1
+    fields = {"skip_size": skip, **_MEAN_SIZES[size], **overrides}
     return MeanNetConfig(dims=dims, in_channels=cond, out_channels=out, **fields)
 
 
@@ -208,4 +217,4 @@ def make_config(
     )
 
 
-__all__ = ["make_config", "make_unet_config", "make_mean_net_config"]
+__all__ = ["make_config", "make_unet_config", "make_mean_net_config", "DEFAULT_MEAN_SKIP"]

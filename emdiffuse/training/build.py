@@ -207,28 +207,54 @@ SKIP_FIT_PATCHES = 64
 def fit_mean_skip(
     net: torch.nn.Module, config: ModelConfig, dataset: PatchDataset
 ) -> tuple[list[list[float]], list[float]]:
-    """Set a new residual-kind network's mean skip to the least-squares per-voxel affine map
-    from condition to target on the first :data:`SKIP_FIT_PATCHES` training patches (a pure
+    """Set a new residual-kind network's mean skip to the least-squares linear map (per voxel,
+    or the Wiener filter of the skip's width) from condition to target on the first :data:`SKIP_FIT_PATCHES` training patches (a pure
     function of the data and seed). Returns ``(weights, bias)``.
 
     At a low dose the best such map shrinks the noisy input strongly towards the mean (on
     FlyEM at 2 e⁻/px it keeps 8 % of the input in raw units): started at the input itself,
     the skip still passed 99 % of it after 500 steps and the model ended 0.45 dB lower
-    (benchmarks/results/mean_init.md)."""
-    batch = dataset.batch(range(SKIP_FIT_PATCHES), split="train")
+    (benchmarks/results/mean_init.md). The patches are fitted as read, not augmented: flips
+    and rotations would make the filter symmetric, and EM's x and y often differ (on FlyEM
+    isotropic ×4 the augmented fit of a 7×7 skip scored 0.4 dB lower).
+    """
+    batch = dataset.batch(range(SKIP_FIT_PATCHES), split="train", augment=False)
     cond = upsample_xy(batch["cond"].float(), config.xy_scale, config.cond_upsample)
-    weights, bias = least_squares_skip(cond, batch["target"].float())
+    weights, bias = least_squares_skip(cond, batch["target"].float(), config.mean_net.skip_size)
     net.mean.init_skip(weights, bias)
     return weights, bias
 
 
+
+def skip_is_fixed(s: TrainSettings, config: ModelConfig) -> bool:
+    """Whether the run keeps the mean network's skip at its least-squares fit instead of
+    training it: a skip wider than one voxel, in a residual-kind model started here (or
+    resumed) with ``mean_init`` least-squares; not one fine-tuned from ``--init`` or started
+    at the input, and not a 1×1 skip (trained, as before: its few weights do not drift).
+
+    The fit is the best linear filter already; trained on, its many taps drifted with the
+    optimizer's noise (Adam moves every weight about one learning rate per step whatever its
+    gradient): on FlyEM isotropic ×4 a 7×7 skip ended 0.3 dB below the same skip kept fixed
+    (benchmarks/quality/READING.md, fourteenth session)."""
+    wide = config.residual and config.mean_net.skip_size > 1
+    return wide and s.mean_init == "least-squares" and s.init is None
+
 def check_patch(s: TrainSettings, config: ModelConfig) -> None:
-    """The patch side must suit the network (its downsampling) and the scale factor."""
+    """The patch side must suit the network (its downsampling, its mean network's skip) and
+    the scale factor."""
     multiple = math.lcm(config.unet.multiple, config.xy_scale)
     if s.patch % multiple:
         raise InputError(
             f"--patch {s.patch} must be a multiple of {multiple} for this model; "
             f"try --patch {-(-s.patch // multiple) * multiple}"
+        )
+    fitted = config.residual and s.init is None and s.mean_init == "least-squares"
+    skip = config.mean_net.skip_size if fitted else 1
+    if s.patch < skip:  # the skip is fitted on the voxels whose window lies inside a patch
+        smallest = -(-skip // multiple) * multiple
+        raise InputError(
+            f"--patch {s.patch} is narrower than the mean network's {skip}-voxel skip; "
+            f"try --patch {smallest}"
         )
 
 
@@ -249,6 +275,6 @@ def make_optimizer(
 
 __all__ = [
     "split_data", "build_dataset", "build_config", "build_net", "load_init", "check_patch",
-    "fit_mean_skip", "SKIP_FIT_PATCHES", "resolve_objective", "resolve_z_context",
+    "fit_mean_skip", "skip_is_fixed", "SKIP_FIT_PATCHES", "resolve_objective", "resolve_z_context",
     "make_optimizer", "FUSED_DEVICES",
 ]  # fmt: skip

@@ -300,8 +300,9 @@ class PatchDataset(IterableDataset):
         flat = max(np.count_nonzero(target == lo), np.count_nonzero(target == hi))
         return flat <= self.max_flat * target.size
 
-    def sample(self, key: int, split: str | None = None) -> dict[str, Any]:
-        """The sample with this key (a pure function of seed, split and key)."""
+    def sample(self, key: int, split: str | None = None, *, augment: bool = True) -> dict[str, Any]:
+        """The sample with this key (a pure function of seed, split and key); ``augment``
+        False: as read, without the training split's flips, rotations and intensity jitter."""
         split = self.split if split is None else split
         rng = np.random.default_rng([self.seed, SPLITS[split], int(key)])
         for _ in range(self.max_tries):
@@ -319,7 +320,7 @@ class PatchDataset(IterableDataset):
             index = int(rng.integers(0, self.k - 1))
             target = target[index : index + 1]
             out["index"] = index
-        spec = self.augment if split == "train" else NONE
+        spec = self.augment if split == "train" and augment else NONE
         cond, target = augment_pair(cond, target, rng, spec, (self._cond_norm, self._norm))
         out.update(
             cond=torch.from_numpy(cond),
@@ -352,9 +353,11 @@ class PatchDataset(IterableDataset):
                 yield self.sample(key)
             step += workers
 
-    def batch(self, keys: Sequence[int], split: str | None = None) -> dict[str, Any]:
+    def batch(
+        self, keys: Sequence[int], split: str | None = None, *, augment: bool = True
+    ) -> dict[str, Any]:
         """Collated samples of these keys (e.g. a fixed validation batch)."""
-        return default_collate([self.sample(k, split) for k in keys])
+        return default_collate([self.sample(k, split, augment=augment) for k in keys])
 
     @property
     def reads(self) -> int:

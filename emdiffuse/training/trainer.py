@@ -52,6 +52,7 @@ from emdiffuse.io import make_output_folder, refuse_output
 from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.ema import EMA
+from emdiffuse.models.mean_net import skip_gains
 from emdiffuse.models.variants import ModelConfig
 from emdiffuse.training import distributed
 from emdiffuse.training.build import (
@@ -64,6 +65,7 @@ from emdiffuse.training.build import (
     make_optimizer,
     resolve_objective,
     resolve_z_context,
+    skip_is_fixed,
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
@@ -234,7 +236,11 @@ def _prepare(
         net.load_state_dict(init_state, strict=True)
     elif state is None and config.residual and s.mean_init == "least-squares":
         weights, bias = fit_mean_skip(net, config, dataset)
-        log.info("mean network starts at the least-squares skip %s + %s", weights, bias)
+        log.info("mean network starts at the least-squares skip (%s wide; gain per input "
+                 "slice %s, offset %s)", config.mean_net.skip_size, skip_gains(weights),
+                 [round(b, 4) for b in bias])  # fmt: skip
+    if skip_is_fixed(s, config):
+        net.mean.skip.requires_grad_(False)
     ema = EMA(net, s.ema_decay)
     optimizer = make_optimizer(net, s, dev)
     if state is not None:

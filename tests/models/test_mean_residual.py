@@ -15,7 +15,7 @@ from emdiffuse.errors import InputError
 from emdiffuse.models import diffusion
 from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint, save_checkpoint
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.mean_net import least_squares_skip
+from emdiffuse.models.mean_net import MeanNetConfig, MeanUNet, least_squares_skip, skip_gains
 from emdiffuse.models.networks import MeanResidualNet, baseline_weights, build_network
 from emdiffuse.models.presets import make_config
 from emdiffuse.models.sampler_names import SAMPLER_NAMES, STOCHASTIC
@@ -123,6 +123,42 @@ def test_least_squares_skip_recovers_an_affine_map_and_shrinks_noise():
     with pytest.raises(InputError, match="same grid"):
         least_squares_skip(cond[:, :, :8], target)
 
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_wide_least_squares_skip_recovers_a_linear_filter(dims):
+    """``least_squares_skip(..., size)`` recovers a known linear filter (taps and offset)
+    from the voxels whose whole window lies inside the patch; the network's mirrored skip then
+    reproduces the target there, and per-voxel weights land on the kernel's centre tap."""
+    conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+    rng = np.random.default_rng(dims)
+    side = 12 if dims == 2 else 8
+    cond = torch.from_numpy(rng.uniform(-1, 1, (3, 2) + (side,) * dims))
+    kernel = torch.from_numpy(rng.normal(size=(2, 2) + (3,) * dims))
+    target = torch.nn.functional.pad(conv(cond, kernel) + 0.25, (1,) * 2 * dims)  # border unfitted
+    w, b = least_squares_skip(cond, target, 3)
+    np.testing.assert_allclose(w, kernel.numpy(), atol=1e-9)
+    np.testing.assert_allclose(b, [0.25, 0.25], atol=1e-9)
+    net = MeanUNet(MeanNetConfig(dims=dims, in_channels=2, out_channels=2, skip_size=3))
+    net.init_skip(w, b)
+    inner = (slice(None), slice(None)) + (slice(1, -1),) * dims
+    with torch.no_grad():
+        torch.testing.assert_close(net(cond.float())[inner], target.float()[inner], atol=1e-5, rtol=0)
+        net.init_skip([[1.0, 0.0], [0.5, 0.5]], 0.0)  # per voxel: the centre tap, mirrored edges
+        out = net(cond.float())
+    torch.testing.assert_close(out[:, 0], cond[:, 0].float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, 1], cond.float().mean(1), atol=1e-6, rtol=0)
+    assert skip_gains(net.skip.weight) == [[1.0, 0.0], [0.5, 0.5]]
+    with pytest.raises(InputError, match="size must be odd"):
+        least_squares_skip(cond, target, 4)
+    with pytest.raises(InputError, match="smaller than the patch"):
+        least_squares_skip(cond, target, 13)
+
+
+@pytest.mark.parametrize("size", [0, 2, 17, True, 3.0])
+def test_skip_size_must_be_a_small_odd_integer(size):
+    with pytest.raises(InputError, match="skip_size must be an odd integer in 1..15"):
+        MeanNetConfig(skip_size=size)
 
 def test_residual_loss_trains_both_and_detaches_the_mean():
     config = make_config("emdiffuse-n", "tiny", kind="residual", prediction="v")

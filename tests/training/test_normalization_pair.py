@@ -201,6 +201,56 @@ def test_untrained_mean_starts_at_the_least_squares_shrinkage(tmp_path):
     assert abs(out.mean() - clean.mean()) < 0.01 * np.ptp(clean)
 
 
+
+def test_a_wide_skip_starts_at_the_wiener_filter_of_the_training_data(tmp_path):
+    """``mean_net.skip_size`` 5: the untrained mean network is the least-squares 5×5 linear
+    filter of the training pairs, which on smooth structure under noise averages
+    neighbours and so beats the per-voxel shrinkage by far, mean intensity kept; the
+    checkpoint records the width and an old config without it reads as 1×1."""
+    from emdiffuse.models.checkpoints import load_checkpoint
+    from emdiffuse.models.mean_net import MeanNetConfig
+
+    clean = _smooth((4, 64, 64), 7) * 0.8 + 0.1
+    noisy = clean + np.random.default_rng(3).normal(0.0, 0.3, clean.shape)
+    outs = {}
+    for size in (1, 5):
+        path = trainer.train("denoise", [noisy, clean], tmp_path / f"s{size}", steps=1,
+                             objective="residual", mean_net={"skip_size": size},
+                             **{**FAST, "lr": 1e-6})  # fmt: skip
+        config, state = load_checkpoint(path)
+        assert config.mean_net.skip_size == size
+        assert state["mean.skip.weight"].shape == (1, 1, size, size)
+        outs[size] = enhance_slices(Enhancer.load(path), noisy, samples=0)
+    mse = {size: float(np.mean((out - clean) ** 2)) for size, out in outs.items()}
+    assert mse[5] < 0.6 * mse[1], mse
+    assert abs(outs[5].mean() - clean.mean()) < 0.01 * np.ptp(clean)
+    old = {k: v for k, v in config.mean_net.to_dict().items() if k != "skip_size"}
+    assert MeanNetConfig.from_dict(old).skip_size == 1
+
+
+def test_the_skip_is_fitted_on_unaugmented_patches_and_kept_fixed(tmp_path):
+    """Data whose target is its condition moved one voxel along x: the least-squares 3×3
+    skip is that shift (fitted on patches as read; the training flips and rotations would
+    have spread it over the four neighbours), and training keeps it while the network body
+    moves. Started at the input (``mean_init="input"``) the skip trains as before."""
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    clean = np.random.default_rng(5).random((4, 64, 64)).astype(np.float32)
+    moved = np.roll(clean, 1, axis=2)  # target[x] = condition[x + 1]
+    skips, bodies = {}, {}
+    for name, steps, init in (("fit", 1, "least-squares"), ("trained", 4, "least-squares"),
+                              ("input", 1, "input"), ("input-trained", 4, "input")):
+        path = trainer.train("denoise", [moved, clean], tmp_path / name, steps=steps,
+                             objective="residual", mean_net={"skip_size": 3}, mean_init=init,
+                             **{**FAST, "lr": 1e-2, "ema_decay": 0.0})  # fmt: skip
+        state = load_checkpoint(path)[1]
+        skips[name], bodies[name] = state["mean.skip.weight"][0, 0], state["mean.out.weight"]
+    w = skips["fit"]
+    assert w[1, 2] > 0.95 and (w.abs().sum() - w[1, 2]) < 0.05, w
+    torch.testing.assert_close(skips["trained"], w, rtol=0, atol=0)
+    assert not torch.equal(bodies["trained"], bodies["fit"])
+    assert not torch.equal(skips["input-trained"], skips["input"])
+
 def test_intensity_jitter_is_one_raw_change_for_condition_and_target():
     """A perfect pair (condition = target in raw units) normalised with two different ranges
     stays a perfect pair in raw units after the gain/offset jitter. Before the fix the jitter

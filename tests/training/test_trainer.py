@@ -334,6 +334,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     assert code == 0
     config, _ = load_checkpoint(tmp_path / "scaled" / "model.safetensors")
     assert config.kind == "residual" and config.residual_scale == 0.5
+    code = main(["train", "--task", "isotropic", "--data", paths[1], "--out",
+                 str(tmp_path / "y"), "--patch", "4", "--factor", "2", "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--patch 4 is narrower than the mean network's 7-voxel skip" in err
+    assert "try --patch 8" in err and "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
                  str(tmp_path / "y"), "--mean-init", "zero"])  # fmt: skip
     assert code == 2 and "--mean-init" in capsys.readouterr().err
@@ -375,16 +380,20 @@ def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_
     fast = {**FAST, "calibration_samples": 0}
     out = tmp_path / "ctx"
     trainer.train("isotropic", [volume], out, steps=2, factor=2, z_context=1, ckpt_every=1,
-                  **fast)  # fmt: skip
+                  mean_net={"skip_size": 3}, **fast)  # fmt: skip
     config, state = load_checkpoint(out / "model.safetensors")
     assert (config.z_context, config.in_slices) == (1, 4)
-    assert state["mean.skip.weight"].shape[1] == 4  # the mean network reads the four slices
+    # the mean network reads the four slices through a 3×3 skip (mirrored at tile edges,
+    # so the chunking test below covers it too)
+    assert state["mean.skip.weight"].shape == (1, 4, 3, 3)
     assert json.loads((out / "settings.json").read_text())["z_context"] == 1
-    trainer.train("isotropic", [volume], out, steps=3, factor=2, resume=True, **fast)
-    assert load_checkpoint(out / "model.safetensors")[0].z_context == 1
+    trainer.train("isotropic", [volume], out, steps=3, factor=2, resume=True,
+                  mean_net={"skip_size": 3}, **fast)  # fmt: skip
+    resumed = load_checkpoint(out / "model.safetensors")[0]
+    assert (resumed.z_context, resumed.mean_net.skip_size) == (1, 3)
     with pytest.raises(InputError, match="z_context"):
         trainer.train("isotropic", [volume], out, steps=4, factor=2, resume=True, z_context=0,
-                      **fast)  # fmt: skip
+                      mean_net={"skip_size": 3}, **fast)  # fmt: skip
     tuned = trainer.train("anisotropic", [volume], tmp_path / "tuned", steps=1, factor=2,
                           init=str(out / "model.safetensors"), **{**fast, "patch": 4, "region": 16})  # fmt: skip
     assert load_checkpoint(tuned)[0].z_context == 1
