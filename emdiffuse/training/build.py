@@ -207,9 +207,10 @@ SKIP_FIT_PATCHES = 64
 def fit_mean_skip(
     net: torch.nn.Module, config: ModelConfig, dataset: PatchDataset
 ) -> tuple[list[list[float]], list[float]]:
-    """Set a new residual-kind network's mean skip to the least-squares linear map (per voxel,
-    or the Wiener filter of the skip's width) from condition to target on the first :data:`SKIP_FIT_PATCHES` training patches (a pure
-    function of the data and seed). Returns ``(weights, bias)``.
+    """Set a new residual-kind network's mean skip to the least-squares linear map from
+    condition to target (per voxel, or the Wiener filter of the skip's width) on the first
+    :data:`SKIP_FIT_PATCHES` training patches (a pure function of the data and seed).
+    Returns ``(weights, bias)``.
 
     At a low dose the best such map shrinks the noisy input strongly towards the mean (on
     FlyEM at 2 e⁻/px it keeps 8 % of the input in raw units): started at the input itself,
