@@ -61,7 +61,7 @@ _SIZES: dict[str, dict[str, Any]] = {
 
 # The linear skip of a new 2D isotropic mean network: 7×7, started at the least-squares
 # (Wiener) filter of the training data and kept there (training.build.skip_is_fixed). On FlyEM
-# after 2.5 min it beat the 1×1 skip by 0.17 dB for isotropic ×4; denoising gained nothing
+# after 2.5 min it beat the 1×1 skip by 0.17 and 0.36 dB (two seeds) for isotropic ×4; denoising gained nothing
 # clear (+0.04 at 8 e⁻/px, 0.00 at 2 e⁻/px) and super-resolution ×4 lost 1.0 dB, so the other
 # tasks and 3D mean networks keep 1×1 (benchmarks/quality/READING.md, fourteenth session).
 DEFAULT_MEAN_SKIP = 7
