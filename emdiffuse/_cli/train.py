@@ -39,7 +39,7 @@ SETTINGS = (
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
-    "precision", "z_context",
+    "precision", "z_context", "rotations",
 )  # fmt: skip
 
 
@@ -81,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="brightness/contrast augmentation: a gain in 1 +- FRACTION and an offset in "
         "+- FRACTION/2 of the target's range, the same raw change for input and target "
         "(default %(default)s; 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rotations", action=argparse.BooleanOptionalAction, default=d["rotations"],
+        help="random 90° rotations of the training patches (default); --no-rotations keeps "
+        "the data's y and x apart, for EM whose two image axes differ (scan direction, FIB "
+        "milling); flips are drawn either way",
     )  # fmt: skip
     parser.add_argument(
         "--z-context", type=int, default=d["z_context"], metavar="C",

@@ -50,10 +50,13 @@ class Augment:
 NONE = Augment(flips=False, rotations=False, reverse_slices=False, scale=0.0, offset=0.0)
 
 
-def training_augment(recipe: str, intensity_jitter: float = DEFAULT_JITTER) -> Augment:
-    """The training augmentation of a recipe: flips, rotations, the slice order reversed for
-    the isotropic recipes (z -> -z is as likely as z), and the intensity jitter."""
-    return Augment(reverse_slices=recipe in ("isotropic", "anisotropic"),
+def training_augment(
+    recipe: str, intensity_jitter: float = DEFAULT_JITTER, rotations: bool = True
+) -> Augment:
+    """The training augmentation of a recipe: flips, 90° rotations unless ``rotations`` is
+    False, the slice order reversed for the isotropic recipes (z -> -z is as likely as z),
+    and the intensity jitter."""
+    return Augment(rotations=rotations, reverse_slices=recipe in ("isotropic", "anisotropic"),
                    scale=intensity_jitter, offset=intensity_jitter)  # fmt: skip
 
 

@@ -48,7 +48,7 @@ def build_dataset(s: TrainSettings, sources: Sequence[Any], **kw) -> PatchDatase
         batch_size=s.batch_size,
         axis=s.axis,
         voxel_size=s.voxel_size,
-        augment=training_augment(s.task, s.intensity_jitter),
+        augment=training_augment(s.task, s.intensity_jitter, s.rotations),
         z_context=s.z_context or 0,
         **kw,
     )

@@ -95,6 +95,9 @@ class TrainSettings:
     # brightness/contrast augmentation: a detector gain in 1 +- j and offset in +- j/2 of the
     # target's range, one raw-unit change for condition and target (training/augment.py)
     intensity_jitter: float = DEFAULT_JITTER
+    # random 90° rotations of square patches in the training augmentation (flips always);
+    # False keeps the data's y and x apart (scan directions, FIB milling; training/augment.py)
+    rotations: bool = True
     schedule: dict[str, Any] | None = None  # training noise schedule (default: the reference's)
     time_limit: float | None = None  # seconds; stops early (demo)
     objective: str = "auto"  # see OBJECTIVE_CHOICES, train()
@@ -164,6 +167,8 @@ class TrainSettings:
             raise InputError(
                 f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
             )
+        if not isinstance(self.rotations, bool):
+            raise InputError(f"rotations must be true or false, got {self.rotations!r}")
         for name in ("intensity_jitter", "mean_warmup"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 <= value < 1):

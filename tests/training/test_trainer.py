@@ -255,6 +255,32 @@ def test_intensity_jitter_setting_reaches_the_training_patches(pair):
         assert abs(gain - 1) + abs(offset) > 1e-3
 
 
+def test_rotations_setting_decides_whether_training_patches_turn(pair):
+    """``rotations=False`` draws flips only: every training patch is its unaugmented self
+    flipped in y and/or x, so the data's y and x never swap; the default also turns patches
+    by 90° (a transposed patch appears among a few draws). A non-boolean is refused."""
+    from emdiffuse.training.build import build_dataset
+
+    options = {"patch": 16, "region": 32, "val_fraction": 0.25, "batch_size": 2,
+               "intensity_jitter": 0.0}  # fmt: skip
+    turned = {}
+    for rotations in (True, False):
+        s = TrainSettings.build("denoise", ["noisy", "clean"], {**options, "rotations": rotations})
+        ds = build_dataset(s, pair)
+        assert ds.augment.rotations is rotations and ds.augment.flips
+        turned[rotations] = 0
+        for key in range(16):
+            drawn = ds.sample(key)["target"].numpy()[0]
+            plain = ds.sample(key, augment=False)["target"].numpy()[0]
+            flips = [plain, plain[::-1], plain[:, ::-1], plain[::-1, ::-1]]
+            if not any(np.array_equal(drawn, f) for f in flips):
+                assert any(np.array_equal(drawn, f.T) for f in flips)
+                turned[rotations] += 1
+    assert turned[False] == 0 and turned[True] > 0
+    with pytest.raises(InputError, match="rotations must be true or false, got 'no'"):
+        TrainSettings.build("denoise", ["noisy", "clean"], {"rotations": "no"})
+
+
 def test_precision_setting_decides_the_dtype_the_network_trains_in(tmp_path, pair):
     """``precision="bf16"`` runs every convolution of the run (training steps and the
     final validation) under bf16 autocast, ``"fp32"`` none; ``"auto"`` is what :func:`autocast_dtype` resolves for the CPU
@@ -312,8 +338,9 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     out = tmp_path / "cli"
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out", str(out),
                  "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
-                 "--device", "cpu", "--val-every", "2"])  # fmt: skip
+                 "--device", "cpu", "--val-every", "2", "--no-rotations"])  # fmt: skip
     assert code == 0 and (out / "model.safetensors").exists()
+    assert json.loads((out / "settings.json").read_text())["rotations"] is False
     from emdiffuse.models.checkpoints import load_checkpoint
 
     config, state = load_checkpoint(out / "model.safetensors")
