@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import quality_linear as ql
 import torch
 from quality_classical import bicubic_xy, gaussian, interpolate_z, nearest_xy, nlm, tune_denoisers
 from quality_data import (
@@ -141,8 +142,29 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
+def linear_filter_row(run: LevelRun) -> None:
+    """The least-squares linear filter from the condition to the target (a Wiener filter
+    learned from the training data, :mod:`quality_linear`): the start of the isotropic mean
+    network, a classical peer of every task."""
+    d = run.data
+    outs, t = _timed(ql.restore, d, ql.SIZE, np.random.default_rng(0))
+    pair = outs[1] if len(outs) > 1 else None
+    run.add(f"least-squares linear filter ({ql.SIZE}×{ql.SIZE})", "classical", outs[0],
+            family="linear filter", pair=pair,
+            pair_what="noise realisations A vs B" if pair is not None else "",
+            seconds=t / len(outs))  # fmt: skip
+
+
 def classical(run: LevelRun, sizes: Sizes) -> dict[str, Any]:
-    """The degraded input and the classical baselines of the level's task."""
+    """The degraded input and the classical baselines of the level's task (the tuned
+    denoisers' parameters), the learned linear filter last."""
+    tuned = input_and_filters(run, sizes)
+    linear_filter_row(run)
+    return tuned
+
+
+def input_and_filters(run: LevelRun, sizes: Sizes) -> dict[str, Any]:
+    """The degraded input and the task's hand-made filters and interpolations."""
     d = run.data
     level, k = d.level, d.level.factor
     if level.task == "denoise":

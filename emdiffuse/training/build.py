@@ -226,7 +226,6 @@ def fit_mean_skip(
     return weights, bias
 
 
-
 def skip_is_fixed(s: TrainSettings, config: ModelConfig) -> bool:
     """Whether the run keeps the mean network's skip at its least-squares fit instead of
     training it: a skip wider than one voxel, in a residual-kind model started here (or
@@ -239,6 +238,7 @@ def skip_is_fixed(s: TrainSettings, config: ModelConfig) -> bool:
     (benchmarks/quality/READING.md, fourteenth session)."""
     wide = config.residual and config.mean_net.skip_size > 1
     return wide and s.mean_init == "least-squares" and s.init is None
+
 
 def check_patch(s: TrainSettings, config: ModelConfig) -> None:
     """The patch side must suit the network (its downsampling, its mean network's skip) and
