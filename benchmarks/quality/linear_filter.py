@@ -4,8 +4,9 @@ For each level and skip width (1, 3, 5, 7, 9 voxels), the least-squares linear f
 condition to target is fitted the way training fits the mean network's skip
 (``quality_linear``: 64 random 48² patches of ``training_sample1``, as read), applied to
 the test input of ``training_sample2`` with mirrored edges (isotropic: the input slices
-mirrored at the volume's ends, as the pipeline does) and scored like every other row of the quality benchmark. Isotropic levels also with one slice of
-z context on each side (four input slices). No training, no network: a lower bound for the
+mirrored at the volume's ends, as the pipeline does) and scored like every other row of the
+quality benchmark. Isotropic levels also with one slice of z context on each side (four input
+slices). No training, no network: a lower bound for the
 mean network and a classical peer (a Wiener filter learned from the data).
 
     python benchmarks/quality/linear_filter.py [--levels denoise-dose8 isotropic-k4 ...]
