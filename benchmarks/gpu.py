@@ -452,6 +452,12 @@ def markdown(result: dict) -> str:
             f"{c['max_abs_diff']:.2e} | {c['reference_max_abs']:.2f} | {c['tolerance']:.0e} | "
             f"{'yes' if c['passed'] else 'NO'} |"
         )
+    fp32_checked = any(c["precision"] == "fp32" for c in result["checks"])
+    if result["device"].startswith("cuda") and result.get("cudnn_allow_tf32") and fp32_checked:
+        lines += ["", "fp32 on this GPU is TF32 on the tensor cores (torch's default, "
+                  "`torch.backends.cudnn.allow_tf32`), the reference included: fp32 variants "
+                  "differ from it by TF32 rounding, which the fp32 tolerance (set for true "
+                  "fp32, as on a CPU) does not allow for."]  # fmt: skip
     rows = result["pipeline"]
     lines += ["", "## Full pipeline at 8 NFE", ""]
     if not rows:
@@ -521,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     args.min_seconds = args.min_seconds or (0.0 if args.smoke else 1.0)
     args.pipeline_shape = args.pipeline_shape or ("1,64,64" if args.smoke else "8,2048,2048")
     args.pipeline_batch_size = args.pipeline_batch_size or (2 if args.smoke else 16)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # plain "cuda": the current one
         torch.cuda.set_device(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_key, peak = device_peak(device_name) if device.type == "cuda" else (None, None)

@@ -4,7 +4,9 @@ A quicker loop than ``run.py`` for questions about the mean network at a short b
 variant trains through the harness's own ``train_model`` (rate probe, cosine horizon, wall
 time limit, model cache) on one FlyEM level, enhances the first test input with
 ``samples=0`` (one network evaluation) and scores it against the truth. No peers, no
-samples, no report: one JSON line per variant, printed and appended to ``--out``.
+report: one JSON line per variant, printed and appended to ``--out``. ``--samples N`` also
+scores one sample and the mean of N (the default sampler); ``--device cuda`` trains and
+enhances on a GPU (the line records the device's name).
 
     python benchmarks/quality/mean_recipe.py --level denoise-dose8 \\
         --variants '{}' '{"batch_size": 16, "residual_batch": 4}' [--seed 0] [--budget 150]
@@ -38,13 +40,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per variant")
     p.add_argument("--cache", type=Path, default=Path("/tmp/qcache"))
+    p.add_argument("--device", default="cpu", help="where to train and enhance: cpu, cuda")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="N >= 2: also score one sample and the mean of N (0: the mean only)",
+    )
+    p.add_argument("--flyem-dir", type=Path, default=None, help="the FlyEM volumes' folder")
     p.add_argument(
         "--out",
         type=Path,
         default=ROOT / "benchmarks" / "results" / "quality" / "mean_recipe.jsonl",
     )
     args = p.parse_args(argv)
-    source, levels, sizes = flyem_levels([args.level])
+    if args.samples == 1 or args.samples < 0:
+        p.error("--samples must be 0 (the mean only) or >= 2")
+    try:
+        source, levels, sizes = flyem_levels([args.level], flyem_dir=args.flyem_dir)
+    except ValueError as error:  # the data missing, or an unknown level: one line, exit 2
+        p.error(str(error))
     data = source.task_data(levels[0], sizes, source.train_volume(sizes))
     work = args.cache / "work" / "mean_recipe"
     work.mkdir(parents=True, exist_ok=True)
@@ -53,16 +68,44 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         model = qp.train_model(Entry("residual", args.budget), data, sizes, args.cache,
                                budget=args.budget, probe_seconds=20, source="flyem",
-                               seed=args.seed, extra=extra)  # fmt: skip
-        mean = qp.run_enhance(model["path"], inp, work / "out.ome.zarr", samples=0, seed=0)["mean"]
-        s = score(mean, data.truth, data.eval_z, data.voxel_nm)
-        line = {"level": args.level, "extra": extra, "seed": args.seed, "budget_s": args.budget,
-                "steps": model.get("steps"), "psnr": round(s["psnr"], 3),
-                "ssim": round(s["ssim"], 4), "bias_pct": round(s["bias_pct"], 3),
-                "wall_s": round(time.time() - start)}  # fmt: skip
+                               seed=args.seed, extra=extra, device=args.device)  # fmt: skip
+        line = {
+            "level": args.level,
+            "extra": extra,
+            "seed": args.seed,
+            "budget_s": args.budget,
+            "steps": model.get("steps"),
+            **scored(0, model["path"], inp, work, data, args),
+        }
+        if args.samples:
+            line["sample"] = scored(1, model["path"], inp, work, data, args)
+            line[f"mean_of_{args.samples}"] = scored(args.samples, model["path"], inp, work,
+                                                     data, args)  # fmt: skip
+        if args.device != "cpu":
+            line.update(device=device_name(args.device), params=model.get("params"))
+        line["wall_s"] = round(time.time() - start)
         print(json.dumps(line), flush=True)
         with args.out.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+
+
+def scored(samples: int, model: str, inp: Path, work: Path, data, args) -> dict:
+    """PSNR, SSIM and bias (% of the range) of an enhancement with ``samples`` (0: the
+    posterior mean) against the truth, and its seconds."""
+    run = qp.run_enhance(model, inp, work / "out.ome.zarr", samples=samples, seed=0,
+                         device=args.device)  # fmt: skip
+    if "error" in run:
+        raise SystemExit(f"enhance with samples={samples} failed: {run['error']}")
+    s = score(run["mean"], data.truth, data.eval_z, data.voxel_nm)
+    return {"psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4),
+            "bias_pct": round(s["bias_pct"], 3), "enhance_s": round(run["seconds"], 1)}  # fmt: skip
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (``torch.cuda.get_device_name``) or ``device`` itself."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 
 
 if __name__ == "__main__":

@@ -321,12 +321,17 @@ def make_source(name: str, *, flyem_dir: Path | None = None) -> Source:
 
 
 def select_levels(
-    name: str, keys: list[str], quick: bool = False, task: str | None = None
+    name: str,
+    keys: list[str],
+    quick: bool = False,
+    task: str | None = None,
+    flyem_dir: Path | None = None,
 ) -> tuple[Source, list[Level], Sizes]:
-    """Source ``name``, its levels named by ``keys`` (e.g. ``denoise-dose2``; only ``task``'s
-    when given) and its sizes (``quick``: the smoke run's), for the scripts that run single
-    levels. ValueError, one line, when the data are missing or a key is unknown."""
-    source = make_source(name)
+    """Source ``name`` (FlyEM read from ``flyem_dir``, default :data:`FLYEM_DIR`), its levels
+    named by ``keys`` (e.g. ``denoise-dose2``; only ``task``'s when given) and its sizes
+    (``quick``: the smoke run's), for the scripts that run single levels. ValueError, one
+    line, when the data are missing or a key is unknown."""
+    source = make_source(name, flyem_dir=flyem_dir)
     missing = source.available()
     if missing:
         raise ValueError(f"{name} data not found ({missing}); see ../shared/data/README")
@@ -337,6 +342,8 @@ def select_levels(
     return source, [levels[k] for k in keys], source.quick if quick else source.full
 
 
-def flyem_levels(keys: list[str], quick: bool = False) -> tuple[Source, list[Level], Sizes]:
+def flyem_levels(
+    keys: list[str], quick: bool = False, flyem_dir: Path | None = None
+) -> tuple[Source, list[Level], Sizes]:
     """:func:`select_levels` of the FlyEM source."""
-    return select_levels("flyem", keys, quick)
+    return select_levels("flyem", keys, quick, flyem_dir=flyem_dir)

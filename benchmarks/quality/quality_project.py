@@ -157,13 +157,13 @@ def _rate_from_scalars(folder: Path) -> float | None:
 
 
 def measure_rate(entry: Entry, data: TaskData, sizes: Sizes, cache_dir: Path, *, seconds: float,
-                 seed: int, extra=None) -> dict[str, Any]:  # fmt: skip
-    """Training steps per second of ``entry``'s kind on ``data``'s task: a probe run of
-    ``seconds``, measured once per run (not across runs: the shared machine's load
-    changes) for each task, kind, factor and settings."""
+                 seed: int, extra=None, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """Training steps per second of ``entry``'s kind on ``data``'s task and ``device``: a
+    probe run of ``seconds``, measured once per run (not across runs: the shared machine's
+    load changes) for each task, kind, factor, settings and device."""
     task, sources, voxel = train_sources(entry, data)
     options = train_options(entry, data, sizes, extra)
-    key = settings_key("rate", task, options, seconds, emdiffuse.__version__)
+    key = settings_key("rate", task, options, seconds, emdiffuse.__version__, *_on(device))
     if key in _RATES:
         return {**_RATES[key], "reused": True}
     folder = cache_dir / "rates" / f"probe-{key}"
@@ -175,7 +175,7 @@ def measure_rate(entry: Entry, data: TaskData, sizes: Sizes, cache_dir: Path, *,
         options["calibration_samples"] = 0
     start = time.perf_counter()
     trainer.train(task, sources, folder, steps=big, seed=seed, progress=False, voxel_size=voxel,
-                  device="cpu", time_limit=seconds, **options)  # fmt: skip
+                  device=device, time_limit=seconds, **options)  # fmt: skip
     wall = time.perf_counter() - start
     record = _run_record(folder)
     rate = _rate_from_scalars(folder) or record.get("steps", 1) / max(seconds, 1e-3)
@@ -209,9 +209,11 @@ def train_model(
     seed: int = 0,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train (or reuse from ``cache_dir``) the project model of ``entry`` on ``data.level``
-    for ``budget`` seconds of wall time.
+    for ``budget`` seconds of wall time on ``device`` (``cpu``, ``cuda``; part of the cache
+    key unless ``cpu``).
 
     Returns ``{"path", "seconds" (the train() call), "loop_seconds", "steps" (trained),
     "horizon" (the schedule's steps), "rate", "cached", "task", "settings"}``.
@@ -220,7 +222,7 @@ def train_model(
     task, sources, voxel = train_sources(entry, data)
     options = train_options(entry, data, sizes, extra)
     key = settings_key(source, level, sizes, entry.method, budget, options, seed,
-                       emdiffuse.__version__, training_code_digest())  # fmt: skip
+                       emdiffuse.__version__, training_code_digest(), *_on(device))  # fmt: skip
     folder = cache_dir / "models" / f"{source}-{level.key}-{entry.method}-{budget:g}s-{key}"
     meta_path = folder / "meta.json"
     if meta_path.exists() and (folder / trainer.FINAL_NAME).exists():
@@ -229,19 +231,24 @@ def train_model(
     if folder.exists():
         shutil.rmtree(folder)
     rate = measure_rate(entry, data, sizes, cache_dir, seconds=probe_seconds, seed=seed,
-                        extra=extra)  # fmt: skip
+                        extra=extra, device=device)  # fmt: skip
     horizon = max(10, math.ceil(rate["steps_per_second"] * budget * HORIZON_MARGIN))
     options.update(val_every=horizon, ckpt_every=horizon)
     start = time.perf_counter()
     path = trainer.train(task, sources, folder, steps=horizon, seed=seed, progress=progress,
-                         voxel_size=voxel, device="cpu", time_limit=budget, **options)  # fmt: skip
+                         voxel_size=voxel, device=device, time_limit=budget, **options)  # fmt: skip
     seconds = time.perf_counter() - start
     meta = {"task": task, "method": entry.method, "objective": options["objective"],
             "budget_seconds": budget, "seconds": seconds, "horizon": horizon,
             **_run_record(folder), "rate": rate, "settings": options, "seed": seed,
-            "params": _count_params(path)}  # fmt: skip
+            "params": _count_params(path), "device": device}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
     return {**meta, "path": str(path), "cached": False}
+
+
+def _on(device: str) -> tuple[str, ...]:
+    """``device`` as a cache-key part: nothing for ``cpu``, so the CPU keys stay as they were."""
+    return () if device == "cpu" else (device,)
 
 
 def _count_params(path: str | Path) -> int:

@@ -62,7 +62,7 @@ class Enhancer:
         *,
         device: str | torch.device = "cpu",
         precision: str = "auto",
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
@@ -71,6 +71,9 @@ class Enhancer:
         self.net = net.to(self.device).eval()
         for parameter in self.net.parameters():
             parameter.requires_grad_(False)
+        # channels_last (CUDA, 2D only) is off by default: on an H200 it made the reference
+        # UNet 1.2-1.3x slower eager in bf16 and fp32 at batch 8-64, and changed nothing
+        # compiled (benchmarks/results/gpu.md)
         self.channels_last = bool(channels_last and self.device.type == "cuda" and config.dims == 2)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -92,7 +95,7 @@ class Enhancer:
         path: str | os.PathLike,
         device: str | torch.device = "cpu",
         precision: str = "auto",
-        channels_last: bool = True,
+        channels_last: bool = False,
         *,
         expect_task: str | None = None,
         expect_scale_factor: int | None = None,
@@ -114,7 +117,7 @@ class Enhancer:
         seed: int = 0,
         *,
         precision: str = "auto",
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> Enhancer:
         """Build the network of ``config``; weights from ``state_dict`` or a seeded random
         initialisation (for tests and demos)."""

@@ -18,3 +18,46 @@ def test_no_runnable_source_exits_2_and_writes_nothing(repo_root, tmp_path):
     assert "flyem: skipped (missing in" in done.stdout
     assert "no source could run" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_mean_recipe_refuses_missing_data_and_one_sample(repo_root, tmp_path):
+    """mean_recipe.py: FlyEM missing in --flyem-dir, or --samples 1, is one line and exit 2,
+    before anything is trained or written."""
+    empty = tmp_path / "no_flyem"
+    empty.mkdir()
+    base = [sys.executable, "benchmarks/quality/mean_recipe.py", "--level", "denoise-dose8",
+            "--variants", "{}", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "lines.jsonl")]  # fmt: skip
+    for extra, said in (
+        (["--flyem-dir", str(empty)], "missing in"),
+        (["--flyem-dir", str(empty), "--samples", "1"], "--samples must be 0"),
+    ):
+        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300,
+                              cwd=repo_root)  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert said in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "lines.jsonl").exists()
+
+
+def test_flyem_levels_read_the_folder_given(repo_root, tmp_path, monkeypatch):
+    """flyem_levels(..., flyem_dir=D) takes both volumes from D: the test truth is D's
+    sample2 (centre crop, the scored slices, grey / 255) and the training volume D's sample1."""
+    import numpy as np
+    import tifffile
+
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks" / "quality"))
+    from quality_data import flyem_levels
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (40, 72, 72), dtype=np.uint8)
+    test = rng.integers(0, 256, (30, 70, 70), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "training_sample1.tif", train)
+    tifffile.imwrite(tmp_path / "training_sample2.tif", test)
+    source, (level,), sizes = flyem_levels(["denoise-dose8"], quick=True, flyem_dir=tmp_path)
+    clean = source.train_volume(sizes)
+    np.testing.assert_array_equal(clean, train / np.float32(255))
+    data = source.task_data(level, sizes, clean)
+    zs = source.test_slices_z(sizes, test.shape[0])
+    y0 = (70 - sizes.test_yx) // 2
+    crop = test[zs, y0 : y0 + sizes.test_yx, y0 : y0 + sizes.test_yx]
+    np.testing.assert_array_equal(data.truth, crop / np.float32(255))
