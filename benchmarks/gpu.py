@@ -28,9 +28,14 @@ weights), on 256×256 tiles. ``--smoke``: the ``tiny`` preset on 32×32 tiles, b
    (``--pipeline-shape``, default 8×2048×2048) with the same model at ``dpmpp_2m``, 8
    steps (8 NFE), one sample, default tiling, ``--pipeline-batch-size``, bf16 on CUDA
    (fp32 on CPU), on a LocalCluster with one worker (``GPU=1`` on CUDA) after a small
-   warm-up run, with one output chunk per task (the default) and with 2×2×2: output
-   Mvoxel/s, the worker's device memory peak and the pipeline's stage split
-   (:mod:`emdiffuse.pipeline.stages`, worker seconds).
+   warm-up run, with one output chunk per task (the default) and with 2×2×2 — and, where
+   compile is timed, with the network compiled (``enhance(compile=True)``; its warm-up
+   compiles, timed apart): output Mvoxel/s, the worker's device memory peak and the
+   pipeline's stage split (:mod:`emdiffuse.pipeline.stages`, worker seconds).
+   ``--pipeline-precision`` overrides the precision (e.g. ``auto``, what a CPU user gets).
+
+``--size`` and ``--tile`` choose another preset and tile (e.g. ``--device cpu --size tiny
+--compile on`` measures the compiled network and pipeline on a CPU).
 
 ``--budget-s`` (default 200, so that the pipeline's minute or so fits in 5) bounds the
 microbenchmarks: eager combinations run first, and those left when it is spent (compile,
@@ -234,10 +239,15 @@ def compile_available(device: torch.device) -> str | None:
     return None
 
 
+def wants_compile(args, device: torch.device) -> bool:
+    """``--compile on``, or ``auto`` on CUDA."""
+    return args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+
+
 def network_rows(args, net, config, tile, device, peak, flops, deadline) -> tuple[list, list]:
     """The timings of every combination and batch size, and the correctness checks."""
     rows, checks = [], []
-    want_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    want_compile = wants_compile(args, device)
     compile_problem = compile_available(device) if want_compile else None
     if not want_compile:
         compile_problem = "compile is timed on CUDA only (--compile on forces it)"
@@ -320,11 +330,20 @@ def _reset_worker_memory() -> None:
 
 
 PIPELINE_CONFIGS = ({"chunks_per_task": 1}, {"chunks_per_task": (2, 2, 2)})
+COMPILED_CONFIG = {"chunks_per_task": 1, "compile": True}
+
+
+def pipeline_configs(want_compile: bool) -> tuple[dict, ...]:
+    """The pipeline rows: :data:`PIPELINE_CONFIGS`, and the network compiled
+    (:data:`COMPILED_CONFIG`) where compile is timed."""
+    return PIPELINE_CONFIGS + ((COMPILED_CONFIG,) if want_compile else ())
 
 
 def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) -> list[dict]:
     """Output Mvoxel/s of ``emdiffuse.enhance`` at 8 NFE on a one-worker LocalCluster, one
-    row per :data:`PIPELINE_CONFIGS` (the default task size, and 2×2×2 chunks per task)."""
+    row per :func:`pipeline_configs` (the default task size, 2×2×2 chunks per task, and —
+    where compile is timed — the network compiled). Each configuration first enhances a
+    one-tile volume (the warm-up: model loading, and the compile, timed apart)."""
     from distributed import Client, LocalCluster
 
     import emdiffuse
@@ -338,7 +357,7 @@ def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) 
     warm_inp = make_input(work / "warm.ome.zarr", (1, tile, tile))
     write_seconds = time.perf_counter() - start
     cuda = device.type == "cuda"
-    precision = "bf16" if cuda else "fp32"
+    precision = args.pipeline_precision or ("bf16" if cuda else "fp32")
     options = dict(
         steps=NFE, sampler="dpmpp_2m", samples=1, batch_size=args.pipeline_batch_size,
         device="cuda" if cuda else "cpu", precision=precision, progress=False,
@@ -350,8 +369,11 @@ def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) 
     client = Client(cluster)
     rows = []
     try:
-        emdiffuse.enhance(warm_inp, model, work / "warm-out.ome.zarr", client=client, **options)
-        for i, config in enumerate(PIPELINE_CONFIGS):
+        for i, config in enumerate(pipeline_configs(wants_compile(args, device))):
+            start = time.perf_counter()
+            emdiffuse.enhance(warm_inp, model, work / f"warm{i}.ome.zarr", client=client,
+                              **options, **config)  # fmt: skip
+            warmup = time.perf_counter() - start
             client.run(reset_stages)
             client.run(_reset_worker_memory)
             out_path = work / f"out{i}.ome.zarr"
@@ -371,6 +393,8 @@ def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) 
                 "precision": precision,
                 "batch_size": args.pipeline_batch_size,
                 "chunks_per_task": config["chunks_per_task"],
+                "compile": bool(config.get("compile", False)),
+                "warmup_seconds": warmup,
                 "tile": record["tile"],
                 "overlap": record["overlap"],
                 "chunks": record["chunks"],
@@ -470,17 +494,18 @@ def markdown(result: dict) -> str:
             f"tile {p['tile']}/{p['overlap']}, chunks {p['chunks']}, redundancy "
             f"{_fmt(p['redundancy'], '.2f')}, one worker on a LocalCluster:",
             "",
-            "| chunks per task | Mvoxel/s | wall s | worker device memory peak MiB | "
-            + " | ".join(f"{k} s" for k in PIPELINE_STAGES)
-            + " |",
-            "|---|---|---|---|" + "---|" * len(PIPELINE_STAGES),
+            "| chunks per task | network | Mvoxel/s | wall s | warm-up s | worker device memory "
+            "peak MiB | " + " | ".join(f"{k} s" for k in PIPELINE_STAGES) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(PIPELINE_STAGES),
         ]
         for p in rows:
             mem = p["worker_peak_memory_bytes"]
             st = p["worker_stage_seconds"]
             lines.append(
-                f"| {p['chunks_per_task']} | **{p['mvoxel_per_s']:.3g}** | "
-                f"{p['wall_seconds']:.1f} | {_fmt(None if mem is None else mem / 2**20, '.0f')} | "
+                f"| {p['chunks_per_task']} | {'compiled' if p.get('compile') else 'eager'} | "
+                f"**{p['mvoxel_per_s']:.3g}** | {p['wall_seconds']:.1f} | "
+                f"{_fmt(p.get('warmup_seconds'))} | "
+                f"{_fmt(None if mem is None else mem / 2**20, '.0f')} | "
                 + " | ".join(f"{st.get(k, 0.0):.2f}" for k in PIPELINE_STAGES)
                 + " |"
             )
@@ -498,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the results (required on CPU)")
     parser.add_argument("--name", default=None, help="file name (default gpu, gpu_smoke)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--size", choices=("tiny", "small", "reference"), default=None,
+                        help="model preset (default reference; --smoke: tiny)")
+    parser.add_argument("--tile", type=int, default=None, help="tile side (default 256; --smoke: 32)")
     parser.add_argument("--batch-sizes", type=_ints, default=None)
     parser.add_argument("--compile-batch-sizes", type=_ints, default=None)
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -506,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=200.0)
     parser.add_argument("--pipeline-shape", default=None)
     parser.add_argument("--pipeline-batch-size", type=int, default=None)
+    parser.add_argument("--pipeline-precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="the pipeline's precision (default: bf16 on CUDA, fp32 on a CPU)")
     parser.add_argument("--no-pipeline", action="store_true")
     args = parser.parse_args(argv)
     record = start_record(__file__, argv)
@@ -518,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or RESULTS
     name = args.name or ("gpu_smoke" if args.smoke else "gpu")
     size, tile = ("tiny", 32) if args.smoke else ("reference", 256)
+    size, tile = args.size or size, args.tile or tile
     args.batch_sizes = args.batch_sizes or (SMOKE_BATCHES if args.smoke else FULL_BATCHES)
     args.compile_batch_sizes = args.compile_batch_sizes or ((2,) if args.smoke else (16,))
     args.precisions = [p for p in args.precisions.split(",") if p]

@@ -43,6 +43,7 @@ import torch
 from emdiffuse.errors import InputError
 from emdiffuse.models import samplers
 from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint
+from emdiffuse.models.compiled import FixedBatch
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.device import autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule, make_denoiser
@@ -63,6 +64,7 @@ class Enhancer:
         device: str | torch.device = "cpu",
         precision: str = "auto",
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
@@ -77,6 +79,14 @@ class Enhancer:
         self.channels_last = bool(channels_last and self.device.type == "cuda" and config.dims == 2)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        # the callables that evaluate the network(s): compiled at one batch size per tile
+        # shape with ``compile`` (models/compiled.py), else the modules themselves
+        self.compile = bool(compile)
+        wrap = FixedBatch if self.compile else (lambda module: module)
+        if config.residual:
+            self._mean_net, self._residual_net = wrap(self.net.mean), wrap(self.net.residual)
+        else:
+            self._sr3_net = wrap(self.net)
         # sampling walks the stored inference schedule (imported reference weights: the
         # reference's test schedule), else the training schedule; the network is fed the
         # alpha-bar of each point either way, as the reference feeds its gammas
@@ -99,14 +109,14 @@ class Enhancer:
         *,
         expect_task: str | None = None,
         expect_scale_factor: int | None = None,
+        compile: bool = False,
     ) -> Enhancer:
         """Load a checkpoint (safetensors, or weights-only torch) onto ``device``."""
         config, state_dict = load_checkpoint(
             path, expect_task=expect_task, expect_scale_factor=expect_scale_factor
         )
-        return cls.from_config(
-            config, state_dict, device=device, precision=precision, channels_last=channels_last
-        )
+        return cls.from_config(config, state_dict, device=device, precision=precision,
+                               channels_last=channels_last, compile=compile)  # fmt: skip
 
     @classmethod
     def from_config(
@@ -118,9 +128,11 @@ class Enhancer:
         *,
         precision: str = "auto",
         channels_last: bool = False,
+        compile: bool = False,
     ) -> Enhancer:
         """Build the network of ``config``; weights from ``state_dict`` or a seeded random
-        initialisation (for tests and demos)."""
+        initialisation (for tests and demos). ``compile``: evaluate it through
+        ``torch.compile`` (:class:`~emdiffuse.models.compiled.FixedBatch`)."""
         config.validate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -128,7 +140,8 @@ class Enhancer:
         if state_dict is not None:
             check_state_dict(config, state_dict)
             net.load_state_dict(state_dict, strict=True)
-        return cls(config, net, device=device, precision=precision, channels_last=channels_last)
+        return cls(config, net, device=device, precision=precision, channels_last=channels_last,
+                   compile=compile)  # fmt: skip
 
     # ---- contract ----------------------------------------------------------------------
     @property
@@ -182,6 +195,13 @@ class Enhancer:
         """Model space -> raw units for the outputs (the model's target range)."""
         return from_model(self.config)
 
+    def reserve_batch(self, n: int) -> None:
+        """With ``compile``: pad every batch to at least ``n`` tiles, so that the network is
+        compiled once, at the run's batch size (nothing to do otherwise)."""
+        for network in (getattr(self, a, None) for a in ("_mean_net", "_residual_net", "_sr3_net")):
+            if isinstance(network, FixedBatch):
+                network.reserve(n)
+
     # ---- inference ---------------------------------------------------------------------
     def posterior_mean(self, cond: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """The posterior-mean estimate of a batch in one network evaluation, model space,
@@ -204,7 +224,7 @@ class Enhancer:
         with torch.inference_mode(), self._autocast():
             cond_t = self._upsample(cond_t)
             if self.config.residual:
-                mean = self.net.mean(cond_t).float()
+                mean = self._mean_net(cond_t).float()
             else:
                 level = float(self.schedule.alpha_bars[-1])
                 if self.noisiest is not None:  # where the few-step samplers start
@@ -366,7 +386,7 @@ class Enhancer:
         index_t = None
         if index is not None:
             index_t = torch.full((cond.shape[0],), index, dtype=torch.long, device=self.device)
-        return make_denoiser(self.net, cond, self.schedule, self.config.prediction,
+        return make_denoiser(self._sr3_net, cond, self.schedule, self.config.prediction,
                              index=index_t, **kw)  # fmt: skip
 
     def _sample_sr3(self, cond, x_T, index, step_noise, callback, kw):
@@ -389,11 +409,11 @@ class Enhancer:
     def _sample_residual(self, cond, x_T, mean, step_noise, callback, kw):
         """(mean, residual in model space) of the residual kind."""
         if mean is None:
-            mean = self.net.mean(cond).float()
+            mean = self._mean_net(cond).float()
         s = float(self.config.residual_scale)
         bounds = ((-1.0 - mean) / s, (1.0 - mean) / s)
         cond_mean = torch.cat([cond, mean.to(cond.dtype)], dim=1)
-        denoise = make_denoiser(self.net.residual, cond_mean, self.schedule, self.config.prediction,
+        denoise = make_denoiser(self._residual_net, cond_mean, self.schedule, self.config.prediction,
                                 clip_range=bounds, centre=True)  # fmt: skip
         report = None
         if callback is not None:

@@ -89,6 +89,7 @@ def enhance(
     precision: str = _DEFAULT["precision"],
     batch_size: int = _DEFAULT["batch_size"],
     chunks_per_task: int | tuple[int, ...] = _DEFAULT["chunks_per_task"],
+    compile: bool = _DEFAULT["compile"],
     dry_run: bool = False,
     seconds_per_tile: float | None = None,
     chunk_hook: Callable[[tuple], None] | None = None,
@@ -120,7 +121,9 @@ def enhance(
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
     ``chunks_per_task`` (one factor, or one per axis): output chunks one task computes
     and writes (larger tasks amortise the scheduler's cost per task; the output's chunks
-    stay ``chunks``).
+    stay ``chunks``). ``compile`` evaluates the network through ``torch.compile`` (each
+    worker's first batch compiles for tens of seconds; then 2.9× faster in bf16 on an H200:
+    for large volumes on a GPU).
     ``progress`` shows the plan and progress bars. ``chunk_hook(index)`` is called at the
     start of every chunk task (instrumentation). ``enhancer_factory(spec)`` makes the
     Enhancer the tasks use in place of the checkpoint's, once per worker process (for
@@ -136,6 +139,7 @@ def enhance(
         seed=seed, tile=tile,
         overlap=overlap, chunks=chunks, normalize=normalize, dtype=dtype, device=device,
         precision=precision, batch_size=batch_size, chunks_per_task=chunks_per_task,
+        compile=compile,
     )  # fmt: skip
     source = Source(
         input, model, level=level, voxel_size=voxel_size, task=task, scale_factor=scale_factor

@@ -38,7 +38,7 @@ from emdiffuse.pipeline.lattice import Box
 from emdiffuse.pipeline.settings import RunSpec
 
 _LOCK = threading.RLock()
-# (sha256, device, precision) -> (path, Enhancer); input key -> (identity, opened input);
+# (sha256, device, precision, compile) -> (path, Enhancer); input key -> (identity, opened input);
 # output path -> (metadata bytes, opened array).
 _ENHANCERS: dict[tuple, tuple[str, object]] = {}
 _INPUTS: dict[tuple, tuple[tuple, object]] = {}
@@ -124,9 +124,14 @@ def tune_malloc() -> bool:
 
 # ---- the model -------------------------------------------------------------------------------
 def get_enhancer(
-    checkpoint: str, device: str = "cpu", precision: str = "auto", sha256: str | None = None
+    checkpoint: str,
+    device: str = "cpu",
+    precision: str = "auto",
+    sha256: str | None = None,
+    compile: bool = False,
 ):
-    """The process's Enhancer for ``checkpoint`` on ``device`` (loaded on first use).
+    """The process's Enhancer for ``checkpoint`` on ``device`` (loaded on first use;
+    ``compile``: its network evaluated through ``torch.compile``, a separate Enhancer).
 
     Cached on the content's identity, the sha256 of the bytes loaded, never on the path: a
     file replaced at the same path is loaded anew. ``sha256`` (the run record's hash) asks
@@ -136,20 +141,21 @@ def get_enhancer(
     device = worker_device(device)
     path = os.path.abspath(checkpoint)
     with _LOCK:
-        if sha256 is not None and (sha256, device, precision) in _ENHANCERS:
-            return _ENHANCERS[(sha256, device, precision)][1]
+        if sha256 is not None and (sha256, device, precision, compile) in _ENHANCERS:
+            return _ENHANCERS[(sha256, device, precision, compile)][1]
         config, state_dict, digest = read_checkpoint(path)
         if sha256 is not None and digest != sha256:
             raise InputError(
                 f"checkpoint {path} changed since the run started (its sha256 is now "
                 f"{digest[:12]}…, the run recorded {sha256[:12]}…); start a new run to use it"
             )
-        key = (digest, device, precision)
+        key = (digest, device, precision, compile)
         if key not in _ENHANCERS:
             if device == "cpu":
                 _set_torch_threads()
             tune_malloc()
-            enhancer = Enhancer.from_config(config, state_dict, device=device, precision=precision)
+            enhancer = Enhancer.from_config(config, state_dict, device=device, precision=precision,
+                                            compile=compile)  # fmt: skip
             for old in [k for k, (p, _) in _ENHANCERS.items() if p == path]:
                 del _ENHANCERS[old]  # an older content of this path: free it
             _ENHANCERS[key] = (path, enhancer)
@@ -166,7 +172,10 @@ def spec_enhancer(spec: RunSpec):
     s = spec.settings
     factory = spec.enhancer_factory
     if factory is None:
-        return get_enhancer(spec.checkpoint, s.device, s.precision, spec.checkpoint_sha256)
+        enhancer = get_enhancer(spec.checkpoint, s.device, s.precision, spec.checkpoint_sha256,
+                                compile=s.compile)  # fmt: skip
+        enhancer.reserve_batch(s.batch_size)  # compiled: one graph, at the run's batch size
+        return enhancer
     name = (getattr(factory, "__module__", None), getattr(factory, "__qualname__", repr(factory)))
     key = (*name, spec.checkpoint_sha256, worker_device(s.device), s.precision)
     with _LOCK:
