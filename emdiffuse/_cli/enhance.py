@@ -206,7 +206,7 @@ def _add_compute(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=_DEFAULT["batch_size"],
-        help=f"tiles per network call (default {_DEFAULT['batch_size']})",
+        help="tiles per network call (default: 16 on a GPU, 4 on a CPU)",
     )
     parser.add_argument(
         "--chunks-per-task",

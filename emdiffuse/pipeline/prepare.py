@@ -23,6 +23,7 @@ import numpy as np
 from emdiffuse.errors import InputError
 from emdiffuse.io import Volume, check_finite, open_volume, refuse_output
 from emdiffuse.models.checkpoints import check_expected, read_checkpoint
+from emdiffuse.models.device import resolve_device
 from emdiffuse.pipeline.correlation import calibrated_correlation, calibrated_ratio
 from emdiffuse.pipeline.intensity import run_normalization, warn_if_far_from_training_range
 from emdiffuse.pipeline.lattice import Lattice
@@ -34,6 +35,7 @@ from emdiffuse.pipeline.settings import (
     RunSettings,
     RunSpec,
     Source,
+    tile_batch,
 )
 
 
@@ -239,7 +241,8 @@ def prepare(
     check_finite(volume)
     settings, lattice = _layout(replace(settings, dtype=dtype), volume, config)
     if local:
-        batch = min(settings.batch_size, lattice.n_tiles)
+        batch = min(tile_batch(settings.batch_size, resolve_device(settings.device).type),
+                    lattice.n_tiles)  # fmt: skip
         check_tile_memory(config.unet, settings.tile, batch, settings.device)
     condition, target = run_normalization(
         settings.normalize, config, volume.data, seed=settings.seed

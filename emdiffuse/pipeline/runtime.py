@@ -35,7 +35,7 @@ from emdiffuse.models.checkpoints import read_checkpoint
 from emdiffuse.models.device import resolve_device
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.pipeline.lattice import Box
-from emdiffuse.pipeline.settings import RunSpec
+from emdiffuse.pipeline.settings import RunSpec, tile_batch
 
 _LOCK = threading.RLock()
 # (sha256, device, precision, compile) -> (path, Enhancer); input key -> (identity, opened input);
@@ -174,7 +174,8 @@ def spec_enhancer(spec: RunSpec):
     if factory is None:
         enhancer = get_enhancer(spec.checkpoint, s.device, s.precision, spec.checkpoint_sha256,
                                 compile=s.compile)  # fmt: skip
-        enhancer.reserve_batch(s.batch_size)  # compiled: one graph, at the run's batch size
+        # compiled: one graph, at the run's batch size
+        enhancer.reserve_batch(tile_batch(s.batch_size, enhancer.device.type))
         return enhancer
     name = (getattr(factory, "__module__", None), getattr(factory, "__qualname__", repr(factory)))
     key = (*name, spec.checkpoint_sha256, worker_device(s.device), s.precision)

@@ -50,6 +50,20 @@ DEFAULT_CHUNK_YX = 512  # the default output chunk side in y and x
 SCHEDULER_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
 
 
+# tiles per network call when --batch-size is not given, by the device that runs them: on an
+# H200 the reference UNet ran 231 evaluations/s of 256² tiles at batch 4 and 464 at 16 (bf16,
+# benchmarks/results/gpu.md); 4 keeps a CPU worker's memory small
+DEFAULT_TILE_BATCH = {"cuda": 16, "cpu": 4}
+
+
+def tile_batch(batch_size: int | None, device_type: str) -> int:
+    """Tiles per network call: ``batch_size``, or (None) the default of the device type
+    (``cuda``, ``cpu``) that runs them, :data:`DEFAULT_TILE_BATCH`."""
+    if batch_size is not None:
+        return int(batch_size)
+    return DEFAULT_TILE_BATCH.get(device_type, DEFAULT_TILE_BATCH["cpu"])
+
+
 def check_positive_int(name: str, value) -> int:
     """``value`` as an int when it is a positive integer (not a bool), else InputError."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -154,7 +168,7 @@ class RunSettings:
     dtype: str | None = None
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 4
+    batch_size: int | None = None
     chunks_per_task: int | tuple[int, ...] = 1
     compile: bool = False
 
@@ -162,7 +176,8 @@ class RunSettings:
         checked = {
             "steps": check_positive_int("steps", self.steps),
             "samples": check_count("samples", self.samples),
-            "batch_size": check_positive_int("batch_size", self.batch_size),
+            "batch_size": (None if self.batch_size is None
+                           else check_positive_int("batch_size", self.batch_size)),  # fmt: skip
             "seed": check_seed(self.seed),
             "spacing": resolve_spacing(self.sampler, self.spacing),  # refuses unknown names
         }

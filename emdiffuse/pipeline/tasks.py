@@ -37,7 +37,7 @@ from emdiffuse.pipeline.blend import add_weighted, finish_chunk, intersect, wind
 from emdiffuse.pipeline.lattice import Box, Lattice, Ownership, Tile, chunk_box
 from emdiffuse.pipeline.noise import INITIAL_STEP, tile_noise
 from emdiffuse.pipeline.run_record import mark_done
-from emdiffuse.pipeline.settings import RunSpec
+from emdiffuse.pipeline.settings import RunSpec, tile_batch
 from emdiffuse.pipeline.stages import add_seconds, timed
 
 
@@ -148,7 +148,8 @@ def run_tiles(
     lattice, s = spec.lattice, spec.settings
     T = lattice.tile
     noise_shape = (lattice.tile_output_slices, T, T)
-    for batch in _batches(tiles, max(1, s.batch_size)):
+    device = getattr(getattr(enhancer, "device", None), "type", "cpu")
+    for batch in _batches(tiles, tile_batch(s.batch_size, device)):
         with timed("gather"):
             cond = np.stack([tile_condition(lattice, t, cond_region, read_box) for t in batch])
             cond = cond.astype(np.float32)

@@ -516,3 +516,34 @@ def test_line_progress_spacing_and_eta():
     now[0] += 600.0  # a long chunk: the time rule prints although only one chunk finished
     bar.update()
     assert bar.lines == 11
+
+
+class _BatchRecorder(Enhancer):
+    """The checkpoint's Enhancer, noting the size of every batch it is given."""
+
+    seen: list[int] = []
+
+    def posterior_mean(self, cond, noise=None):
+        _BatchRecorder.seen.append(int(cond.shape[0]))
+        return super().posterior_mean(cond, noise)
+
+
+def _recorder(spec):
+    return _BatchRecorder.load(spec.checkpoint, device="cpu")
+
+
+def test_default_tile_batch_follows_the_device(denoise_checkpoint, tmp_path):
+    """``batch_size`` None (the default) is 16 tiles per network call on a GPU and 4 on a
+    CPU (settings.tile_batch); a run on the CPU without it calls the network with 4."""
+    from emdiffuse.pipeline.settings import tile_batch
+
+    assert RunSettings().batch_size is None
+    assert (tile_batch(None, "cuda"), tile_batch(None, "cpu"), tile_batch(7, "cuda")) == (16, 4, 7)
+    path = str(tmp_path / "in.ome.zarr")
+    write_image(_smooth_volume((1, 64, 64)), path, voxel_size=(8.0, 8.0, 8.0))
+    for batch_size, largest in ((None, 4), (7, 7)):
+        _BatchRecorder.seen.clear()
+        enhance(path, denoise_checkpoint, tmp_path / f"out{batch_size}.zarr", samples=0,
+                tile=16, overlap=4, chunks=(1, 64, 64), batch_size=batch_size,
+                scheduler="threads", workers=1, progress=False, enhancer_factory=_recorder)  # fmt: skip
+        assert max(_BatchRecorder.seen) == largest and sum(_BatchRecorder.seen) > largest
