@@ -5,9 +5,8 @@ run's tiles come in batches of ``batch_size`` with a smaller last batch per task
 each size anew would cost more than it saves. :class:`FixedBatch` pads a smaller batch with
 copies of its last item up to the run's batch size (:meth:`FixedBatch.reserve`) or the
 largest batch it has run, and cuts the output back, so a run compiles each network once per
-tile shape. The items of a batch never mix (the
-networks have no batch statistics), so padding changes no output beyond the float rounding
-that batched kernels have anyway.
+tile shape. The items of a batch never mix (the networks have no batch statistics), so
+padding changes no output beyond the float rounding that batched kernels have anyway.
 
 On one H200, compiling the reference UNet made it 2.9× faster in bf16 (1 462 evaluations/s
 of 256² tiles at batch 64 against 503 eager; benchmarks/results/gpu_bf16_compile.md).
@@ -22,7 +21,8 @@ import torch
 
 
 class FixedBatch:
-    """``module`` compiled with static shapes, called at the largest batch seen so far.
+    """``module`` compiled with static shapes, called at the reserved batch size or the
+    largest batch seen so far, whichever is larger.
 
     ``shapes``: the input shapes the compiled module has been called with (one per tile
     shape and batch size; padding keeps it to one per tile shape unless a batch larger than

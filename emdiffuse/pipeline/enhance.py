@@ -87,7 +87,7 @@ def enhance(
     level: int = 0,
     device: str = _DEFAULT["device"],
     precision: str = _DEFAULT["precision"],
-    batch_size: int = _DEFAULT["batch_size"],
+    batch_size: int | None = _DEFAULT["batch_size"],
     chunks_per_task: int | tuple[int, ...] = _DEFAULT["chunks_per_task"],
     compile: bool = _DEFAULT["compile"],
     dry_run: bool = False,
@@ -124,6 +124,7 @@ def enhance(
     stay ``chunks``). ``compile`` evaluates the network through ``torch.compile`` (each
     worker's first batch compiles for tens of seconds; then 2.9× faster in bf16 on an H200:
     for large volumes on a GPU).
+    ``batch_size``: tiles per network call (None: 16 on a GPU, 4 on a CPU).
     ``progress`` shows the plan and progress bars. ``chunk_hook(index)`` is called at the
     start of every chunk task (instrumentation). ``enhancer_factory(spec)`` makes the
     Enhancer the tasks use in place of the checkpoint's, once per worker process (for

@@ -143,7 +143,8 @@ class RunSettings:
     chosen for the input and the model when the run is prepared. ``samples``: 0 is the posterior mean only (one network evaluation per
     tile, no uncertainty), 1 one sample, N >= 2 the mean of N samples and the uncertainty
     image. ``normalize``: ``model`` (the model's training ranges) or ``auto`` (percentiles
-    of a sample of the input). ``device``: auto, cpu, cuda or cuda:N. ``chunks_per_task``:
+    of a sample of the input). ``device``: auto, cpu, cuda or cuda:N. ``batch_size``: tiles
+    per network call, None for the device's default (:func:`tile_batch`). ``chunks_per_task``:
     how many output chunks one Dask task computes and writes, per axis (one factor for
     every axis, or one per axis of the input): larger tasks amortise the scheduler's cost
     per task; a task's memory grows with its region, never with the volume. Resolved to
