@@ -26,12 +26,13 @@ weights), on 256×256 tiles. ``--smoke``: the ``tiny`` preset on 32×32 tiles, b
    output, whose values are of order 1) or not.
 3. **The full pipeline**: ``emdiffuse.enhance`` of a synthetic uint8 OME-Zarr volume
    (``--pipeline-shape``, default 8×2048×2048) with the same model at ``dpmpp_2m``, 8
-   steps (8 NFE), one sample, default tiling, ``--pipeline-batch-size``, bf16 on CUDA
+   steps (8 NFE), one sample, the benchmark's tile (default overlap), ``--pipeline-batch-size``, bf16 on CUDA
    (fp32 on CPU), on a LocalCluster with one worker (``GPU=1`` on CUDA) after a small
    warm-up run, with one output chunk per task (the default) and with 2×2×2 — and, where
    compile is timed, with the network compiled (``enhance(compile=True)``; its warm-up
-   compiles, timed apart): output Mvoxel/s, the worker's device memory peak and the
-   pipeline's stage split (:mod:`emdiffuse.pipeline.stages`, worker seconds).
+   compiles, timed apart): output Mvoxel/s, the largest difference of its output to the
+   first row's (grey values: what task size or compile change), the worker's device memory
+   peak and the pipeline's stage split (:mod:`emdiffuse.pipeline.stages`, worker seconds).
    ``--pipeline-precision`` overrides the precision (e.g. ``auto``, what a CPU user gets).
 
 ``--size`` and ``--tile`` choose another preset and tile (e.g. ``--device cpu --size tiny
@@ -358,16 +359,16 @@ def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) 
     write_seconds = time.perf_counter() - start
     cuda = device.type == "cuda"
     precision = args.pipeline_precision or ("bf16" if cuda else "fp32")
-    options = dict(
+    options = dict(  # the tile given, so that the one-tile warm-up compiles the run's shape
         steps=NFE, sampler="dpmpp_2m", samples=1, batch_size=args.pipeline_batch_size,
-        device="cuda" if cuda else "cpu", precision=precision, progress=False,
+        device="cuda" if cuda else "cpu", precision=precision, progress=False, tile=tile,
     )  # fmt: skip
     cluster = LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
         resources={"GPU": 1} if cuda else None,
     )  # fmt: skip
     client = Client(cluster)
-    rows = []
+    rows, first = [], None
     try:
         for i, config in enumerate(pipeline_configs(wants_compile(args, device))):
             start = time.perf_counter()
@@ -383,6 +384,9 @@ def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) 
             stages = next(iter(client.run(stage_seconds).values()))
             memory = next(iter(client.run(_worker_memory).values()))
             record = read_run_config(out_path)
+            values = np.asarray(out.values, dtype=np.float64)
+            diff = None if first is None else float(np.abs(values - first).max())
+            first = values if first is None else first
             voxels = math.prod(out.shape)
             tiles_voxels = _computed_voxels(record)
             rows.append({
@@ -404,6 +408,7 @@ def pipeline_rows(args, size: str, tile: int, device: torch.device, work: Path) 
                 "mvoxel_per_s": voxels / wall / 1e6,
                 "worker_peak_memory_bytes": memory,
                 "worker_stage_seconds": stages["seconds"],
+                "max_abs_diff_to_first": diff,  # output grey values, against the first row
             })  # fmt: skip
             shutil.rmtree(out_path, ignore_errors=True)
     finally:
@@ -494,9 +499,10 @@ def markdown(result: dict) -> str:
             f"tile {p['tile']}/{p['overlap']}, chunks {p['chunks']}, redundancy "
             f"{_fmt(p['redundancy'], '.2f')}, one worker on a LocalCluster:",
             "",
-            "| chunks per task | network | Mvoxel/s | wall s | warm-up s | worker device memory "
-            "peak MiB | " + " | ".join(f"{k} s" for k in PIPELINE_STAGES) + " |",
-            "|---|---|---|---|---|---|" + "---|" * len(PIPELINE_STAGES),
+            "| chunks per task | network | Mvoxel/s | wall s | warm-up s | max abs diff to the "
+            "first row | worker device memory peak MiB | "
+            + " | ".join(f"{k} s" for k in PIPELINE_STAGES) + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(PIPELINE_STAGES),
         ]
         for p in rows:
             mem = p["worker_peak_memory_bytes"]
@@ -504,7 +510,7 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {p['chunks_per_task']} | {'compiled' if p.get('compile') else 'eager'} | "
                 f"**{p['mvoxel_per_s']:.3g}** | {p['wall_seconds']:.1f} | "
-                f"{_fmt(p.get('warmup_seconds'))} | "
+                f"{_fmt(p.get('warmup_seconds'))} | {_fmt(p.get('max_abs_diff_to_first'), 'g')} | "
                 f"{_fmt(None if mem is None else mem / 2**20, '.0f')} | "
                 + " | ".join(f"{st.get(k, 0.0):.2f}" for k in PIPELINE_STAGES)
                 + " |"
