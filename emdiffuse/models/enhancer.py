@@ -85,8 +85,10 @@ class Enhancer:
         wrap = FixedBatch if self.compile else (lambda module: module)
         if config.residual:
             self._mean_net, self._residual_net = wrap(self.net.mean), wrap(self.net.residual)
+            self._networks = (self._mean_net, self._residual_net)
         else:
             self._sr3_net = wrap(self.net)
+            self._networks = (self._sr3_net,)
         # sampling walks the stored inference schedule (imported reference weights: the
         # reference's test schedule), else the training schedule; the network is fed the
         # alpha-bar of each point either way, as the reference feeds its gammas
@@ -198,7 +200,7 @@ class Enhancer:
     def reserve_batch(self, n: int) -> None:
         """With ``compile``: pad every batch to at least ``n`` tiles, so that the network is
         compiled once, at the run's batch size (nothing to do otherwise)."""
-        for network in (getattr(self, a, None) for a in ("_mean_net", "_residual_net", "_sr3_net")):
+        for network in self._networks:
             if isinstance(network, FixedBatch):
                 network.reserve(n)
 
