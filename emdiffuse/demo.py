@@ -12,6 +12,7 @@ import numpy as np
 
 from emdiffuse import __version__, io, metrics
 from emdiffuse.errors import InputError
+from emdiffuse.models.presets import make_config
 from emdiffuse.models.sampler_names import DEFAULT_STEPS
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training.demo_model import DEMO_TRAIN_SHAPE, demo_pair, train_demo_denoiser
@@ -22,7 +23,8 @@ SIZES = {"small": (8, 256, 256), "medium": (32, 512, 512)}
 # what a cached demo model holds besides its settings: 2, its calibration records how much its
 # samples' residuals correlate (the blend of overlapping tiles uses it); earlier ones retrain.
 # Every trainer default is in the key as well (a new default, e.g. the mean network's
-# least-squares start, retrains the cached model).
+# least-squares start, retrains the cached model), and so is the preset's architecture (e.g.
+# the mean network's channel norm).
 MODEL_REVISION = 2
 HELD_OUT_ORIGIN = (10_000, 5_000, 5_000)  # far from the training region (origin 0)
 
@@ -39,10 +41,16 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     io.make_output_folder(out, "demo", replace=True)
 
 
+def demo_architecture() -> str:
+    """The demo preset's model config as JSON: what a cached demo model must have been built as."""
+    kind = "residual" if DEMO_SETTINGS.get("objective") == "residual" else "sr3"
+    return make_config("emdiffuse-n", DEMO_SETTINGS["size"], kind=kind).to_json()
+
+
 def demo_model(minutes: float, *, cache: Path, seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
     """The demo denoiser: reused from ``cache`` when an earlier run trained it, else trained."""
     key = json.dumps([__version__, minutes, seed, DEMO_SETTINGS, DEMO_NOISE, DEMO_TRAIN_SHAPE, MODEL_REVISION,
-                      train_defaults()], sort_keys=True, default=str)  # fmt: skip
+                      train_defaults(), demo_architecture()], sort_keys=True, default=str)  # fmt: skip
     folder = cache / f"demo-denoise-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     model = folder / "model.safetensors"
     if model.exists():

@@ -69,6 +69,8 @@ def enhance_defaults() -> dict[str, Any]:
 # body blew up in the first ~150 steps and died (its output ~0, the model its linear skip,
 # ~0.7 dB lower) in 2 of 8 FlyEM isotropic ×4 runs; at 5e-4 it did not, and scored as well or
 # better at 2.5 min (READING.md, thirteenth session; benchmarks/quality/mean_activity.py).
+# The mean network's channel norm now prevents the death itself; 5e-4 stays because it still
+# scores higher (isotropic ×4: 29.40 against 29.29 dB at 2e-3, seventeenth session).
 ISOTROPIC_LR = 5e-4
 
 

@@ -67,11 +67,13 @@ _SIZES: dict[str, dict[str, Any]] = {
 DEFAULT_MEAN_SKIP = 7
 
 # Mean networks of the residual kind (a CARE-sized regression UNet: 32 base channels, two
-# downsamplings, two 3x3 convolutions per level, no attention, no normalisation layers).
+# downsamplings, two 3x3 convolutions per level, no attention, a per-voxel channel norm after
+# each convolution: without it the reference size's body died in training, READING.md,
+# seventeenth session; checkpoints made before it load without, ``channel_norm`` false).
 _MEAN_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"base_channels": 32, "depth": 2, "convs": 2},
-    "small": {"base_channels": 32, "depth": 3, "convs": 2},
-    "reference": {"base_channels": 32, "depth": 3, "convs": 2},
+    "tiny": {"base_channels": 32, "depth": 2, "convs": 2, "channel_norm": True},
+    "small": {"base_channels": 32, "depth": 3, "convs": 2, "channel_norm": True},
+    "reference": {"base_channels": 32, "depth": 3, "convs": 2, "channel_norm": True},
 }
 
 
@@ -120,7 +122,7 @@ def make_mean_net_config(
 ) -> MeanNetConfig:
     """The mean network of a preset (the residual kind), with ``overrides`` of its fields
     (``base_channels``, ``depth``, ``convs``, ``skip_size``: :data:`DEFAULT_MEAN_SKIP` for
-    2D isotropic models, else 1)."""
+    2D isotropic models, else 1; ``channel_norm``: on)."""
     if size not in _MEAN_SIZES:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     task = VARIANTS[variant]
