@@ -175,7 +175,7 @@ def test_channel_norm_must_be_a_boolean(value):
 
 def test_new_mean_networks_have_the_channel_norm_and_old_configs_load_without():
     """Presets give new mean networks the per-voxel channel norm; a config written before it
-    (no ``channel_norm`` field) is the network it was: no norm weights, the same output."""
+    (no ``channel_norm`` field) builds the network it was: no norm layers, fewer weights."""
     config = make_config("emdiffuse-r", "tiny", scale_factor=4, kind="residual")
     assert config.mean_net.channel_norm is True
     assert any(isinstance(m, ChannelNorm) for m in MeanUNet(config.mean_net).modules())
