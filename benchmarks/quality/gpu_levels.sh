@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The issue-14 GPU rows in one device call (as run on an H200, seventeenth session):
+# The issue-14 GPU rows in one device call (as run on an H200, seventeenth and eighteenth
+# sessions):
 # (1) mean_recipe.py at the reference size for each FlyEM level, all levels trained at once
 # (one process each, 2.5 min), then (2) gpu.py's pipeline rows alone on the GPU.
 # Run from the repository root on the GPU machine, with OUT set to a results folder, the
-# FlyEM volumes in .flyem/ and, where the machine lacks them, cp312 wheels of dask,
-# distributed, zarr, ome-zarr and their needs in .whl/ (benchmarks/README.md, "On a GPU").
-# Environment: LEVELS, BUDGET (s), VARIANT (JSON), DEVICE, SAMPLES, SLEEP (s before the GPU
+# FlyEM volumes in .flyem/ (`python benchmarks/quality/pack_flyem.py --dst .flyem` packs them
+# small enough to travel) and, where the machine lacks them, cp312 wheels of dask,
+# distributed, zarr and their needs in .whl/ (benchmarks/README.md, "On a GPU").
+# Environment: LEVELS, BUDGET (s), SEED, VARIANT (JSON), DEVICE, SAMPLES, SLEEP (s before the GPU
 # snapshot), SKIP_PIPELINE, GPU_ARGS;
 # SIM=1 skips the wheel install (a rehearsal on a CPU: DEVICE=cpu VARIANT='{}' SAMPLES=0).
 set -u
@@ -18,7 +20,7 @@ pids=()
 for level in ${LEVELS:-denoise-dose8 denoise-dose2 super-resolve-k4 isotropic-k4 isotropic-k8}; do
   python3 benchmarks/quality/mean_recipe.py --level $level --variants "$VARIANT" \
     --device ${DEVICE:-cuda} --samples ${SAMPLES:-4} --flyem-dir .flyem --cache /tmp/qc_$level \
-    --budget ${BUDGET:-150} --out $OUT/gpu_rows.jsonl > /tmp/log_$level.txt 2>&1 &
+    --budget ${BUDGET:-150} --seed ${SEED:-0} --out $OUT/gpu_rows.jsonl > /tmp/log_$level.txt 2>&1 &
   pids+=($!)
 done
 sleep ${SLEEP:-60}; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv >> $OUT/logs.txt 2>&1

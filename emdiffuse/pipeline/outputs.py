@@ -4,10 +4,11 @@ metadata after the last.
 
 The uncertainty image's ``emdiffuse`` attributes say what it holds
 (:func:`uncertainty_attributes`): ``{"uncertainty": "half-width", "level": 0.9, "samples":
-N, "calibrated_sampler", "calibrated_steps"[, "spread_ratio"]}`` — half-widths of per-voxel
-intervals ``output ± half-width`` at that level, from a model that stores a calibration
-(fitted on samples of that sampler and steps; a run that samples otherwise has its spread
-multiplied by ``spread_ratio``, measured before the run) — or ``{"uncertainty": "std", "samples": N}``, the standard
+N, "calibrated_sampler", "calibrated_steps"[, "calibrated_along"][, "spread_ratio"]}`` —
+half-widths of per-voxel intervals ``output ± half-width`` at that level, from a model that
+stores a calibration (fitted on samples of that sampler and steps; for vEMDiffuse-a along
+the lateral axis ``calibrated_along``, the harder of y and x; a run that samples otherwise
+has its spread multiplied by ``spread_ratio``, measured before the run) — or ``{"uncertainty": "std", "samples": N}``, the standard
 deviation over the N samples (not calibrated). Both in the output's intensity units.
 """
 
@@ -63,6 +64,8 @@ def uncertainty_attributes(spec: RunSpec) -> dict:
         "calibrated_samples": int(calibration["samples"]),
         "calibrated_sampler": sampler,  # the sampling the calibration was fitted on
         "calibrated_steps": steps,
+        # vEMDiffuse-a: the lateral axis whose patches set the scale (the harder one)
+        **({"calibrated_along": str(calibration["axis"])} if calibration.get("axis") else {}),
         # another sampling's spread rescaled to the calibrated one's (pipeline.correlation)
         **({} if spec.interval_ratio in (None, 1.0) else {"spread_ratio": float(spec.interval_ratio)}),
     }

@@ -300,13 +300,25 @@ class PatchDataset(IterableDataset):
         flat = max(np.count_nonzero(target == lo), np.count_nonzero(target == hi))
         return flat <= self.max_flat * target.size
 
-    def sample(self, key: int, split: str | None = None, *, augment: bool = True) -> dict[str, Any]:
-        """The sample with this key (a pure function of seed, split and key); ``augment``
-        False: as read, without the training split's flips, rotations and intensity jitter."""
+    def sample(
+        self,
+        key: int,
+        split: str | None = None,
+        *,
+        augment: bool = True,
+        axis: str | None = None,
+    ) -> dict[str, Any]:
+        """The sample with this key (a pure function of seed, split, key and axis);
+        ``augment`` False: as read, without the training split's flips, rotations and
+        intensity jitter; ``axis`` (anisotropic only): ``"y"`` or ``"x"`` instead of the
+        dataset's own axis."""
         split = self.split if split is None else split
+        if axis is not None and (self.recipe != "anisotropic" or axis not in ("y", "x")):
+            raise InputError(f"axis {axis!r}: only an anisotropic dataset reads along 'y' or 'x'")
+        asked = self.axis if axis is None else axis
         rng = np.random.default_rng([self.seed, SPLITS[split], int(key)])
         for _ in range(self.max_tries):
-            axis = self.axis
+            axis = asked
             if self.recipe == "anisotropic" and axis == "both":
                 axis = "y" if rng.random() < 0.5 else "x"
             foot = self._axis_footprint(axis)
@@ -354,10 +366,16 @@ class PatchDataset(IterableDataset):
             step += workers
 
     def batch(
-        self, keys: Sequence[int], split: str | None = None, *, augment: bool = True
+        self,
+        keys: Sequence[int],
+        split: str | None = None,
+        *,
+        augment: bool = True,
+        axis: str | None = None,
     ) -> dict[str, Any]:
-        """Collated samples of these keys (e.g. a fixed validation batch)."""
-        return default_collate([self.sample(k, split, augment=augment) for k in keys])
+        """Collated samples of these keys (e.g. a fixed validation batch); ``axis`` as for
+        :meth:`sample`."""
+        return default_collate([self.sample(k, split, augment=augment, axis=axis) for k in keys])
 
     @property
     def reads(self) -> int:

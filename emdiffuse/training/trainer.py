@@ -85,7 +85,9 @@ from emdiffuse.training.state import (
 from emdiffuse.training.step import lr_at, mean_warmup_steps, train_step
 from emdiffuse.training.validation import (
     calibrate,
+    calibration_axes,
     condition_on_output_grid,
+    hardest_axis,
     save_validation_png,
     validate,
 )
@@ -344,12 +346,17 @@ def _calibrate(run: _Run) -> None:
     s = run.s
     if s.calibration_samples < 2 or not run.dataset.regions["val"]:
         return
-    batch = run.dataset.batch(range(s.calibration_patches), split="val")
-    calibration = calibrate(run.ema.module, run.config, batch, s, run.device)
+    records = {}
+    for axis in calibration_axes(run.dataset):
+        batch = run.dataset.batch(range(s.calibration_patches), split="val", axis=axis)
+        records[axis] = calibrate(run.ema.module, run.config, batch, s, run.device)
+    calibration = hardest_axis(records)
     log.info(
-        "calibration: %.0f %% intervals are %.2f x the spread of %d samples (Spearman %.2f)",
+        "calibration: %.0f %% intervals are %.2f x the spread of %d samples (Spearman %.2f)%s",
         100 * calibration["level"], calibration["scale"], calibration["samples"],
         calibration["spearman"],
+        "" if "axis" not in calibration else
+        f", fitted along {calibration['axis']}, the hardest of {calibration['scale_by_axis']}",
     )  # fmt: skip
     run.config = run.config.replace(calibration=calibration)
 

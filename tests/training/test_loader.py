@@ -109,6 +109,27 @@ def test_anisotropic_rows_between_in_plane(coords, axis):
         assert np.all(np.diff(cond[0], axis=1) == other)
 
 
+def test_an_anisotropic_dataset_of_both_axes_reads_one_axis_when_asked(coords):
+    """The calibration reads each lateral axis on its own: ``axis="y"`` / ``"x"`` overrides
+    a dataset that draws either, in ``sample`` and ``batch``; other recipes refuse it."""
+    arr, _ = coords
+    k = 3
+    ds = dataset("anisotropic", [arr], (8, 16), factor=k, axis="both")
+    drawn = {int(decode(ds.sample(key)["cond"])[1, 0, 0] - decode(ds.sample(key)["cond"])[0, 0, 0])
+             for key in range(12)}  # fmt: skip
+    assert drawn == {k * 100, k}  # left to itself it draws both axes
+    for axis, step in (("y", 100), ("x", 1)):
+        batch = ds.batch(range(6), split="val", axis=axis)
+        cond = decode(batch["cond"])
+        assert cond.shape == (6, 2, 8, 16) and np.all(cond[:, 1] - cond[:, 0] == k * step)
+        single = decode(ds.sample(2, "val", axis=axis)["cond"])
+        np.testing.assert_array_equal(single, cond[2])  # batch = its samples
+    with pytest.raises(InputError, match="only an anisotropic dataset"):
+        dataset("isotropic", [arr], 16, factor=k).sample(0, axis="y")
+    with pytest.raises(InputError, match="only an anisotropic dataset"):
+        ds.sample(0, axis="z")
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_isotropic_z_context_reads_slices_k_apart_beyond_the_pair(coords, k):
     """With a z context of 1 the condition is four slices k apart, in z order, and the

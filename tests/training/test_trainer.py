@@ -444,6 +444,41 @@ def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
+def test_anisotropic_calibration_keeps_the_harder_lateral_axis(tmp_path):
+    """vEMDiffuse-a is applied along z, which no training patch shows: its calibration is
+    fitted on held-out rows (y) and columns (x), each on its own, and keeps the larger scale,
+    with both recorded (on FlyEM this is what brings its z coverage to the level: the quality
+    benchmark). A model trained along one axis keeps one record without an axis."""
+    from scipy.ndimage import gaussian_filter
+
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    rng = np.random.default_rng(3)
+    volume = gaussian_filter(rng.random((16, 64, 64)), (1, 6, 0.5)).astype(np.float32)
+    fast = {**FAST, "patch": 8, "region": 16, "calibration_patches": 8}
+    path = trainer.train("anisotropic", [volume], tmp_path / "a", steps=2, factor=2,
+                         objective="residual", **fast)  # fmt: skip
+    calibration = load_checkpoint(path)[0].calibration
+    scales = calibration["scale_by_axis"]
+    assert set(scales) == {"y", "x"} and scales["y"] != scales["x"]  # two fits, two data
+    assert calibration["scale"] == max(scales.values())
+    assert scales[calibration["axis"]] == calibration["scale"]
+    one_axis = trainer.train("anisotropic", [volume], tmp_path / "y", steps=2, factor=2,
+                             objective="residual", axis="y", **fast)  # fmt: skip
+    single = load_checkpoint(one_axis)[0].calibration
+    assert "axis" not in single and "scale_by_axis" not in single
+
+
+def test_hardest_axis_picks_the_largest_scale_and_leaves_one_record_alone():
+    from emdiffuse.training.validation import hardest_axis
+
+    record = {"level": 0.9, "scale": 1.5, "samples": 4, "floor": 1e-3}
+    assert hardest_axis({None: record}) is record
+    picked = hardest_axis({"y": {**record, "scale": 1.2}, "x": {**record, "scale": 2.0}})
+    assert (picked["axis"], picked["scale"]) == ("x", 2.0)
+    assert picked["scale_by_axis"] == {"y": 1.2, "x": 2.0}
+
+
 def test_validation_baseline_interpolates_the_bounding_pair_not_the_z_context():
     from emdiffuse.training.validation import baseline
 
