@@ -29,21 +29,14 @@ from common import start_record  # noqa: E402
 AXES = {"z": 0, "y": 1, "x": 2}
 
 
-def along(volume: np.ndarray, axis: int, start: int, stop: int | None) -> np.ndarray:
-    """``volume[start:stop]`` along ``axis``."""
-    index = [slice(None)] * volume.ndim
-    index[axis] = slice(start, stop)
-    return volume[tuple(index)]
-
-
 def axis_scores(volume: np.ndarray, k: int) -> dict[str, dict[str, float]]:
     """Per axis: ``midpoint_rms`` (the average of voxels k apart against the voxel halfway,
     k even) and ``difference_rms`` (voxels k apart), in the volume's units."""
     out = {}
     for name, axis in AXES.items():
-        n = volume.shape[axis]
-        first, last = along(volume, axis, 0, n - k), along(volume, axis, k, None)
-        middle = along(volume, axis, k // 2, n - k + k // 2)
+        v = np.moveaxis(volume, axis, 0)  # a view: the axis first
+        n = len(v)
+        first, last, middle = v[: n - k], v[k:], v[k // 2 : n - k + k // 2]
         out[name] = {
             "midpoint_rms": float(np.sqrt(np.mean(((first + last) / 2 - middle) ** 2))),
             "difference_rms": float(np.sqrt(np.mean((last - first) ** 2))),
