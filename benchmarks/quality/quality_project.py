@@ -328,7 +328,8 @@ def run_enhance(
 
     ``samples=0`` asks for the posterior mean (one network evaluation); ``options``: more
     of ``enhance``'s settings (``spacing``, ``start_noise``). Returns ``{"mean",
-    "uncertainty" (None below 2 samples), "uncertainty_meaning", "seconds", "steps",
+    "uncertainty" (None for one sample, and for the mean of a model without an error head),
+    "uncertainty_meaning", "seconds", "steps",
     "sampler", …}``, or ``{"error": why}`` when the library refuses the request.
     """
     defaults = enhance_defaults()
@@ -344,7 +345,7 @@ def run_enhance(
     mean = np.asarray(result.values, dtype=np.float32)
     seconds = time.perf_counter() - start
     unc, meaning = None, None
-    if samples > 1 and (out / "uncertainty").exists():
+    if samples != 1 and (out / "uncertainty").exists():  # N samples, or the mean's error head
         unc = np.asarray(io.open_volume(str(out / "uncertainty")).data.compute(), np.float32)
         meaning = uncertainty_meaning(out / "uncertainty")
     return {"mean": mean, "uncertainty": unc, "uncertainty_meaning": meaning,

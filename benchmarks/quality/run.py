@@ -286,10 +286,14 @@ def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
     else:
         mean_b = enh("mean_B", inputs[1], samples=0, seed=s1) if denoise else None
         ok_b = mean_b is not None and "error" not in mean_b
+        unc = None  # a model with an error head writes the mean's intervals
+        if mean_a["uncertainty"] is not None:
+            unc = uncertainty_scores(mean_a["mean"], mean_a["uncertainty"], d.truth, d.eval_z,
+                                     mean_a["uncertainty_meaning"])  # fmt: skip
         run.add(name, "emdiffuse", mean_a["mean"], family=entry.kind, mode="mean (1 NFE)",
                 entry=entry, train=train, pair=mean_b["mean"] if ok_b else None,
                 pair_what="noise realisations A vs B" if ok_b else "",
-                seconds=mean_a["seconds"])  # fmt: skip
+                seconds=mean_a["seconds"], uncertainty=unc)  # fmt: skip
     one = enh("s1_A", inputs[0], samples=1, seed=s0)
     if "error" in one:
         run.skip(f"{entry.token} 1 sample", one["error"])

@@ -113,7 +113,9 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULT["samples"],
         help="0: the posterior mean only (1 network evaluation per tile, no texture sampled, "
-        "fastest); 1: one sample (the model's texture); N >= 2: the mean of N samples and the "
+        "fastest; with the uncertainty/ image of the mean's interval half-widths when the model "
+        "has an error head); 1: one sample (the model's texture); N >= 2: the mean of N "
+        "samples and the "
         "uncertainty/ image (calibrated interval half-widths when the model stores a "
         f"calibration, else the standard deviation) (default {_DEFAULT['samples']})",
     )

@@ -81,10 +81,9 @@ def image_note(attributes) -> str:
     samples = info.get("samples") if isinstance(info, dict) else None
     if kind == "half-width":
         level = float(info.get("level", 0.0))
-        return (
-            f"calibrated {level:.0%} intervals: output ± value per voxel "
-            f"(half-widths, from {samples} samples)"
-        )
+        source = (f"from {samples} samples" if info.get("source") != "error head"
+                  else "of the mean, from the model's error head")  # fmt: skip
+        return f"calibrated {level:.0%} intervals: output ± value per voxel (half-widths, {source})"
     if kind == "std":
         return f"standard deviation over {samples} samples per voxel (not calibrated)"
     return ""

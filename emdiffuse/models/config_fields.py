@@ -102,30 +102,42 @@ def check_normalization(norm: Any, name: str = "normalization") -> None:
 def check_calibration(calibration: Any) -> None:
     """The stored conformal calibration (:mod:`emdiffuse.models.calibration`): ``level`` in
     (0, 1), ``scale`` >= 0, ``samples`` >= 2, ``floor`` > 0, ``residual_correlation`` (when
-    present) in [0, 1]; other keys are informational."""
+    present) in [0, 1], ``mean_interval`` (when present: the error head's, an object with its
+    own ``level``, ``scale`` and ``floor``); other keys are informational."""
     if not isinstance(calibration, Mapping):
         raise InputError("model config: field 'calibration' must be an object or null")
-    missing = sorted({"level", "scale", "samples", "floor"} - set(calibration))
-    if missing:
-        raise InputError(f"model config: calibration lacks {', '.join(missing)}")
-
-    def number(key: str) -> float:
-        value = calibration[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value
-        ):
-            raise InputError(f"model config: calibration.{key} must be a finite number, got {value!r}")
-        return float(value)
-
-    if not 0 < number("level") < 1:
-        raise InputError(f"model config: calibration.level {calibration['level']!r} must be in (0, 1)")
-    if number("scale") < 0 or number("floor") <= 0:
-        raise InputError("model config: calibration.scale must be >= 0 and floor > 0")
+    _check_interval(calibration, "calibration", ("level", "scale", "samples", "floor"))
     samples = calibration["samples"]
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise InputError(f"model config: calibration.samples {samples!r} must be an integer >= 2")
-    if "residual_correlation" in calibration and not 0 <= number("residual_correlation") <= 1:
+    if "residual_correlation" in calibration and not 0 <= _number(
+        calibration, "calibration.residual_correlation"
+    ) <= 1:
         raise InputError("model config: calibration.residual_correlation must be in [0, 1]")
+    if "mean_interval" in calibration:
+        interval = calibration["mean_interval"]
+        if not isinstance(interval, Mapping):
+            raise InputError("model config: calibration.mean_interval must be an object")
+        _check_interval(interval, "calibration.mean_interval", ("level", "scale", "floor"))
+
+
+def _check_interval(record: Mapping, where: str, required: tuple[str, ...]) -> None:
+    """``required`` keys present, ``level`` in (0, 1), ``scale`` >= 0, ``floor`` > 0."""
+    missing = sorted(set(required) - set(record))
+    if missing:
+        raise InputError(f"model config: {where} lacks {', '.join(missing)}")
+    if not 0 < _number(record, f"{where}.level") < 1:
+        raise InputError(f"model config: {where}.level {record['level']!r} must be in (0, 1)")
+    if _number(record, f"{where}.scale") < 0 or _number(record, f"{where}.floor") <= 0:
+        raise InputError(f"model config: {where}.scale must be >= 0 and floor > 0")
+
+
+def _number(record: Mapping, name: str) -> float:
+    """``record``'s value of the last part of dotted ``name``, a finite number."""
+    value = record[name.rsplit(".", 1)[-1]]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"model config: {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 __all__ = [

@@ -304,7 +304,9 @@ def residual_loss(
 
     total = ``mean_loss``(mean, x0) + ``loss``(prediction, target of the residual
     ``r = (x0 - mean.detach()) / scale`` at a noise level drawn as :func:`diffusion_loss`
-    does). Both networks learn in the same step; the residual branch never moves the mean.
+    does), + :func:`error_nll` of the mean's error under the error head's variances when the
+    model has one. The networks learn in the same step; neither the residual branch nor the
+    error head moves the mean.
     With ``residual_rows`` = k the residual term covers the first k samples only (the mean
     term all of them): a step that costs less where the residual network is the dearer one.
     """
@@ -319,10 +321,21 @@ def residual_loss(
     if not 1 <= k <= x0.shape[0]:
         raise InputError(f"residual_rows must be in 1..{x0.shape[0]} (the batch), got {k}")
     noise, levels = noise[:k], levels[:k]
-    mean, pred, r = model(cond, x0[:k], noise, levels)
+    mean, pred, r, log_variance = model(cond, x0[:k], noise, levels)
     target = target_for(r.float(), noise.float(), levels, prediction)
     part_mean = _pointwise(mean_loss, mean, x0)
-    return part_mean + _pointwise(loss, pred, target), part_mean.detach()
+    total = part_mean + _pointwise(loss, pred, target)
+    if log_variance is not None:
+        total = total + error_nll(log_variance, x0 - mean.detach())
+    return total, part_mean.detach()
+
+
+def error_nll(log_variance: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """The Gaussian negative log-likelihood (without its constant) of ``error`` under
+    per-voxel variances ``exp(log_variance)``: what trains the error head. ``log_variance``
+    is clamped to [-20, 5] (σ from 5e-5 to 12 model units) for a finite loss at any start."""
+    lv = log_variance.float().clamp(-20.0, 5.0)
+    return 0.5 * (lv + error.float() ** 2 * torch.exp(-lv)).mean()
 
 
 def mean_loss_only(
@@ -397,5 +410,5 @@ def make_denoiser(
 
 __all__ = [
     "PREDICTIONS", "LOSSES", "Schedule", "as_schedule", "q_sample", "target_for", "to_x0",
-    "to_eps", "eps_from_x0", "diffusion_loss", "residual_loss", "make_denoiser",
+    "to_eps", "eps_from_x0", "diffusion_loss", "residual_loss", "error_nll", "make_denoiser",
 ]  # fmt: skip

@@ -86,6 +86,9 @@ class Enhancer:
         if config.residual:
             self._mean_net, self._residual_net = wrap(self.net.mean), wrap(self.net.residual)
             self._networks = (self._mean_net, self._residual_net)
+            self._error_net = None if self.net.error is None else wrap(self.net.error)
+            if self._error_net is not None:
+                self._networks += (self._error_net,)
         else:
             self._sr3_net = wrap(self.net)
             self._networks = (self._sr3_net,)
@@ -237,6 +240,30 @@ class Enhancer:
                     parts.append(self._denoiser(cond_t, index)(x_T, level))
                 mean = torch.cat(parts, dim=1)
             return mean.float().cpu().numpy()
+
+    @property
+    def has_error_head(self) -> bool:
+        """Whether the model predicts its mean's error (an error head): then
+        :meth:`posterior_mean_and_sigma` works."""
+        return getattr(self, "_error_net", None) is not None
+
+    def posterior_mean_and_sigma(self, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior mean (as :meth:`posterior_mean`) and the error head's σ of its error,
+        both (B, out_slices, H, W) in model space, from one evaluation of the mean network
+        and one of the (small) error head. σ is uncalibrated: the checkpoint's
+        ``calibration["mean_interval"]`` scales it to interval half-widths
+        (:func:`emdiffuse.models.calibration.mean_half_widths`)."""
+        if not self.has_error_head:
+            raise InputError("this model has no error head (train a new model to get one)")
+        cond_t = self._check_cond(cond)
+        with torch.inference_mode():
+            with self._autocast():
+                cond_t = self._upsample(cond_t)
+                mean = self._mean_net(cond_t).float()
+            # the small head in float32: bf16 would round σ to steps of 1.5 %
+            log_variance = self._error_net(cond_t.float(), mean).float().clamp(-20.0, 5.0)
+            sigma = torch.exp(0.5 * log_variance)
+            return mean.cpu().numpy(), sigma.cpu().numpy()
 
     def sample_parts(
         self,

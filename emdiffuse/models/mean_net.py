@@ -51,6 +51,7 @@ class MeanNetConfig:
     convs: int = 2  # 3x3 convolutions per level
     skip_size: int = 1  # the linear skip's width in voxels (odd)
     channel_norm: bool = False  # a per-voxel norm across channels after each convolution
+    error_channels: int = 0  # width of the error head (:class:`ErrorNet`); 0: none
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +69,11 @@ class MeanNetConfig:
                 raise InputError(f"mean_net config: {name} must be a positive integer, got {value!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 0 <= self.depth <= 5:
             raise InputError(f"mean_net config: depth must be an integer in 0..5, got {self.depth!r}")
+        errors = self.error_channels
+        if isinstance(errors, bool) or not isinstance(errors, int) or errors < 0:
+            raise InputError(
+                f"mean_net config: error_channels must be an integer >= 0, got {errors!r}"
+            )
         if not isinstance(self.channel_norm, bool):
             raise InputError(
                 f"mean_net config: channel_norm must be true or false, got {self.channel_norm!r}"
@@ -196,6 +202,43 @@ class MeanUNet(nn.Module):
         return self.out(h) + self.skip(cond)
 
 
+# dilations of the error head's 3x3 convolutions: a 17-voxel receptive field on the mean's
+ERROR_DILATIONS = (1, 1, 2, 4)
+# the head's first estimate of log σ² (model space): σ ≈ 0.14, a typical error at the start
+ERROR_START_LOG_VARIANCE = -4.0
+
+
+class ErrorNet(nn.Module):
+    """The error head: ``log σ²`` per output voxel of the posterior mean's error, from the
+    condition and the mean (both on the output grid, model space).
+
+    A few dilated 3×3 convolutions with SiLU over ``cat([cond, mean])`` (receptive field 17
+    voxels, no normalisation over space: a voxel's σ depends on its neighbourhood alone), a
+    1×1 output that starts near :data:`ERROR_START_LOG_VARIANCE` everywhere. Trained by the
+    Gaussian negative log-likelihood of the mean's error with the mean detached
+    (:func:`~emdiffuse.models.diffusion.residual_loss`), so it never moves the mean; a
+    conformal scale fitted on held-out data turns σ into interval half-widths
+    (:func:`~emdiffuse.models.calibration.fit_mean`)."""
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int, channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for dilation in ERROR_DILATIONS:
+            layers += [conv_nd(dims, ch, channels, 3, padding=dilation, dilation=dilation),
+                       nn.SiLU()]  # fmt: skip
+            ch = channels
+        self.body = nn.Sequential(*layers)
+        self.out = conv_nd(dims, channels, out_channels, 1)
+        # small random weights (not zero: the body then learns from the first step)
+        nn.init.normal_(self.out.weight, std=0.1 / channels**0.5)
+        nn.init.constant_(self.out.bias, ERROR_START_LOG_VARIANCE)
+
+    def forward(self, cond: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """``log σ²`` (B, out_channels, *spatial) of the error of ``mean`` given ``cond``."""
+        return self.out(self.body(torch.cat([cond, mean.to(cond.dtype)], dim=1)))
+
+
 def _windows(x: torch.Tensor, size: int) -> torch.Tensor:
     """Every full ``size``-wide window of ``x`` (C, *spatial) as rows: (positions, C·size^d),
     in the order of a convolution kernel's (in_channel, *spatial) weights."""
@@ -261,4 +304,6 @@ def skip_gains(weights) -> list[list[float]]:
     return [[round(float(v), 4) for v in row] for row in w]
 
 
-__all__ = ["MeanNetConfig", "MeanUNet", "least_squares_skip", "skip_gains", "MAX_SKIP_SIZE"]
+__all__ = [
+    "MeanNetConfig", "MeanUNet", "ErrorNet", "least_squares_skip", "skip_gains", "MAX_SKIP_SIZE",
+]  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from emdiffuse.models.diffusion import q_sample
-from emdiffuse.models.mean_net import MeanUNet
+from emdiffuse.models.mean_net import ErrorNet, MeanUNet
 from emdiffuse.models.normalization import condition_from_model, from_model
 from emdiffuse.models.unet import UNet
 from emdiffuse.models.variants import ModelConfig
@@ -48,13 +48,19 @@ class MeanResidualNet(nn.Module):
     ``residual`` is the diffusion UNet over ``cat([cond, mean, r_t])`` with
     ``r = (x0 - mean) / scale``.
 
+    With ``mean_net.error_channels`` > 0 it also holds an error head (``error``, keys
+    ``error.*``; :class:`~emdiffuse.models.mean_net.ErrorNet`): ``log σ²`` of the mean's
+    error from ``cat([cond, mean])``.
+
     ``forward(cond)`` returns the mean; ``forward(cond, x0, noise, noise_level)`` (training)
-    returns ``(mean, prediction, r)``: the mean (with gradients), the residual UNet's
-    prediction at ``r_t = q_sample(r, noise_level, noise)`` and the residual ``r`` it is
+    returns ``(mean, prediction, r, log_variance)``: the mean (with gradients), the residual
+    UNet's prediction at ``r_t = q_sample(r, noise_level, noise)``, the residual ``r`` it is
     trained on, built from the mean *detached* (the diffusion loss does not move the mean
-    network). ``x0``, ``noise`` and ``noise_level`` may cover only the first ``k`` samples of
-    ``cond``: the mean is computed for all of them and the residual for those ``k`` (a
-    cheaper step). One ``forward`` per step, so DDP sees both networks in one call.
+    network), and the error head's ``log σ²`` of every sample (None without a head), also
+    from the detached mean. ``x0``, ``noise`` and ``noise_level`` may cover only the first
+    ``k`` samples of ``cond``: the mean is computed for all of them and the residual for
+    those ``k`` (a cheaper step). One ``forward`` per step, so DDP sees every network in one
+    call.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -62,6 +68,11 @@ class MeanResidualNet(nn.Module):
         self.scale = float(config.residual_scale)
         self.mean = MeanUNet(config.mean_net)
         self.residual = UNet(config.unet)
+        m = config.mean_net
+        self.error = (
+            ErrorNet(m.dims, m.in_channels + m.out_channels, m.out_channels, m.error_channels)
+            if m.error_channels else None
+        )
 
     @property
     def multiple(self) -> int:
@@ -77,13 +88,14 @@ class MeanResidualNet(nn.Module):
         mean = self.mean(cond)
         if x0 is None:
             return mean
+        log_variance = None if self.error is None else self.error(cond, mean.detach())
         k = x0.shape[0]
         cond, m = cond[:k], mean[:k].detach()
         r = (x0 - m) / self.scale
         r_t = q_sample(r, noise_level, noise)
         pred = self.residual(torch.cat([cond, m.to(cond.dtype), r_t.to(cond.dtype)], dim=1),
                              noise_level)  # fmt: skip
-        return mean, pred, r
+        return mean, pred, r, log_variance
 
 
 def build_network(config: ModelConfig) -> nn.Module:

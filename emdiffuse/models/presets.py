@@ -76,6 +76,12 @@ _MEAN_SIZES: dict[str, dict[str, Any]] = {
     "reference": {"base_channels": 32, "depth": 3, "convs": 2, "channel_norm": True},
 }
 
+# Width of the mean network's error head (``mean_net.error_channels``,
+# :class:`~emdiffuse.models.mean_net.ErrorNet`): the posterior mean's per-voxel error σ, so
+# that ``enhance --samples 0`` writes calibrated intervals too (nineteenth session,
+# benchmarks/quality/READING.md); 0 turns it off.
+DEFAULT_ERROR_CHANNELS = 16
+
 
 def make_unet_config(
     variant: str,
@@ -122,7 +128,8 @@ def make_mean_net_config(
 ) -> MeanNetConfig:
     """The mean network of a preset (the residual kind), with ``overrides`` of its fields
     (``base_channels``, ``depth``, ``convs``, ``skip_size``: :data:`DEFAULT_MEAN_SKIP` for
-    2D isotropic models, else 1; ``channel_norm``: on)."""
+    2D isotropic models, else 1; ``channel_norm``: on; ``error_channels``:
+    :data:`DEFAULT_ERROR_CHANNELS`)."""
     if size not in _MEAN_SIZES:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     task = VARIANTS[variant]
@@ -135,7 +142,8 @@ def make_mean_net_config(
     if unknown:
         raise InputError(f"mean_net: unknown field(s) {', '.join(unknown)}")
     skip = DEFAULT_MEAN_SKIP if dims == 2 and task == "isotropic" else 1
-    fields = {"skip_size": skip, **_MEAN_SIZES[size], **overrides}
+    fields = {"skip_size": skip, "error_channels": DEFAULT_ERROR_CHANNELS, **_MEAN_SIZES[size],
+              **overrides}  # fmt: skip
     return MeanNetConfig(dims=dims, in_channels=cond, out_channels=out, **fields)
 
 
@@ -219,4 +227,7 @@ def make_config(
     )
 
 
-__all__ = ["make_config", "make_unet_config", "make_mean_net_config", "DEFAULT_MEAN_SKIP"]
+__all__ = [
+    "make_config", "make_unet_config", "make_mean_net_config", "DEFAULT_MEAN_SKIP",
+    "DEFAULT_ERROR_CHANNELS",
+]  # fmt: skip

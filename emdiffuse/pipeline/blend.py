@@ -163,6 +163,7 @@ def finish_chunk(
     residuals: np.ndarray | None = None,
     correlation: float = 0.0,
     spread: Callable[[np.ndarray], np.ndarray] | None = None,
+    sigmas: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Weighted totals (samples, dz, dy, dx) in model space over output ``box`` (of the mean
     parts, and of the residual parts when given, which correlate by ``correlation``) ->
@@ -170,8 +171,10 @@ def finish_chunk(
     (float64; the spread only for 2 samples or more): :func:`blend_parts`, averaged over the
     samples. The spread is the standard deviation over samples, or what ``spread`` makes of
     it (model space, e.g. calibrated interval half-widths), scaled to raw units by
-    ``normalization`` (the target's). The kept original slices (isotropic) are copied from
-    the input ``kept_region`` over ``kept_box``."""
+    ``normalization`` (the target's). ``sigmas`` (mean-only runs of a model with an error
+    head): the weighted totals (1, dz, dy, dx) of the head's σ, blended linearly as the mean
+    and passed through ``spread`` in the same way. The kept original slices (isotropic) are
+    copied from the input ``kept_region`` over ``kept_box`` (their uncertainty is 0)."""
     samples = totals.shape[0]
     blends = blend_parts(lattice, box, totals, residuals, correlation)
     mean_model = blends[0] if samples == 1 else blends.sum(axis=0) / samples
@@ -180,6 +183,9 @@ def finish_chunk(
     if samples > 1:
         var = np.maximum((blends**2).sum(axis=0) / samples - mean_model**2, 0.0)
         sigma = np.sqrt(var)
+        std = normalization.scale_std(sigma if spread is None else spread(sigma))
+    elif sigmas is not None:
+        sigma = np.maximum(blend_parts(lattice, box, sigmas)[0], 0.0)
         std = normalization.scale_std(sigma if spread is None else spread(sigma))
     (z0, z1), (y0, y1), (x0, x1) = box
     for z_out, z_in in lattice.kept_slices(z0, z1):

@@ -5,7 +5,8 @@ prepare the run (:mod:`~emdiffuse.pipeline.prepare`: open the input read-only an
 model, check that they fit, refuse an existing output unless overwrite/resume, fix the
 intensity normalisation once, lay the global tile lattice and the output chunks); report
 the plan; connect to or start the cluster (:mod:`~emdiffuse.pipeline.cluster`); create the
-output (and the uncertainty image when ``samples >= 2``) and store the run record; run one
+output (and the uncertainty image when ``samples >= 2``, or for the mean of a model with an
+error head) and store the run record; run one
 task per unfinished output chunk and one per block of tiles they need
 (:mod:`~emdiffuse.pipeline.graph`, :mod:`~emdiffuse.pipeline.tasks`); build the pyramid and
 write the metadata last.
@@ -114,7 +115,9 @@ def enhance(
     texture around the mean (e.g. ``sampler="dpmpp_2m", steps=4, spacing="karras",
     start_noise=1.5``).
     ``samples``: 0 writes the posterior mean only (one network evaluation per tile, the
-    fastest, regression-like); 1 one sample (texture); N >= 2 the mean of N samples and,
+    fastest, regression-like; a model with a calibrated error head also writes
+    ``uncertainty``: interval half-widths of the mean from the head's σ of its error); 1
+    one sample (texture); N >= 2 the mean of N samples and,
     as the child image ``uncertainty``, the per-voxel spread over samples: the interval
     half-widths at the model's calibrated level when its checkpoint stores a calibration,
     else the standard deviation (the image's ``emdiffuse`` attributes say which). ``resume`` continues an interrupted run with the same

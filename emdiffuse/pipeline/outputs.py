@@ -1,6 +1,6 @@
 """The images a run writes: created empty before the first chunk (the mean, and the
-``uncertainty`` child image when ``samples >= 2``), finished with their pyramids and
-metadata after the last.
+``uncertainty`` child image when ``samples >= 2``, or for the mean alone from a model with a
+calibrated error head), finished with their pyramids and metadata after the last.
 
 The uncertainty image's ``emdiffuse`` attributes say what it holds
 (:func:`uncertainty_attributes`): ``{"uncertainty": "half-width", "level": 0.9, "samples":
@@ -9,7 +9,11 @@ half-widths of per-voxel intervals ``output ± half-width`` at that level, from 
 stores a calibration (fitted on samples of that sampler and steps; for vEMDiffuse-a along
 the lateral axis ``calibrated_along``, the harder of y and x; a run that samples otherwise
 has its spread multiplied by ``spread_ratio``, measured before the run) — or ``{"uncertainty": "std", "samples": N}``, the standard
-deviation over the N samples (not calibrated). Both in the output's intensity units.
+deviation over the N samples (not calibrated). The mean alone (``samples=0``) of a model
+with an error head writes ``{"uncertainty": "half-width", "level": 0.9, "samples": 0,
+"source": "error head"[, "calibrated_along"]}``: intervals ``output ± half-width`` from the
+head's σ of the mean's error, scaled by a conformal factor fitted at the end of training
+(:func:`emdiffuse.models.calibration.fit_mean`). All in the output's intensity units.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def create_outputs(spec: RunSpec, *, overwrite: bool) -> None:
         overwrite=overwrite,
         **geometry,
     )
-    if spec.settings.samples > 1:
+    if spec.writes_uncertainty:
         create_image(
             spec.uncertainty_path,
             shape=shape,
@@ -56,6 +60,15 @@ def uncertainty_attributes(spec: RunSpec) -> dict:
     calibration = spec.calibration
     if calibration is None:
         return {"uncertainty": "std", "samples": samples}
+    if spec.mean_uncertainty:
+        record = calibration["mean_interval"]
+        return {
+            "uncertainty": "half-width",
+            "level": float(record["level"]),
+            "samples": 0,
+            "source": "error head",  # the mean's own error σ, no samples
+            **({"calibrated_along": str(record["axis"])} if record.get("axis") else {}),
+        }
     sampler, steps, _ = fitted_sampling(calibration)
     return {
         "uncertainty": "half-width",
@@ -79,5 +92,5 @@ def finalize_outputs(spec: RunSpec) -> None:
         translation=spec.output_translation,
     )
     finalize_image(spec.output_path, **geometry)
-    if spec.settings.samples > 1:
+    if spec.writes_uncertainty:
         finalize_image(spec.uncertainty_path, **geometry)

@@ -247,6 +247,10 @@ def intervals_text(spec: RunSpec) -> str:
     sampling, or rescaled to it by a spread ratio measured before the run
     (:mod:`~emdiffuse.pipeline.correlation`)."""
     s, calibration = spec.settings, spec.calibration
+    if spec.mean_uncertainty:
+        record = calibration["mean_interval"]
+        return (f"{100 * float(record['level']):g} % interval half-widths of the mean, from "
+                "the model's error head (calibrated at the end of training)")  # fmt: skip
     if s.samples < 2:
         return ""
     if calibration is None:

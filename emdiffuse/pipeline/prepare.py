@@ -39,6 +39,17 @@ from emdiffuse.pipeline.settings import (
 )
 
 
+def run_calibration(calibration: dict | None, samples: int) -> dict | None:
+    """The calibration record a run uses for its uncertainty image: the model's for 2 samples
+    or more; for the mean alone (``samples=0``) only one that holds the error head's
+    ``mean_interval``; else None."""
+    if not calibration:
+        return None
+    if samples >= 2 or (samples == 0 and "mean_interval" in calibration):
+        return calibration
+    return None
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -266,7 +277,7 @@ def prepare(
         condition_normalization=condition,
         # fitted on the default sampling; another sampling's half-widths are rescaled by the
         # ratio of the two samplings' spreads, measured before the run (interval_ratio None)
-        calibration=config.calibration if settings.samples >= 2 else None,
+        calibration=run_calibration(config.calibration, settings.samples),
         interval_ratio=calibrated_ratio(config.calibration, settings),
         model_kind=config.kind,
         # None: measured on the run's own tiles before the run (pipeline.correlation)

@@ -306,7 +306,8 @@ class RunSpec:
     # the condition's: input intensities -> model space (None: the target's, ``normalization``)
     condition_normalization: Normalization | None = None
     # what the uncertainty image holds (samples >= 2): the model's calibration record, or
-    # None for the plain standard deviation over samples (models.calibration)
+    # None for the plain standard deviation over samples (models.calibration); samples=0:
+    # the record when it holds the error head's ``mean_interval``, else None (no image)
     calibration: Any = None
     model_kind: str = "sr3"  # "residual": a mean network, evaluated once per tile
     # how much two samples' residual parts of the same content correlate: the residuals'
@@ -371,6 +372,18 @@ class RunSpec:
     def mean_only(self) -> bool:
         """``samples=0``: the posterior mean only (one network evaluation per tile)."""
         return self.settings.samples == 0
+
+    @property
+    def mean_uncertainty(self) -> bool:
+        """``samples=0`` with a model whose error head is calibrated: the uncertainty image
+        holds the posterior mean's interval half-widths from the error head."""
+        return self.mean_only and bool(self.calibration) and "mean_interval" in self.calibration
+
+    @property
+    def writes_uncertainty(self) -> bool:
+        """Whether the run writes the ``uncertainty`` image: 2 samples or more, or the mean
+        with a calibrated error head (:attr:`mean_uncertainty`)."""
+        return self.settings.samples > 1 or self.mean_uncertainty
 
     @property
     def shares_mean(self) -> bool:

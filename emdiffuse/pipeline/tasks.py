@@ -30,7 +30,7 @@ from functools import lru_cache, partial
 
 import numpy as np
 
-from emdiffuse.models.calibration import half_widths
+from emdiffuse.models.calibration import half_widths, mean_half_widths
 from emdiffuse.models.normalization import to_dtype
 from emdiffuse.pipeline import runtime
 from emdiffuse.pipeline.blend import add_weighted, finish_chunk, intersect, window_2d
@@ -116,6 +116,7 @@ class TileParts:
     sample: int
     mean: np.ndarray
     residual: np.ndarray | None
+    sigma: np.ndarray | None = None  # the error head's σ of the mean (mean-only runs)
 
 
 def split_sample(mean: np.ndarray, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -161,12 +162,17 @@ def run_tiles(
         if spec.mean_only:
             with timed("noise"):
                 x_T = noise_of(0, INITIAL_STEP)
+            sigma = None
             with timed("network"):
-                mean = enhancer.posterior_mean(cond, x_T)
+                if spec.mean_uncertainty:
+                    mean, sigma = enhancer.posterior_mean_and_sigma(cond)
+                    sigma = np.asarray(sigma, np.float32)
+                else:
+                    mean = enhancer.posterior_mean(cond, x_T)
             runtime.count_tiles(len(batch))
             with timed("blend"):
                 mean = np.clip(np.asarray(mean, np.float32), -1.0, 1.0)
-            yield TileParts(batch, 0, mean, None)
+            yield TileParts(batch, 0, mean, None, sigma)
             continue
         shared = None  # the model's own mean of this batch, once computed
         for sample in range(s.samples):
@@ -210,8 +216,9 @@ def produce_block(
     exactly one block) and return their window-weighted sums over each target chunk.
 
     Returns ``{"block", "pieces": {chunk index: (box, mean totals, residual totals or
-    None)}, "tiles", "seconds"}``, totals float32 (samples, dz, dy, dx) (one sample in
-    mean-only mode) of the tiles' mean and residual parts (:class:`TileParts`); a piece
+    None, σ totals or None)}, "tiles", "seconds"}``, totals float32 (samples, dz, dy, dx)
+    (one sample in mean-only mode) of the tiles' mean and residual parts and of the error
+    head's σ (:class:`TileParts`); a piece
     covers only the part of the chunk those tiles reach. All owned tiles run whatever the
     targets (a resumed run batches them as the first run did, so it writes the same bytes).
     """
@@ -228,6 +235,7 @@ def produce_block(
                 boxes[tuple(index)] = inter
     means = {i: np.zeros((slots, *(b - a for a, b in box)), np.float32) for i, box in boxes.items()}
     residuals: dict = {}  # made at the first residual that is not zero
+    sigmas: dict = {}  # the error head's σ (mean-only runs that write intervals)
     if boxes:
         read_box = lattice.input_box_of(tiles)
         with timed("read"):
@@ -243,6 +251,10 @@ def produce_block(
                 tile_box = lattice.tile_output_box(tile)
                 for index, box in boxes.items():
                     add_weighted(means[index][parts.sample], box, tile_box, parts.mean[j], window)
+                    if parts.sigma is not None:
+                        if index not in sigmas:
+                            sigmas[index] = np.zeros_like(means[index])
+                        add_weighted(sigmas[index][0], box, tile_box, parts.sigma[j], window)
                     if parts.residual is None:
                         continue
                     if index not in residuals:
@@ -251,7 +263,7 @@ def produce_block(
                         residuals[index][parts.sample], box, tile_box, parts.residual[j], window
                     )
             add_seconds("blend", time.perf_counter() - blend_start)
-    pieces = {i: (box, means[i], residuals.get(i)) for i, box in boxes.items()}
+    pieces = {i: (box, means[i], residuals.get(i), sigmas.get(i)) for i, box in boxes.items()}
     seconds = time.perf_counter() - start
     add_seconds("tile_task", seconds)
     return {
@@ -287,12 +299,12 @@ def blend_chunk(
     shape = tuple(b - a for a, b in box)
     slots = max(1, spec.settings.samples)
     totals = np.zeros((slots, *shape))
-    residuals = None
+    residuals = sigmas = None
     for part in parts:
         piece = part["pieces"].get(tuple(index))
         if piece is None:
             continue
-        pbox, means, rest = piece
+        pbox, means, rest, sigma = piece
         sl = (
             slice(None),
             *(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(pbox, box, strict=True)),
@@ -302,18 +314,25 @@ def blend_chunk(
             if residuals is None:
                 residuals = np.zeros_like(totals)
             residuals[sl] += rest
+        if sigma is not None:
+            if sigmas is None:
+                sigmas = np.zeros_like(totals)
+            sigmas[sl] += sigma
     kept_region, kept_box = kept_input(spec, box)
     return finish_chunk(
         lattice, box, totals, spec.normalization, kept_region, kept_box,
         residuals=residuals, correlation=spec.residual_correlation,
-        spread=uncertainty_of(spec),
+        spread=uncertainty_of(spec), sigmas=sigmas,
     )  # fmt: skip
 
 
 def uncertainty_of(spec: RunSpec):
     """What the uncertainty image holds, as a map of the standard deviation over samples
     (model space): the calibrated interval half-widths of a model that stores a calibration,
-    else None (the standard deviation itself)."""
+    else None (the standard deviation itself); for the mean alone, the error head's σ
+    scaled to half-widths by its ``mean_interval`` record."""
+    if spec.mean_uncertainty:
+        return partial(mean_half_widths, record=spec.calibration["mean_interval"])
     if spec.calibration is None or spec.settings.samples < 2:
         return None
     if spec.interval_ratio is None:
@@ -339,7 +358,7 @@ def run_chunk(spec: RunSpec, index: tuple[int, int, int], *parts: dict) -> dict:
     add_seconds("blend", time.perf_counter() - blend_start)
     with timed("write"):
         _write(spec.output_path, box, values, spec.input_ndim)
-        if spread is not None:
+        if spread is not None and spec.writes_uncertainty:
             _write(spec.uncertainty_path, box, spread, spec.input_ndim)
         for chunk in spec.chunks_in_task(index):
             mark_done(spec.output_path, chunk)

@@ -342,7 +342,8 @@ def _loop(
 
 
 def _calibrate(run: _Run) -> None:
-    """Fit the conformal scale of the sample spread on held-out patches into the config."""
+    """Fit the conformal scale of the sample spread (and of the error head's σ, when the
+    model has one) on held-out patches into the config."""
     s = run.s
     if s.calibration_samples < 2 or not run.dataset.regions["val"]:
         return
@@ -358,6 +359,10 @@ def _calibrate(run: _Run) -> None:
         "" if "axis" not in calibration else
         f", fitted along {calibration['axis']}, the hardest of {calibration['scale_by_axis']}",
     )  # fmt: skip
+    if "mean_interval" in calibration:
+        mean = calibration["mean_interval"]
+        log.info("calibration: the mean's %.0f %% intervals are %.2f x the error head's σ "
+                 "(Spearman %.2f)", 100 * mean["level"], mean["scale"], mean["spearman"])  # fmt: skip
     run.config = run.config.replace(calibration=calibration)
 
 

@@ -108,6 +108,10 @@ def calibrate(
     record.update(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, patches=int(len(target)))
     if config.residual:
         record["residual_correlation"] = calibration.residual_correlation(np.stack(residuals))
+    if enhancer.has_error_head:
+        mean, sigma = enhancer.posterior_mean_and_sigma(cond)
+        record["mean_interval"] = calibration.fit_mean(mean, sigma, target,
+                                                       level=s.calibration_level)  # fmt: skip
     return record
 
 
@@ -126,12 +130,19 @@ def hardest_axis(records: dict[str | None, dict]) -> dict:
     ``axis`` and every axis' ``scale_by_axis`` added. The model is applied along z, which no
     training patch shows; the intervals then hold along z as long as z is no harder, for the
     model's spread, than the harder lateral axis (on FlyEM z is a little harder still: the
-    intervals cover 86–88 % there). A single record (``None`` axis) is returned as it is."""
+    intervals cover 86–88 % there). The error head's ``mean_interval`` records, when there,
+    are chosen the same way on their own. A single record (``None`` axis) is returned as it
+    is."""
     if list(records) == [None]:
         return records[None]
     axis = max(records, key=lambda a: records[a]["scale"])
-    return {**records[axis], "axis": axis,
-            "scale_by_axis": {a: float(r["scale"]) for a, r in records.items()}}  # fmt: skip
+    record = {**records[axis], "axis": axis,
+              "scale_by_axis": {a: float(r["scale"]) for a, r in records.items()}}  # fmt: skip
+    means = {a: r["mean_interval"] for a, r in records.items() if "mean_interval" in r}
+    if means:  # the error head's intervals: their own hardest axis
+        mean_axis = max(means, key=lambda a: means[a]["scale"])
+        record["mean_interval"] = {**means[mean_axis], "axis": mean_axis}
+    return record
 
 
 def condition_on_output_grid(cond: torch.Tensor, config) -> np.ndarray:

@@ -86,7 +86,7 @@ def test_one_checkpoint_holds_both_networks(tmp_path):
     net = build_network(config)
     assert isinstance(net, MeanResidualNet)
     state = net.state_dict()
-    assert {k.split(".")[0] for k in state} == {"mean", "residual"}
+    assert {k.split(".")[0] for k in state} == {"mean", "residual", "error"}
     path = save_checkpoint(tmp_path / "m.safetensors", state, config)
     loaded, weights = load_checkpoint(path)
     assert loaded == config and set(weights) == set(state)
@@ -246,7 +246,7 @@ def test_residual_loss_trains_both_and_detaches_the_mean():
     cond = torch.rand(2, 1, 16, 16) * 2 - 1
     x0 = (cond * 0.5).clamp(-1, 1)
     noise, levels = torch.randn_like(x0), torch.tensor([0.5, 0.1])
-    mean, pred, r = net(cond, x0, noise, levels)
+    mean, pred, r, _ = net(cond, x0, noise, levels)
     torch.testing.assert_close(r, (x0 - mean.detach()) / config.residual_scale)
     pred.sum().backward()  # the residual branch alone
     assert all(p.grad is None or not p.grad.any() for p in net.mean.parameters())
@@ -265,8 +265,10 @@ def test_residual_loss_trains_both_and_detaches_the_mean():
 def test_residual_rows_train_the_mean_on_all_samples_and_the_residual_on_the_first_k():
     """``residual_rows=k``: the mean term covers the whole batch, the diffusion term only the
     first k samples (the same numbers as a batch of those k alone), and samples past k give
-    the residual network no gradient."""
-    config = make_config("emdiffuse-n", "tiny", kind="residual", prediction="v")
+    the residual network no gradient. (No error head: its term covers every sample,
+    tests/models/test_error_head.py.)"""
+    config = make_config("emdiffuse-n", "tiny", kind="residual", prediction="v",
+                         mean_net={"error_channels": 0})  # fmt: skip
     torch.manual_seed(0)
     net = build_network(config)
     with torch.no_grad():  # zero-initialised output layers would hide the rows
