@@ -126,24 +126,32 @@ def fit(
         raise InputError(f"calibration floor must be positive, got {floor}")
     mean = samples.mean(0)
     std = samples.std(0)  # population std, as the pipeline's uncertainty map
+    record = _scale_record(mean, std, truth, level, floor)
     err = np.abs(mean - truth).ravel()
-    spread = np.maximum(std, floor).ravel()
+    variance = float(np.mean(np.maximum(std, floor) ** 2)) * n / (n - 1)
+    excess = max(float(np.mean(err**2)) / variance - 1.0 / n, 0.0)
+    return {**record, "samples": int(n), "excess": float(excess)}
+
+
+def _scale_record(
+    mean: np.ndarray, sigma: np.ndarray, truth: np.ndarray, level: float, floor: float
+) -> dict[str, Any]:
+    """The split-conformal scale of ``|mean - truth| / max(σ, floor)`` at ``level``, with
+    its ``coverage`` on these data and the ``spearman`` of σ against the error."""
+    err = np.abs(mean - truth).ravel()
+    spread = np.maximum(sigma, floor).ravel()
     q = conformal_quantile(err / spread, level)
     if not math.isfinite(q):
         raise InputError(
             f"too few calibration voxels ({err.size}) for level {level}; use more patches"
         )
-    variance = float(np.mean(spread**2)) * n / (n - 1)
-    excess = max(float(np.mean(err**2)) / variance - 1.0 / n, 0.0)
     return {
         "level": float(level),
         "scale": float(q),
-        "samples": int(n),
         "floor": float(floor),
-        "excess": float(excess),
         "voxels": int(err.size),
         "coverage": float(np.mean(err <= q * spread)),
-        "spearman": spearman(std.ravel(), err),
+        "spearman": spearman(np.asarray(sigma).ravel(), err),
     }
 
 
@@ -197,21 +205,7 @@ def fit_mean(
         raise InputError(f"mean {mean.shape}, sigma {sigma.shape} and truth {truth.shape} differ")
     if not floor > 0:
         raise InputError(f"calibration floor must be positive, got {floor}")
-    err = np.abs(mean - truth).ravel()
-    spread = np.maximum(sigma, floor).ravel()
-    q = conformal_quantile(err / spread, level)
-    if not math.isfinite(q):
-        raise InputError(
-            f"too few calibration voxels ({err.size}) for level {level}; use more patches"
-        )
-    return {
-        "level": float(level),
-        "scale": float(q),
-        "floor": float(floor),
-        "voxels": int(err.size),
-        "coverage": float(np.mean(err <= q * spread)),
-        "spearman": spearman(sigma.ravel(), err),
-    }
+    return _scale_record(mean, sigma, truth, level, floor)
 
 
 def mean_half_widths(

@@ -130,3 +130,28 @@ def test_residual_correlation_of_samples():
     make_config("emdiffuse-n", "tiny").replace(calibration={**record, "residual_correlation": 0.3})
     with pytest.raises(InputError, match="residual_correlation"):
         make_config("emdiffuse-n", "tiny").replace(calibration={**record, "residual_correlation": 1.5})
+
+
+def test_the_error_heads_scale_holds_on_held_out_voxels():
+    """``fit_mean``: errors drawn with a σ that varies 10× over the voxels, a head that
+    predicts σ only up to a factor 2 (so the scale has work to do): the fitted intervals
+    cover about 90 % of fresh voxels, and rank the errors as σ does."""
+    rng = np.random.default_rng(0)
+    sigma = np.exp(rng.uniform(np.log(0.01), np.log(0.1), size=20000))
+    truth = rng.uniform(-1, 1, size=sigma.shape)
+    mean = truth + sigma * rng.standard_normal(sigma.shape)
+    record = calibration.fit_mean(mean, 0.5 * sigma, truth)
+    assert record["level"] == 0.9 and record["coverage"] >= 0.9
+    assert 2 * 1.6 < record["scale"] < 2 * 1.7  # the Gaussian 90 % point is 1.645 σ
+    assert record["spearman"] > 0.3
+    fresh = truth + sigma * rng.standard_normal(sigma.shape)
+    widths = calibration.mean_half_widths(0.5 * sigma, record)
+    assert abs(np.mean(np.abs(fresh - truth) <= widths) - 0.9) < 0.01
+    with pytest.raises(InputError, match="differ"):
+        calibration.fit_mean(mean, sigma[:10], truth)
+    config = make_config("emdiffuse-n", "tiny", kind="residual")
+    stored = {"level": 0.9, "scale": 1.7, "samples": 4, "floor": 1e-3, "mean_interval": record}
+    config.replace(calibration=stored).validate()
+    with pytest.raises(InputError, match="mean_interval lacks floor"):
+        bad = {k: v for k, v in record.items() if k != "floor"}
+        config.replace(calibration={**stored, "mean_interval": bad}).validate()
