@@ -111,7 +111,7 @@ def check_calibration(calibration: Any) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise InputError(f"model config: calibration.samples {samples!r} must be an integer >= 2")
     if "residual_correlation" in calibration and not 0 <= _number(
-        calibration, "calibration.residual_correlation"
+        calibration, "residual_correlation", "calibration"
     ) <= 1:
         raise InputError("model config: calibration.residual_correlation must be in [0, 1]")
     if "mean_interval" in calibration:
@@ -126,17 +126,17 @@ def _check_interval(record: Mapping, where: str, required: tuple[str, ...]) -> N
     missing = sorted(set(required) - set(record))
     if missing:
         raise InputError(f"model config: {where} lacks {', '.join(missing)}")
-    if not 0 < _number(record, f"{where}.level") < 1:
+    if not 0 < _number(record, "level", where) < 1:
         raise InputError(f"model config: {where}.level {record['level']!r} must be in (0, 1)")
-    if _number(record, f"{where}.scale") < 0 or _number(record, f"{where}.floor") <= 0:
+    if _number(record, "scale", where) < 0 or _number(record, "floor", where) <= 0:
         raise InputError(f"model config: {where}.scale must be >= 0 and floor > 0")
 
 
-def _number(record: Mapping, name: str) -> float:
-    """``record``'s value of the last part of dotted ``name``, a finite number."""
-    value = record[name.rsplit(".", 1)[-1]]
+def _number(record: Mapping, key: str, where: str) -> float:
+    """``record[key]`` as a finite number (``where``: the record's name, for the error)."""
+    value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"model config: {name} must be a finite number, got {value!r}")
+        raise InputError(f"model config: {where}.{key} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -332,9 +332,9 @@ def residual_loss(
 
 def error_nll(log_variance: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
     """The Gaussian negative log-likelihood (without its constant) of ``error`` under
-    per-voxel variances ``exp(log_variance)``: what trains the error head. ``log_variance``
-    is clamped to [-20, 5] (σ from 5e-5 to 12 model units) for a finite loss at any start."""
-    lv = log_variance.float().clamp(-20.0, 5.0)
+    per-voxel variances ``exp(log_variance)`` (the error head's, already clamped to a
+    finite range): what trains the error head."""
+    lv = log_variance.float()
     return 0.5 * (lv + error.float() ** 2 * torch.exp(-lv)).mean()
 
 

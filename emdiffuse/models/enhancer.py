@@ -92,6 +92,7 @@ class Enhancer:
         else:
             self._sr3_net = wrap(self.net)
             self._networks = (self._sr3_net,)
+            self._error_net = None
         # sampling walks the stored inference schedule (imported reference weights: the
         # reference's test schedule), else the training schedule; the network is fed the
         # alpha-bar of each point either way, as the reference feeds its gammas
@@ -245,7 +246,7 @@ class Enhancer:
     def has_error_head(self) -> bool:
         """Whether the model predicts its mean's error (an error head): then
         :meth:`posterior_mean_and_sigma` works."""
-        return getattr(self, "_error_net", None) is not None
+        return self._error_net is not None
 
     def posterior_mean_and_sigma(self, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The posterior mean (as :meth:`posterior_mean`) and the error head's σ of its error,
@@ -261,8 +262,7 @@ class Enhancer:
                 cond_t = self._upsample(cond_t)
                 mean = self._mean_net(cond_t).float()
             # the small head in float32: bf16 would round σ to steps of 1.5 %
-            log_variance = self._error_net(cond_t.float(), mean).float().clamp(-20.0, 5.0)
-            sigma = torch.exp(0.5 * log_variance)
+            sigma = torch.exp(0.5 * self._error_net(cond_t.float(), mean).float())
             return mean.cpu().numpy(), sigma.cpu().numpy()
 
     def sample_parts(

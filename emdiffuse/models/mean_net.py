@@ -206,6 +206,9 @@ class MeanUNet(nn.Module):
 ERROR_DILATIONS = (1, 1, 2, 4)
 # the head's first estimate of log σ² (model space): σ ≈ 0.14, a typical error at the start
 ERROR_START_LOG_VARIANCE = -4.0
+# the range its log σ² is clamped to (σ from 5e-5 to 12 model units): a finite
+# likelihood at any start, and no overflow when σ is taken
+LOG_VARIANCE_RANGE = (-20.0, 5.0)
 
 
 class ErrorNet(nn.Module):
@@ -235,8 +238,10 @@ class ErrorNet(nn.Module):
         nn.init.constant_(self.out.bias, ERROR_START_LOG_VARIANCE)
 
     def forward(self, cond: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """``log σ²`` (B, out_channels, *spatial) of the error of ``mean`` given ``cond``."""
-        return self.out(self.body(torch.cat([cond, mean.to(cond.dtype)], dim=1)))
+        """``log σ²`` (B, out_channels, *spatial) of the error of ``mean`` given ``cond``,
+        clamped to :data:`LOG_VARIANCE_RANGE`."""
+        log_variance = self.out(self.body(torch.cat([cond, mean.to(cond.dtype)], dim=1)))
+        return log_variance.clamp(*LOG_VARIANCE_RANGE)
 
 
 def _windows(x: torch.Tensor, size: int) -> torch.Tensor:

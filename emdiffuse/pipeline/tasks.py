@@ -166,7 +166,6 @@ def run_tiles(
             with timed("network"):
                 if spec.mean_uncertainty:
                     mean, sigma = enhancer.posterior_mean_and_sigma(cond)
-                    sigma = np.asarray(sigma, np.float32)
                 else:
                     mean = enhancer.posterior_mean(cond, x_T)
             runtime.count_tiles(len(batch))
