@@ -1,5 +1,7 @@
 """The markdown report of the quality benchmark (``quality.md``), generated from the JSON
-result of every source in the results folder (``<out>/<source>/quality.json``).
+result of every source in the results folder (``<out>/<source>/quality.json``) and of every
+run its index lists (``<out>/runs.json``: the committed report shows the latest run of each
+level, wherever it was written).
 
 It states issue 14's targets and, per source, level and training budget, whether each is met
 and by how much; then per source the tables (one per level), figures, uncertainty,
@@ -27,9 +29,12 @@ TASK_TITLES = {
 }
 BIAS_LIMIT = 1.0  # % of the truth's range
 ISO_GAIN = 2.0  # dB over cubic z, FlyEM isotropic k = 4
+SPEARMAN_TARGET = 0.5  # issue 14, per voxel; shown per 16² block too
 READING = Path(__file__).with_name("READING.md")
 # READING.md's relative links are written from here (the committed report's folder)
 READING_BASE = Path(__file__).resolve().parents[1] / "results" / "quality"
+# a report folder's list of further run folders (relative): {"runs": ["run/flyem", …]}
+RUNS_INDEX = "runs.json"
 _LINK = re.compile(r"\]\((?![a-z]+:|#|/)([^)\s#]+)(#[^)\s]*)?\)")
 
 TARGETS_TEXT = """Issue 14's targets, checked in this benchmark (not as timed tests), at equal
@@ -143,8 +148,17 @@ def target_cells(source: str, key: str, lv: dict, budget: float) -> dict[str, st
                              f"{_short(cov)})")  # fmt: skip
         sp = max(unc, key=lambda r: r["uncertainty"]["spearman"]
                  if math.isfinite(r["uncertainty"]["spearman"]) else -2)  # fmt: skip
-        cells["spearman"] = (f"{_ok(sp['uncertainty']['spearman_met'])} "
-                             f"{sp['uncertainty']['spearman']:.2f} ({_short(sp)})")  # fmt: skip
+        cells["spearman"] = (f"{_ok(sp['uncertainty']['spearman_met'])} voxel "
+                             f"{sp['uncertainty']['spearman']:.2f} ({_short(sp)}; perfect map "
+                             f"{_f(sp['uncertainty'].get('spearman_ceiling'), '.2f')})")  # fmt: skip
+        blocks = [
+            r for r in unc if math.isfinite(r["uncertainty"].get("spearman_window", math.nan))
+        ]
+        if blocks:  # what the map says about regions (a voxel's error is one noisy draw)
+            bl = max(blocks, key=lambda r: r["uncertainty"]["spearman_window"])
+            value = bl["uncertainty"]["spearman_window"]
+            cells["spearman"] += (f"; {_ok(value >= SPEARMAN_TARGET)} 16² block {value:.2f} "
+                                  f"({_short(bl)})")  # fmt: skip
     else:
         cells["coverage"] = cells["spearman"] = "—"
     if source == "flyem" and key == "isotropic-k4":
@@ -310,9 +324,17 @@ def setup_lines(result: dict) -> list[str]:
     ]
 
 
-def source_section(result: dict) -> list[str]:
-    src = result["source"]
-    md = [f"## {SOURCE_TITLES.get(src, src)}", ""]
+def source_section(
+    result: dict, folder: str | None = None, *, name_levels: bool = False
+) -> list[str]:
+    """One source's section; its figures are linked from ``folder`` (relative to the report;
+    default: the source's name), and with ``name_levels`` the title lists the run's levels
+    (a source shown from more than one run)."""
+    src = folder or result["source"]
+    title = SOURCE_TITLES.get(result["source"], result["source"])
+    if name_levels:
+        title += " — " + ", ".join(result["levels"])
+    md = [f"## {title}", ""]
     if result["mode"] != "full":
         md += [f"**{result['mode']} run: a smoke test of the pipeline, not a result** "
                f"(budgets × {result.get('budget_scale', 1):g}).", ""]  # fmt: skip
@@ -377,11 +399,27 @@ def source_section(result: dict) -> list[str]:
     return md
 
 
-def load_results(out: Path) -> list[dict]:
-    """Every ``<out>/<source>/quality.json`` (synthetic first)."""
-    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/quality.json"))}
-    order = [s for s in SOURCE_ORDER if s in found] + [s for s in found if s not in SOURCE_ORDER]
-    return [found[s] for s in order]
+def load_results(out: Path) -> list[tuple[dict, str]]:
+    """Every ``<out>/<source>/quality.json`` and every run folder ``<out>/runs.json`` lists
+    (:data:`RUNS_INDEX`), synthetic first, each with its folder relative to ``out``; a listed
+    folder without one raises ``ValueError``."""
+    folders = [p.parent.name for p in sorted(out.glob("*/quality.json"))]
+    index = out / RUNS_INDEX
+    if index.exists():
+        listed = json.loads(index.read_text()).get("runs", [])
+        missing = [f for f in listed if not (out / f / "quality.json").is_file()]
+        if missing:
+            raise ValueError(f"{index}: no quality.json in {', '.join(missing)}; fix the list")
+        folders += [f for f in listed if f not in folders]
+    found = [(json.loads((out / f / "quality.json").read_text()), f) for f in folders]
+    rank = {s: i for i, s in enumerate(SOURCE_ORDER)}
+    return sorted(found, key=lambda pair: rank.get(pair[0]["source"], len(rank)))
+
+
+def split_reading(text: str) -> tuple[str, str]:
+    """READING.md's first ``## `` section (how to read the report) and the rest."""
+    cut = text.find("\n## ", text.find("## ") + 1)
+    return (text, "") if cut < 0 else (text[:cut].strip(), text[cut:].strip())
 
 
 def rebase_links(text: str, base: Path, out: Path) -> str:
@@ -396,16 +434,26 @@ def rebase_links(text: str, base: Path, out: Path) -> str:
 
 
 def write_markdown(out: Path) -> Path:
-    """``<out>/quality.md`` from every source's JSON in ``out``."""
+    """``<out>/quality.md`` from every source's JSON in ``out``: READING.md's first section
+    (how to read), the targets, the results per source, then the rest of READING.md (what
+    each session measured, newest first)."""
     results = load_results(out)
     md = ["# Quality benchmark: emdiffuse vs baselines and CAREamics, on synthetic and real EM", ""]
-    if READING.exists():
-        md += [rebase_links(READING.read_text().strip(), READING_BASE, out), ""]
+    guide, notes = split_reading(
+        rebase_links(READING.read_text().strip(), READING_BASE, out) if READING.exists() else ""
+    )
+    if guide:
+        md += [guide, ""]
     md += ["## Targets (issue 14)", "", TARGETS_TEXT, ""]
     if not results:
         md += [f"No results in {out} yet.", ""]
-    for result in results:
-        md += source_section(result)
+    runs_per_source: dict[str, int] = {}
+    for result, _ in results:
+        runs_per_source[result["source"]] = runs_per_source.get(result["source"], 0) + 1
+    for result, folder in results:
+        md += source_section(result, folder, name_levels=runs_per_source[result["source"]] > 1)
+    if notes:
+        md += ["# What each session measured (READING.md, newest first)", "", notes, ""]
     path = out / "quality.md"
     path.write_text("\n".join(md) + "\n")
     return path

@@ -442,8 +442,11 @@ def real_em(folder: Path, model: str, cache: Path, out: Path, seed: int) -> dict
     if "error" in result:
         return {"skipped": result["error"]}
     names = [files[i].name for i in picks]
+    meaning = result.get("uncertainty_meaning") or {"kind": "std"}
+    label = (f"uncertainty ({meaning['level']:.0%} half-width)"
+             if meaning["kind"] == "half-width" else "uncertainty (std)")  # fmt: skip
     real_em_figure(stack[picks], result["mean"], result["uncertainty"], names,
-                   out / "real_em.png")  # fmt: skip
+                   out / "real_em.png", label)  # fmt: skip
     return {"folder": str(folder), "patches": names, "n_patch_set": len(files),
             "percentiles_0.5_99.5": [float(low), float(high)],
             "model_normalization": [m_low, m_high], "samples": 4,
@@ -669,8 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = (args.cache or default_cache()).resolve()
     out_root = (args.out or (cache / "quick-results" if args.quick else RESULTS)).resolve()
     if args.report_only:
-        print(f"report: {write_markdown(out_root)}")
-        return 0
+        return report(out_root)
     record = provenance_record(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals in small trained nets slow CPU inference
@@ -680,7 +682,16 @@ def main(argv: list[str] | None = None) -> int:
         print("quality benchmark: no source could run (see above); nothing written",
               file=sys.stderr)  # fmt: skip
         return 2
-    print(f"report: {write_markdown(out_root)}")
+    return report(out_root)
+
+
+def report(out_root: Path) -> int:
+    """Write ``quality.md`` in ``out_root``; a broken run index is one line and exit 2."""
+    try:
+        print(f"report: {write_markdown(out_root)}")
+    except ValueError as error:
+        print(f"quality benchmark: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
