@@ -90,15 +90,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def scored(samples: int, model: str, inp: Path, work: Path, data, args) -> dict:
-    """PSNR, SSIM and bias (% of the range) of an enhancement with ``samples`` (0: the
-    posterior mean) against the truth, and its seconds."""
+    """PSNR, SSIM, bias (% of the range) and high-frequency spectrum error of an enhancement
+    with ``samples`` (0: the posterior mean) against the truth, and its seconds."""
     run = qp.run_enhance(model, inp, work / "out.ome.zarr", samples=samples, seed=0,
                          device=args.device)  # fmt: skip
     if "error" in run:
         raise SystemExit(f"enhance with samples={samples} failed: {run['error']}")
     s = score(run["mean"], data.truth, data.eval_z, data.voxel_nm)
     return {"psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4),
-            "bias_pct": round(s["bias_pct"], 3), "enhance_s": round(run["seconds"], 1)}  # fmt: skip
+            "bias_pct": round(s["bias_pct"], 3), "spectrum_error": round(s["spectrum_error"], 3),
+            "enhance_s": round(run["seconds"], 1)}  # fmt: skip
 
 
 def device_name(device: str) -> str:
