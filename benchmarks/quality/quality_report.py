@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -447,9 +448,7 @@ def write_markdown(out: Path) -> Path:
     md += ["## Targets (issue 14)", "", TARGETS_TEXT, ""]
     if not results:
         md += [f"No results in {out} yet.", ""]
-    runs_per_source: dict[str, int] = {}
-    for result, _ in results:
-        runs_per_source[result["source"]] = runs_per_source.get(result["source"], 0) + 1
+    runs_per_source = Counter(result["source"] for result, _ in results)
     for result, folder in results:
         md += source_section(result, folder, name_levels=runs_per_source[result["source"]] > 1)
     if notes:
