@@ -69,3 +69,20 @@ def test_models_made_before_the_head_load_without_one():
     mean, pred, r, log_variance = net(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16),
                                       torch.zeros(1, 1, 16, 16), torch.full((1,), 0.5))  # fmt: skip
     assert log_variance is None
+
+
+def test_clipping_bounds_the_head_as_well_as_the_mean_and_residual_networks():
+    """Each part of a mean-plus-residual model is clipped to the norm on its own, the error
+    head included (its likelihood's gradients are not bounded by the other two)."""
+    from emdiffuse.training.step import clip_gradients
+
+    net = build_network(make_config("emdiffuse-n", "tiny", kind="residual", prediction="v"))
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    total = clip_gradients(net, 1.0)
+    parts = {"mean": net.mean, "residual": net.residual, "error": net.error}
+    for name, part in parts.items():
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in part.parameters()]))
+        assert norm <= 1.0 + 1e-4, f"{name} not clipped: {norm:.3f}"
+    before = 10.0 * sum(p.numel() for p in net.parameters()) ** 0.5
+    assert abs(total - before) <= 1e-3 * before  # the norm over every parameter, before
