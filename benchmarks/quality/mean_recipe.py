@@ -1,12 +1,14 @@
-"""Training-recipe variants of the residual kind, scored on the posterior mean only.
+"""Training-recipe variants of the residual kind, scored on the posterior mean (and, with
+``--samples``, on one sample and the mean of N).
 
 A quicker loop than ``run.py`` for questions about the mean network at a short budget: each
 variant trains through the harness's own ``train_model`` (rate probe, cosine horizon, wall
 time limit, model cache) on one FlyEM level, enhances the first test input with
-``samples=0`` (one network evaluation) and scores it against the truth. No peers, no
-report: one JSON line per variant, printed and appended to ``--out``. ``--samples N`` also
-scores one sample and the mean of N (the default sampler); ``--device cuda`` trains and
-enhances on a GPU (the line records the device's name).
+``samples=0`` (one network evaluation) and scores it against the truth, with the error
+head's intervals where the model has one. No peers, no report: one JSON line per variant,
+printed and appended to ``--out``. ``--samples N`` also scores one sample and the mean of N
+(the default sampler) with its intervals; ``--device cuda`` trains and enhances on a GPU
+(the line records the device's name).
 
     python benchmarks/quality/mean_recipe.py --level denoise-dose8 \\
         --variants '{}' '{"batch_size": 16, "residual_batch": 4}' [--seed 0] [--budget 150]
@@ -22,7 +24,7 @@ from pathlib import Path
 import quality_project as qp
 from quality_data import flyem_levels
 from quality_plan import Entry
-from quality_scores import score
+from quality_scores import score, uncertainty_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,15 +93,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def scored(samples: int, model: str, inp: Path, work: Path, data, args) -> dict:
     """PSNR, SSIM, bias (% of the range) and high-frequency spectrum error of an enhancement
-    with ``samples`` (0: the posterior mean) against the truth, and its seconds."""
+    with ``samples`` (0: the posterior mean) against the truth, and its seconds; where it
+    writes an uncertainty map (the mean of N, or the mean of a model with an error head),
+    the map's coverage and its Spearman with the error per voxel and per block."""
     run = qp.run_enhance(model, inp, work / "out.ome.zarr", samples=samples, seed=0,
                          device=args.device)  # fmt: skip
     if "error" in run:
         raise SystemExit(f"enhance with samples={samples} failed: {run['error']}")
     s = score(run["mean"], data.truth, data.eval_z, data.voxel_nm)
-    return {"psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4),
-            "bias_pct": round(s["bias_pct"], 3), "spectrum_error": round(s["spectrum_error"], 3),
-            "enhance_s": round(run["seconds"], 1)}  # fmt: skip
+    out = {"psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4),
+           "bias_pct": round(s["bias_pct"], 3), "spectrum_error": round(s["spectrum_error"], 3),
+           "enhance_s": round(run["seconds"], 1)}  # fmt: skip
+    if run["uncertainty"] is not None:  # the mean of N, or the mean's error head
+        u = uncertainty_scores(run["mean"], run["uncertainty"], data.truth, data.eval_z,
+                               run["uncertainty_meaning"])  # fmt: skip
+        out["uncertainty"] = {"coverage": round(u["coverage"], 4),
+                              "spearman": round(u["spearman"], 3),
+                              "spearman_block": round(u["spearman_window"], 3)}  # fmt: skip
+    return out
 
 
 def device_name(device: str) -> str:
