@@ -78,6 +78,12 @@ class MeanResidualNet(nn.Module):
     def multiple(self) -> int:
         return math.lcm(self.mean.multiple, self.residual.multiple)
 
+    def parts(self) -> list[nn.Module]:
+        """The networks that each learn from their own loss term — the mean network, the
+        residual network and the error head if there is one — together every parameter:
+        training clips their gradients each on its own."""
+        return [m for m in (self.mean, self.residual, self.error) if m is not None]
+
     def forward(
         self,
         cond: torch.Tensor,

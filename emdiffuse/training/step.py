@@ -117,12 +117,10 @@ def mean_warmup_steps(s: TrainSettings) -> int:
 
 def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradient norm to ``max_norm``: of the whole network, or — a mean-plus-residual
-    model — of its mean and residual networks and its error head separately (their losses
-    differ in scale, and the diffusion loss's gradients must not shrink the mean network's
-    steps). Returns the norm over all parameters before clipping."""
-    parts = [net]
-    if hasattr(net, "residual") and hasattr(net, "mean"):
-        parts = [p for p in (net.mean, net.residual, getattr(net, "error", None)) if p is not None]
+    model — of each of its ``parts()`` (mean, residual network, error head) separately: their
+    losses differ in scale, and the diffusion loss's gradients must not shrink the mean
+    network's steps. Returns the norm over all parameters before clipping."""
+    parts = net.parts() if hasattr(net, "parts") else [net]
     norms = [torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm) for part in parts]
     return float(torch.stack([n.float() for n in norms]).pow(2).sum().sqrt())
 

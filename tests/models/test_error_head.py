@@ -81,6 +81,8 @@ def test_clipping_bounds_the_head_as_well_as_the_mean_and_residual_networks():
         p.grad = torch.full_like(p, 10.0)
     total = clip_gradients(net, 1.0)
     parts = {"mean": net.mean, "residual": net.residual, "error": net.error}
+    owned = [id(p) for part in net.parts() for p in part.parameters()]
+    assert sorted(owned) == sorted(id(p) for p in net.parameters())  # every parameter, once
     for name, part in parts.items():
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in part.parameters()]))
         assert norm <= 1.0 + 1e-4, f"{name} not clipped: {norm:.3f}"
