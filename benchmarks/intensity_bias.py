@@ -90,7 +90,7 @@ def main() -> int:
     from emdiffuse.models.enhancer import Enhancer
     from emdiffuse.models.normalization import pair_from_model
     from emdiffuse.training.demo_model import DEMO_TRAIN_SHAPE, demo_pair, enhance_slices
-    from emdiffuse.training.settings import DEMO_NOISE, DEMO_SETTINGS
+    from emdiffuse.training.settings import DEMO_NOISE, DEMO_SETTINGS, demo_recipe
     from emdiffuse.training.trainer import train
 
     steps = 20 if args.quick else args.steps
@@ -105,8 +105,8 @@ def main() -> int:
     models = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            options = {**DEMO_SETTINGS, "val_every": steps, "ckpt_every": steps}
-            options["objective"] = "residual" if name == "residual" else "diffusion"
+            objective = "residual" if name == "residual" else "diffusion"
+            options = {**demo_recipe(objective), "val_every": steps, "ckpt_every": steps}
             norm = union_range(noisy, clean) if name == "sr3-union" else None
             start = time.perf_counter()
             path = train("denoise", [noisy, clean], Path(tmp) / name, steps=steps, seed=args.seed,

@@ -34,7 +34,13 @@ import emdiffuse
 from emdiffuse import io
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training import trainer
-from emdiffuse.training.settings import DEMO_SETTINGS, OBJECTIVES, defaults, field_names
+from emdiffuse.training.settings import (
+    OBJECTIVES,
+    RESIDUAL_FIELDS,
+    defaults,
+    demo_recipe,
+    field_names,
+)  # fmt: skip
 
 # the residual kind's settings, written out in its options so that a change of their
 # defaults (e.g. mean_init) retrains its models instead of reusing cached ones
@@ -74,13 +80,17 @@ def enhance_defaults() -> dict[str, Any]:
 ISOTROPIC_LR = 5e-4
 
 
-def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Trainer settings of every project model: the demo's tiny-CPU recipe at the run's
-    patch and region, validation and checkpoint only at the end, plus ``extra`` (the
-    ``--train-set`` options, those the installed TrainSettings knows)."""
-    settings = {**DEMO_SETTINGS}
+def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None,
+                   objective: str = "residual") -> dict[str, Any]:  # fmt: skip
+    """Trainer settings of every project model: the demo's short-CPU recipe for the model's
+    ``objective`` (``demo_recipe``) at the run's patch and region, plus ``extra`` (the
+    ``--train-set`` options, those the installed TrainSettings knows; the residual kind's
+    own only for the residual kind)."""
+    settings = demo_recipe(objective)
     settings.update(patch=sizes.patch, region=sizes.region)
     known = set(field_names())
+    if objective != "residual":
+        known -= set(RESIDUAL_FIELDS)
     settings.update({k: v for k, v in (extra or {}).items() if k in known})
     return settings
 
@@ -118,7 +128,7 @@ def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str
     calibration of the sample spread (it has none); the residual kind's own settings
     (:data:`RESIDUAL_SETTINGS`) are written out."""
     level = data.level
-    options = dict(train_settings(sizes, extra), objective=OBJECTIVE[entry.kind])
+    options = train_settings(sizes, extra, OBJECTIVE[entry.kind])
     if entry.kind == "residual":  # the kind's own settings, recorded (and in the cache key)
         installed = defaults()
         options.update({name: installed[name] for name in RESIDUAL_SETTINGS

@@ -75,6 +75,7 @@ from quality_report import write_markdown
 from quality_scores import frc_curve, score, uncertainty_scores
 
 import emdiffuse
+from emdiffuse.training.settings import SINGLE_NETWORK_BATCH
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
@@ -336,7 +337,7 @@ def peer_entry(run: LevelRun, ctx: Context, entry: Entry, arrays: dict[str, Any]
     print(f"  CAREamics {algorithm} for {ctx.budget(entry):g} s", flush=True)
     result = run_peer(algorithm, arrays, d, ctx.sizes, ctx.cache, args.peers_python,
                       budget=ctx.budget(entry), source=ctx.source.name,
-                      batch_size=args.peer_batch or int(train_settings(ctx.sizes)["batch_size"]),
+                      batch_size=args.peer_batch or SINGLE_NETWORK_BATCH,
                       probe_steps=PEER_PROBE_STEPS[ctx.mode], seed=args.seed,
                       threads=args.threads)  # fmt: skip
     if "error" in result:
@@ -552,7 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-peers", action="store_true", help="skip CAREamics")
     p.add_argument("--peer-batch", type=int, default=None, metavar="N",
-                   help="CAREamics batch size (default: the project recipe's)")
+                   help=f"CAREamics batch size (default: {SINGLE_NETWORK_BATCH}, the recipe's "
+                        "for a kind with one network)")
     p.add_argument("--no-aniso", action="store_true", help="skip vemdiffuse-a")
     p.add_argument("--peers-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
     p.add_argument(

@@ -171,7 +171,7 @@ def test_auto_objective_is_residual_new_and_follows_init_and_resume(tmp_path, pa
     (tmp_path / "sr3" / "settings.json").unlink()  # then the latest checkpoint says so
     trainer.train("denoise", pair, tmp_path / "sr3", steps=4, resume=True, **fast)
     assert objective(tmp_path / "sr3") == "diffusion"
-    with pytest.raises(InputError, match="mean_net and residual_scale"):
+    with pytest.raises(InputError, match="residual_scale: for objective .residual. only .this run.s is .diffusion.."):
         trainer.train("denoise", pair, tmp_path / "bad", steps=1, init=str(sr3),
                       residual_scale=0.5, **fast)  # fmt: skip
     assert not (tmp_path / "bad").exists()
@@ -279,6 +279,35 @@ def test_rotations_setting_decides_whether_training_patches_turn(pair):
     assert turned[False] == 0 and turned[True] > 0
     with pytest.raises(InputError, match="rotations must be true or false, got 'no'"):
         TrainSettings.build("denoise", ["noisy", "clean"], {"rotations": "no"})
+
+
+def test_the_demo_recipe_builds_for_every_objective(tmp_path, pair):
+    """``demo_recipe``: the residual kind keeps its split batch (16, the residual network on 4);
+    a kind with one network gets batches of 8 and none of the residual kind's fields, so the
+    short-CPU recipe trains every objective (the bare DEMO_SETTINGS with another objective
+    are refused, naming the field)."""
+    from emdiffuse.training.settings import (
+        DEMO_SETTINGS,
+        OBJECTIVES,
+        RESIDUAL_FIELDS,
+        SINGLE_NETWORK_BATCH,
+        demo_recipe,
+    )  # fmt: skip
+
+    residual = TrainSettings.build("denoise", ["noisy", "clean"], demo_recipe("residual"))
+    assert (residual.batch_size, residual.residual_batch) == (16, 4)
+    for objective in OBJECTIVES:
+        s = TrainSettings.build("denoise", ["noisy", "clean"], demo_recipe(objective))
+        assert s.objective == objective
+        if objective != "residual":
+            assert s.batch_size == SINGLE_NETWORK_BATCH
+            assert all(getattr(s, name) in (None, 0) for name in RESIDUAL_FIELDS)
+    with pytest.raises(InputError, match="residual_batch: for objective 'residual' only"):
+        TrainSettings.build("denoise", ["noisy", "clean"], {**DEMO_SETTINGS, "objective": "diffusion"})
+    tiny = {"steps": 1, "patch": 16, "region": 32, "val_fraction": 0.25, "val_every": 1,
+            "ckpt_every": 1, "val_batch": 1, "progress": False, "device": "cpu"}  # fmt: skip
+    trainer.train("denoise", pair, tmp_path / "sr3", **{**demo_recipe("diffusion"), **tiny})
+    assert json.loads(_ckpt(tmp_path / "sr3", 1)["settings"])["batch_size"] == SINGLE_NETWORK_BATCH
 
 
 def test_precision_setting_decides_the_dtype_the_network_trains_in(tmp_path, pair):
