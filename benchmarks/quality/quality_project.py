@@ -36,7 +36,6 @@ from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training import trainer
 from emdiffuse.training.settings import (
     OBJECTIVES,
-    RESIDUAL_FIELDS,
     defaults,
     demo_recipe,
     field_names,
@@ -86,13 +85,9 @@ def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None,
     ``objective`` (``demo_recipe``) at the run's patch and region, plus ``extra`` (the
     ``--train-set`` options, those the installed TrainSettings knows; the residual kind's
     own only for the residual kind)."""
-    settings = demo_recipe(objective)
-    settings.update(patch=sizes.patch, region=sizes.region)
     known = set(field_names())
-    if objective != "residual":
-        known -= set(RESIDUAL_FIELDS)
-    settings.update({k: v for k, v in (extra or {}).items() if k in known})
-    return settings
+    extra = {k: v for k, v in (extra or {}).items() if k in known}
+    return demo_recipe(objective, {"patch": sizes.patch, "region": sizes.region, **extra})
 
 
 def model_name(entry: Entry, task: str) -> str:

@@ -310,14 +310,17 @@ DEMO_SETTINGS: dict[str, Any] = {
 SINGLE_NETWORK_BATCH = 8
 
 
-def demo_recipe(objective: str = "residual") -> dict[str, Any]:
-    """:data:`DEMO_SETTINGS` for a model of ``objective``: as they are for the residual kind;
-    for a kind with one network, on batches of :data:`SINGLE_NETWORK_BATCH` and without the
-    residual kind's own fields (:data:`RESIDUAL_FIELDS`)."""
+def demo_recipe(objective: str = "residual", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`DEMO_SETTINGS` for a model of ``objective``, then ``overrides``: as they are for
+    the residual kind; for a kind with one network, on batches of
+    :data:`SINGLE_NETWORK_BATCH` and without the residual kind's own fields
+    (:data:`RESIDUAL_FIELDS`, dropped from ``overrides`` too)."""
     recipe = {**DEMO_SETTINGS, "objective": objective}
     if objective not in ("residual", "auto"):
-        recipe = {k: v for k, v in recipe.items() if k not in RESIDUAL_FIELDS}
         recipe["batch_size"] = SINGLE_NETWORK_BATCH
+    recipe.update(overrides or {})
+    if objective not in ("residual", "auto"):
+        recipe = {k: v for k, v in recipe.items() if k not in RESIDUAL_FIELDS}
     return recipe
 
 

@@ -302,6 +302,10 @@ def test_the_demo_recipe_builds_for_every_objective(tmp_path, pair):
         if objective != "residual":
             assert s.batch_size == SINGLE_NETWORK_BATCH
             assert all(getattr(s, name) in (None, 0) for name in RESIDUAL_FIELDS)
+    # overrides (a benchmark's --train-set) apply; the residual kind's own only to that kind
+    tuned = demo_recipe("diffusion", {"batch_size": 4, "residual_batch": 2, "patch": 32})
+    assert (tuned["batch_size"], tuned["patch"]) == (4, 32) and "residual_batch" not in tuned
+    assert demo_recipe("residual", {"residual_batch": 2})["residual_batch"] == 2
     with pytest.raises(InputError, match="residual_batch: for objective 'residual' only"):
         TrainSettings.build("denoise", ["noisy", "clean"], {**DEMO_SETTINGS, "objective": "diffusion"})
     tiny = {"steps": 1, "patch": 16, "region": 32, "val_fraction": 0.25, "val_every": 1,
