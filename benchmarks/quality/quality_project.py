@@ -78,6 +78,12 @@ def enhance_defaults() -> dict[str, Any]:
 # scores higher (isotropic ×4: 29.40 against 29.29 dB at 2e-3, seventeenth session).
 ISOTROPIC_LR = 5e-4
 
+# Isotropic levels also read one input slice beyond each bounding slice (`train --z-context
+# 1`): on FlyEM after 2.5 min +0.09 and +0.13 dB at isotropic ×4 (seeds 0 and 1), +0.01 dB at
+# ×8, and +0.09 dB at ×4 after 20 min (READING.md, twenty-third and fourteenth sessions).
+# `train`'s own default stays the reference's pair of slices, as DESIGN.md describes the task.
+ISOTROPIC_Z_CONTEXT = 1
+
 
 def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None,
                    objective: str = "residual") -> dict[str, Any]:  # fmt: skip
@@ -119,9 +125,9 @@ def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str
     """Trainer options of ``entry`` on ``data``: the shared recipe, the kind's objective, the
     level's factor. vemdiffuse-a's patch runs along z of its z-subsampled training volume,
     so it is cut to fit (a multiple of 8); isotropic levels train at :data:`ISOTROPIC_LR`
-    unless ``extra`` sets ``lr``; the regression UNet skips the end-of-training
-    calibration of the sample spread (it has none); the residual kind's own settings
-    (:data:`RESIDUAL_SETTINGS`) are written out."""
+    with :data:`ISOTROPIC_Z_CONTEXT` unless ``extra`` sets ``lr`` or ``z_context``; the
+    regression UNet skips the end-of-training calibration of the sample spread (it has
+    none); the residual kind's own settings (:data:`RESIDUAL_SETTINGS`) are written out."""
     level = data.level
     options = train_settings(sizes, extra, OBJECTIVE[entry.kind])
     if entry.kind == "residual":  # the kind's own settings, recorded (and in the cache key)
@@ -130,8 +136,9 @@ def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str
                         if name in installed and name not in options})  # fmt: skip
     if level.task != "denoise":
         options["factor"] = level.factor
-    if level.task == "isotropic" and "lr" not in (extra or {}):
-        options["lr"] = ISOTROPIC_LR
+    if level.task == "isotropic":  # the isotropic recipe, where --train-set leaves it
+        recipe = {"lr": ISOTROPIC_LR, "z_context": ISOTROPIC_Z_CONTEXT}
+        options.update({k: v for k, v in recipe.items() if k not in (extra or {})})
     if entry.aniso:
         options["patch"] = min(options["patch"], data.train["aniso"].shape[0] // 8 * 8)
     if entry.kind == "regression" and "calibration_samples" in field_names():

@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--z-context", type=int, default=d["z_context"], metavar="C",
         help="isotropic tasks: input slices the model reads beyond the two bounding slices "
-        "on each side (0: the pair, as the reference; 1: four slices). Default: the --init "
+        "on each side (0: the pair, as the reference; 1: four slices, recommended: +0.1 dB "
+        "on FlyEM isotropic x4, docs/tasks.md). Default: the --init "
         f"model's, else {DEFAULT_Z_CONTEXT} for a new model",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
