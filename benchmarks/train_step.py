@@ -3,8 +3,8 @@
 The mean-plus-residual model trains two networks in one step; CAREamics CARE trains one,
 CARE-sized like our mean network, and so runs more steps in the same wall time (the quality
 benchmark's "steps" column). This benchmark measures, on the machine it runs on, ms per
-optimisation step of the residual kind with the demo's recipe (tiny preset, batch 8, 48²
-patches, the shipping precision ``auto``), in alternating rounds of the same pre-drawn
+optimisation step of the residual kind with the demo's recipe (tiny preset, its batch and
+residual batch, 48² patches, the shipping precision ``auto``), in alternating rounds of the same pre-drawn
 batches so that drift of the machine's load hits every variant alike:
 
 * the full step with AdamW's per-parameter loop (torch's CPU default, the trainer before)
@@ -61,12 +61,13 @@ def round_times(steps: dict[str, Callable[[dict], None]], batches: list[dict], r
 
 def demo_recipe(batches: int) -> tuple[TrainSettings, object, Schedule, list[dict]]:
     """The demo recipe's settings, model config and schedule, and ``batches`` pre-drawn
-    batches of its training data (8 patches each)."""
+    batches of its training data (the recipe's ``batch_size`` patches each)."""
     s = TrainSettings(task="denoise", data=["noisy", "clean"], **{**DEMO_SETTINGS, "steps": 10**4})
     dataset = build.build_dataset(s, list(demo_pair((8, 192, 192))))
     config = build.build_config(s, dataset, None)
     schedule = Schedule.from_dict(dict(config.schedule))
-    return s, config, schedule, [dataset.batch(range(i * 8, i * 8 + 8)) for i in range(batches)]
+    n = s.batch_size
+    return s, config, schedule, [dataset.batch(range(i * n, i * n + n)) for i in range(batches)]
 
 
 def measure(rounds: int, per_round: int) -> dict:
@@ -90,7 +91,8 @@ def measure(rounds: int, per_round: int) -> dict:
     ema_net = EMA(nets["fused AdamW"], s.ema_decay)
     steps["EMA update"] = lambda batch: ema_net.update(nets["fused AdamW"])
     times = round_times(steps, batches, rounds)
-    return {"train_ms": times, "precision": str(dtype),
+    return {"train_ms": times, "precision": str(dtype), "batch_size": s.batch_size,
+            "residual_batch": s.residual_batch,
             "one_step_fp32": optimizer_agreement(config, schedule, s, batches[0])}  # fmt: skip
 
 
@@ -110,6 +112,13 @@ def optimizer_agreement(config, schedule, s: TrainSettings, batch: dict) -> dict
     return {"max_difference": difference, "max_update": update}
 
 
+def recipe_batch(r: dict) -> str:
+    """The batch the steps were timed on, as the table's header says it (results written
+    before the field: the batch of 8 they used)."""
+    n, k = r.get("batch_size", 8), r.get("residual_batch")
+    return f"batch {n}" if k is None else f"batch {n}, the residual network on {k} of it"
+
+
 def markdown(r: dict) -> str:
     med = {k: statistics.median(v) for k, v in r["train_ms"].items()}
     full = med["fused AdamW"]
@@ -119,7 +128,7 @@ def markdown(r: dict) -> str:
         f"`python benchmarks/train_step.py {' '.join(r['argv'])}`; {r['machine']['processor']}, "
         f"{r['machine']['cpu_count']} logical CPUs, bf16 hardware: {bf16_hardware_label(r)}; torch "
         f"{r['machine']['torch']}; autocast {r['precision']}. Residual kind, the demo's recipe "
-        "(tiny preset, batch 8, 48² patches); median of the rounds.",
+        f"(tiny preset, {recipe_batch(r)}, 48² patches); median of the rounds.",
         "",
         "| step | ms | steps/s | vs the fused step |",
         "|---|---|---|---|",
