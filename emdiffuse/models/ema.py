@@ -1,7 +1,8 @@
 """The one exponential moving average of a network's weights (the trainer's, the reference's).
 
-:class:`EMA` keeps the average as a module of its own (a deep copy of the network, frozen):
-``module`` is what validation samples with and what a training run saves. Each
+:class:`EMA` keeps the average as a module of its own (a deep copy of the network, frozen
+and in eval mode: no dropout, normalisation from its running statistics): ``module`` is what
+validation and the end-of-training calibration sample with and what a training run saves. Each
 :meth:`EMA.update` does ``avg = decay * avg + (1 - decay) * param`` for every parameter (one
 fused ``lerp``) and copies the buffers. With ``warmup`` (default) the decay after ``n``
 updates is ``min(decay, (1 + n) / (10 + n))``, so short runs leave the random initialisation.
@@ -37,7 +38,7 @@ class EMA:
         self.decay = float(decay)
         self.warmup = warmup
         self.num_updates = 0
-        self.module = copy.deepcopy(model)
+        self.module = copy.deepcopy(model).eval()  # it never trains: evaluate it as enhance does
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
 

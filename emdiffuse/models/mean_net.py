@@ -1,11 +1,13 @@
 """The mean network of the mean-plus-residual model: a small regression UNet (CARE-sized).
 
 ``MeanUNet(config)(cond) -> mean``: the condition in (on the output grid, model space), the
-posterior-mean estimate out, in one evaluation. No noise input, no attention, no
-normalisation over space (so a voxel's output depends only on its receptive field, never on
-the rest of the tile): per level ``convs`` 3×3 convolutions, each followed by
-:class:`ChannelNorm` (``channel_norm``: each voxel's features normalised across channels, a
-per-voxel layer norm) and SiLU, 2× max-pooling down, nearest 2× up with a skip connection, a
+posterior-mean estimate out, in one evaluation. No noise input, no attention, and at
+inference no normalisation over space (so a voxel's output depends only on its receptive
+field, never on the rest of the tile): per level ``convs`` 3×3 convolutions, each followed
+by a norm and SiLU. The norm is one of two. ``batch_norm`` normalises each channel with the
+batch's statistics in training and with their running averages at inference: there it is a
+fixed affine map per channel. ``channel_norm`` (:class:`ChannelNorm`) normalises each
+voxel's features across channels, a per-voxel layer norm. Then 2× max-pooling down, nearest 2× up with a skip connection, a
 1×1 output convolution. Without the norm (models made before it, ``channel_norm`` false) the
 body could blow up early in training at a high learning rate and end dead — its last block
 all-negative under SiLU, its output 0 for good, the model its linear skip (FlyEM
@@ -51,6 +53,7 @@ class MeanNetConfig:
     convs: int = 2  # 3x3 convolutions per level
     skip_size: int = 1  # the linear skip's width in voxels (odd)
     channel_norm: bool = False  # a per-voxel norm across channels after each convolution
+    batch_norm: bool = False  # batch norm after each convolution (an affine map at inference)
     error_channels: int = 0  # width of the error head (:class:`ErrorNet`); 0: none
 
     def __post_init__(self) -> None:
@@ -74,10 +77,14 @@ class MeanNetConfig:
             raise InputError(
                 f"mean_net config: error_channels must be an integer >= 0, got {errors!r}"
             )
-        if not isinstance(self.channel_norm, bool):
-            raise InputError(
-                f"mean_net config: channel_norm must be true or false, got {self.channel_norm!r}"
-            )
+        for name in ("channel_norm", "batch_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(
+                    f"mean_net config: {name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if self.channel_norm and self.batch_norm:
+            raise InputError("mean_net config: channel_norm and batch_norm exclude each other; "
+                             "set one")
         size = self.skip_size
         odd = isinstance(size, int) and not isinstance(size, bool) and size % 2 == 1
         if not odd or not 1 <= size <= MAX_SKIP_SIZE:
@@ -122,11 +129,18 @@ class ChannelNorm(nn.Module):
         return normed.movedim(-1, 1)
 
 
-def _block(dims: int, ch_in: int, ch_out: int, convs: int, norm: bool) -> nn.Sequential:
+def _norm(config: MeanNetConfig, channels: int) -> list[nn.Module]:
+    """The norm after a convolution: none, :class:`ChannelNorm`, or batch norm."""
+    if config.batch_norm:
+        return [(nn.BatchNorm2d if config.dims == 2 else nn.BatchNorm3d)(channels)]
+    return [ChannelNorm(channels)] if config.channel_norm else []
+
+
+def _block(config: MeanNetConfig, ch_in: int, ch_out: int) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i in range(convs):
-        layers.append(conv_nd(dims, ch_in if i == 0 else ch_out, ch_out, 3, padding=1))
-        layers += [ChannelNorm(ch_out), nn.SiLU()] if norm else [nn.SiLU()]
+    for i in range(config.convs):
+        layers.append(conv_nd(config.dims, ch_in if i == 0 else ch_out, ch_out, 3, padding=1))
+        layers += [*_norm(config, ch_out), nn.SiLU()]
     return nn.Sequential(*layers)
 
 
@@ -141,12 +155,12 @@ class MeanUNet(nn.Module):
         self.down = nn.ModuleList()
         ch = c.in_channels
         for width in widths[:-1]:
-            self.down.append(_block(c.dims, ch, width, c.convs, c.channel_norm))
+            self.down.append(_block(c, ch, width))
             ch = width
-        self.bottom = _block(c.dims, ch, widths[-1], c.convs, c.channel_norm)
+        self.bottom = _block(c, ch, widths[-1])
         self.up = nn.ModuleList()
         for width, below in zip(reversed(widths[:-1]), reversed(widths[1:]), strict=True):
-            self.up.append(_block(c.dims, width + below, width, c.convs, c.channel_norm))
+            self.up.append(_block(c, width + below, width))
         self.out = conv_nd(c.dims, widths[0], c.out_channels, 1)
         self.skip = conv_nd(c.dims, c.in_channels, c.out_channels, c.skip_size,
                             padding=c.skip_size // 2,

@@ -69,6 +69,7 @@ from emdiffuse.training.build import (
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
+from emdiffuse.training.norm_stats import NORM_BATCHES, refresh_batch_norm, training_batches
 from emdiffuse.training.scalars import Scalars
 from emdiffuse.training.settings import TrainSettings, data_labels
 from emdiffuse.training.state import (
@@ -283,6 +284,7 @@ def _train(run: _Run, out: Path, *, progress: bool, replace: bool) -> Path:
         scalars.close()
     final = out / FINAL_NAME
     if d.main:
+        _refresh_batch_norm(run)
         _calibrate(run)
         save_state(checkpoint_path(out, step), run.state(step, t0))
         save_final(out, run.ema, run.config)
@@ -339,6 +341,20 @@ def _loop(
                 log.debug("saved checkpoint at step %d", step)
             distributed.barrier(d)
     return step
+
+
+def _refresh_batch_norm(run: _Run) -> None:
+    """The averaged mean network's batch-norm statistics, estimated on its own activations
+    (:mod:`emdiffuse.training.norm_stats`); nothing for a network without batch norm."""
+    if not run.config.residual:
+        return
+    sample = lambda keys: run.dataset.batch(keys, split="train")  # noqa: E731
+    batches = training_batches(sample, run.s.batch_size)
+    layers = refresh_batch_norm(run.ema.module.mean, batches, run.config, run.device,
+                                run.autocast)  # fmt: skip
+    if layers:
+        log.info("batch norm: statistics of %d layers re-estimated on %d training batches",
+                 layers, NORM_BATCHES)
 
 
 def _calibrate(run: _Run) -> None:

@@ -186,3 +186,24 @@ def test_ema_tracks_parameters_and_buffers():
         assert torch.equal(ema2.shadow[k], ema.shadow[k])
     with pytest.raises(InputError):
         EMA(net, decay=1.5)
+
+
+def test_the_ema_copy_evaluates_as_enhance_does():
+    """Validation and the end-of-training calibration sample with the EMA copy. It is in eval
+    mode, as the Enhancer's network is: the "small" preset's residual UNet has dropout 0.1,
+    which in train mode made two passes over the same input differ and fitted the
+    calibration to noisier samples than ``enhance`` draws."""
+    from emdiffuse.models.networks import build_network
+    from emdiffuse.models.presets import make_config
+
+    torch.manual_seed(0)
+    net = build_network(make_config("emdiffuse-n", "small", kind="residual"))
+    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules())
+    ema = EMA(net, decay=0.9)
+    assert not ema.module.training and net.training  # the live network still trains
+    x = torch.randn(2, 3, 32, 32)
+    level = torch.full((2,), 0.5)
+    with torch.no_grad():
+        a, b = ema.module.residual(x, level), ema.module.residual(x, level)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not ema.averaged().training

@@ -7,6 +7,8 @@ Config checks and JSON, one checkpoint with ``mean.*`` and ``residual.*`` weight
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -189,19 +191,44 @@ def test_new_mean_networks_have_the_channel_norm_and_old_configs_load_without():
     assert restored.mean_net.channel_norm is False
 
 
-def test_channel_norm_keeps_a_voxels_mean_local():
-    """The norm is across channels, never across space: changing the input far outside a
-    voxel's receptive field leaves its output bit-identical (a spatial norm would not)."""
+@pytest.mark.parametrize("norm", ["channel_norm", "batch_norm"])
+def test_the_mean_networks_norm_keeps_a_voxels_output_local(norm):
+    """At inference neither norm mixes voxels: changing the input far outside a voxel's
+    receptive field leaves its output bit-identical (a spatial norm would not). Batch norm is
+    then a fixed affine map from its running statistics, which a few training-mode passes
+    have moved away from their start here."""
     torch.manual_seed(0)
-    net = MeanUNet(make_config("emdiffuse-n", "tiny", kind="residual").mean_net).eval()
+    base = make_config("emdiffuse-n", "tiny", kind="residual").mean_net
+    config = dataclasses.replace(base, channel_norm=norm == "channel_norm",
+                                 batch_norm=norm == "batch_norm")  # fmt: skip
+    net = MeanUNet(config)
     with torch.no_grad():
         net.out.weight.normal_()  # a body that computes something
+        for _ in range(3):  # training mode: batch statistics, running averages updated
+            net(2.0 * torch.randn(4, 1, 64, 64) + 1.0)
+        net.eval()
         x = torch.randn(1, 1, 128, 128)
         far = x.clone()
         far[..., 96:, 96:] = 5.0 * torch.randn(1, 1, 32, 32)
         a, b = net(x), net(far)
     torch.testing.assert_close(a[..., :32, :32], b[..., :32, :32], rtol=0, atol=0)
     assert (a[..., 96:, 96:] - b[..., 96:, 96:]).abs().max() > 0.1
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == (10 if norm == "batch_norm" else 0)  # 2 per block, 5 blocks
+    if norms:
+        assert float(norms[0].running_mean.abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_batch_norm_must_be_a_boolean(value):
+    with pytest.raises(InputError, match="batch_norm must be true or false"):
+        MeanNetConfig(batch_norm=value)
+
+
+def test_the_mean_network_has_one_norm_at_most():
+    with pytest.raises(InputError, match="channel_norm and batch_norm exclude each other"):
+        MeanNetConfig(channel_norm=True, batch_norm=True)
+    assert MeanNetConfig.from_dict({"batch_norm": True}).batch_norm is True
 
 
 def _train_mean_body(config: MeanNetConfig, seed: int, steps: int = 60) -> tuple[float, float]:
@@ -440,6 +467,49 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
                       objective="diffusion", **fast)  # fmt: skip
     with pytest.raises(InputError, match="index-embedding|index embedding"):
         make_config("vemdiffuse-a", "tiny", kind="residual", use_index_embedding=True)
+
+
+def test_a_batch_norm_mean_network_is_saved_with_its_own_statistics(tmp_path):
+    """With ``batch_norm`` the saved (averaged) mean network carries batch-norm statistics
+    estimated on its own activations over training batches at the end of the run
+    (:mod:`emdiffuse.training.norm_stats`), not the live network's of the last steps: the
+    first layer's running mean is the average of the averaged network's first convolution
+    over those batches, and the checkpoint enhances as an eval-mode network."""
+    from scipy.ndimage import gaussian_filter
+
+    from emdiffuse.models.conditioning import upsample_xy
+    from emdiffuse.training import build
+    from emdiffuse.training.norm_stats import NORM_BATCHES, training_batches
+    from emdiffuse.training.settings import TrainSettings
+
+    rng = np.random.default_rng(0)
+    clean = gaussian_filter(rng.random((4, 64, 64)), (0, 2, 2)).astype(np.float32)
+    noisy = clean + rng.normal(0, 0.05, clean.shape).astype(np.float32)
+    opts = dict(size="tiny", batch_size=2, patch=16, lr=1e-2, warmup=1, val_every=100,
+                progress=False, region=32, val_fraction=0.25, device="cpu",
+                calibration_samples=0, objective="residual", precision="fp32",
+                mean_net={"base_channels": 8, "depth": 1, "channel_norm": False,
+                          "batch_norm": True})  # fmt: skip
+    path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=6, **opts)
+    config, state = load_checkpoint(path)
+    assert config.mean_net.batch_norm and not config.mean_net.channel_norm
+    net = build_network(config)
+    net.load_state_dict(state)
+    first = net.mean.down[0]  # conv, batch norm, SiLU, conv, ...
+    # the statistic recomputed: the training batches the run used, through the saved weights
+    s = TrainSettings(task="denoise", data=["noisy", "clean"], steps=6,
+                      **{k: v for k, v in opts.items() if k not in ("progress", "device")})
+    dataset = build.build_dataset(s, [noisy, clean])
+    sums = []
+    with torch.no_grad():
+        for batch in training_batches(lambda k: dataset.batch(k, split="train"), 2):
+            cond = upsample_xy(batch["cond"], config.xy_scale, config.cond_upsample)
+            sums.append(first[0](cond.float()).mean(dim=(0, 2, 3)))
+    expected = torch.stack(sums).mean(0)
+    assert len(sums) == NORM_BATCHES
+    torch.testing.assert_close(first[1].running_mean, expected, rtol=1e-4, atol=1e-5)
+    enhancer = Enhancer(config, net)
+    assert not enhancer.net.training
 
 
 @pytest.mark.parametrize("variant, k", [("emdiffuse-n", None), ("vemdiffuse-i", 4)])
