@@ -4,8 +4,8 @@ The mean-plus-residual model trains two networks in one step; CAREamics CARE tra
 CARE-sized like our mean network, and so runs more steps in the same wall time (the quality
 benchmark's "steps" column). This benchmark measures, on the machine it runs on, ms per
 optimisation step of the residual kind with the demo's recipe (tiny preset, its batch and
-residual batch, 48² patches, the shipping precision ``auto``), in alternating rounds of the same pre-drawn
-batches so that drift of the machine's load hits every variant alike:
+residual batch, 48² patches, the shipping precision ``auto``), in alternating rounds of the
+same pre-drawn batches so that drift of the machine's load hits every variant alike:
 
 * the full step with AdamW's per-parameter loop (torch's CPU default, the trainer before)
   and with the fused kernel (:func:`emdiffuse.training.build.make_optimizer`, the trainer now);

@@ -80,7 +80,7 @@ ISOTROPIC_LR = 5e-4
 
 # Isotropic levels also read one input slice beyond each bounding slice (`train --z-context
 # 1`): on FlyEM after 2.5 min +0.09 and +0.13 dB at isotropic ×4 (seeds 0 and 1), +0.01 dB at
-# ×8, and +0.09 dB at ×4 after 20 min (READING.md, twenty-third and fourteenth sessions).
+# ×8; after 20 min at ×4 29.71 against 29.63 dB (READING.md, twenty-third session).
 # `train`'s own default stays the reference's pair of slices, as DESIGN.md describes the task.
 ISOTROPIC_Z_CONTEXT = 1
 

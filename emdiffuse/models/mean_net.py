@@ -7,8 +7,8 @@ field, never on the rest of the tile): per level ``convs`` 3×3 convolutions, ea
 by a norm and SiLU. The norm is one of two. ``batch_norm`` normalises each channel with the
 batch's statistics in training and with their running averages at inference: there it is a
 fixed affine map per channel. ``channel_norm`` (:class:`ChannelNorm`) normalises each
-voxel's features across channels, a per-voxel layer norm. Then 2× max-pooling down, nearest 2× up with a skip connection, a
-1×1 output convolution. Without the norm (models made before it, ``channel_norm`` false) the
+voxel's features across channels, a per-voxel layer norm. Then 2× max-pooling down, nearest
+2× up with a skip connection, a 1×1 output convolution. Without the norm (models made before it, ``channel_norm`` false) the
 body could blow up early in training at a high learning rate and end dead — its last block
 all-negative under SiLU, its output 0 for good, the model its linear skip (FlyEM
 super-resolution ×4 at the reference size: 28.63 dB, the 1×1 skip's score; with the norm
