@@ -3,17 +3,20 @@
 During training a batch-norm layer keeps running averages of its live network's batch
 statistics over the last few steps. The saved model is the EMA of the weights, whose
 activations differ a little from the live network's, so its own statistics are estimated
-once more: the mean network of the EMA copy (the only part with batch norm) runs over
-training batches in training mode with a cumulative average, then returns to eval mode.
-Networks without batch norm are left untouched.
+once more (torch's ``swa_utils.update_bn``: a cumulative average over training batches): the
+mean network of the EMA copy, the only part with batch norm, over the conditions of
+:data:`NORM_BATCHES` training batches, upsampled as a training step does. Networks without
+batch norm are left untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.variants import ModelConfig
@@ -27,42 +30,32 @@ def batch_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@torch.no_grad()
+def training_batches(dataset: Any, batch_size: int, count: int = NORM_BATCHES) -> Iterator[dict]:
+    """``count`` training batches of ``batch_size`` from ``dataset`` (a
+    :class:`~emdiffuse.training.loader.PatchDataset`), keyed 0, 1, …: the same every run."""
+    for i in range(count):
+        yield dataset.batch(range(i * batch_size, (i + 1) * batch_size), split="train")
+
+
 def refresh_batch_norm(
     mean_net: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    dataset: Any,
+    batch_size: int,
     config: ModelConfig,
     device: torch.device,
     autocast: torch.dtype | None,
 ) -> int:
-    """Re-estimate ``mean_net``'s batch-norm statistics as the plain average over
-    ``batches`` (training batches: their ``cond``, upsampled as a training step does) and
-    leave it in eval mode. Returns the number of layers refreshed (0: none to refresh)."""
-    norms = batch_norms(mean_net)
-    if not norms:
-        return 0
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over all the batches
-    mean_net.train()
-    try:
-        for batch in batches:
-            cond = upsample_xy(batch["cond"].to(device), config.xy_scale, config.cond_upsample)
-            with torch.autocast(device_type=device.type, dtype=autocast or torch.bfloat16,
-                                enabled=autocast is not None):  # fmt: skip
-                mean_net(cond)
-    finally:
-        mean_net.eval()
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-    return len(norms)
-
-
-def training_batches(sample: Callable[[range], dict], batch_size: int, count: int = NORM_BATCHES):
-    """``count`` training batches of ``batch_size`` from ``sample(keys)``, keyed 0, 1, …"""
-    for i in range(count):
-        yield sample(range(i * batch_size, (i + 1) * batch_size))
+    """Re-estimate ``mean_net``'s batch-norm statistics on :func:`training_batches` of
+    ``dataset``; its train/eval mode is kept. Returns the number of layers refreshed (0:
+    none, and no batch is read)."""
+    layers = len(batch_norms(mean_net))
+    if layers:
+        conds = (upsample_xy(b["cond"].to(device), config.xy_scale, config.cond_upsample)
+                 for b in training_batches(dataset, batch_size))  # fmt: skip
+        with torch.autocast(device_type=device.type, dtype=autocast or torch.bfloat16,
+                            enabled=autocast is not None):  # fmt: skip
+            update_bn(conds, mean_net)
+    return layers
 
 
 __all__ = ["NORM_BATCHES", "batch_norms", "refresh_batch_norm", "training_batches"]

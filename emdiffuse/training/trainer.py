@@ -69,7 +69,7 @@ from emdiffuse.training.build import (
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
-from emdiffuse.training.norm_stats import NORM_BATCHES, refresh_batch_norm, training_batches
+from emdiffuse.training.norm_stats import NORM_BATCHES, refresh_batch_norm
 from emdiffuse.training.scalars import Scalars
 from emdiffuse.training.settings import TrainSettings, data_labels
 from emdiffuse.training.state import (
@@ -348,10 +348,8 @@ def _refresh_batch_norm(run: _Run) -> None:
     (:mod:`emdiffuse.training.norm_stats`); nothing for a network without batch norm."""
     if not run.config.residual:
         return
-    sample = lambda keys: run.dataset.batch(keys, split="train")  # noqa: E731
-    batches = training_batches(sample, run.s.batch_size)
-    layers = refresh_batch_norm(run.ema.module.mean, batches, run.config, run.device,
-                                run.autocast)  # fmt: skip
+    layers = refresh_batch_norm(run.ema.module.mean, run.dataset, run.s.batch_size, run.config,
+                                run.device, run.autocast)  # fmt: skip
     if layers:
         log.info("batch norm: statistics of %d layers re-estimated on %d training batches",
                  layers, NORM_BATCHES)

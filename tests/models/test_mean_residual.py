@@ -502,7 +502,7 @@ def test_a_batch_norm_mean_network_is_saved_with_its_own_statistics(tmp_path):
     dataset = build.build_dataset(s, [noisy, clean])
     sums = []
     with torch.no_grad():
-        for batch in training_batches(lambda k: dataset.batch(k, split="train"), 2):
+        for batch in training_batches(dataset, 2):
             cond = upsample_xy(batch["cond"], config.xy_scale, config.cond_upsample)
             sums.append(first[0](cond.float()).mean(dim=(0, 2, 3)))
     expected = torch.stack(sums).mean(0)
