@@ -4,23 +4,28 @@
 posterior-mean estimate out, in one evaluation. No noise input, no attention, and at
 inference no normalisation over space (so a voxel's output depends only on its receptive
 field, never on the rest of the tile): per level ``convs`` 3×3 convolutions, each followed
-by a norm and SiLU. The norm is one of two. ``batch_norm`` normalises each channel with the
-batch's statistics in training and with their running averages at inference: there it is a
-fixed affine map per channel. ``channel_norm`` (:class:`ChannelNorm`) normalises each
-voxel's features across channels, a per-voxel layer norm. Then 2× max-pooling down, nearest
-2× up with a skip connection, a 1×1 output convolution. Without the norm (models made before it, ``channel_norm`` false) the
-body could blow up early in training at a high learning rate and end dead — its last block
-all-negative under SiLU, its output 0 for good, the model its linear skip (FlyEM
-super-resolution ×4 at the reference size: 28.63 dB, the 1×1 skip's score; with the norm
-31.54; benchmarks/quality/READING.md, seventeenth session). A learned linear ``skip``
-from the condition to the output (a ``skip_size``-wide convolution, mirrored at the tile's
-edges; 1×1 by default) carries the input through, and the output convolution starts at
-zero, so training starts at the skip's baseline and learns the correction. The caller sets
-the skip: to the obvious baseline (the noisy or upsampled image, linear interpolation between
-two slices) or, better, to the least-squares linear predictor of the training data
-(:func:`least_squares_skip`): per voxel, a strong shrinkage of the noisy input at a low dose;
-with a wider skip, the Wiener filter of the training data (denoising: 18.6 → 25.8 dB on
-FlyEM at 8 e⁻/px from 1×1 to 7×7; isotropic ×4: 28.1 → 29.1 dB).
+by a norm and SiLU. The norm is one of two. ``batch_norm`` (the presets' choice) normalises
+each channel with the batch's statistics in training and with their running averages at
+inference: there it is a fixed affine map per channel, whose statistics and output offset
+the trainer re-estimates at the end of a run (:mod:`emdiffuse.training.norm_stats`).
+``channel_norm`` (:class:`ChannelNorm`) normalises each voxel's features across channels, a
+per-voxel layer norm (the seventeenth to twenty-third sessions' models). Then 2×
+max-pooling down, nearest 2× up with a skip connection, a 1×1 output convolution. Without a
+norm (models made before it, both false) the body could blow up early in training at a
+high learning rate and end dead — its last block all-negative under SiLU, its output 0 for
+good, the model its linear skip (FlyEM super-resolution ×4 at the reference size: 28.63 dB,
+the 1×1 skip's score; with the norm 31.54; benchmarks/quality/READING.md, seventeenth
+session).
+
+A learned linear ``skip`` from the condition to the output (a ``skip_size``-wide
+convolution, mirrored at the tile's edges; 1×1 by default) carries the input through, and
+the output convolution starts at zero, so training starts at the skip's baseline and learns
+the correction. The caller sets the skip: to the obvious baseline (the noisy or upsampled
+image, linear interpolation between two slices) or, better, to the least-squares linear
+predictor of the training data (:func:`least_squares_skip`): per voxel, a strong shrinkage
+of the noisy input at a low dose; with a wider skip, the Wiener filter of the training data
+(denoising: 18.6 → 25.8 dB on FlyEM at 8 e⁻/px from 1×1 to 7×7; isotropic ×4: 28.1 → 29.1
+dB).
 
 Spatial sides must be multiples of ``2 ** depth`` (:attr:`MeanUNet.multiple`).
 """
@@ -172,6 +177,11 @@ class MeanUNet(nn.Module):
     @property
     def multiple(self) -> int:
         return self.config.multiple
+
+    @torch.no_grad()
+    def shift_output(self, offset: torch.Tensor) -> None:
+        """Add ``offset`` (one number per output channel, model space) to every output."""
+        self.out.bias.add_(offset.to(self.out.bias))
 
     @torch.no_grad()
     def init_skip(

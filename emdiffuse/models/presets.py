@@ -67,14 +67,20 @@ _SIZES: dict[str, dict[str, Any]] = {
 DEFAULT_MEAN_SKIP = 7
 
 # Mean networks of the residual kind (a CARE-sized regression UNet: 32 base channels, two
-# downsamplings, two 3x3 convolutions per level, no attention, a per-voxel channel norm after
-# each convolution: without it the reference size's body died in training, READING.md,
-# seventeenth session; checkpoints made before it load without, ``channel_norm`` false).
+# downsamplings, two 3x3 convolutions per level, no attention, a norm after each
+# convolution). The norm is batch norm (twenty-fourth session: with its output offset
+# re-fitted at the end of training, FlyEM denoising at 2 e⁻/px scored 23.95 / 0.550 and
+# 23.98 / 0.553 for two seeds against the channel norm's 23.76 / 0.542 and 23.75 / 0.543,
+# bias within ±0.05 %; benchmarks/quality/READING.md). Without any norm the reference
+# size's body died in training (seventeenth session); checkpoints made before a norm load
+# without one, the seventeenth to twenty-third sessions' with the per-voxel channel norm.
 _MEAN_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"base_channels": 32, "depth": 2, "convs": 2, "channel_norm": True},
-    "small": {"base_channels": 32, "depth": 3, "convs": 2, "channel_norm": True},
-    "reference": {"base_channels": 32, "depth": 3, "convs": 2, "channel_norm": True},
+    "tiny": {"base_channels": 32, "depth": 2, "convs": 2, "batch_norm": True},
+    "small": {"base_channels": 32, "depth": 3, "convs": 2, "batch_norm": True},
+    "reference": {"base_channels": 32, "depth": 3, "convs": 2, "batch_norm": True},
 }
+# the mean network's norms: an override naming one of them replaces the preset's choice
+_MEAN_NORMS = ("channel_norm", "batch_norm")
 
 # Width of the mean network's error head (``mean_net.error_channels``,
 # :class:`~emdiffuse.models.mean_net.ErrorNet`): the posterior mean's per-voxel error σ, so
@@ -128,8 +134,8 @@ def make_mean_net_config(
 ) -> MeanNetConfig:
     """The mean network of a preset (the residual kind), with ``overrides`` of its fields
     (``base_channels``, ``depth``, ``convs``, ``skip_size``: :data:`DEFAULT_MEAN_SKIP` for
-    2D isotropic models, else 1; ``channel_norm``: on; ``error_channels``:
-    :data:`DEFAULT_ERROR_CHANNELS`)."""
+    2D isotropic models, else 1; ``batch_norm`` on, or the norm an override names;
+    ``error_channels``: :data:`DEFAULT_ERROR_CHANNELS`)."""
     if size not in _MEAN_SIZES:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     task = VARIANTS[variant]
@@ -142,7 +148,10 @@ def make_mean_net_config(
     if unknown:
         raise InputError(f"mean_net: unknown field(s) {', '.join(unknown)}")
     skip = DEFAULT_MEAN_SKIP if dims == 2 and task == "isotropic" else 1
-    fields = {"skip_size": skip, "error_channels": DEFAULT_ERROR_CHANNELS, **_MEAN_SIZES[size],
+    preset = dict(_MEAN_SIZES[size])
+    if any(name in overrides for name in _MEAN_NORMS):  # the caller chose the norm
+        preset = {k: v for k, v in preset.items() if k not in _MEAN_NORMS}
+    fields = {"skip_size": skip, "error_channels": DEFAULT_ERROR_CHANNELS, **preset,
               **overrides}  # fmt: skip
     return MeanNetConfig(dims=dims, in_channels=cond, out_channels=out, **fields)
 

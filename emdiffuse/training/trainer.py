@@ -69,7 +69,11 @@ from emdiffuse.training.build import (
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
-from emdiffuse.training.norm_stats import NORM_BATCHES, refresh_batch_norm
+from emdiffuse.training.norm_stats import (
+    NORM_BATCHES,
+    refit_output_offset,
+    refresh_batch_norm,
+)
 from emdiffuse.training.scalars import Scalars
 from emdiffuse.training.settings import TrainSettings, data_labels
 from emdiffuse.training.state import (
@@ -344,15 +348,19 @@ def _loop(
 
 
 def _refresh_batch_norm(run: _Run) -> None:
-    """The averaged mean network's batch-norm statistics, estimated on its own activations
-    (:mod:`emdiffuse.training.norm_stats`); nothing for a network without batch norm."""
+    """The averaged mean network's batch-norm statistics, estimated on its own activations,
+    then its output offset (:mod:`emdiffuse.training.norm_stats`); nothing for a network
+    without batch norm."""
     if not run.config.residual:
         return
-    layers = refresh_batch_norm(run.ema.module.mean, run.dataset, run.s.batch_size, run.config,
-                                run.device, run.autocast)  # fmt: skip
+    args = (run.ema.module.mean, run.dataset, run.s.batch_size, run.config, run.device,
+            run.autocast)  # fmt: skip
+    layers = refresh_batch_norm(*args)
     if layers:
-        log.info("batch norm: statistics of %d layers re-estimated on %d training batches",
-                 layers, NORM_BATCHES)
+        offset = refit_output_offset(*args)
+        log.info("batch norm: statistics of %d layers re-estimated on %d training batches; "
+                 "output offset %s (model space)", layers, NORM_BATCHES,
+                 ", ".join(f"{v:+.4f}" for v in offset.tolist()))  # fmt: skip
 
 
 def _calibrate(run: _Run) -> None:
