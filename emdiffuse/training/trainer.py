@@ -288,9 +288,12 @@ def _train(run: _Run, out: Path, *, progress: bool, replace: bool) -> Path:
         scalars.close()
     final = out / FINAL_NAME
     if d.main:
+        # the state to resume from as training left it; what follows (batch-norm statistics,
+        # output offset, calibration) is for the final model only, so that a run resumed
+        # from this step goes on exactly as an uninterrupted one would
+        save_state(checkpoint_path(out, step), run.state(step, t0))
         _refresh_batch_norm(run)
         _calibrate(run)
-        save_state(checkpoint_path(out, step), run.state(step, t0))
         save_final(out, run.ema, run.config)
     distributed.barrier(d)
     return final
