@@ -9,14 +9,14 @@ mean network of the EMA copy, the only part with batch norm, over the conditions
 :data:`NORM_BATCHES` training batches, upsampled as a training step does.
 
 Those statistics do not make the network unbiased. Training normalises each layer with the
-batch's own statistics, so the body sees every batch's intensities relative to the batch, and
-the output convolution's bias is fitted to that; at inference the fixed population
+batch's own statistics, so the body sees every batch's intensities relative to the batch,
+and the output convolution's bias is fitted to that; at inference the fixed population
 statistics give a different, nonlinear, map, whose average is off by a constant (FlyEM
 denoising, 2 e⁻/px: −0.6 % and +0.4 % of the range for two seeds, the same on the training
 volume as on the held-out one). So, once the statistics are set, the mean error of the
-eval-mode network over the same batches is added to its output (:func:`refit_output_offset`).
-Networks without batch norm are left untouched: they compute the same map in training as at
-inference.
+eval-mode network over the same batches is added to its output (:func:`refresh_mean_network`
+does both). Networks without batch norm are left untouched: they compute the same map in
+training as at inference.
 """
 
 from __future__ import annotations
@@ -47,61 +47,41 @@ def training_batches(dataset: Any, batch_size: int, count: int = NORM_BATCHES) -
         yield dataset.batch(range(i * batch_size, (i + 1) * batch_size), split="train")
 
 
-def refresh_batch_norm(
+def refresh_mean_network(
     mean_net: nn.Module,
     dataset: Any,
     batch_size: int,
     config: ModelConfig,
     device: torch.device,
     autocast: torch.dtype | None,
-) -> int:
+) -> tuple[int, torch.Tensor | None]:
     """Re-estimate ``mean_net``'s batch-norm statistics on :func:`training_batches` of
-    ``dataset``; its train/eval mode is kept. Returns the number of layers refreshed (0:
-    none, and no batch is read)."""
+    ``dataset``, then add to its output the mean error (target − output, per output channel,
+    model space) of its eval-mode output over the same batches, so that the error averages
+    zero there. Its train/eval mode is kept. Returns the number of layers refreshed and the
+    offset added: ``(0, None)``, and no batch read, for a network without batch norm."""
     layers = len(batch_norms(mean_net))
-    if layers:
-        conds = (upsample_xy(b["cond"].to(device), config.xy_scale, config.cond_upsample)
-                 for b in training_batches(dataset, batch_size))  # fmt: skip
-        with torch.autocast(device_type=device.type, dtype=autocast or torch.bfloat16,
-                            enabled=autocast is not None):  # fmt: skip
-            update_bn(conds, mean_net)
-    return layers
-
-
-@torch.no_grad()
-def refit_output_offset(
-    mean_net: nn.Module,
-    dataset: Any,
-    batch_size: int,
-    config: ModelConfig,
-    device: torch.device,
-    autocast: torch.dtype | None,
-) -> torch.Tensor:
-    """Add to ``mean_net``'s output the mean error (target − output, per output channel,
-    model space) of its eval-mode output over :func:`training_batches` of ``dataset``, so
-    that the error averages zero there; returns the offset added. Its train/eval mode is
-    kept."""
+    if not layers:
+        return 0, None
     was_training = mean_net.training
-    mean_net.eval()
-    total, count = None, 0
-    for batch in training_batches(dataset, batch_size):
-        cond = upsample_xy(batch["cond"].to(device), config.xy_scale, config.cond_upsample)
-        with torch.autocast(device_type=device.type, dtype=autocast or torch.bfloat16,
-                            enabled=autocast is not None):  # fmt: skip
-            mean = mean_net(cond).float()
-        error = (batch["target"].to(device).float() - mean).transpose(0, 1).flatten(1)
-        total = error.sum(1) if total is None else total + error.sum(1)
-        count += error.shape[1]
+
+    def condition(batch: dict) -> torch.Tensor:
+        return upsample_xy(batch["cond"].to(device), config.xy_scale, config.cond_upsample)
+
+    with torch.autocast(device_type=device.type, dtype=autocast or torch.bfloat16,
+                        enabled=autocast is not None):  # fmt: skip
+        update_bn((condition(b) for b in training_batches(dataset, batch_size)), mean_net)
+        mean_net.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in training_batches(dataset, batch_size):
+                mean = mean_net(condition(batch)).float()
+                error = (batch["target"].to(device).float() - mean).transpose(0, 1).flatten(1)
+                total, count = total + error.sum(1), count + error.shape[1]
     offset = total / count
     mean_net.shift_output(offset)
     mean_net.train(was_training)
-    return offset
+    return layers, offset
 
 
-__all__ = [
-    "NORM_BATCHES",
-    "batch_norms",
-    "refit_output_offset",
-    "refresh_batch_norm",
-    "training_batches",
-]
+__all__ = ["NORM_BATCHES", "batch_norms", "refresh_mean_network", "training_batches"]

@@ -69,11 +69,7 @@ from emdiffuse.training.build import (
     split_data,
 )
 from emdiffuse.training.loader import PatchDataset, make_loader
-from emdiffuse.training.norm_stats import (
-    NORM_BATCHES,
-    refit_output_offset,
-    refresh_batch_norm,
-)
+from emdiffuse.training.norm_stats import NORM_BATCHES, refresh_mean_network
 from emdiffuse.training.scalars import Scalars
 from emdiffuse.training.settings import TrainSettings, data_labels
 from emdiffuse.training.state import (
@@ -292,7 +288,7 @@ def _train(run: _Run, out: Path, *, progress: bool, replace: bool) -> Path:
         # output offset, calibration) is for the final model only, so that a run resumed
         # from this step goes on exactly as an uninterrupted one would
         save_state(checkpoint_path(out, step), run.state(step, t0))
-        _refresh_batch_norm(run)
+        _refresh_mean_network(run)
         _calibrate(run)
         save_final(out, run.ema, run.config)
     distributed.barrier(d)
@@ -350,17 +346,15 @@ def _loop(
     return step
 
 
-def _refresh_batch_norm(run: _Run) -> None:
+def _refresh_mean_network(run: _Run) -> None:
     """The averaged mean network's batch-norm statistics, estimated on its own activations,
     then its output offset (:mod:`emdiffuse.training.norm_stats`); nothing for a network
     without batch norm."""
     if not run.config.residual:
         return
-    args = (run.ema.module.mean, run.dataset, run.s.batch_size, run.config, run.device,
-            run.autocast)  # fmt: skip
-    layers = refresh_batch_norm(*args)
+    layers, offset = refresh_mean_network(run.ema.module.mean, run.dataset, run.s.batch_size,
+                                          run.config, run.device, run.autocast)  # fmt: skip
     if layers:
-        offset = refit_output_offset(*args)
         log.info("batch norm: statistics of %d layers re-estimated on %d training batches; "
                  "output offset %s (model space)", layers, NORM_BATCHES,
                  ", ".join(f"{v:+.4f}" for v in offset.tolist()))  # fmt: skip
