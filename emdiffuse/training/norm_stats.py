@@ -64,19 +64,18 @@ def refresh_mean_network(
     if not layers:
         return 0, None
     was_training = mean_net.training
-
-    def condition(batch: dict) -> torch.Tensor:
-        return upsample_xy(batch["cond"].to(device), config.xy_scale, config.cond_upsample)
-
+    # the batches read and upsampled once for both passes: NORM_BATCHES training batches
+    # held at once, on the device
+    batches = [(upsample_xy(b["cond"].to(device), config.xy_scale, config.cond_upsample),
+                b["target"].to(device)) for b in training_batches(dataset, batch_size)]  # fmt: skip
     with torch.autocast(device_type=device.type, dtype=autocast or torch.bfloat16,
                         enabled=autocast is not None):  # fmt: skip
-        update_bn((condition(b) for b in training_batches(dataset, batch_size)), mean_net)
+        update_bn((cond for cond, _ in batches), mean_net)
         mean_net.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch in training_batches(dataset, batch_size):
-                mean = mean_net(condition(batch)).float()
-                error = (batch["target"].to(device).float() - mean).transpose(0, 1).flatten(1)
+            for cond, target in batches:
+                error = (target.float() - mean_net(cond).float()).transpose(0, 1).flatten(1)
                 total, count = total + error.sum(1), count + error.shape[1]
     offset = total / count
     mean_net.shift_output(offset)
