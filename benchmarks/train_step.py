@@ -98,15 +98,16 @@ def measure(rounds: int, per_round: int) -> dict:
 
 def optimizer_agreement(config, schedule, s: TrainSettings, batch: dict) -> dict[str, float]:
     """One fp32 step of loop and fused AdamW from the same weights on the same batch: the
-    largest difference of the updated weights, and the largest update."""
+    largest difference of the updated weights, and the largest update (parameters only:
+    batch norm's running statistics and step counter are buffers, not the optimizer's)."""
     dev, after, start = torch.device("cpu"), {}, None
     for fused in (False, True):
         net = build.build_net(config, s.seed)
-        start = {k: v.clone() for k, v in net.state_dict().items()}
+        start = {k: v.detach().clone() for k, v in net.named_parameters()}
         optimizer = (build.make_optimizer(net, s, dev) if fused
                      else torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay))  # fmt: skip
         train_step(net, net, optimizer, batch, schedule, config, s, dev, None)
-        after[fused] = net.state_dict()
+        after[fused] = {k: v.detach() for k, v in net.named_parameters()}
     difference = max(float((after[False][k] - after[True][k]).abs().max()) for k in start)
     update = max(float((after[False][k] - start[k]).abs().max()) for k in start)
     return {"max_difference": difference, "max_update": update}

@@ -258,6 +258,21 @@ class FlyEM(Source):
         margin = max(1, n_z // (2 * sizes.test_slices))
         return np.linspace(margin, n_z - 1 - margin, sizes.test_slices).round().astype(int)
 
+    def noisy_neighbours(self, level: Level, sizes: Sizes, context: int) -> np.ndarray:
+        """``(n, 1 + 2 context, s, s)``: each scored slice of a denoising level with its
+        ``context`` neighbours on each side, noisy as the first test input (the noise is keyed
+        on global coordinates, so channel ``context`` is that input's slice)."""
+        test = self._read(self.test_file)
+        y0, x0 = self._test_box(sizes, test.shape)
+        s, zs = sizes.test_yx, self.test_slices_z(sizes, test.shape[0])
+        if context > zs[0] or zs[-1] + context >= test.shape[0]:
+            raise ValueError(f"z context {context} reaches past the test volume")
+        return np.stack([
+            _noisy(self.to_unit(test[z - context : z + context + 1, y0 : y0 + s, x0 : x0 + s]),
+                   level, TEST_NOISE_SEEDS[0], (int(z) - context, y0, x0))
+            for z in zs
+        ])  # fmt: skip
+
     def task_data(self, level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
         test = self._read(self.test_file)
         y0, x0 = self._test_box(sizes, test.shape)

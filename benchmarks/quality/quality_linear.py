@@ -36,6 +36,13 @@ def isotropic_condition(slices: np.ndarray, context: int) -> np.ndarray:
     return np.stack([padded[i : i + 2 + 2 * context] for i in range(len(slices) - 1)])
 
 
+def slice_stacks(slices: np.ndarray, context: int) -> np.ndarray:
+    """``(n, 1 + 2c, Y, X)``: each slice of a contiguous stack with ``context`` neighbours on
+    each side in z order, mirrored at the ends (the condition of a denoiser reading z)."""
+    padded = np.pad(slices, ((context, context), (0, 0), (0, 0)), mode="reflect")
+    return np.stack([padded[i : i + 1 + 2 * context] for i in range(len(slices))])
+
+
 def super_resolve_condition(low: np.ndarray, k: int) -> np.ndarray:
     """``(n, 1, kY, kX)``: the low-resolution slices upsampled as the model's condition is."""
     mode = make_config("emdiffuse-r", "tiny", scale_factor=k).cond_upsample

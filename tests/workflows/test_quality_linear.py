@@ -64,3 +64,24 @@ def test_isotropic_filter_interpolates_linear_z_and_keeps_the_input_slices(ql):
     assert out.shape == truth.shape
     np.testing.assert_array_equal(out[::k], truth[::k])
     np.testing.assert_allclose(out, truth, atol=1e-4)
+
+
+def test_slice_stacks_are_each_slice_with_its_neighbours_mirrored_at_the_ends(ql):
+    slices = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 3, 3), np.float32)
+    stacks = ql.slice_stacks(slices, 1)
+    assert stacks.shape == (4, 3, 3, 3)
+    assert stacks[:, :, 0, 0].tolist() == [[1, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 2]]
+    assert np.array_equal(ql.slice_stacks(slices, 0)[:, 0], slices)
+
+
+def test_a_filter_reading_neighbours_recovers_their_average(ql):
+    # the target is the mean of three adjacent slices: only a filter reading z finds it
+    rng = np.random.default_rng(1)
+    noisy = rng.random((12, 64, 64))
+    clean = ql.slice_stacks(noisy, 1).mean(axis=1)[:, None]
+    w, b = ql.fit(ql.slice_stacks(noisy, 1), clean, 3, rng)
+    test = rng.random((5, 40, 40))
+    out = ql.apply(ql.slice_stacks(test, 1), w, b, 3)[:, 0]
+    assert np.abs(out - ql.slice_stacks(test, 1).mean(axis=1)).max() < 1e-6
+    one_slice = ql.apply(test[:, None], *ql.fit(noisy[:, None], clean, 3, rng), 3)[:, 0]
+    assert np.abs(one_slice - ql.slice_stacks(test, 1).mean(axis=1)).max() > 0.1
