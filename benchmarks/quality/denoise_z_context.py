@@ -64,14 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--levels: denoising levels only (denoise-dose8, denoise-dose2)")
     record = start_record("benchmarks/quality/denoise_z_context.py", argv)
     rows = [row for key in args.levels for row in level_rows(key)]
-    lines = ["| level | slices read | " + " | ".join(f"{s}×{s}" for s in SIZES) + " |",
-             "|---|---|" + "---|" * len(SIZES)]  # fmt: skip
-    for key in args.levels:
-        for context in CONTEXTS:
-            mine = [r for r in rows if r["level"] == key and r["z_context"] == context]
-            cells = " | ".join(f"{r['psnr']:.2f} / {r['ssim']:.3f}" for r in mine)
-            lines.append(f"| {key} | {1 + 2 * context} | {cells} |")
-    table = "\n".join(lines)
+    table = ql.filter_table(rows, "slices read", lambda context: str(1 + 2 * context))
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "denoise_z_context.json").write_text(

@@ -59,15 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     for level in levels:
         data = source.task_data(level, sizes, clean)
         rows += level_rows(level, data, rng)
-    lines = ["| level | z context | " + " | ".join(f"{s}×{s}" for s in SIZES) + " |",
-             "|---|---|" + "---|" * len(SIZES)]  # fmt: skip
-    for key in dict.fromkeys(r["level"] for r in rows):
-        for context in (0, 1):
-            mine = [r for r in rows if r["level"] == key and r["z_context"] == context]
-            if mine:
-                cells = " | ".join(f"{r['psnr']:.2f} / {r['ssim']:.3f}" for r in mine)
-                lines.append(f"| {key} | {context} | {cells} |")
-    table = "\n".join(lines)
+    table = ql.filter_table(rows, "z context", str)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "linear_filter.json").write_text(

@@ -30,17 +30,22 @@ def isotropic_pairs(volume: np.ndarray, k: int, context: int) -> tuple[np.ndarra
     return cond, target
 
 
+def z_windows(slices: np.ndarray, context: int, width: int) -> np.ndarray:
+    """Every run of ``width`` consecutive slices of ``slices`` padded by ``context`` mirrored
+    slices at each end, in z order: ``(n + 2 context - width + 1, width, Y, X)``."""
+    padded = np.pad(slices, ((context, context), (0, 0), (0, 0)), mode="reflect")
+    return np.stack([padded[i : i + width] for i in range(len(padded) - width + 1)])
+
+
 def isotropic_condition(slices: np.ndarray, context: int) -> np.ndarray:
     """The ``2 + 2 context`` input slices around each interval of ``slices``, mirrored."""
-    padded = np.pad(slices, ((context, context), (0, 0), (0, 0)), mode="reflect")
-    return np.stack([padded[i : i + 2 + 2 * context] for i in range(len(slices) - 1)])
+    return z_windows(slices, context, 2 + 2 * context)
 
 
 def slice_stacks(slices: np.ndarray, context: int) -> np.ndarray:
     """``(n, 1 + 2c, Y, X)``: each slice of a contiguous stack with ``context`` neighbours on
     each side in z order, mirrored at the ends (the condition of a denoiser reading z)."""
-    padded = np.pad(slices, ((context, context), (0, 0), (0, 0)), mode="reflect")
-    return np.stack([padded[i : i + 1 + 2 * context] for i in range(len(slices))])
+    return z_windows(slices, context, 1 + 2 * context)
 
 
 def super_resolve_condition(low: np.ndarray, k: int) -> np.ndarray:
@@ -105,3 +110,19 @@ def restore(data, size: int, rng: np.random.Generator, context: int = 0) -> list
     w, b = fit(super_resolve_condition(blur_downsample_xy(clean, k), k), clean[:, None], size, rng)
     return [apply(super_resolve_condition(x, k), w, b, size)[:, 0].astype(np.float32)
             for x in data.test_inputs]  # fmt: skip
+
+
+def filter_table(rows: list[dict], context_header: str, context_cell) -> str:
+    """Markdown of linear-filter scores: one line per level and z context (``context_cell``
+    of the context in its column headed ``context_header``), one column per filter width."""
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    lines = [f"| level | {context_header} | " + " | ".join(f"{s}×{s}" for s in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]  # fmt: skip
+    for key in dict.fromkeys(r["level"] for r in rows):
+        mine = [r for r in rows if r["level"] == key]
+        for context in dict.fromkeys(r["z_context"] for r in mine):
+            cells = " | ".join(f"{r['psnr']:.2f} / {r['ssim']:.3f}"
+                               for r in mine if r["z_context"] == context)  # fmt: skip
+            lines.append(f"| {key} | {context_cell(context)} | {cells} |")
+    return "\n".join(lines)
+
