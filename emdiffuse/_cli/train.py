@@ -92,10 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--z-context", type=int, default=d["z_context"], metavar="C",
-        help="isotropic tasks: input slices the model reads beyond the two bounding slices "
-        "on each side (0: the pair, as the reference; 1: four slices, recommended: +0.1 dB "
-        "on FlyEM isotropic x4, docs/tasks.md). Default: the --init "
-        f"model's, else {DEFAULT_Z_CONTEXT} for a new model",
+        help="input slices the model reads on each side: isotropic tasks beyond the two "
+        "bounding slices (0: the pair, as the reference; 1: four slices, +0.1 dB on FlyEM "
+        "isotropic x4); denoise beyond the noisy slice (1: the slice and its two "
+        "neighbours, for volumes whose slices have independent noise; docs/tasks.md). "
+        f"Default: the --init model's, else {DEFAULT_Z_CONTEXT} for a new isotropic model "
+        "and 0 for denoise",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

@@ -24,11 +24,11 @@ from emdiffuse.models.variants import ModelConfig
 def baseline_weights(config: ModelConfig) -> list[list[float]]:
     """``(out_slices, in_slices)`` weights of what the input alone gives on the output grid:
     the (noisy or upsampled) image itself, or linear interpolation between the two bounding
-    slices (isotropic; context slices beyond them get weight 0). The mean network's skip
-    starts there with ``--mean-init input``."""
-    if not config.isotropic:
-        return [[1.0]]
+    slices (isotropic); context slices get weight 0. The mean network's skip starts there
+    with ``--mean-init input``."""
     k, c = config.k, config.z_context
+    if not config.isotropic:
+        return [[0.0] * c + [1.0] + [0.0] * c]
     return [[0.0] * c + [1.0 - j / k, j / k] + [0.0] * c for j in range(1, k)]
 
 

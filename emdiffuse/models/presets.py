@@ -107,11 +107,9 @@ def make_unet_config(
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     task = VARIANTS[variant]
     k = _default_scale(task) if scale_factor is None else int(scale_factor)
-    if task == "isotropic":
-        out = 1 if use_index_embedding else k - 1
-        cond = condition_slices(z_context)
-    else:
-        out, cond = 1, 1
+    isotropic = task == "isotropic"
+    out = (1 if use_index_embedding else k - 1) if isotropic else 1
+    cond = condition_slices(z_context, isotropic=isotropic)
     if kind == "residual":
         cond += out
     preset = dict(_SIZES[size])
@@ -140,7 +138,8 @@ def make_mean_net_config(
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     task = VARIANTS[variant]
     k = _default_scale(task) if scale_factor is None else int(scale_factor)
-    cond, out = (condition_slices(z_context), k - 1) if task == "isotropic" else (1, 1)
+    cond = condition_slices(z_context, isotropic=task == "isotropic")
+    out = k - 1 if task == "isotropic" else 1
     fixed = sorted(set(overrides) & {"dims", "in_channels", "out_channels"})
     if fixed:
         raise InputError(f"mean_net: {', '.join(fixed)} follow(s) from the task; leave out")
@@ -186,8 +185,8 @@ def make_config(
     super-resolve only). Defaults follow the reference: linear schedule over 2000 steps,
     epsilon prediction, MSE. ``kind="residual"`` adds the preset's mean network (fields
     overridden by ``mean_net``) and ``residual_scale`` (default
-    :data:`DEFAULT_RESIDUAL_SCALE`). ``z_context`` (isotropic): input slices read beyond the
-    bounding pair on each side (:class:`ModelConfig`).
+    :data:`DEFAULT_RESIDUAL_SCALE`). ``z_context`` (isotropic, denoise): input slices read beyond
+    the bounding pair (the slice to denoise) on each side (:class:`ModelConfig`).
     """
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")

@@ -11,15 +11,16 @@ Contracts (per network input tile; ``k`` is ``scale_factor``):
 ============  =============  =========  ==========  ========  =======
 variant       task           in_slices  out_slices  xy_scale  z_scale
 ============  =============  =========  ==========  ========  =======
-emdiffuse-n   denoise        1          1           1         1
+emdiffuse-n   denoise        1 + 2c     1           1         1
 emdiffuse-r   super-resolve  1          1           k         1
 vemdiffuse-i  isotropic      2 + 2c     k - 1       1         k
 vemdiffuse-a  isotropic      2 + 2c     k - 1       1         k
 ============  =============  =========  ==========  ========  =======
 
-``c`` is :attr:`ModelConfig.z_context`: input slices beyond the bounding pair on each side
-(0, the reference's layout: the two bounding slices; 1: four slices, as cubic interpolation
-reads; :mod:`emdiffuse.models.z_context`).
+``c`` is :attr:`ModelConfig.z_context`: input slices beyond the bounding pair (isotropic) or
+the slice to denoise (emdiffuse-n) on each side (0, the reference's layout; isotropic 1: four
+slices, as cubic interpolation reads; denoise 1: the noisy slice and its two neighbours;
+:mod:`emdiffuse.models.z_context`).
 
 Isotropic variants come in two network layouts:
 
@@ -124,9 +125,9 @@ class ModelConfig:
     training ``schedule`` (checkpoints from before the field). See :attr:`sampling_schedule`.
     ``cond_upsample`` is how super-resolution puts its input on the output grid
     (:mod:`emdiffuse.models.conditioning`): ``"bicubic"``, or ``"bilinear"`` for reference
-    weights. ``z_context`` (isotropic only) is the number of input slices the network reads
-    beyond the two bounding slices on each side (see the module docstring; 0 for checkpoints
-    from before the field and for reference weights).
+    weights. ``z_context`` (isotropic and denoise) is the number of input slices the network
+    reads beyond the two bounding slices (the slice to denoise) on each side (see the module
+    docstring; 0 for checkpoints from before the field and for reference weights).
     """
 
     variant: str
@@ -168,9 +169,9 @@ class ModelConfig:
 
     @property
     def in_slices(self) -> int:
-        """Input z-slices per tile (channels of the conditioning): the bounding pair and
-        ``z_context`` more on each side for isotropic models, else 1."""
-        return condition_slices(self.z_context) if self.isotropic else 1
+        """Input z-slices per tile (channels of the conditioning): the bounding pair
+        (isotropic) or the slice itself, and ``z_context`` more on each side."""
+        return condition_slices(self.z_context, isotropic=self.isotropic)
 
     @property
     def out_slices(self) -> int:
@@ -302,8 +303,13 @@ class ModelConfig:
         self._validate_unet()
 
     def _validate_z_context(self) -> None:
-        check_z_context(self.z_context, isotropic=self.isotropic, what=self.variant,
+        check_z_context(self.z_context, task=self.task, what=self.variant,
                         prefix="model config: ")  # fmt: skip
+        if self.z_context and self.unet.dims == 3:
+            raise InputError(
+                "model config: a 3D network sees its neighbouring slices already; "
+                "set z_context to 0"
+            )
         if self.z_context and self.use_index_embedding:
             raise InputError(
                 "model config: the index-embedding layout (the reference's) reads the two "
@@ -389,8 +395,8 @@ class ModelConfig:
             what = f"super-resolve, xy×{self.k}"
         else:
             what = f"isotropic, z×{self.k}"
-            if self.z_context:
-                what += f", {self.in_slices} input slices"
+        if self.z_context:
+            what += f", {self.in_slices} input slices"
         return f"{self.variant} ({what})"
 
     # ---- JSON --------------------------------------------------------------------------

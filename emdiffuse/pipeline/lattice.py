@@ -16,7 +16,9 @@ model writes:
   ``i`` and ``i + 1`` (one *z unit* per input interval), and on ``z_context`` slices beyond
   each of them where the model reads a z context (mirrored at the volume's ends).
 
-2D variants run slice by slice: one z unit per input slice.
+2D variants run slice by slice: one z unit per input slice, conditioned on that slice and on
+``z_context`` slices beyond it on each side where the model reads a z context (a denoiser
+reading neighbouring slices; mirrored at the volume's ends in the same way).
 
 Lattice rule along y and x (per axis, on the input grid, tile ``t = T / k`` and stride
 ``s = (T - O) / k`` input voxels, with T and O on the output grid): origins ``0, s, 2s, ...``;
@@ -133,8 +135,8 @@ class Lattice:
             raise ValueError(f"empty input shape {self.input_shape}")
         if self.z_scale > 1 and nz < 2:
             raise ValueError("isotropic reconstruction needs at least 2 input slices")
-        if self.z_context and self.z_scale == 1:
-            raise ValueError("z_context is for isotropic reconstruction (z_scale > 1)")
+        if self.z_context and self.xy_scale > 1:
+            raise ValueError("z_context is for isotropic reconstruction and denoising")
 
     @property
     def isotropic(self) -> bool:
@@ -188,20 +190,21 @@ class Lattice:
         """Input-grid z ``[start, stop)`` the model is conditioned on for ``unit`` and that
         lies in the volume (the z context beyond the volume is mirrored:
         :meth:`unit_input_pad`)."""
-        if not self.isotropic:
-            return unit, unit + 1
         c = self.z_context
-        return max(unit - c, 0), min(unit + 2 + c, self.input_shape[0])
+        return max(unit - c, 0), min(unit + self._unit_slices + c, self.input_shape[0])
 
     def unit_input_pad(self, unit: int) -> tuple[int, int]:
         """Context slices of ``unit`` beyond the volume's first and last slice, ``(before,
         after)``: filled by mirroring the volume about its end slice (``numpy.pad``'s
         ``reflect``: slice ``-1`` is slice ``1``), a function of the volume, not of the
         chunking."""
-        if not self.isotropic:
-            return 0, 0
         c = self.z_context
-        return max(c - unit, 0), max(unit + 2 + c - self.input_shape[0], 0)
+        return max(c - unit, 0), max(unit + self._unit_slices + c - self.input_shape[0], 0)
+
+    @property
+    def _unit_slices(self) -> int:
+        """Input slices a z unit is made of: the bounding pair (isotropic), else the slice."""
+        return 2 if self.isotropic else 1
 
     def units_between(self, z0: int, z1: int) -> range:
         """z units whose model output intersects output z ``[z0, z1)``."""

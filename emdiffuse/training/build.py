@@ -92,10 +92,10 @@ def _saved_settings(out: Path) -> dict[str, Any] | None:
 
 
 def resolve_z_context(s: TrainSettings, out: str | os.PathLike, resume: bool) -> int:
-    """The z context (input slices beyond the bounding pair, isotropic recipes) ``None``
-    stands for, set in ``s``: the run's own when resuming (0 for runs from before the
-    option), the ``--init`` model's when fine-tuning, :data:`DEFAULT_Z_CONTEXT` for a new
-    isotropic model and 0 for the other tasks. A given value is kept; one that differs
+    """The z context (input slices beyond the bounding pair of isotropic recipes, or beyond
+    the slice to denoise) ``None`` stands for, set in ``s``: the run's own when resuming (0
+    for runs from before the option), the ``--init`` model's when fine-tuning,
+    :data:`DEFAULT_Z_CONTEXT` for a new isotropic model and 0 for the other tasks. A given value is kept; one that differs
     from the ``--init`` model's is refused (the network's input channels follow from it)."""
     isotropic = s.task in ("isotropic", "anisotropic")
     init_context = None
@@ -112,7 +112,7 @@ def resolve_z_context(s: TrainSettings, out: str | os.PathLike, resume: bool) ->
     elif init_context is not None and s.z_context != init_context:
         raise InputError(
             f"--z-context {s.z_context} but the --init model reads {init_context} slice(s) "
-            f"beyond each bounding slice; leave --z-context out to fine-tune it as it is"
+            f"on each side; leave --z-context out to fine-tune it as it is"
         )
     s.validate()
     return s.z_context

@@ -16,7 +16,9 @@ clean target into a small part of [-1, 1] next to its far wider noisy input.
 
 
 ``denoise``
-    sources ``(noisy, clean)`` on one grid: the same (1, H, W) region of both.
+    sources ``(noisy, clean)`` on one grid: the same (1, H, W) region of both; with
+    ``z_context`` c the condition is the noisy slices ``z - c … z + c`` (1 + 2c, H, W) and
+    the target the clean slice z.
 ``super-resolve``
     sources ``(low, high)`` with ``high`` k× finer in y and x; or ``(high,)`` alone, the low
     image then made by ``degrade.blur_downsample_xy`` from a region with a margin.
@@ -143,9 +145,7 @@ class PatchDataset(IterableDataset):
         self.start_step = int(start_step)
         self.axis = axis
         self.index_embedding = bool(index_embedding)
-        self.z_context = check_z_context(
-            z_context, isotropic=recipe in ("isotropic", "anisotropic"), what=recipe
-        )
+        self.z_context = check_z_context(z_context, task=recipe, what=recipe)
         if self.z_context and self.index_embedding:
             raise InputError(
                 "the index-embedding layout reads the two bounding slices only; "
@@ -189,9 +189,8 @@ class PatchDataset(IterableDataset):
 
     @property
     def in_channels(self) -> int:
-        if self.recipe in ("isotropic", "anisotropic"):
-            return condition_slices(self.z_context)
-        return 1
+        isotropic = self.recipe in ("isotropic", "anisotropic")
+        return condition_slices(self.z_context, isotropic=isotropic)
 
     @property
     def out_channels(self) -> int:
@@ -269,8 +268,9 @@ class PatchDataset(IterableDataset):
         k, (ph, pw), m = self.k, self.patch, self.margin
         z, y, x = origin
         if self.recipe == "denoise":
-            cond = readers[0].read(origin, (1, ph, pw))
-            target = readers[1].read(origin, (1, ph, pw))
+            c = self.z_context
+            cond = readers[0].read(origin, (1 + 2 * c, ph, pw))
+            target = readers[1].read((z + c, y, x), (1, ph, pw))
         elif self.recipe == "super-resolve" and len(readers) == 2:
             cond = readers[0].read((z, y // k, x // k), (1, ph // k, pw // k))
             target = readers[1].read(origin, (1, ph, pw))

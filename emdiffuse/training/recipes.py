@@ -84,7 +84,7 @@ def footprint(
     """Extent (zyx) of the target-grid region one sample reads; for anisotropic with axis
     ``both``, the box that holds either orientation. Isotropic recipes read ``(2c + 1) k + 1``
     slices (rows, columns) with ``c = z_context``: the bounding pair, the ``k - 1`` between
-    and ``c`` slices ``k`` apart beyond each side."""
+    and ``c`` slices ``k`` apart beyond each side; denoise reads ``1 + 2c`` slices."""
     ph, pw = patch
     span = footprint_span(k, z_context)
     if recipe == "isotropic":
@@ -95,6 +95,8 @@ def footprint(
         if axis == "y":
             return (ph, span, pw)
         return (ph, max(span, pw), max(span, pw))
+    if recipe == "denoise":
+        return (1 + 2 * z_context, ph, pw)
     return (1, ph + 2 * margin, pw + 2 * margin)
 
 
@@ -113,9 +115,10 @@ def check_pairing(recipe: str, k: int, shapes: list, labels: list[str], foot) ->
                 f"{labels[0]} {shapes[0]} in y and x; check --factor or the files"
             )
     if any(f > s for f, s in zip(foot, shapes[-1], strict=True)):
+        fix = "a smaller --patch" + (" or --z-context" if recipe == "denoise" else " or --factor")
         raise InputError(
             f"{recipe} patch footprint (zyx) {tuple(foot)} does not fit the volume "
-            f"{shapes[-1]}; use a smaller --patch or --factor"
+            f"{shapes[-1]}; use {fix}"
         )
 
 

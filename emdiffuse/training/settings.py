@@ -117,8 +117,9 @@ class TrainSettings:
     calibration_samples: int = 4  # N samples per patch (0: no calibration)
     calibration_patches: int = 32
     calibration_level: float = 0.9
-    # isotropic recipes: input slices read beyond the bounding pair on each side (None: the
-    # run's own when resuming, the --init model's, else models.z_context.DEFAULT_Z_CONTEXT)
+    # input slices read beyond the bounding pair (isotropic recipes) or the slice to denoise
+    # on each side (None: the run's own when resuming, the --init model's, else
+    # models.z_context.DEFAULT_Z_CONTEXT for isotropic recipes and 0 for the others)
     z_context: int | None = None
 
     # ---- building --------------------------------------------------------------------
@@ -198,8 +199,7 @@ class TrainSettings:
                     f"{self.objective!r}); leave out"
                 )
         if self.z_context is not None:
-            check_z_context(self.z_context, isotropic=self.task in ("isotropic", "anisotropic"),
-                            what=self.task)  # fmt: skip
+            check_z_context(self.z_context, task=self.task, what=self.task)
         if self.unet is not None:
             fixed = sorted(set(self.unet) & set(_UNET_FIXED))
             if fixed:

@@ -34,9 +34,10 @@ def baseline(
 ) -> np.ndarray:
     """What the input alone gives on the target grid: the noisy image, bicubic upsampling,
     or linear interpolation between the two bounding slices (channels ``z_context`` and
-    ``z_context + 1`` of an isotropic condition)."""
+    ``z_context + 1`` of an isotropic condition; a denoise condition's own slice is channel
+    ``z_context``)."""
     if task == "denoise":
-        return cond
+        return cond[:, z_context : z_context + 1]
     if task == "super-resolve":
         return upsample_xy(torch.from_numpy(cond), k).numpy()
     c = z_context
@@ -147,9 +148,11 @@ def hardest_axis(records: dict[str | None, dict]) -> dict:
 
 def condition_on_output_grid(cond: torch.Tensor, config) -> np.ndarray:
     """The condition as the network sees it (upsampled for super-resolution; for isotropic
-    models the bounding pair, without its z context), for pictures."""
-    if config.isotropic and config.z_context:
-        cond = cond[:, config.z_context : config.z_context + 2]
+    models the bounding pair, for denoising the noisy slice, without their z context), for
+    pictures."""
+    if config.z_context:
+        c = config.z_context
+        cond = cond[:, c : c + (2 if config.isotropic else 1)]
     if config.xy_scale == 1:
         return cond.numpy()
     return upsample_xy(cond, config.xy_scale, config.cond_upsample).numpy()

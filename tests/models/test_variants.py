@@ -185,8 +185,8 @@ def test_z_context_widens_the_condition_of_isotropic_models_only(kind):
     old = json.loads(make_config("vemdiffuse-i", "tiny", kind=kind).to_json())
     old.pop("z_context")
     assert ModelConfig.from_dict(old).in_slices == 2
-    with pytest.raises(InputError, match="isotropic reconstruction.*emdiffuse-n reads one slice"):
-        make_config("emdiffuse-n", "tiny", z_context=1)
+    with pytest.raises(InputError, match="denoising and isotropic.*emdiffuse-r reads one slice"):
+        make_config("emdiffuse-r", "tiny", z_context=1)
     with pytest.raises(InputError, match="index-embedding"):
         make_config("vemdiffuse-i", "tiny", use_index_embedding=True, z_context=1)
     with pytest.raises(InputError, match="z_context must be an integer in 0..3, got 9"):
@@ -196,3 +196,22 @@ def test_z_context_widens_the_condition_of_isotropic_models_only(kind):
     assert baseline_weights(config) == [
         [0.0, 0.75, 0.25, 0.0], [0.0, 0.5, 0.5, 0.0], [0.0, 0.25, 0.75, 0.0]
     ]
+
+
+@pytest.mark.parametrize("kind", ["sr3", "residual"])
+def test_denoise_z_context_reads_the_slice_and_its_neighbours(kind):
+    """A denoiser with z context c reads 1 + 2c slices (both of its networks), its
+    input-alone baseline is the middle one, and a 3D network (which sees z already) refuses
+    a context."""
+    from emdiffuse.models.networks import baseline_weights
+
+    config = make_config("emdiffuse-n", "tiny", kind=kind, z_context=1)
+    assert (config.in_slices, config.out_slices) == (3, 1)
+    assert config.net_cond_channels == 3 + (1 if kind == "residual" else 0)
+    if kind == "residual":
+        assert config.mean_net.in_channels == 3
+    assert ModelConfig.from_json(config.to_json()) == config
+    assert config.describe() == "emdiffuse-n (denoise, 3 input slices)"
+    assert baseline_weights(config) == [[0.0, 1.0, 0.0]]
+    with pytest.raises(InputError, match="3D network sees its neighbouring slices"):
+        make_config("emdiffuse-n", "tiny", dims=3, z_context=1)

@@ -253,5 +253,28 @@ def test_z_context_reads_beyond_the_pair_and_mirrors_at_the_volume_ends():
     two = Lattice((2, 10, 10), 8, 2, z_scale=3, z_context=1)
     cond = tile_condition(two, Tile(0, 0, 0), volume[:2], ((0, 2), (0, 10), (0, 10)))
     assert cond[:, 0, 0].tolist() == [1, 0, 1, 0]
-    with pytest.raises(ValueError, match="isotropic"):
-        Lattice((4, 10, 10), 8, 2, z_context=1)
+    with pytest.raises(ValueError, match="isotropic reconstruction and denoising"):
+        Lattice((4, 10, 10), 8, 2, xy_scale=2, z_context=1)
+
+
+def test_denoise_z_context_reads_the_neighbours_mirrored_at_the_volume_ends():
+    """A denoiser with a z context of 2 reads input slices u - 2 .. u + 2 for slice u, in z
+    order, mirrored about the end slices, whatever region the tile is cut from."""
+    from emdiffuse.pipeline.lattice import Tile
+    from emdiffuse.pipeline.tasks import tile_condition
+
+    nz = 4
+    lat = Lattice((nz, 10, 10), 8, 2, z_context=2)
+    assert lat.n_units == nz and lat.output_shape == (nz, 10, 10)
+    assert [lat.unit_input_z(u) for u in range(nz)] == [(0, 3), (0, 4), (0, 4), (1, 4)]
+    assert [lat.unit_input_pad(u) for u in range(nz)] == [(2, 0), (1, 0), (0, 1), (0, 2)]
+    volume = np.broadcast_to(np.arange(nz, dtype=np.float32)[:, None, None], (nz, 10, 10))
+    expected = {0: [2, 1, 0, 1, 2], 1: [1, 0, 1, 2, 3], 2: [0, 1, 2, 3, 2], 3: [1, 2, 3, 2, 1]}
+    full = ((0, nz), (0, 10), (0, 10))
+    for unit, slices in expected.items():
+        tile = Tile(unit, 0, 0)
+        cond = tile_condition(lat, tile, volume, full)
+        assert cond[:, 0, 0].tolist() == slices
+        box = lat.read_box(lat.tile_output_box(tile))
+        region = volume[tuple(slice(a, b) for a, b in box)]
+        np.testing.assert_array_equal(tile_condition(lat, tile, region, box), cond)

@@ -47,11 +47,12 @@ def lattices(draw) -> tuple[Lattice, int]:
     if kind == "2d":
         k = draw(st.sampled_from([1, 2]))
     z_scale = draw(st.sampled_from([2, 3, 4])) if kind == "isotropic" else 1
-    nz = 1 if kind == "2d" else draw(st.integers(2 if z_scale > 1 else 1, 4))
+    z_context = draw(st.sampled_from([0, 1, 2])) if kind in ("isotropic", "denoise") else 0
+    fewest = 2 if z_scale > 1 or z_context else 1  # a denoiser's z context needs 2 slices
+    nz = 1 if kind == "2d" else draw(st.integers(fewest, 4))
     ny, nx = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     t_in = draw(st.integers(1, 12))
     o_in = draw(st.integers(0, t_in - 1))
-    z_context = draw(st.sampled_from([0, 1, 2])) if kind == "isotropic" else 0
     lattice = Lattice((nz, ny, nx), k * t_in, k * o_in, xy_scale=k, z_scale=z_scale,
                       z_context=z_context)  # fmt: skip
     return lattice, 2 if kind == "2d" else 3
@@ -213,13 +214,11 @@ def assemble(spec: RunSpec, enhancer) -> np.ndarray:
 
 def z_slices(lattice: Lattice, unit: int) -> list[int]:
     """The input slices a unit's model reads, by definition: ``u - c .. u + 1 + c`` for
-    isotropic runs (z context ``c``), an index beyond the volume mirrored about its end
-    slice (-1 -> 1, nz -> nz - 2) until it lies inside."""
-    if not lattice.isotropic:
-        return [unit]
+    isotropic runs, ``u - c .. u + c`` for the others (z context ``c``), an index beyond the
+    volume mirrored about its end slice (-1 -> 1, nz -> nz - 2) until it lies inside."""
     nz, c = lattice.input_shape[0], lattice.z_context
     out = []
-    for i in range(unit - c, unit + 2 + c):
+    for i in range(unit - c, unit + (2 if lattice.isotropic else 1) + c):
         while not 0 <= i < nz:
             i = -i if i < 0 else 2 * (nz - 1) - i
         out.append(i)
@@ -316,7 +315,8 @@ def test_strategies_reach_every_case():
                 ("2d", ndim == 2),
                 ("sr", lattice.xy_scale > 1),
                 ("iso", lattice.isotropic),
-                ("z-context-mirrored", lattice.z_context >= nz - 1),
+                ("z-context-mirrored", lattice.z_context >= nz - 1 and lattice.isotropic),
+                ("denoise-z-context", lattice.z_context and not lattice.isotropic),
                 ("tiny", min(ny, nx) <= 2),
                 ("single-tile", len(lattice.y) == 1),
                 ("shifted-last", ny > t and (ny - t) % (t - lattice.overlap // lattice.xy_scale)),
@@ -326,6 +326,6 @@ def test_strategies_reach_every_case():
         )
 
     collect()
-    assert seen == {"2d", "sr", "iso", "z-context-mirrored", "tiny", "single-tile",
-                    "shifted-last", "no-overlap"}  # fmt: skip
+    assert seen == {"2d", "sr", "iso", "z-context-mirrored", "denoise-z-context", "tiny",
+                    "single-tile", "shifted-last", "no-overlap"}  # fmt: skip
 

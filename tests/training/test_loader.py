@@ -162,11 +162,32 @@ def test_anisotropic_z_context_reads_rows_beyond_the_pair(coords, axis):
         assert np.all(target[0] - cond[1] == step)
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_denoise_z_context_reads_the_noisy_neighbours_of_the_clean_slice(tmp_path, coords, c):
+    """A denoiser with z context c: the condition is the noisy slices z - c .. z + c in z
+    order, the target the clean slice z (same y and x)."""
+    arr, vol = coords
+    noisy = write(tmp_path / "noisy.zarr", vol + 0.5, (4, 16, 16))  # code + 500000
+    ds = dataset("denoise", [noisy, arr], 8, z_context=c)
+    assert (ds.in_channels, ds.out_channels) == (1 + 2 * c, 1)
+    for key in range(6):
+        s = ds.sample(key)
+        cond, target = decode(s["cond"]) - 500000, decode(s["target"])
+        assert cond.shape == (1 + 2 * c, 8, 8) and target.shape == (1, 8, 8)
+        z0 = s["origin"].tolist()[0]
+        assert [int(v[0, 0]) // 10000 for v in cond] == list(range(z0, z0 + 1 + 2 * c))
+        np.testing.assert_array_equal(target[0], cond[c])
+        assert ds.footprint_of(s)[0] == slice(z0, z0 + 1 + 2 * c)
+
+
 def test_z_context_refused_where_it_means_nothing(tmp_path, coords):
     arr, vol = coords
-    noisy = write(tmp_path / "noisy.zarr", vol, (4, 16, 16))
-    with pytest.raises(InputError, match="z_context 1 is for isotropic reconstruction"):
-        dataset("denoise", [noisy, arr], 16, z_context=1)
+    low = write(tmp_path / "low.zarr", np.ascontiguousarray(vol[:, ::2, ::2]), (4, 8, 8))
+    with pytest.raises(InputError, match="z_context 1 is for denoising and isotropic"):
+        dataset("super-resolve", [low, arr], 16, factor=2, z_context=1)
+    thin = write(tmp_path / "thin.zarr", vol[:4], (4, 16, 16))
+    with pytest.raises(InputError, match="does not fit.*--z-context"):  # 4 slices < 1 + 2 * 2
+        dataset("denoise", [thin, thin], 16, z_context=2)
     with pytest.raises(InputError, match="index-embedding"):
         dataset("isotropic", [arr], 16, factor=2, z_context=1, index_embedding=True)
     with pytest.raises(InputError, match="does not fit"):  # 12 slices < 3 * 4 + 1

@@ -420,10 +420,10 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "intensity_jitter must be a fraction in [0, 1), got 1.5" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
-    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+    code = main(["train", "--task", "super-resolve", "--data", paths[1], "--out",
                  str(tmp_path / "y"), "--z-context", "1"])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "z_context 1 is for isotropic reconstruction" in err
+    assert code == 2 and "z_context 1 is for denoising and isotropic reconstruction" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
                  str(tmp_path / "y"), "--precision", "fp16"])  # fmt: skip
@@ -468,8 +468,9 @@ def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_
         trainer.train("isotropic", [volume], tmp_path / "bad", steps=1, factor=2, z_context=0,
                       init=str(out / "model.safetensors"), **fast)  # fmt: skip
     assert not (tmp_path / "bad").exists()
-    with pytest.raises(InputError, match="denoise reads one slice"):
-        trainer.train("denoise", [volume, volume], tmp_path / "bad", steps=1, z_context=1, **fast)
+    with pytest.raises(InputError, match="super-resolve reads one slice"):
+        trainer.train("super-resolve", [volume], tmp_path / "bad", steps=1, factor=2,
+                      z_context=1, **fast)  # fmt: skip
 
     source = tmp_path / "aniso.ome.zarr"
     io.write_image(_smooth((5, 24, 24), 5), source, voxel_size=(16.0, 8.0, 8.0), levels=0)
@@ -482,6 +483,45 @@ def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_
                     chunks=(2, 10, 7), samples=samples, **run)  # fmt: skip
         assert a.shape == (9, 24, 24)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_denoise_z_context_trains_and_enhances_a_stack_chunking_invariant(tmp_path):
+    """A residual denoiser with ``z_context=1`` reads the noisy slice and its two
+    neighbours: its least-squares skip is fitted on all three, its enhancement of a stack
+    does not depend on the output chunking (mirrored end slices included), and a
+    single-slice input is refused before anything is written."""
+    from emdiffuse import enhance
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    rng = np.random.default_rng(5)
+    clean = _smooth((8, 48, 48), 6)
+    noisy = (clean + 0.2 * rng.standard_normal(clean.shape)).astype(np.float32)
+    out = tmp_path / "n3"
+    trainer.train("denoise", [_write(tmp_path / "noisy.zarr", noisy),
+                              _write(tmp_path / "clean.zarr", clean)], out, steps=2, z_context=1,
+                  objective="residual", mean_net={"skip_size": 3},
+                  **{**FAST, "calibration_samples": 0})  # fmt: skip
+    config, state = load_checkpoint(out / "model.safetensors")
+    assert (config.z_context, config.in_slices, config.describe()) == (
+        1, 3, "emdiffuse-n (denoise, 3 input slices)")  # fmt: skip
+    weights = state["mean.skip.weight"]
+    assert weights.shape == (1, 3, 3, 3) and bool(weights[:, [0, 2]].abs().sum() > 0)
+    source = tmp_path / "stack.ome.zarr"
+    io.write_image(noisy[:5, :24, :24], source, voxel_size=(8.0, 8.0, 8.0), levels=0)
+    run = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
+               scheduler="threads", workers=1, dtype="float32")  # fmt: skip
+    for samples in (0, 1):
+        a = enhance(source, out / "model.safetensors", tmp_path / f"a{samples}.zarr",
+                    chunks=(5, 24, 24), samples=samples, **run)  # fmt: skip
+        b = enhance(source, out / "model.safetensors", tmp_path / f"b{samples}.zarr",
+                    chunks=(2, 10, 7), samples=samples, **run)  # fmt: skip
+        assert a.shape == (5, 24, 24)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    single = tmp_path / "single.ome.zarr"
+    io.write_image(noisy[0, :24, :24], single, voxel_size=(8.0, 8.0), axes="yx", levels=0)
+    with pytest.raises(InputError, match="one slice; give the whole z stack"):
+        enhance(single, out / "model.safetensors", tmp_path / "c.zarr", **run)
+    assert not (tmp_path / "c.zarr").exists()
 
 
 def test_anisotropic_calibration_keeps_the_harder_lateral_axis(tmp_path):
