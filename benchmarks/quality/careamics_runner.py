@@ -4,14 +4,15 @@ The quality benchmark runs this file as a subprocess with the interpreter of a s
 gitignored virtual environment holding CAREamics (``.venv-peers``), so the project never
 imports CAREamics and keeps its own torch. It reads a job JSON::
 
-    {"algorithm": "n2v" | "care", "train_input": "x.npy", "train_target": "y.npy" | null,
-     "predict": {"name": "p.npy", ...}, "patch": 48, "batch_size": 8,
-     "budget_seconds": 150, "rate": null | steps/s, "probe_steps": 40,
+    {"algorithm": "n2v" | "care" | "care-z1" | "care-z2", "train_input": "x.npy",
+     "train_target": "y.npy" | null, "predict": {"name": "p.npy", ...}, "patch": 48,
+     "batch_size": 8, "budget_seconds": 150, "rate": null | steps/s, "probe_steps": 40,
      "seed": 0, "threads": 2, "out": "folder"}
 
-(arrays are float32 stacks of 2D images, axes SYX) and writes ``out/pred_<name>.npy`` and
-``out/result.json`` (steps and epochs trained, wall times, the measured rate, versions, the
-configuration).
+(arrays are float32 stacks of 2D images, axes SYX; every algorithm but ``n2v`` is CARE) and
+writes ``out/pred_<name>.npy`` and ``out/result.json`` (steps and epochs trained, wall times,
+the measured rate, versions, the configuration). CARE's inputs may have channels (axes SCYX,
+e.g. a slice and its neighbours in z) for a target of one (SYX).
 
 Wall-clock budget, as the project's trainer has: when ``rate`` is not given, a probe
 training of ``probe_steps`` steps measures it (steps/s after two warm-up steps); the run
@@ -52,15 +53,23 @@ def patches_per_epoch(n_images: int, shape_yx: tuple[int, int], patch: int) -> i
     return max(1, n_images * (shape_yx[0] // patch) * (shape_yx[1] // patch) - N_VAL)
 
 
-def make_config(job: dict[str, Any], epochs: int, per_epoch: int) -> Any:
+def axes(image: Any) -> str:
+    """CAREamics axes of an input stack: SYX, or SCYX with channels."""
+    return "SCYX" if image.ndim == 4 else "SYX"
+
+
+def make_config(job: dict[str, Any], epochs: int, per_epoch: int, x: Any) -> Any:
     """The CAREamics configuration: the library's defaults (UNet depth 2, 32 channels,
-    Adam, MAE for CARE), our patch, batch and seed, ``epochs`` x ``per_epoch`` steps."""
+    Adam, MAE for CARE), our patch, batch and seed, ``epochs`` x ``per_epoch`` steps; for
+    an input ``x`` with channels (SCYX), CARE from them to one channel."""
     from careamics.config import create_care_config, create_n2v_config
 
     patch, batch = int(job["patch"]), int(job["batch_size"])
-    common = dict(experiment_name=job["algorithm"], data_type="array", axes="SYX",
+    common = dict(experiment_name=job["algorithm"], data_type="array", axes=axes(x),
                   patch_size=[patch, patch], batch_size=batch, num_epochs=epochs,
                   num_steps=per_epoch, n_val_patches=N_VAL)  # fmt: skip
+    if x.ndim == 4:
+        common.update(n_channels_in=x.shape[1], n_channels_out=1, target_axes="SYX")
     config = (
         create_n2v_config(**common) if job["algorithm"] == "n2v" else create_care_config(**common)
     )
@@ -90,7 +99,7 @@ def probe_rate(job: dict[str, Any], x, y) -> dict[str, float]:
 
     n = max(4, int(job.get("probe_steps", 40)))
     clock = step_clock()
-    config = make_config(job, 1, n)
+    config = make_config(job, 1, n, x)
     cam = CAREamist(config, work_dir=str(Path(job["out"]) / "probe"), callbacks=[clock],
                     enable_progress_bar=False)  # fmt: skip
     start = time.perf_counter()
@@ -127,9 +136,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         seed_everything(int(job["seed"]), workers=True)
     planned = max(1, math.ceil(float(rate) * budget * HORIZON_MARGIN))
     per_epoch = max(1, min(math.ceil(planned / EPOCHS),
-                           patches_per_epoch(x.shape[0], x.shape[1:], int(job["patch"])) // int(job["batch_size"])))  # fmt: skip
+                           patches_per_epoch(x.shape[0], x.shape[-2:], int(job["patch"])) // int(job["batch_size"])))  # fmt: skip
     epochs = max(1, math.ceil(planned / per_epoch)) * EPOCH_HEADROOM
-    config = make_config(job, epochs, per_epoch)
+    config = make_config(job, epochs, per_epoch, x)
     timer = Timer(duration=timedelta(seconds=budget), interval="step")
     cam = CAREamist(config, work_dir=str(out / "work"), callbacks=[timer],
                     enable_progress_bar=False)  # fmt: skip
@@ -142,9 +151,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     for name, path in job["predict"].items():
         image = np.load(path).astype(np.float32)
         start = time.perf_counter()
-        result = cam.predict(image, axes="SYX", data_type="array", batch_size=1, tile_size=None)
+        result = cam.predict(image, axes=axes(image), data_type="array", batch_size=1,
+                             tile_size=None)  # fmt: skip
         predictions = result[0] if isinstance(result, tuple) else result
-        stack = np.concatenate([np.asarray(p).reshape(-1, *image.shape[1:]) for p in predictions])
+        stack = np.concatenate([np.asarray(p).reshape(-1, *image.shape[-2:]) for p in predictions])
         np.save(out / f"pred_{name}.npy", stack.astype(np.float32))
         predict_seconds[name] = time.perf_counter() - start
     params = sum(p.numel() for p in cam.model.parameters())

@@ -88,6 +88,23 @@ class TaskData:
     train_voxel: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """The denoise test inputs of a model reading z: ``volumes`` (zyx, one per test input)
+    hold each scored slice at ``scored``, with ``context`` noisy neighbours on each side,
+    noisy as that test input (the same keyed noise)."""
+
+    context: int
+    volumes: list[np.ndarray]
+    scored: np.ndarray
+
+    def windows(self, i: int) -> np.ndarray:
+        """``(n, 1 + 2 context, Y, X)``: each scored slice of test input ``i`` with its
+        neighbours, in z order."""
+        c = self.context
+        return np.stack([self.volumes[i][z - c : z + c + 1] for z in self.scored])
+
+
 def settings_key(*parts: object) -> str:
     """A short stable hash of JSON-able settings (cache keys)."""
     text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
@@ -119,6 +136,10 @@ class Source:
         raise NotImplementedError
 
     def task_data(self, level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
+        raise NotImplementedError
+
+    def neighbours(self, level: Level, sizes: Sizes, context: int) -> Neighbours:
+        """The denoise test inputs with ``context`` neighbours of every scored slice."""
         raise NotImplementedError
 
     def describe(self, sizes: Sizes) -> dict:
@@ -186,6 +207,15 @@ class Synthetic(Source):
             return TaskData(level, {"clean": clean_train, "aniso": aniso}, [truth[::k]], truth,
                             eval_z, (v * k, v, v), v, {"clean": iso, "aniso": (v * k, v, v)})  # fmt: skip
         raise ValueError(f"unknown task {level.task!r}")
+
+    def neighbours(self, level: Level, sizes: Sizes, context: int) -> Neighbours:
+        """The test stack grown by ``context`` slices at each end (its slices are contiguous)."""
+        z0, y0, x0 = self.test_origin
+        origin = (z0 - context, y0, x0)
+        clean = self.clean_block(origin, (sizes.test_slices + 2 * context, sizes.test_yx,
+                                          sizes.test_yx))  # fmt: skip
+        return Neighbours(context, [_noisy(clean, level, s, origin) for s in TEST_NOISE_SEEDS],
+                          np.arange(context, context + sizes.test_slices))  # fmt: skip
 
     def describe(self, sizes: Sizes) -> dict:
         return {
@@ -258,10 +288,12 @@ class FlyEM(Source):
         margin = max(1, n_z // (2 * sizes.test_slices))
         return np.linspace(margin, n_z - 1 - margin, sizes.test_slices).round().astype(int)
 
-    def noisy_neighbours(self, level: Level, sizes: Sizes, context: int) -> np.ndarray:
+    def noisy_neighbours(self, level: Level, sizes: Sizes, context: int,
+                         seed: int = TEST_NOISE_SEEDS[0]) -> np.ndarray:  # fmt: skip
         """``(n, 1 + 2 context, s, s)``: each scored slice of a denoising level with its
-        ``context`` neighbours on each side, noisy as the first test input (the noise is keyed
-        on global coordinates, so channel ``context`` is that input's slice)."""
+        ``context`` neighbours on each side, noisy as the test input of noise ``seed`` (the
+        first by default; the noise is keyed on global coordinates, so channel ``context`` is
+        that input's slice)."""
         test = self._read(self.test_file)
         y0, x0 = self._test_box(sizes, test.shape)
         s, zs = sizes.test_yx, self.test_slices_z(sizes, test.shape[0])
@@ -269,9 +301,17 @@ class FlyEM(Source):
             raise ValueError(f"z context {context} reaches past the test volume")
         return np.stack([
             _noisy(self.to_unit(test[z - context : z + context + 1, y0 : y0 + s, x0 : x0 + s]),
-                   level, TEST_NOISE_SEEDS[0], (int(z) - context, y0, x0))
+                   level, seed, (int(z) - context, y0, x0))
             for z in zs
         ])  # fmt: skip
+
+    def neighbours(self, level: Level, sizes: Sizes, context: int) -> Neighbours:
+        """The scored slices lie apart in z: one run of ``1 + 2 context`` slices per scored
+        slice, the runs stacked."""
+        s, width = sizes.test_yx, 1 + 2 * context
+        volumes = [self.noisy_neighbours(level, sizes, context, seed).reshape(-1, s, s)
+                   for seed in TEST_NOISE_SEEDS]  # fmt: skip
+        return Neighbours(context, volumes, np.arange(sizes.test_slices) * width + context)
 
     def task_data(self, level: Level, sizes: Sizes, clean_train: np.ndarray) -> TaskData:
         test = self._read(self.test_file)

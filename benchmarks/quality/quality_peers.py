@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 from quality_classical import bicubic_xy, interpolate_z
-from quality_data import Sizes, TaskData, settings_key
+from quality_data import Neighbours, Sizes, TaskData, settings_key
+from quality_linear import slice_stacks
 
 RUNNER = Path(__file__).with_name("careamics_runner.py")
 
@@ -49,6 +50,15 @@ def peer_inputs(data: TaskData) -> dict[str, dict[str, Any]]:
     between = np.array([z for z in range(len(cubic)) if z % k])
     test = interpolate_z(data.test_inputs[0], k, "cubic")[data.eval_z]
     return {"care": {"x": cubic[between], "y": clean[between], "predict": {"A": test}}}
+
+
+def context_inputs(data: TaskData, neighbours: Neighbours) -> dict[str, Any]:
+    """CARE reading z (``care-z1``) on a denoise level: input the noisy slices z - c … z + c
+    as channels (SCYX, mirrored at the training volume's ends), target the clean slice z; it
+    predicts the scored slices of both noise realisations with their noisy neighbours."""
+    x = slice_stacks(data.train["noisy"], neighbours.context)
+    tests = {"A": neighbours.windows(0), "B": neighbours.windows(1)}
+    return {"x": x, "y": data.train["clean"], "predict": tests}
 
 
 _RATES: dict[str, float] = {}  # CAREamics steps/s measured in this run, per algorithm

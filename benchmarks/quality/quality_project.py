@@ -97,11 +97,13 @@ def train_settings(sizes: Sizes, extra: dict[str, Any] | None = None,
 
 
 def model_name(entry: Entry, task: str) -> str:
-    """The row name of a project model: variant and kind."""
+    """The row name of a project model: variant and kind, and the slices a model reading z
+    reads."""
     if entry.kind == "regression":
         return "regression UNet (L1)"
     variant = "vemdiffuse-a" if entry.aniso else VARIANT[task]
-    return f"{variant}, {entry.kind}"
+    slices = f", {1 + 2 * entry.z_context} slices" if entry.z_context else ""
+    return f"{variant}, {entry.kind}{slices}"
 
 
 def train_sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], list[float]]:
@@ -125,7 +127,8 @@ def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str
     """Trainer options of ``entry`` on ``data``: the shared recipe, the kind's objective, the
     level's factor. vemdiffuse-a's patch runs along z of its z-subsampled training volume,
     so it is cut to fit (a multiple of 8); isotropic levels train at :data:`ISOTROPIC_LR`
-    with :data:`ISOTROPIC_Z_CONTEXT` unless ``extra`` sets ``lr`` or ``z_context``; the
+    with :data:`ISOTROPIC_Z_CONTEXT` unless ``extra`` sets ``lr`` or ``z_context``; a method
+    reading z (``residual-z1``) trains with its z context whatever ``extra`` says; the
     regression UNet skips the end-of-training calibration of the sample spread (it has
     none); the residual kind's own settings (:data:`RESIDUAL_SETTINGS`) are written out."""
     level = data.level
@@ -139,6 +142,8 @@ def train_options(entry: Entry, data: TaskData, sizes: Sizes, extra) -> dict[str
     if level.task == "isotropic":  # the isotropic recipe, where --train-set leaves it
         recipe = {"lr": ISOTROPIC_LR, "z_context": ISOTROPIC_Z_CONTEXT}
         options.update({k: v for k, v in recipe.items() if k not in (extra or {})})
+    if entry.z_context:
+        options["z_context"] = entry.z_context
     if entry.aniso:
         options["patch"] = min(options["patch"], data.train["aniso"].shape[0] // 8 * 8)
     if entry.kind == "regression" and "calibration_samples" in field_names():

@@ -45,13 +45,14 @@ from quality_data import (
     TASKS,
     TEST_NOISE_SEEDS,
     TRAIN_NOISE_SEED,
+    Neighbours,
     Sizes,
     Source,
     TaskData,
     make_source,
 )
 from quality_figures import calibration_plot, frc_curves, metric_bars, panel, real_em_figure
-from quality_peers import peer_inputs, run_peer
+from quality_peers import context_inputs, peer_inputs, run_peer
 from quality_plan import (
     PROJECT,
     QUICK_SCALE,
@@ -82,7 +83,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 REAL_EM_PATCHES = 4
 PROBE_SECONDS = {"full": 20.0, "quick": 2.0}  # our trainer's rate probe
 PEER_PROBE_STEPS = {"full": 40, "quick": 6}  # CAREamics' rate probe
-PEER_NAMES = {"n2v": "N2V (CAREamics)", "care": "CARE (CAREamics)"}
+PEER_NAMES = {"n2v": "N2V (CAREamics)", "care": "CARE (CAREamics)",
+              "care-z1": "CARE (CAREamics), 3 slices",
+              "care-z2": "CARE (CAREamics), 5 slices"}  # fmt: skip
 
 
 def default_cache() -> Path:
@@ -232,10 +235,12 @@ def _train_record(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
-                  models: dict[str, Any]) -> None:  # fmt: skip
+                  models: dict[str, Any], scored: np.ndarray | None = None) -> None:  # fmt: skip
     """Train (or reuse) one project model and enhance the test input(s) with it through
     ``emdiffuse.enhance``: the regression UNet in one evaluation; the emdiffuse kinds as
-    the posterior mean (``samples=0``), one sample and the mean of N."""
+    the posterior mean (``samples=0``), one sample and the mean of N. ``scored``: the
+    slices of the inputs that are scored (inputs with neighbouring slices, for a model
+    reading z)."""
     d, args = run.data, ctx.args
     task = d.level.task
     if entry.kind == "residual" and not features()["residual"]:
@@ -265,6 +270,10 @@ def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
         r = run_enhance(meta["path"], source, work / f"{tag}_{what}.ome.zarr", **kw)
         if "error" in r:
             return r
+        if scored is not None:  # the neighbouring slices are read, not scored
+            r["mean"] = r["mean"][scored]
+            if r["uncertainty"] is not None:
+                r["uncertainty"] = r["uncertainty"][scored]
         run.timings[f"enhance {entry.token} {what}"] = r["seconds"]
         print(f"    enhance {what}: {r['seconds']:.1f} s", flush=True)
         return r
@@ -291,7 +300,7 @@ def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
         if mean_a["uncertainty"] is not None:
             unc = uncertainty_scores(mean_a["mean"], mean_a["uncertainty"], d.truth, d.eval_z,
                                      mean_a["uncertainty_meaning"])  # fmt: skip
-        run.add(name, "emdiffuse", mean_a["mean"], family=entry.kind, mode="mean (1 NFE)",
+        run.add(name, "emdiffuse", mean_a["mean"], family=entry.family, mode="mean (1 NFE)",
                 entry=entry, train=train, pair=mean_b["mean"] if ok_b else None,
                 pair_what="noise realisations A vs B" if ok_b else "",
                 seconds=mean_a["seconds"], uncertainty=unc)  # fmt: skip
@@ -305,7 +314,7 @@ def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
     else:
         one_b = enh("s1_seed1_A", inputs[0], samples=1, seed=s1)
         what = "same input, sampler seeds 0 vs 1"
-    run.add(name, "emdiffuse", one["mean"], family=entry.kind, mode="1 sample", entry=entry,
+    run.add(name, "emdiffuse", one["mean"], family=entry.family, mode="1 sample", entry=entry,
             train=train, pair=one_b.get("mean"), pair_what=what if "mean" in one_b else "",
             seconds=one["seconds"])  # fmt: skip
     n = args.samples
@@ -319,7 +328,7 @@ def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
         unc = uncertainty_scores(many["mean"], many["uncertainty"], d.truth, d.eval_z,
                                  many["uncertainty_meaning"])  # fmt: skip
     ok_b = many_b is not None and "error" not in many_b
-    run.add(name, "emdiffuse", many["mean"], family=entry.kind, mode=f"mean of {n}", entry=entry,
+    run.add(name, "emdiffuse", many["mean"], family=entry.family, mode=f"mean of {n}", entry=entry,
             train=train, pair=many_b["mean"] if ok_b else None,
             pair_what="noise realisations A vs B, sampler seeds 0 vs 1" if ok_b else "",
             seconds=many["seconds"], uncertainty=unc)  # fmt: skip
@@ -369,6 +378,20 @@ def peer_entry(run: LevelRun, ctx: Context, entry: Entry, arrays: dict[str, Any]
                 seconds=seconds)  # fmt: skip
 
 
+def neighbour_inputs(ctx: Context, data: TaskData, context: int) -> tuple[Neighbours, list[Path]]:
+    """The denoise test inputs with ``context`` neighbours of each scored slice, checked
+    against the test inputs (the same keyed noise), and written as OME-Zarr."""
+    nb = ctx.source.neighbours(data.level, ctx.sizes, context)
+    pairs = zip(nb.volumes, data.test_inputs, strict=True)
+    if not all(np.array_equal(v[nb.scored], x) for v, x in pairs):
+        raise ValueError("the neighbours' scored slices are not the test inputs: noise keying "
+                         "changed")  # fmt: skip
+    work = level_work_dir(ctx.cache, ctx.source.name, data.level)
+    paths = [write_input(v, work / f"input_z{context}_{n}.ome.zarr", data.input_voxel)
+             for n, v in zip("AB", nb.volumes, strict=True)]  # fmt: skip
+    return nb, paths
+
+
 def evaluate_level(ctx: Context, level, clean_train: np.ndarray, plan: list[Entry]):
     """Every method on one level: (JSON summary, images for the figures)."""
     start = time.perf_counter()
@@ -382,11 +405,18 @@ def evaluate_level(ctx: Context, level, clean_train: np.ndarray, plan: list[Entr
     models: dict[str, Any] = {}
     peers: dict[str, Any] = {}
     arrays = None
+    z: dict[int, tuple[Neighbours, list[Path]]] = {}  # test inputs with neighbours, per context
     for entry in (e for e in plan if applies(e, level.task)):
+        c = entry.z_context
+        if c and c not in z:
+            z[c] = neighbour_inputs(ctx, data, c)
         if entry.method in PROJECT:
-            project_entry(run, ctx, entry, inputs, models)
+            project_entry(run, ctx, entry, z[c][1] if c else inputs, models,
+                          z[c][0].scored if c else None)  # fmt: skip
         elif ctx.args.no_peers:
             peers[entry.token] = {"skipped": "--no-peers"}
+        elif c:
+            peer_entry(run, ctx, entry, context_inputs(data, z[c][0]), peers)
         else:
             arrays = arrays or peer_inputs(data)
             peer_entry(run, ctx, entry, arrays[entry.method], peers)
@@ -617,7 +647,9 @@ def run_source(name: str, args, argv, record: dict, out_root: Path, cache: Path)
     if name == "synthetic" and "denoise" in images:
         first = images["denoise"][0]
         paths = first["model_paths"]
-        pick = next((p for t, p in paths.items() if not t.startswith("regression")), None)
+        # a model reading one slice: the real EM patches are not a volume
+        pick = next((p for t, p in paths.items() if not t.startswith("regression")
+                     and not parse_plan([t])[0].z_context), None)  # fmt: skip
         if pick is not None:
             real = real_em(args.real_em, pick, cache, out, args.seed)
             real["model"] = (
