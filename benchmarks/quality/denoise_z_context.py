@@ -2,12 +2,12 @@
 reading the noisy slice alone, and with 1 or 2 noisy slices above and below.
 
 FlyEM's volumes are 10 nm isotropic, so adjacent slices show nearly the same structure under
-independent shot noise. Every model in the quality benchmark (ours, CARE, Noise2Void) reads
-one slice. The filter is fitted the way the report's linear-filter row is (``quality_linear``:
+independent shot noise. The quality benchmark's default denoisers (ours, CARE, Noise2Void)
+read one slice; its ``-z1``/``-z2`` methods read 3 or 5 (``quality_plan``). The filter is fitted the way the report's linear-filter row is (``quality_linear``:
 64 random 48² patches of the noisy ``training_sample1``, its slices mirrored at the ends)
 and scored on the first test input's slices of ``training_sample2``, each with its real noisy
 neighbours (the noise is keyed on global coordinates, so the middle slice is the test input
-itself). No network: a lower bound on what a denoiser with z context could reach.
+itself). No network: a lower bound on what a denoiser with z context can reach.
 
     python benchmarks/quality/denoise_z_context.py [--levels denoise-dose8 denoise-dose2]
 """
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         "# A linear denoising filter reading neighbouring slices, FlyEM (PSNR dB / SSIM)\n\n"
         "The least-squares filter from 1, 3 or 5 noisy slices to the clean middle one, fitted "
         "on 64 random 48² patches of `training_sample1` and scored on the held-out "
-        "`training_sample2` like every quality row. Every model in the quality report reads one "
-        "slice (the 1-slice row is the report's linear-filter peer). Command: `python "
+        "`training_sample2` like every quality row. The 1-slice row is the report's linear-filter "
+        "peer; the networks reading neighbouring slices are in `z_context_denoise/`. Command: `python "
         "benchmarks/quality/denoise_z_context.py`.\n\n" + table + "\n"
     )
 

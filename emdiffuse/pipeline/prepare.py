@@ -161,7 +161,7 @@ def check_model_fits(volume: Volume, config, *, voxel_tolerance: float = 0.5) ->
         if config.z_context and slices < 2:
             raise InputError(
                 f"{config.describe()} reads {config.z_context} neighbouring slice(s) on each "
-                f"side but the input has one slice; give the whole z stack or use a model "
+                "side but the input has one slice; give the whole z stack or use a model "
                 "trained with --z-context 0"
             )
         return

@@ -95,8 +95,9 @@ def resolve_z_context(s: TrainSettings, out: str | os.PathLike, resume: bool) ->
     """The z context (input slices beyond the bounding pair of isotropic recipes, or beyond
     the slice to denoise) ``None`` stands for, set in ``s``: the run's own when resuming (0
     for runs from before the option), the ``--init`` model's when fine-tuning,
-    :data:`DEFAULT_Z_CONTEXT` for a new isotropic model and 0 for the other tasks. A given value is kept; one that differs
-    from the ``--init`` model's is refused (the network's input channels follow from it)."""
+    :data:`DEFAULT_Z_CONTEXT` for a new isotropic model and 0 for the other tasks. A given
+    value is kept; one that differs from the ``--init`` model's is refused (the network's
+    input channels follow from it)."""
     isotropic = s.task in ("isotropic", "anisotropic")
     init_context = None
     if s.init is not None and not resume:
