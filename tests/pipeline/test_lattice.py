@@ -226,6 +226,23 @@ def test_default_tiling_computes_at_most_1_3_voxels_per_output_voxel(multiple, x
     assert choose_tile((1024, 1024), 8, 1, 32, None)[1] == 8
 
 
+def _check_conditions(lat, volume, expected):
+    """Each unit's tile condition reads the ``expected`` input slices (z order, values =
+    slice index), and is the same cut from the read region of one output chunk holding it
+    as from the whole volume."""
+    from emdiffuse.pipeline.lattice import Tile
+    from emdiffuse.pipeline.tasks import tile_condition
+
+    full = tuple((0, n) for n in volume.shape)
+    for unit, slices in expected.items():
+        tile = Tile(unit, 0, 0)
+        cond = tile_condition(lat, tile, volume, full)
+        assert cond[:, 0, 0].tolist() == slices
+        box = lat.read_box(lat.tile_output_box(tile))
+        region = volume[tuple(slice(a, b) for a, b in box)]
+        np.testing.assert_array_equal(tile_condition(lat, tile, region, box), cond)
+
+
 def test_z_context_reads_beyond_the_pair_and_mirrors_at_the_volume_ends():
     """A model with a z context of 1 reads input slices u - 1 .. u + 2 for unit u; beyond
     the volume they are mirrored about its end slices, and a tile's condition is the same
@@ -240,15 +257,7 @@ def test_z_context_reads_beyond_the_pair_and_mirrors_at_the_volume_ends():
     assert [lat.unit_input_pad(u) for u in range(4)] == [(1, 0), (0, 0), (0, 0), (0, 1)]
     volume = np.broadcast_to(np.arange(nz, dtype=np.float32)[:, None, None], (nz, 10, 10))
     expected = {0: [1, 0, 1, 2], 1: [0, 1, 2, 3], 2: [1, 2, 3, 4], 3: [2, 3, 4, 3]}
-    full = ((0, nz), (0, 10), (0, 10))
-    for unit, slices in expected.items():
-        tile = Tile(unit, 0, 0)
-        cond = tile_condition(lat, tile, volume, full)
-        assert cond[:, 0, 0].tolist() == slices
-        # cut from the read region of one output chunk holding the tile
-        box = lat.read_box(lat.tile_output_box(tile))
-        region = volume[tuple(slice(a, b) for a, b in box)]
-        np.testing.assert_array_equal(tile_condition(lat, tile, region, box), cond)
+    _check_conditions(lat, volume, expected)
     # two input slices: both ends mirrored
     two = Lattice((2, 10, 10), 8, 2, z_scale=3, z_context=1)
     cond = tile_condition(two, Tile(0, 0, 0), volume[:2], ((0, 2), (0, 10), (0, 10)))
@@ -260,9 +269,6 @@ def test_z_context_reads_beyond_the_pair_and_mirrors_at_the_volume_ends():
 def test_denoise_z_context_reads_the_neighbours_mirrored_at_the_volume_ends():
     """A denoiser with a z context of 2 reads input slices u - 2 .. u + 2 for slice u, in z
     order, mirrored about the end slices, whatever region the tile is cut from."""
-    from emdiffuse.pipeline.lattice import Tile
-    from emdiffuse.pipeline.tasks import tile_condition
-
     nz = 4
     lat = Lattice((nz, 10, 10), 8, 2, z_context=2)
     assert lat.n_units == nz and lat.output_shape == (nz, 10, 10)
@@ -270,11 +276,4 @@ def test_denoise_z_context_reads_the_neighbours_mirrored_at_the_volume_ends():
     assert [lat.unit_input_pad(u) for u in range(nz)] == [(2, 0), (1, 0), (0, 1), (0, 2)]
     volume = np.broadcast_to(np.arange(nz, dtype=np.float32)[:, None, None], (nz, 10, 10))
     expected = {0: [2, 1, 0, 1, 2], 1: [1, 0, 1, 2, 3], 2: [0, 1, 2, 3, 2], 3: [1, 2, 3, 2, 1]}
-    full = ((0, nz), (0, 10), (0, 10))
-    for unit, slices in expected.items():
-        tile = Tile(unit, 0, 0)
-        cond = tile_condition(lat, tile, volume, full)
-        assert cond[:, 0, 0].tolist() == slices
-        box = lat.read_box(lat.tile_output_box(tile))
-        region = volume[tuple(slice(a, b) for a, b in box)]
-        np.testing.assert_array_equal(tile_condition(lat, tile, region, box), cond)
+    _check_conditions(lat, volume, expected)

@@ -436,11 +436,28 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     assert not (tmp_path / "x").exists()
 
 
+ENHANCE_RUN = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
+                   scheduler="threads", workers=1, dtype="float32")  # fmt: skip
+
+
+def _assert_chunking_invariant(source, model, folder, shape):
+    """``enhance`` of ``source`` (the posterior mean and one sample) gives ``shape`` and
+    the same values with one output chunk as with small odd chunks."""
+    from emdiffuse import enhance
+
+    for samples in (0, 1):
+        a = enhance(source, model, folder / f"a{samples}.zarr", chunks=shape, samples=samples,
+                    **ENHANCE_RUN)  # fmt: skip
+        b = enhance(source, model, folder / f"b{samples}.zarr", chunks=(2, 10, 7),
+                    samples=samples, **ENHANCE_RUN)  # fmt: skip
+        assert a.shape == shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
 def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_path):
     """``z_context=1``: the isotropic model reads four slices (its config and channels say
     so), a resumed run keeps it, fine-tuning takes the --init model's and refuses another;
     its enhancement does not depend on the output chunking, mirrored ends included."""
-    from emdiffuse import enhance
     from emdiffuse.models.checkpoints import load_checkpoint
 
     volume = _write(tmp_path / "iso.zarr", _smooth((12, 64, 64), 4), chunks=(4, 16, 16))
@@ -474,15 +491,7 @@ def test_z_context_trains_enhances_and_is_kept_when_resuming_or_fine_tuning(tmp_
 
     source = tmp_path / "aniso.ome.zarr"
     io.write_image(_smooth((5, 24, 24), 5), source, voxel_size=(16.0, 8.0, 8.0), levels=0)
-    run = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
-               scheduler="threads", workers=1, dtype="float32")  # fmt: skip
-    for samples in (0, 1):
-        a = enhance(source, out / "model.safetensors", tmp_path / f"a{samples}.zarr",
-                    chunks=(9, 24, 24), samples=samples, **run)  # fmt: skip
-        b = enhance(source, out / "model.safetensors", tmp_path / f"b{samples}.zarr",
-                    chunks=(2, 10, 7), samples=samples, **run)  # fmt: skip
-        assert a.shape == (9, 24, 24)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    _assert_chunking_invariant(source, out / "model.safetensors", tmp_path, (9, 24, 24))
 
 
 def test_denoise_z_context_trains_and_enhances_a_stack_chunking_invariant(tmp_path):
@@ -508,19 +517,11 @@ def test_denoise_z_context_trains_and_enhances_a_stack_chunking_invariant(tmp_pa
     assert weights.shape == (1, 3, 3, 3) and bool(weights[:, [0, 2]].abs().sum() > 0)
     source = tmp_path / "stack.ome.zarr"
     io.write_image(noisy[:5, :24, :24], source, voxel_size=(8.0, 8.0, 8.0), levels=0)
-    run = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
-               scheduler="threads", workers=1, dtype="float32")  # fmt: skip
-    for samples in (0, 1):
-        a = enhance(source, out / "model.safetensors", tmp_path / f"a{samples}.zarr",
-                    chunks=(5, 24, 24), samples=samples, **run)  # fmt: skip
-        b = enhance(source, out / "model.safetensors", tmp_path / f"b{samples}.zarr",
-                    chunks=(2, 10, 7), samples=samples, **run)  # fmt: skip
-        assert a.shape == (5, 24, 24)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    _assert_chunking_invariant(source, out / "model.safetensors", tmp_path, (5, 24, 24))
     single = tmp_path / "single.ome.zarr"
     io.write_image(noisy[0, :24, :24], single, voxel_size=(8.0, 8.0), axes="yx", levels=0)
     with pytest.raises(InputError, match="one slice; give the whole z stack"):
-        enhance(single, out / "model.safetensors", tmp_path / "c.zarr", **run)
+        enhance(single, out / "model.safetensors", tmp_path / "c.zarr", **ENHANCE_RUN)
     assert not (tmp_path / "c.zarr").exists()
 
 
