@@ -7,6 +7,8 @@ Runs on any Dask cluster given its scheduler address, or on a LocalCluster witho
 
 ``--samples 0`` writes the posterior mean only (one network evaluation per tile, the
 fastest); ``1`` one sample; ``N >= 2`` the mean of N samples and the uncertainty image.
+A model trained with ``--z-context C`` also reads the C noisy slices on each side of every
+slice it denoises: give it the whole stack.
 """
 
 from _common import parser, run
