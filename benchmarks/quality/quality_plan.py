@@ -69,6 +69,11 @@ class Entry:
         _, sep, context = self.method.rpartition("-z")
         return int(context) if sep else 0
 
+    @property
+    def reads(self) -> str:
+        """What a row name adds for a method reading z (``", 3 slices"``), else ``""``."""
+        return f", {1 + 2 * self.z_context} slices" if self.z_context else ""
+
 
 def default_plan(residual_available: bool) -> list[Entry]:
     """At ~2.5 min every learned method; at ~20 min the residual kind, CARE and the L1

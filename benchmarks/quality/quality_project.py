@@ -102,8 +102,7 @@ def model_name(entry: Entry, task: str) -> str:
     if entry.kind == "regression":
         return "regression UNet (L1)"
     variant = "vemdiffuse-a" if entry.aniso else VARIANT[task]
-    slices = f", {1 + 2 * entry.z_context} slices" if entry.z_context else ""
-    return f"{variant}, {entry.kind}{slices}"
+    return f"{variant}, {entry.kind}{entry.reads}"
 
 
 def train_sources(entry: Entry, data: TaskData) -> tuple[str, list[np.ndarray], list[float]]:

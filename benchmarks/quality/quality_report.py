@@ -94,7 +94,7 @@ def at_budget(lv: dict, budget: float) -> dict[str, list[dict]]:
     ours = [r for r in rows if r["group"] == "emdiffuse" and r.get("budget_s") == budget]
     peers = [r for r in rows if r["group"] == "classical"
              or (r["group"] == "learned" and r.get("budget_s") == budget)]  # fmt: skip
-    care = [r for r in peers if r["family"] in ("care", "care-z1", "care-z2")]
+    care = [r for r in peers if r["family"].partition("-")[0] == "care"]  # any z context
     return {"ours": ours, "peers": peers, "care": care}
 
 

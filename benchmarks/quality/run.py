@@ -83,9 +83,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 REAL_EM_PATCHES = 4
 PROBE_SECONDS = {"full": 20.0, "quick": 2.0}  # our trainer's rate probe
 PEER_PROBE_STEPS = {"full": 40, "quick": 6}  # CAREamics' rate probe
-PEER_NAMES = {"n2v": "N2V (CAREamics)", "care": "CARE (CAREamics)",
-              "care-z1": "CARE (CAREamics), 3 slices",
-              "care-z2": "CARE (CAREamics), 5 slices"}  # fmt: skip
+PEER_NAMES = {"n2v": "N2V (CAREamics)", "care": "CARE (CAREamics)"}
 
 
 def default_cache() -> Path:
@@ -363,7 +361,7 @@ def peer_entry(run: LevelRun, ctx: Context, entry: Entry, arrays: dict[str, Any]
              "params": meta.get("params"), "rate": (meta.get("rate") or {}).get("steps_per_second"),
              "epochs": meta.get("epochs")}  # fmt: skip
     preds = result["predictions"]
-    label = PEER_NAMES[algorithm]
+    label = PEER_NAMES[entry.kind] + entry.reads
     seconds = float(meta["predict_seconds"].get("A", math.nan))
     if d.level.task == "isotropic":
         volume = interpolate_z(d.test_inputs[0], k, "cubic")
