@@ -239,19 +239,27 @@ class ErrorNet(nn.Module):
     """The error head: ``log σ²`` per output voxel of the posterior mean's error, from the
     condition and the mean (both on the output grid, model space).
 
-    A few dilated 3×3 convolutions with SiLU over ``cat([cond, mean])`` (receptive field 17
-    voxels, no normalisation over space: a voxel's σ depends on its neighbourhood alone), a
-    1×1 output that starts near :data:`ERROR_START_LOG_VARIANCE` everywhere. Trained by the
-    Gaussian negative log-likelihood of the mean's error with the mean detached
+    A few dilated 3×3 convolutions with SiLU over ``cat([cond, mean])`` (``dilations``: the
+    default's receptive field is 17 voxels; no normalisation over space: a voxel's σ
+    depends on its neighbourhood alone), a 1×1 output that starts near
+    :data:`ERROR_START_LOG_VARIANCE` everywhere. Trained by the Gaussian negative
+    log-likelihood of the mean's error with the mean detached
     (:func:`~emdiffuse.models.diffusion.residual_loss`), so it never moves the mean; a
     conformal scale fitted on held-out data turns σ into interval half-widths
     (:func:`~emdiffuse.models.calibration.fit_mean`)."""
 
-    def __init__(self, dims: int, in_channels: int, out_channels: int, channels: int) -> None:
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: int,
+        dilations: Sequence[int] = ERROR_DILATIONS,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         ch = in_channels
-        for dilation in ERROR_DILATIONS:
+        for dilation in dilations:
             layers += [conv_nd(dims, ch, channels, 3, padding=dilation, dilation=dilation),
                        nn.SiLU()]  # fmt: skip
             ch = channels

@@ -88,3 +88,18 @@ def test_clipping_bounds_the_head_as_well_as_the_mean_and_residual_networks():
         assert norm <= 1.0 + 1e-4, f"{name} not clipped: {norm:.3f}"
     before = 10.0 * sum(p.numel() for p in net.parameters()) ** 0.5
     assert abs(total - before) <= 1e-3 * before  # the norm over every parameter, before
+
+
+def test_the_head_takes_its_dilations():
+    """``dilations`` sets the body's 3×3 convolutions (the default keeps the shipped
+    design); every design keeps the output on the input grid."""
+    default = ErrorNet(2, 2, 1, 8)
+    wider = ErrorNet(2, 2, 1, 8, (1, 2, 4, 8, 16))
+
+    def dilations(head):
+        return [m.dilation[0] for m in head.body if isinstance(m, torch.nn.Conv2d)]
+
+    assert dilations(default) == [1, 1, 2, 4]
+    assert dilations(wider) == [1, 2, 4, 8, 16]
+    x = torch.randn(2, 1, 40, 40)
+    assert wider(x, x).shape == default(x, x).shape == (2, 1, 40, 40)
