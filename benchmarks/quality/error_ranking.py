@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model.is_file():
         p.error(f"no model file at {args.model}: pass a trained model's .safetensors")
     record = start_record("benchmarks/quality/error_ranking.py", argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config, state = load_checkpoint(args.model)
     if not config.residual or not config.mean_net.error_channels or config.in_slices != 1:
         p.error("--model must be a one-slice residual model with an error head")
