@@ -8,7 +8,13 @@ errors over the training volume (the same Gaussian likelihood as in training,
 held-out test input like the quality report does: Spearman of the map against ``|error|``
 per voxel and per 16² block (block RMS against block RMS).
 
-- ``checkpoint``: the model's own head, trained alongside the moving mean;
+- ``checkpoint``: the model's own head (for a model made since the twenty-eighth session,
+  already refitted at the end of its training);
+- ``as the loop left it``: the head in the run's last resumable checkpoint, before any
+  refit (the same as ``checkpoint`` for older models);
+- ``shipped refit, N steps``: that head refitted by the library's end-of-training refit
+  (:func:`emdiffuse.training.error_refit.refit_error_head`, on the run's own training
+  batches: ``--refit-steps``);
 - ``refit``: the same head design trained on the final mean alone;
 - ``wider``: 32 channels and dilations 1, 2, 4, 8, 16 (receptive field 63 voxels);
 - ``mean features``: the mean network's last decoder features as extra input;
@@ -26,6 +32,7 @@ given the volume alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -34,16 +41,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from quality_data import flyem_levels
+from quality_plan import Entry
+from quality_project import train_sources
 from quality_scores import RANKING_WINDOW
 
 from emdiffuse import metrics
 from emdiffuse.models.checkpoints import load_checkpoint
 from emdiffuse.models.conditioning import upsample_xy
+from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype
 from emdiffuse.models.diffusion import error_nll
 from emdiffuse.models.mean_net import ErrorNet
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.normalization import pair_from_model
+from emdiffuse.training.build import build_dataset
 from emdiffuse.training.degrade import blur_downsample_xy
+from emdiffuse.training.error_refit import refit_error_head
+from emdiffuse.training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -115,6 +128,40 @@ def train_head(train: Fixed, kind: str, channels: int, dilations, *, steps: int,
     return head
 
 
+def loop_head(net, model: Path) -> tuple[torch.nn.Module, str]:
+    """The error head as the training loop left it: the averaged weights of the run
+    folder's last resumable checkpoint (before the end-of-training refit), or the model's
+    own head where the folder keeps none; and which it is."""
+    saved = sorted((model.parent / "checkpoints").glob("step_*.pt"))
+    head = copy.deepcopy(net.error)
+    if not saved:
+        return head, "the model's own (no checkpoint in its folder)"
+    ema = torch.load(saved[-1], weights_only=True, map_location="cpu")["ema"]
+    head.load_state_dict({k.removeprefix("error."): v for k, v in ema.items()
+                          if k.startswith("error.")})  # fmt: skip
+    return head, saved[-1].name
+
+
+def shipped_refit(net, config, model: Path, data, start: torch.nn.Module, steps: int):
+    """``start`` refitted for ``steps`` steps by the library's refit on the run's own
+    training batches (its settings.json; the model's normalisation) in the run's precision,
+    on a copy of ``net``."""
+    task, sources, _ = train_sources(Entry("residual", 150), data)
+    recorded = json.loads((model.parent / "settings.json").read_text())
+    s = TrainSettings.build(task, ["a"], {k: v for k, v in recorded.items()
+                                          if k not in ("task", "data")})  # fmt: skip
+    dataset = build_dataset(s, sources, normalization={
+        "condition": config.condition_normalization or config.normalization,
+        "target": config.normalization})  # fmt: skip
+    refitted = copy.deepcopy(net)
+    refitted.error.load_state_dict(start.state_dict())
+    record = refit_error_head(refitted, dataset, config, batch_size=s.batch_size, steps=steps,
+                              device=torch.device("cpu"),
+                              autocast=autocast_dtype(s.precision, torch.device("cpu"),
+                                                      choices=TRAIN_PRECISIONS))  # fmt: skip
+    return refitted.error, record
+
+
 def ranking(sigma: torch.Tensor, test: Fixed) -> dict[str, float]:
     """Spearman of ``sigma`` against the mean's |error| on ``test``, per voxel and per block."""
     r = metrics.uncertainty_ranking(test.mean[:, 0].numpy(), sigma[:, 0].numpy(),
@@ -129,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, type=Path, help="a residual model's .safetensors")
     p.add_argument("--steps", type=int, default=2000, help="training steps of each fresh head")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads", nargs="*", default=list(HEADS), choices=list(HEADS),
+                   metavar="HEAD", help=f"fresh heads to fit (default all: {', '.join(HEADS)})")
+    p.add_argument("--refit-steps", type=int, nargs="*", default=[350, 2000],
+                   help="steps of the shipped refit rows (none: leave them out)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality")
     p.add_argument("--name", default=None, help="file name (default: error_ranking_LEVEL)")
     args = p.parse_args(argv)
@@ -159,7 +210,19 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         own = torch.exp(0.5 * net.error(*test.head_input("input")))
     rows.append({"head": "checkpoint", **ranking(own, test)})
-    for name, (channels, dilations, kind) in HEADS.items():
+    start, where = loop_head(net, args.model)
+    with torch.no_grad():
+        sigma = torch.exp(0.5 * start(*test.head_input("input")))
+    rows.append({"head": "as the loop left it", "from": where, **ranking(sigma, test)})
+    for steps in args.refit_steps:
+        head, refit = shipped_refit(net, config, args.model, data, start, steps)
+        with torch.no_grad():
+            sigma = torch.exp(0.5 * head(*test.head_input("input")))
+        rows.append({"head": f"shipped refit, {steps} steps", **ranking(sigma, test),
+                     "train_s": round(refit.seconds, 1)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    for name in args.heads:
+        channels, dilations, kind = HEADS[name]
         t0 = time.perf_counter()
         head = train_head(train, kind, channels, dilations, steps=args.steps, seed=args.seed)
         with torch.no_grad():
@@ -193,10 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(
         f"# How well an error head can rank the mean's errors, FlyEM {args.level}\n\n"
-        f"Model: `{args.model.parent.name}` (its mean network fixed). Fresh heads: {args.steps} "
-        f"steps each, batch 16, 48² patches, every second slice of `training_sample1`; "
-        f"scored on the first test input. Command: `python benchmarks/quality/"
-        f"error_ranking.py --level {args.level} --model <that model>`.\n\n{table}\n"
+        f"Model: `{args.model.parent.name}` (its mean network fixed). Shipped refit: the "
+        f"library's end-of-training refit of the head as the loop left it ({where}), on the "
+        f"run's own unaugmented training batches. Fresh heads: {args.steps} steps each, batch "
+        f"16, 48² patches, every second slice of `training_sample1`. Scored on the first test "
+        f"input. Command: `python benchmarks/quality/error_ranking.py --level {args.level} "
+        f"--model <that model> --heads {' '.join(args.heads)} --refit-steps "
+        f"{' '.join(map(str, args.refit_steps))}`.\n\n{table}\n"
     )
 
 

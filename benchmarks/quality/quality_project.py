@@ -32,6 +32,7 @@ from quality_plan import OBJECTIVE, Entry
 
 import emdiffuse
 from emdiffuse import io
+from emdiffuse.models.presets import DEFAULT_ERROR_CHANNELS
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training import trainer
 from emdiffuse.training.settings import (
@@ -191,6 +192,8 @@ def measure_rate(entry: Entry, data: TaskData, sizes: Sizes, cache_dir: Path, *,
     options.update(val_every=big, ckpt_every=big)
     if "calibration_samples" in field_names():
         options["calibration_samples"] = 0
+    if "error_refit_steps" in field_names():  # the loop's rate alone, over all its seconds
+        options["error_refit_steps"] = 0
     start = time.perf_counter()
     trainer.train(task, sources, folder, steps=big, seed=seed, progress=False, voxel_size=voxel,
                   device=device, time_limit=seconds, **options)  # fmt: skip
@@ -270,7 +273,8 @@ def train_model(
         shutil.rmtree(folder)
     rate = planned_rate(entry, data, sizes, cache_dir, seconds=probe_seconds, seed=seed,
                         extra=extra, device=device, warmup=float(options.get("mean_warmup", 0)))  # fmt: skip
-    horizon = max(10, math.ceil(rate["steps_per_second"] * budget * HORIZON_MARGIN))
+    loop_budget = budget * (1 - refit_share(options))
+    horizon = max(10, math.ceil(rate["steps_per_second"] * loop_budget * HORIZON_MARGIN))
     options.update(val_every=horizon, ckpt_every=horizon)
     start = time.perf_counter()
     path = trainer.train(task, sources, folder, steps=horizon, seed=seed, progress=progress,
@@ -282,6 +286,19 @@ def train_model(
             "params": _count_params(path), "device": device}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
     return {**meta, "path": str(path), "cached": False}
+
+
+def refit_share(options: dict[str, Any]) -> float:
+    """The share of the time limit a run with ``options`` keeps for refitting its error head
+    at the end (``error_refit_share``; 0 for a model without a head or a refit, or a library
+    without either)."""
+    if "error_refit_share" not in field_names() or options.get("objective") != "residual":
+        return 0.0
+    d = defaults()
+    channels = dict(options.get("mean_net") or {}).get("error_channels", DEFAULT_ERROR_CHANNELS)
+    if not channels or options.get("error_refit_steps", d["error_refit_steps"]) == 0:
+        return 0.0
+    return float(options.get("error_refit_share", d["error_refit_share"]))
 
 
 def _on(device: str) -> tuple[str, ...]:

@@ -44,6 +44,10 @@ from emdiffuse.errors import InputError
 from emdiffuse.models.layers import conv_nd
 
 MAX_SKIP_SIZE = 15  # the widest linear skip (voxels)
+# the error head's default dilations of its 3x3 convolutions: a 17-voxel receptive field
+ERROR_DILATIONS = (1, 1, 2, 4)
+MAX_ERROR_LAYERS = 8  # the error head's most convolutions
+MAX_DILATION = 64  # its widest dilation (voxels)
 
 
 @dataclass
@@ -60,6 +64,8 @@ class MeanNetConfig:
     channel_norm: bool = False  # a per-voxel norm across channels after each convolution
     batch_norm: bool = False  # batch norm after each convolution (an affine map at inference)
     error_channels: int = 0  # width of the error head (:class:`ErrorNet`); 0: none
+    # dilations of the error head's 3x3 convolutions, one per layer (:data:`ERROR_DILATIONS`)
+    error_dilations: tuple[int, ...] = ERROR_DILATIONS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +88,19 @@ class MeanNetConfig:
             raise InputError(
                 f"mean_net config: error_channels must be an integer >= 0, got {errors!r}"
             )
+        given = dilations = self.error_dilations
+        if isinstance(dilations, list):  # from JSON
+            dilations = self.error_dilations = tuple(dilations)
+        if (
+            not isinstance(dilations, tuple)
+            or not 1 <= len(dilations) <= MAX_ERROR_LAYERS
+            or any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DILATION
+                   for d in dilations)
+        ):  # fmt: skip
+            raise InputError(
+                f"mean_net config: error_dilations must be a list of 1 to {MAX_ERROR_LAYERS} "
+                f"integers in 1..{MAX_DILATION}, got {given!r}"
+            )
         for name in ("channel_norm", "batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(
@@ -99,7 +118,9 @@ class MeanNetConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["error_dilations"] = list(self.error_dilations)  # JSON has no tuples
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | MeanNetConfig) -> MeanNetConfig:
@@ -226,8 +247,6 @@ class MeanUNet(nn.Module):
         return self.out(h) + self.skip(cond)
 
 
-# dilations of the error head's 3x3 convolutions: a 17-voxel receptive field on the mean's
-ERROR_DILATIONS = (1, 1, 2, 4)
 # the head's first estimate of log σ² (model space): σ ≈ 0.14, a typical error at the start
 ERROR_START_LOG_VARIANCE = -4.0
 # the range its log σ² is clamped to (σ from 5e-5 to 12 model units): a finite

@@ -70,7 +70,8 @@ class MeanResidualNet(nn.Module):
         self.residual = UNet(config.unet)
         m = config.mean_net
         self.error = (
-            ErrorNet(m.dims, m.in_channels + m.out_channels, m.out_channels, m.error_channels)
+            ErrorNet(m.dims, m.in_channels + m.out_channels, m.out_channels, m.error_channels,
+                     m.error_dilations)
             if m.error_channels else None
         )
 

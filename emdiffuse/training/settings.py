@@ -48,6 +48,9 @@ LOSS_NAMES = ("mse", "l1")
 MEAN_INITS = ("least-squares", "input")
 LR_SCHEDULES = ("constant", "cosine")
 AXES = ("y", "x", "both")
+# the error head's refit at the end of training: at most this many steps by default
+# (training/error_refit.py; a time-limited run's share of its limit usually ends it sooner)
+DEFAULT_REFIT_STEPS = 2000
 # settings a resumed run must share with the checkpoint it resumes (the architecture's too:
 # a different one could not load the saved weights)
 RESUME_FIELDS = ("task", "batch_size", "patch", "seed", "prediction", "size", "objective",
@@ -117,6 +120,12 @@ class TrainSettings:
     calibration_samples: int = 4  # N samples per patch (0: no calibration)
     calibration_patches: int = 32
     calibration_level: float = 0.9
+    # the error head refitted to the final mean at the end of training
+    # (training/error_refit.py): its steps (0: none; None: as many as the run's steps, at
+    # most DEFAULT_REFIT_STEPS), and the share of a time limit given to it (the loop stops
+    # that much earlier; the refit ends at the limit or after its steps)
+    error_refit_steps: int | None = None
+    error_refit_share: float = 0.05
     # input slices read beyond the bounding pair (isotropic recipes) or the slice to denoise
     # on each side (None: the run's own when resuming, the --init model's, else
     # models.z_context.DEFAULT_Z_CONTEXT for isotropic recipes and 0 for the others)
@@ -172,7 +181,7 @@ class TrainSettings:
             )
         if not isinstance(self.rotations, bool):
             raise InputError(f"rotations must be true or false, got {self.rotations!r}")
-        for name in ("intensity_jitter", "mean_warmup"):
+        for name in ("intensity_jitter", "mean_warmup", "error_refit_share"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 <= value < 1):
                 raise InputError(f"{name} must be a fraction in [0, 1), got {value!r}")
@@ -185,6 +194,10 @@ class TrainSettings:
             math.isfinite(self.residual_scale) and self.residual_scale > 0
         ):
             raise InputError(f"residual_scale must be positive, got {self.residual_scale}")
+        if self.error_refit_steps is not None and self.error_refit_steps < 0:
+            raise InputError(
+                f"error_refit_steps must be 0 (none) or positive, got {self.error_refit_steps}"
+            )
         if self.calibration_samples != 0 and self.calibration_samples < 2:
             raise InputError(
                 f"calibration_samples must be 0 (none) or at least 2, got {self.calibration_samples}"
@@ -239,6 +252,13 @@ def defaults() -> dict[str, Any]:
     }
 
 
+def refit_steps(s: TrainSettings) -> int:
+    """The steps of the run's error-head refit (:mod:`emdiffuse.training.error_refit`)."""
+    if s.error_refit_steps is None:
+        return min(DEFAULT_REFIT_STEPS, s.steps)
+    return s.error_refit_steps
+
+
 def data_labels(sources: Sequence[Any]) -> list[str]:
     """How the settings record names the sources: paths as they are, arrays by type."""
     return [str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__ for x in sources]
@@ -246,9 +266,10 @@ def data_labels(sources: Sequence[Any]) -> list[str]:
 
 _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "val_batch",
          "ckpt_every", "workers", "seed", "factor", "region", "calibration_samples",
-         "calibration_patches", "residual_batch", "z_context"}  # fmt: skip
+         "calibration_patches", "residual_batch", "z_context", "error_refit_steps"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
-           "time_limit", "residual_scale", "calibration_level", "intensity_jitter"}  # fmt: skip
+           "time_limit", "residual_scale", "calibration_level", "intensity_jitter",
+           "error_refit_share"}  # fmt: skip
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -331,6 +352,6 @@ DEMO_STEPS_PER_MINUTE = 300  # cosine horizon; training also stops at the time l
 __all__ = [
     "TrainSettings", "TASK_VARIANTS", "OBJECTIVES", "OBJECTIVE_CHOICES", "LOSS_NAMES", "MEAN_INITS", "LR_SCHEDULES", "AXES", "RESUME_FIELDS",
     "field_names", "defaults", "data_labels", "DEMO_SETTINGS", "DEMO_NOISE", "RESIDUAL_FIELDS",
-    "SINGLE_NETWORK_BATCH", "demo_recipe",
+    "SINGLE_NETWORK_BATCH", "demo_recipe", "DEFAULT_REFIT_STEPS", "refit_steps",
     "DEMO_STEPS_PER_MINUTE",
 ]  # fmt: skip

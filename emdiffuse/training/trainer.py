@@ -12,7 +12,10 @@ This module is the loop; its parts live next to it: :mod:`~emdiffuse.training.se
 settings and their defaults), :mod:`~emdiffuse.training.build` (dataset, config, network),
 :mod:`~emdiffuse.training.step` (one step, keyed noise, learning rate),
 :mod:`~emdiffuse.training.state` (checkpoints, resume), :mod:`~emdiffuse.training.validation`,
-:mod:`~emdiffuse.training.scalars` and :mod:`~emdiffuse.training.distributed`.
+:mod:`~emdiffuse.training.scalars` and :mod:`~emdiffuse.training.distributed`; what the end of
+a run does for the final model: :mod:`~emdiffuse.training.norm_stats` (batch-norm
+statistics), :mod:`~emdiffuse.training.error_refit` (the error head refitted to the final
+mean, inside a time limit) and the calibration (:func:`~emdiffuse.training.validation.calibrate`).
 
 Exactness. Every random draw is keyed: sample ``key`` of the loader, and its diffusion noise
 and noise level (a generator seeded from ``(seed, key)``); the only global RNG state (torch's,
@@ -68,10 +71,11 @@ from emdiffuse.training.build import (
     skip_is_fixed,
     split_data,
 )
+from emdiffuse.training.error_refit import refit_error_head
 from emdiffuse.training.loader import PatchDataset, make_loader
 from emdiffuse.training.norm_stats import NORM_BATCHES, refresh_mean_network
 from emdiffuse.training.scalars import Scalars
-from emdiffuse.training.settings import TrainSettings, data_labels
+from emdiffuse.training.settings import TrainSettings, data_labels, refit_steps
 from emdiffuse.training.state import (
     FINAL_NAME,
     checkpoint_path,
@@ -289,6 +293,7 @@ def _train(run: _Run, out: Path, *, progress: bool, replace: bool) -> Path:
         # from this step goes on exactly as an uninterrupted one would
         save_state(checkpoint_path(out, step), run.state(step, t0))
         _refresh_mean_network(run)
+        _refit_error_head(run, t0)
         _calibrate(run)
         save_final(out, run.ema, run.config)
     distributed.barrier(d)
@@ -308,10 +313,13 @@ def _loop(
     s, d = run.s, run.d
     step = run.start
     warmup = mean_warmup_steps(s)
+    limit = loop_time_limit(s, run.config)
     losses: list[float] = []
     while step < s.steps:
-        if s.time_limit is not None and time.perf_counter() - t0 > s.time_limit:
-            log.info("time limit of %.0f s reached at step %d", s.time_limit, step)
+        if limit is not None and time.perf_counter() - t0 > limit:
+            log.info("time limit of %.0f s reached at step %d%s", limit, step,
+                     "" if limit == s.time_limit else
+                     f" ({s.time_limit:.0f} s less the error head's refit)")  # fmt: skip
             break
         batch = next(loader)
         lr = lr_at(step, s)
@@ -358,6 +366,33 @@ def _refresh_mean_network(run: _Run) -> None:
         log.info("batch norm: statistics of %d layers re-estimated on %d training batches; "
                  "output offset %s (model space)", layers, NORM_BATCHES,
                  ", ".join(f"{v:+.4f}" for v in offset.tolist()))  # fmt: skip
+
+
+def has_refit(s: TrainSettings, config: ModelConfig) -> bool:
+    """Whether the run refits an error head at its end (:mod:`emdiffuse.training.error_refit`)."""
+    return bool(config.residual and config.mean_net.error_channels and refit_steps(s))
+
+
+def loop_time_limit(s: TrainSettings, config: ModelConfig) -> float | None:
+    """Seconds the optimisation loop may run: the time limit, less the share kept for the
+    error head's refit when there is one (None: no limit)."""
+    if s.time_limit is None:
+        return None
+    return s.time_limit * (1 - s.error_refit_share) if has_refit(s, config) else s.time_limit
+
+
+def _refit_error_head(run: _Run, t0: float) -> None:
+    """Refit the averaged model's error head to its final mean, within the time limit."""
+    s = run.s
+    if not has_refit(s, run.config):
+        return
+    deadline = None if s.time_limit is None else t0 + s.time_limit
+    record = refit_error_head(run.ema.module, run.dataset, run.config,
+                              batch_size=s.batch_size, steps=refit_steps(s),
+                              device=run.device, autocast=run.autocast, deadline=deadline,
+                              grad_clip=s.grad_clip)  # fmt: skip
+    log.info("error head refitted to the final mean: %d steps in %.1f s (likelihood %.4f -> "
+             "%.4f)", record.steps, record.seconds, record.nll_first, record.nll_last)  # fmt: skip
 
 
 def _calibrate(run: _Run) -> None:

@@ -4,10 +4,13 @@ detached, so that the mean alone comes with calibrated intervals."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from emdiffuse.errors import InputError
 from emdiffuse.models import diffusion
-from emdiffuse.models.mean_net import ErrorNet, MeanNetConfig
+from emdiffuse.models.checkpoints import load_checkpoint, save_checkpoint
+from emdiffuse.models.mean_net import ERROR_DILATIONS, ErrorNet, MeanNetConfig
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.presets import DEFAULT_ERROR_CHANNELS, make_config
 
@@ -103,3 +106,23 @@ def test_the_head_takes_its_dilations():
     assert dilations(wider) == [1, 2, 4, 8, 16]
     x = torch.randn(2, 1, 40, 40)
     assert wider(x, x).shape == default(x, x).shape == (2, 1, 40, 40)
+
+
+def test_the_heads_dilations_are_part_of_the_model_config(tmp_path):
+    """``mean_net.error_dilations`` builds the head, is saved with the checkpoint and loads
+    back; a checkpoint written before the field loads with the shipped design; a bad value
+    is refused in one line."""
+    config = make_config("emdiffuse-n", "tiny", kind="residual",
+                         mean_net={"error_dilations": [1, 2, 4, 8, 16]})  # fmt: skip
+    net = build_network(config)
+    body = [m.dilation[0] for m in net.error.body if isinstance(m, torch.nn.Conv2d)]
+    assert body == [1, 2, 4, 8, 16]
+    path = save_checkpoint(tmp_path / "wide.safetensors", net.state_dict(), config)
+    loaded, state = load_checkpoint(path)
+    assert loaded.mean_net.error_dilations == (1, 2, 4, 8, 16)
+    build_network(loaded).load_state_dict(state)  # the same shapes
+    old = {k: v for k, v in config.mean_net.to_dict().items() if k != "error_dilations"}
+    assert MeanNetConfig.from_dict(old).error_dilations == ERROR_DILATIONS
+    for bad in ([], [0, 1], [1.5], [1] * 9, "1,2"):
+        with pytest.raises(InputError, match="error_dilations must be a list"):
+            MeanNetConfig(error_dilations=bad)

@@ -116,17 +116,19 @@ def test_outputs_checkpoint_csv_png(tmp_path, pair):
     assert config.prediction == "v" and config.variant == "emdiffuse-n"
     low, high = config.normalization["low"], config.normalization["high"]
     assert -0.3 < low < high < 1.3
-    # the stored weights are the EMA ones, but for what the end of the run re-estimates for
-    # the final model only (training/norm_stats.py): the mean network's batch-norm
-    # statistics and its output bias; the checkpoint keeps them as training left them
+    # the stored weights are the EMA ones, but for what the end of the run re-fits for the
+    # final model only: the mean network's batch-norm statistics and its output bias
+    # (training/norm_stats.py), and the error head (training/error_refit.py); the
+    # checkpoint keeps them as training left them
     ema = _ckpt(out, 10)["ema"]
-    final_only = {k for k in state if k.startswith("mean.") and k.endswith(
+    final_only = {k for k in state if k.startswith("error.") or k.startswith("mean.") and k.endswith(
         ("running_mean", "running_var", "num_batches_tracked"))} | {"mean.out.bias"}  # fmt: skip
     assert config.mean_net.batch_norm and len(final_only) > 1
     for k, v in state.items():
         if k not in final_only:
             torch.testing.assert_close(v, ema[k])
     assert not torch.equal(state["mean.out.bias"], ema["mean.out.bias"])
+    assert not torch.equal(state["error.out.bias"], ema["error.out.bias"])
     rows = list(csv.DictReader((out / "scalars.csv").open()))
     assert [int(r["step"]) for r in rows] == [5, 10]  # log every 10 + validation every 5
     val = [r for r in rows if r["val_psnr"]]
