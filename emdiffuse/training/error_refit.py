@@ -9,10 +9,13 @@ on training batches, against the final mean's errors, fix that: the same Gaussia
 likelihood as in training (:func:`~emdiffuse.models.diffusion.error_nll`), the mean fixed
 in eval mode, the head starting from its EMA weights.
 
-Measured (FlyEM, twenty-eighth session; ``benchmarks/quality/error_ranking.py``): the 16²
-block Spearman of the head's σ against the held-out |error| goes from 0.42 to 0.45 at
-8 e⁻/px and to 0.48–0.51 at super-resolution ×4 after 500 steps; 2000 steps of a fresh
-head of the same design reach no further.
+Measured on the same models before and after (FlyEM, twenty-eighth session;
+``benchmarks/quality/error_ranking.py``): the 16² block Spearman of the head's σ against
+the held-out |error| goes from 0.42 to 0.46 at 8 e⁻/px and to 0.48 at super-resolution ×4
+after 350 steps (what the last 5 % of a 2.5-min CPU run buys), to 0.47 and 0.51 after
+2000; a 20-min super-resolution model's from 0.44 to 0.55. At 2 e⁻/px it stays at 0.43:
+the input holds too little about where the error will be. The batches are read without
+augmentation: through the training's intensity jitter the refit made the ranking worse.
 """
 
 from __future__ import annotations
