@@ -120,6 +120,15 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         f"calibration, else the standard deviation) (default {_DEFAULT['samples']})",
     )
     parser.add_argument(
+        "--interval-level",
+        type=float,
+        default=_DEFAULT["interval_level"],
+        metavar="LEVEL",
+        help="level of the calibrated intervals in uncertainty/, e.g. 0.95: one the model's "
+        "calibration holds (0.5, 0.68, 0.8, 0.9, 0.95, 0.99 for models trained since they are "
+        "stored; another is refused with the list); default: the level it was calibrated at",
+    )
+    parser.add_argument(
         "--seed", type=int, default=_DEFAULT["seed"], help=f"run seed (default {_DEFAULT['seed']})"
     )
     parser.add_argument(

@@ -39,7 +39,7 @@ SETTINGS = (
     "grad_clip", "prediction", "sampler", "val_steps", "val_every", "ckpt_every", "factor",
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
-    "precision", "z_context", "rotations",
+    "precision", "z_context", "rotations", "calibration_level", "error_refit_steps",
 )  # fmt: skip
 
 
@@ -98,6 +98,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "neighbours, for volumes whose slices have independent noise; docs/tasks.md). "
         f"Default: the --init model's, else {DEFAULT_Z_CONTEXT} for a new isotropic model "
         "and 0 for denoise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calibration-level", type=float, default=d["calibration_level"], metavar="LEVEL",
+        help="the level of the intervals fitted on held-out patches at the end of training "
+        "(default %(default)s); 50, 68, 80, 90, 95 and 99 %% are stored as well, for enhance "
+        "--interval-level",
+    )  # fmt: skip
+    parser.add_argument(
+        "--error-refit-steps", type=int, default=d["error_refit_steps"], metavar="N",
+        help="residual objective: steps of the error head's refit to the final mean at the "
+        "end of training (default: as many as the run's, at most 2000; 0: none); a "
+        "--time-limit run keeps the last 5 %% of its limit for it",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

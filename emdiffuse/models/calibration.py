@@ -11,6 +11,9 @@ has a finite-sample conformal quantile ``q`` (:func:`conformal_quantile`) such t
 new exchangeable voxel, ``|error| <= q · max(σ, floor)`` with probability at least ``level``
 (90 % by default). ``q`` and the setting it was fitted at are stored in the checkpoint
 (``ModelConfig.calibration``); :func:`half_widths` turns a σ map into interval half-widths.
+The same scores give ``q`` at the other usual levels (:data:`INTERVAL_LEVELS`), stored
+beside it as ``scales``, so a run may ask for 68 %, 95 % or 99 % intervals of a model
+calibrated at 90 % (:func:`at_level`) without refitting.
 
 A run with another number of samples N than the calibration's Nc needs another scale: both
 σ (estimated from N draws) and the mean's error (the mean of N draws) change with N. With
@@ -43,6 +46,8 @@ DEFAULT_SAMPLES = 4
 # samples agree exactly (a deterministic model gives q = the error quantile / floor, so
 # its half-width q · floor is the plain conformal error bound)
 DEFAULT_FLOOR = 1e-3
+# the levels whose conformal scale every calibration record also stores (``scales``)
+INTERVAL_LEVELS = (0.5, 0.68, 0.8, 0.9, 0.95, 0.99)
 
 
 def conformal_quantile(scores: np.ndarray, level: float = DEFAULT_LEVEL) -> float:
@@ -140,11 +145,15 @@ def _scale_record(
     its ``coverage`` on these data and the ``spearman`` of σ against the error."""
     err = np.abs(mean - truth).ravel()
     spread = np.maximum(sigma, floor).ravel()
-    q = conformal_quantile(err / spread, level)
+    scores = err / spread
+    q = conformal_quantile(scores, level)
     if not math.isfinite(q):
         raise InputError(
             f"too few calibration voxels ({err.size}) for level {level}; use more patches"
         )
+    scales = {float(level): float(q)}
+    for other in INTERVAL_LEVELS:  # a level the voxels are too few for is left out
+        scales.setdefault(other, conformal_quantile(scores, other))
     return {
         "level": float(level),
         "scale": float(q),
@@ -152,7 +161,35 @@ def _scale_record(
         "voxels": int(err.size),
         "coverage": float(np.mean(err <= q * spread)),
         "spearman": spearman(np.asarray(sigma).ravel(), err),
+        "scales": [[lv, s] for lv, s in sorted(scales.items()) if math.isfinite(s)],
     }
+
+
+def levels(record: Mapping[str, Any]) -> tuple[float, ...]:
+    """The interval levels a calibration record holds a scale for (a record made before
+    ``scales`` were stored: its own level only)."""
+    return tuple(sorted({float(lv) for lv, _ in record.get("scales") or ()}
+                        | {float(record["level"])}))  # fmt: skip
+
+
+def at_level(record: Mapping[str, Any], level: float) -> dict[str, Any]:
+    """``record`` (a :func:`fit` or :func:`fit_mean` record, or a model's calibration with
+    its ``mean_interval``) with its ``level`` and ``scale`` set to the stored ones at
+    ``level``, so :func:`half_widths` and :func:`mean_half_widths` give intervals at that
+    level. InputError when the record holds no scale there (it names the levels it holds)."""
+    stored = {float(record["level"]): float(record["scale"])}
+    stored.update((float(lv), float(s)) for lv, s in record.get("scales") or ())
+    match = [lv for lv in stored if abs(lv - float(level)) < 1e-9]
+    if not match:
+        offered = ", ".join(f"{100 * lv:g} %" for lv in sorted(stored))
+        raise InputError(
+            f"the model's calibration holds intervals at {offered}, not at "
+            f"{100 * float(level):g} %; choose one of those levels"
+        )
+    out = {**record, "level": match[0], "scale": stored[match[0]]}
+    if "mean_interval" in record:
+        out["mean_interval"] = at_level(record["mean_interval"], level)
+    return out
 
 
 def half_widths(
@@ -163,7 +200,7 @@ def half_widths(
     scale: float = 1.0,
     ratio: float = 1.0,
 ) -> np.ndarray:
-    """Interval half-widths at the calibration's level from the spread ``std`` of
+    """Interval half-widths at the calibration's level (:func:`at_level` picks another) from the spread ``std`` of
     ``samples`` draws (population std, as the pipeline writes it):
     ``q · max(ratio · std · c(N) / c(Nc), floor · scale)`` (module docstring). ``scale``: raw
     units per model unit when ``std`` is in raw units (the target normalisation's half
@@ -264,6 +301,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "DEFAULT_LEVEL", "DEFAULT_SAMPLES", "DEFAULT_FLOOR", "conformal_quantile", "t_quantile",
-    "spread_factor", "fit", "half_widths", "fit_mean", "mean_half_widths", "spearman", "residual_correlation", "fitted_sampling",
+    "DEFAULT_LEVEL", "DEFAULT_SAMPLES", "DEFAULT_FLOOR", "INTERVAL_LEVELS", "conformal_quantile",
+    "t_quantile", "spread_factor", "fit", "half_widths", "fit_mean", "mean_half_widths",
+    "levels", "at_level", "spearman", "residual_correlation", "fitted_sampling",
 ]  # fmt: skip

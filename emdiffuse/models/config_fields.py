@@ -103,7 +103,8 @@ def check_calibration(calibration: Any) -> None:
     """The stored conformal calibration (:mod:`emdiffuse.models.calibration`): ``level`` in
     (0, 1), ``scale`` >= 0, ``samples`` >= 2, ``floor`` > 0, ``residual_correlation`` (when
     present) in [0, 1], ``mean_interval`` (when present: the error head's, an object with its
-    own ``level``, ``scale`` and ``floor``); other keys are informational."""
+    own ``level``, ``scale`` and ``floor``); ``scales`` (when present, in either) a list of
+    ``[level, scale]`` pairs; other keys are informational."""
     if not isinstance(calibration, Mapping):
         raise InputError("model config: field 'calibration' must be an object or null")
     _check_interval(calibration, "calibration", ("level", "scale", "samples", "floor"))
@@ -130,6 +131,16 @@ def _check_interval(record: Mapping, where: str, required: tuple[str, ...]) -> N
         raise InputError(f"model config: {where}.level {record['level']!r} must be in (0, 1)")
     if _number(record, "scale", where) < 0 or _number(record, "floor", where) <= 0:
         raise InputError(f"model config: {where}.scale must be >= 0 and floor > 0")
+    for pair in record.get("scales") or ():
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in pair
+        )
+        if not ok or not 0 < pair[0] < 1 or pair[1] < 0:
+            raise InputError(
+                f"model config: {where}.scales must be [level, scale] pairs with level in "
+                f"(0, 1) and scale >= 0, got {pair!r}"
+            )
 
 
 def _number(record: Mapping, key: str, where: str) -> float:

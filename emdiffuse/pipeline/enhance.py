@@ -91,6 +91,7 @@ def enhance(
     batch_size: int | None = _DEFAULT["batch_size"],
     chunks_per_task: int | tuple[int, ...] = _DEFAULT["chunks_per_task"],
     compile: bool = _DEFAULT["compile"],
+    interval_level: float | None = _DEFAULT["interval_level"],
     dry_run: bool = False,
     seconds_per_tile: float | None = None,
     chunk_hook: Callable[[tuple], None] | None = None,
@@ -120,7 +121,10 @@ def enhance(
     one sample (texture); N >= 2 the mean of N samples and,
     as the child image ``uncertainty``, the per-voxel spread over samples: the interval
     half-widths at the model's calibrated level when its checkpoint stores a calibration,
-    else the standard deviation (the image's ``emdiffuse`` attributes say which). ``resume`` continues an interrupted run with the same
+    else the standard deviation (the image's ``emdiffuse`` attributes say which).
+    ``interval_level`` sets those intervals' level, one the calibration holds (50, 68, 80,
+    90, 95 or 99 % for a model trained since they are stored; None: the calibrated one).
+    ``resume`` continues an interrupted run with the same
     settings (finished chunks are skipped); ``overwrite`` replaces an existing output.
     ``chunks_per_task`` (one factor, or one per axis): output chunks one task computes
     and writes (larger tasks amortise the scheduler's cost per task; the output's chunks
@@ -143,7 +147,7 @@ def enhance(
         seed=seed, tile=tile,
         overlap=overlap, chunks=chunks, normalize=normalize, dtype=dtype, device=device,
         precision=precision, batch_size=batch_size, chunks_per_task=chunks_per_task,
-        compile=compile,
+        compile=compile, interval_level=interval_level,
     )  # fmt: skip
     source = Source(
         input, model, level=level, voxel_size=voxel_size, task=task, scale_factor=scale_factor

@@ -22,6 +22,7 @@ import numpy as np
 
 from emdiffuse.errors import InputError
 from emdiffuse.io import Volume, check_finite, open_volume, refuse_output
+from emdiffuse.models.calibration import at_level
 from emdiffuse.models.checkpoints import check_expected, read_checkpoint
 from emdiffuse.models.device import resolve_device
 from emdiffuse.pipeline.correlation import calibrated_correlation, calibrated_ratio
@@ -39,15 +40,33 @@ from emdiffuse.pipeline.settings import (
 )
 
 
-def run_calibration(calibration: dict | None, samples: int) -> dict | None:
+def run_calibration(
+    calibration: dict | None, samples: int, level: float | None = None
+) -> dict | None:
     """The calibration record a run uses for its uncertainty image: the model's for 2 samples
     or more; for the mean alone (``samples=0``) only one that holds the error head's
-    ``mean_interval``; else None."""
+    ``mean_interval``; else None. ``level``: its intervals at that level
+    (:func:`~emdiffuse.models.calibration.at_level`; None: the model's own), refused
+    (InputError) when the run writes no calibrated intervals."""
+    used = None
+    if calibration and (samples >= 2 or (samples == 0 and "mean_interval" in calibration)):
+        used = calibration
+    if level is None:
+        return used
+    if used is None:
+        raise InputError(
+            f"--interval-level sets the level of calibrated intervals, which this run does "
+            f"not write: {_why_no_intervals(calibration, samples)}; leave it out"
+        )
+    return at_level(used, level)
+
+
+def _why_no_intervals(calibration: dict | None, samples: int) -> str:
     if not calibration:
-        return None
-    if samples >= 2 or (samples == 0 and "mean_interval" in calibration):
-        return calibration
-    return None
+        return "the model stores no calibration (its uncertainty image is the samples' std)"
+    if samples == 1:
+        return "one sample has no uncertainty image (use --samples 0 or 2 or more)"
+    return "the model has no calibrated error head for the mean alone (use --samples 2 or more)"
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -246,6 +265,9 @@ def prepare(
     config, _, model_sha256 = read_checkpoint(source.model)
     check_expected(config, expect_task=source.task, expect_scale_factor=source.scale_factor)
     check_model_fits(volume, config)
+    calibration = run_calibration(config.calibration, settings.samples, settings.interval_level)
+    if calibration and settings.interval_level == float(config.calibration["level"]):
+        settings = replace(settings, interval_level=None)  # the model's own: as if not given
     if settings.start_noise is not None and not config.residual:
         raise InputError(
             f"--start-noise is for mean-plus-residual models; {config.describe()} is the sr3 "
@@ -284,7 +306,7 @@ def prepare(
         condition_normalization=condition,
         # fitted on the default sampling; another sampling's half-widths are rescaled by the
         # ratio of the two samplings' spreads, measured before the run (interval_ratio None)
-        calibration=run_calibration(config.calibration, settings.samples),
+        calibration=calibration,
         interval_ratio=calibrated_ratio(config.calibration, settings),
         model_kind=config.kind,
         # None: measured on the run's own tiles before the run (pipeline.correlation)

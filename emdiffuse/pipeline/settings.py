@@ -89,6 +89,16 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def _check_interval_level(level) -> float | None:
+    """None (the model's calibrated level) or a level in (0, 1)."""
+    if level is None:
+        return None
+    ok = isinstance(level, (int, float, np.floating)) and not isinstance(level, bool)
+    if not ok or not 0 < float(level) < 1:
+        raise InputError(f"interval level must be in (0, 1), e.g. 0.95, got {level!r}")
+    return float(level)
+
+
 def _check_overlap(overlap) -> int | None:
     if overlap is None:
         return None
@@ -154,6 +164,9 @@ class RunSettings:
     (:mod:`emdiffuse.models.compiled`): its first batch compiles for tens of seconds, then the
     network runs faster (2.9× in bf16 on an H200); for large volumes on a GPU. It too changes
     the output only by float rounding, and a run resumes with either value.
+    ``interval_level``: the level of the calibrated intervals in the uncertainty image (one
+    the model's calibration holds, :data:`emdiffuse.models.calibration.INTERVAL_LEVELS`;
+    None: the level it was calibrated at, 90 % by default).
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -172,6 +185,7 @@ class RunSettings:
     batch_size: int | None = None
     chunks_per_task: int | tuple[int, ...] = 1
     compile: bool = False
+    interval_level: float | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -203,6 +217,7 @@ class RunSettings:
         checked["chunks"] = _check_chunks(self.chunks)
         checked["chunks_per_task"] = _check_chunks_per_task(self.chunks_per_task)
         checked["dtype"] = _check_dtype(self.dtype)
+        checked["interval_level"] = _check_interval_level(self.interval_level)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -436,6 +451,8 @@ class RunSpec:
             # only when it blends otherwise than records without it did
             **({"residual_correlation": self.residual_correlation} if self.residual_correlation else {}),
             **({"interval_ratio": self.interval_ratio} if self.interval_ratio != 1.0 else {}),
+            # intervals at another level than the model's calibrated one
+            **({} if s.interval_level is None else {"interval_level": s.interval_level}),
         }
 
     def _condition_record(self) -> dict:

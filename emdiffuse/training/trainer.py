@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from emdiffuse.errors import InputError
 from emdiffuse.io import make_output_folder, refuse_output
+from emdiffuse.models.calibration import levels as calibration_levels
 from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.ema import EMA
@@ -413,6 +414,8 @@ def _calibrate(run: _Run) -> None:
         "" if "axis" not in calibration else
         f", fitted along {calibration['axis']}, the hardest of {calibration['scale_by_axis']}",
     )  # fmt: skip
+    log.info("calibration: intervals stored at %s %% (enhance --interval-level)",
+             ", ".join(f"{100 * lv:g}" for lv in calibration_levels(calibration)))  # fmt: skip
     if "mean_interval" in calibration:
         mean = calibration["mean_interval"]
         log.info("calibration: the mean's %.0f %% intervals are %.2f x the error head's σ "

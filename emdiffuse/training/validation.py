@@ -132,18 +132,26 @@ def hardest_axis(records: dict[str | None, dict]) -> dict:
     training patch shows; the intervals then hold along z as long as z is no harder, for the
     model's spread, than the harder lateral axis (on FlyEM z is a little harder still: the
     intervals cover 86–88 % there). The error head's ``mean_interval`` records, when there,
-    are chosen the same way on their own. A single record (``None`` axis) is returned as it
-    is."""
+    are chosen the same way on their own. The ``scales`` at the other levels are each the
+    largest over the axes. A single record (``None`` axis) is returned as it is."""
     if list(records) == [None]:
         return records[None]
     axis = max(records, key=lambda a: records[a]["scale"])
-    record = {**records[axis], "axis": axis,
+    record = {**records[axis], "axis": axis, "scales": _widest_scales(records.values()),
               "scale_by_axis": {a: float(r["scale"]) for a, r in records.items()}}  # fmt: skip
     means = {a: r["mean_interval"] for a, r in records.items() if "mean_interval" in r}
     if means:  # the error head's intervals: their own hardest axis
         mean_axis = max(means, key=lambda a: means[a]["scale"])
-        record["mean_interval"] = {**means[mean_axis], "axis": mean_axis}
+        record["mean_interval"] = {**means[mean_axis], "axis": mean_axis,
+                                   "scales": _widest_scales(means.values())}  # fmt: skip
     return record
+
+
+def _widest_scales(records) -> list[list[float]]:
+    """Each stored level's largest scale over ``records`` (the levels all of them hold)."""
+    tables = [{float(lv): float(s) for lv, s in r.get("scales") or ()} for r in records]
+    common = set.intersection(*(set(t) for t in tables))
+    return [[lv, max(t[lv] for t in tables)] for lv in sorted(common)]
 
 
 def condition_on_output_grid(cond: torch.Tensor, config) -> np.ndarray:

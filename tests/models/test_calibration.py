@@ -155,3 +155,54 @@ def test_the_error_heads_scale_holds_on_held_out_voxels():
     with pytest.raises(InputError, match="mean_interval lacks floor"):
         bad = {k: v for k, v in record.items() if k != "floor"}
         config.replace(calibration={**stored, "mean_interval": bad}).validate()
+
+
+@pytest.mark.parametrize("level", [0.5, 0.68, 0.95, 0.99])
+def test_other_stored_levels_hold_on_fresh_voxels(level):
+    """One fit stores the scale at every level of ``INTERVAL_LEVELS``; picked with
+    ``at_level``, each covers its own level of fresh voxels, at the calibration's N and at
+    another, and the scales grow with the level."""
+    rng = np.random.default_rng(3)
+    record = calibration.fit(*_draws(rng, 4, 100_000), level=0.9)
+    stored = dict(map(tuple, record["scales"]))
+    assert set(stored) == set(calibration.INTERVAL_LEVELS)
+    assert stored[0.9] == record["scale"]
+    assert list(stored.values()) == sorted(stored.values())  # wider for a higher level
+    picked = calibration.at_level(record, level)
+    assert picked["level"] == level and picked["scale"] == stored[level]
+    assert record["level"] == 0.9  # the record itself is left as it was
+    for n in (4, 8):
+        samples, truth = _draws(rng, n, 200_000)
+        hw = calibration.half_widths(samples.std(0), picked, n)
+        covered = np.mean(np.abs(samples.mean(0) - truth) <= hw)
+        assert abs(covered - level) < 0.015, (n, covered)
+
+
+def test_at_level_refuses_a_level_not_stored_and_reads_older_records():
+    rng = np.random.default_rng(4)
+    sigma = np.exp(rng.uniform(-4, -2, size=5000))
+    truth = rng.uniform(-1, 1, size=sigma.shape)
+    mean = truth + sigma * rng.standard_normal(sigma.shape)
+    head = calibration.fit_mean(mean, sigma, truth)
+    stored = {"level": 0.9, "scale": 1.7, "samples": 4, "floor": 1e-3,
+              "scales": [[0.9, 1.7], [0.95, 2.1]], "mean_interval": head}  # fmt: skip
+    picked = calibration.at_level(stored, 0.95)
+    assert (picked["level"], picked["scale"]) == (0.95, 2.1)
+    assert picked["mean_interval"]["level"] == 0.95  # the error head's intervals follow
+    assert picked["mean_interval"]["scale"] > head["scale"]
+    assert calibration.levels(stored) == (0.9, 0.95)
+    with pytest.raises(InputError, match=r"holds intervals at 90 %, 95 %, not at 97 %"):
+        calibration.at_level(stored, 0.97)
+    older = {"level": 0.9, "scale": 1.7, "samples": 4, "floor": 1e-3}  # before ``scales``
+    assert calibration.levels(older) == (0.9,)
+    assert calibration.at_level(older, 0.9)["scale"] == 1.7
+    with pytest.raises(InputError, match="holds intervals at 90 %, not at 95 %"):
+        calibration.at_level(older, 0.95)
+    # 99 % needs at least 99 voxels: a small calibration leaves it out instead of failing
+    few = calibration.fit_mean(mean[:50], sigma[:50], truth[:50])
+    assert 0.99 not in calibration.levels(few) and 0.9 in calibration.levels(few)
+    config = make_config("emdiffuse-n", "tiny")
+    config.replace(calibration=stored).validate()
+    for bad in ([[1.5, 2.0]], [[0.9]], [[0.9, -1.0]], [["0.9", 1.0]]):
+        with pytest.raises(InputError, match="scales must be"):
+            config.replace(calibration={**stored, "scales": bad}).validate()

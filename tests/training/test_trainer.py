@@ -380,12 +380,19 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     out = tmp_path / "cli"
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out", str(out),
                  "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
-                 "--device", "cpu", "--val-every", "2", "--no-rotations"])  # fmt: skip
+                 "--device", "cpu", "--val-every", "2", "--no-rotations",
+                 "--calibration-level", "0.8", "--error-refit-steps", "0"])  # fmt: skip
     assert code == 0 and (out / "model.safetensors").exists()
-    assert json.loads((out / "settings.json").read_text())["rotations"] is False
+    recorded = json.loads((out / "settings.json").read_text())
+    assert recorded["rotations"] is False and recorded["error_refit_steps"] == 0
+    from emdiffuse.models.calibration import INTERVAL_LEVELS, levels
     from emdiffuse.models.checkpoints import load_checkpoint
 
     config, state = load_checkpoint(out / "model.safetensors")
+    # calibrated at 0.8, and every usual level stored beside it (enhance --interval-level)
+    assert config.calibration["level"] == 0.8
+    assert set(levels(config.calibration)) == set(INTERVAL_LEVELS)
+    assert set(levels(config.calibration["mean_interval"])) == set(INTERVAL_LEVELS)
     assert tuple(config.voxel_size_nm) == (8.0, 8.0, 8.0)
     assert config.kind == "residual"  # the default objective for a new model
     assert any(name.startswith("mean.") for name in state)
@@ -421,6 +428,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
                  str(tmp_path / "y"), "--intensity-jitter", "1.5"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "intensity_jitter must be a fraction in [0, 1), got 1.5" in err
+    assert "Traceback" not in err and not (tmp_path / "y").exists()
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--calibration-level", "90"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "calibration_level must be in (0, 1), got 90" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "super-resolve", "--data", paths[1], "--out",
                  str(tmp_path / "y"), "--z-context", "1"])  # fmt: skip
@@ -560,6 +572,10 @@ def test_hardest_axis_picks_the_largest_scale_and_leaves_one_record_alone():
     picked = hardest_axis({"y": {**record, "scale": 1.2}, "x": {**record, "scale": 2.0}})
     assert (picked["axis"], picked["scale"]) == ("x", 2.0)
     assert picked["scale_by_axis"] == {"y": 1.2, "x": 2.0}
+    # the other levels' scales: each the larger of the two axes (the levels both hold)
+    y = {**record, "scale": 1.2, "scales": [[0.9, 1.2], [0.95, 1.9], [0.99, 2.5]]}
+    x = {**record, "scale": 2.0, "scales": [[0.9, 2.0], [0.95, 1.8]]}
+    assert hardest_axis({"y": y, "x": x})["scales"] == [[0.9, 2.0], [0.95, 1.9]]
 
 
 def test_validation_baseline_interpolates_the_bounding_pair_not_the_z_context():
