@@ -200,8 +200,8 @@ def half_widths(
     scale: float = 1.0,
     ratio: float = 1.0,
 ) -> np.ndarray:
-    """Interval half-widths at the calibration's level (:func:`at_level` picks another) from the spread ``std`` of
-    ``samples`` draws (population std, as the pipeline writes it):
+    """Interval half-widths at the calibration's level (:func:`at_level` picks another) from
+    the spread ``std`` of ``samples`` draws (population std, as the pipeline writes it):
     ``q · max(ratio · std · c(N) / c(Nc), floor · scale)`` (module docstring). ``scale``: raw
     units per model unit when ``std`` is in raw units (the target normalisation's half
     range). ``ratio``: how much more samples drawn as the calibration was fitted spread than
