@@ -165,11 +165,17 @@ def _scale_record(
     }
 
 
+def _stored_scales(record: Mapping[str, Any]) -> dict[float, float]:
+    """Level -> scale of every level ``record`` holds (its own, and its ``scales``)."""
+    stored = {float(record["level"]): float(record["scale"])}
+    stored.update((float(lv), float(s)) for lv, s in record.get("scales") or ())
+    return stored
+
+
 def levels(record: Mapping[str, Any]) -> tuple[float, ...]:
     """The interval levels a calibration record holds a scale for (a record made before
     ``scales`` were stored: its own level only)."""
-    return tuple(sorted({float(lv) for lv, _ in record.get("scales") or ()}
-                        | {float(record["level"])}))  # fmt: skip
+    return tuple(sorted(_stored_scales(record)))
 
 
 def at_level(record: Mapping[str, Any], level: float) -> dict[str, Any]:
@@ -177,8 +183,7 @@ def at_level(record: Mapping[str, Any], level: float) -> dict[str, Any]:
     its ``mean_interval``) with its ``level`` and ``scale`` set to the stored ones at
     ``level``, so :func:`half_widths` and :func:`mean_half_widths` give intervals at that
     level. InputError when the record holds no scale there (it names the levels it holds)."""
-    stored = {float(record["level"]): float(record["scale"])}
-    stored.update((float(lv), float(s)) for lv, s in record.get("scales") or ())
+    stored = _stored_scales(record)
     match = [lv for lv in stored if abs(lv - float(level)) < 1e-9]
     if not match:
         offered = ", ".join(f"{100 * lv:g} %" for lv in sorted(stored))
