@@ -2,9 +2,12 @@
 wall-clock budget, test volumes enhanced with ``emdiffuse.enhance`` on OME-Zarr.
 
 Budgets: a short probe run measures the trainer's rate (steps/s) for the model kind and
-task; the real run gets ``steps = rate x budget x HORIZON_MARGIN`` (the cosine schedule's
-horizon) and ``time_limit = budget``, so the time limit ends it in the last few percent
-of the schedule. The steps and seconds actually trained are read back from the run and
+task; the real run gets ``steps = rate x budget x margin`` and ``time_limit = budget``, so
+the time limit ends it. Where the trainer's cosine follows the clock (``lr_follows_time``,
+the default since the thirtieth session) the margin is CLOCK_HORIZON_MARGIN: the steps only
+cap the run, and the schedule reaches its floor at the limit whatever the probe measured.
+Otherwise it is HORIZON_MARGIN, the schedule's horizon, and the run stops wherever its
+cosine then is (0.78-0.95 of the way when the probe overestimated the rate). The steps and seconds actually trained are read back from the run and
 recorded. Trained models are cached outside the repository, keyed on every setting that
 decides them, with their training record, so re-running the evaluation is cheap.
 
@@ -46,7 +49,8 @@ from emdiffuse.training.settings import (
 # defaults (e.g. mean_init) retrains its models instead of reusing cached ones
 RESIDUAL_SETTINGS = ("mean_init", "mean_loss", "residual_scale", "mean_net")
 
-HORIZON_MARGIN = 1.1  # steps = measured rate x budget x this: the time limit binds first
+HORIZON_MARGIN = 1.1  # a schedule by steps: steps = measured rate x budget x this
+CLOCK_HORIZON_MARGIN = 1.5  # a cosine that follows the clock: the limit ends it, steps cap it
 _RATES: dict[str, dict[str, Any]] = {}  # measured rates of this run
 VARIANT = {"denoise": "emdiffuse-n", "super-resolve": "emdiffuse-r", "isotropic": "vemdiffuse-i"}
 
@@ -274,7 +278,7 @@ def train_model(
     rate = planned_rate(entry, data, sizes, cache_dir, seconds=probe_seconds, seed=seed,
                         extra=extra, device=device, warmup=float(options.get("mean_warmup", 0)))  # fmt: skip
     loop_budget = budget * (1 - refit_share(options))
-    horizon = max(10, math.ceil(rate["steps_per_second"] * loop_budget * HORIZON_MARGIN))
+    horizon = max(10, math.ceil(rate["steps_per_second"] * loop_budget * horizon_margin(options)))
     options.update(val_every=horizon, ckpt_every=horizon)
     start = time.perf_counter()
     path = trainer.train(task, sources, folder, steps=horizon, seed=seed, progress=progress,
@@ -286,6 +290,17 @@ def train_model(
             "params": _count_params(path), "device": device}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
     return {**meta, "path": str(path), "cached": False}
+
+
+def horizon_margin(options: dict[str, Any]) -> float:
+    """How far past the probe's estimate a run with ``options`` sets its steps: a cosine
+    that follows the clock (a library with ``lr_follows_time``, not turned off) needs the
+    steps only as a cap; a schedule by steps, or a mean warm-up (a share of the steps),
+    wants them just past where time will stop the run."""
+    clock = "lr_follows_time" in field_names() and options.get("lr_follows_time", True)
+    if clock and not options.get("mean_warmup"):
+        return CLOCK_HORIZON_MARGIN
+    return HORIZON_MARGIN
 
 
 def refit_share(options: dict[str, Any]) -> float:

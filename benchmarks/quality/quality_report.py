@@ -301,8 +301,10 @@ def setup_lines(result: dict) -> list[str]:
         f"- Data: {result['data']['text']}",
         f"- Plan (method@training seconds): {plan}. Every learned method trains for its "
         "budget in wall-clock time on the same cores: the project's models through "
-        "`trainer.train(time_limit=…)` with `steps` (the cosine schedule's horizon) = 1.1 × "
-        "a probe-measured rate × budget; CAREamics with its epochs sized from a probe-measured "
+        "`trainer.train(time_limit=…)` with `steps` = a margin × a probe-measured rate × "
+        "budget: 1.5 where the cosine learning rate follows the clock to the limit "
+        "(`lr_follows_time`, since the thirtieth session), 1.1 (the cosine's horizon) "
+        "before; CAREamics with its epochs sized from a probe-measured "
         "rate and a Lightning `Timer` at the budget. `train() s` includes the set-up "
         "(normalisation statistics, dataset); `loop s` is the optimisation loop alone.",
         f"- Inference: `emdiffuse.enhance` on OME-Zarr with its default sampler "

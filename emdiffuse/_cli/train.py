@@ -40,6 +40,7 @@ SETTINGS = (
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
     "precision", "z_context", "rotations", "calibration_level", "error_refit_steps",
+    "lr_follows_time",
 )  # fmt: skip
 
 
@@ -152,6 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time-limit", type=float, default=d["time_limit"], help="stop after N seconds"
     )
+    parser.add_argument(
+        "--lr-follows-time", action=argparse.BooleanOptionalAction, default=d["lr_follows_time"],
+        help="with --time-limit, the cosine learning rate reaches its floor at the limit or at "
+        "--steps, whichever comes first (default); --no-lr-follows-time schedules by steps "
+        "alone, the same rates on any machine",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -3,7 +3,8 @@
 Under ``torchrun`` (or any initialised process group) every rank trains on its own
 ``batch_size`` samples of the global batch (:mod:`emdiffuse.training.loader` hands each rank
 its keys); rank 0 alone writes files. :func:`setup` joins or starts the process group,
-:func:`teardown` ends one it started.
+:func:`teardown` ends one it started. The time limit is read from rank 0's clock
+(:func:`rank0_value`), so all ranks stop at the same step with the same learning rate.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def rank0_value(d: Dist, value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (``value`` itself when alone): what decisions every
+    rank must take alike, such as the time spent against a time limit, are read from one
+    clock."""
+    if d.world <= 1:
+        return value
+    held = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(held, src=0)
+    return float(held.item())
+
+
 def wrap(
     net: torch.nn.Module, d: Dist, device: torch.device, *, unused: bool = False
 ) -> torch.nn.Module:
@@ -64,4 +76,4 @@ def wrap(
     return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
 
 
-__all__ = ["Dist", "setup", "teardown", "barrier", "wrap"]
+__all__ = ["Dist", "setup", "teardown", "barrier", "rank0_value", "wrap"]

@@ -105,6 +105,9 @@ class TrainSettings:
     rotations: bool = True
     schedule: dict[str, Any] | None = None  # training noise schedule (default: the reference's)
     time_limit: float | None = None  # seconds; stops early (demo)
+    # with a time limit, the cosine also follows the clock: it reaches its floor at the
+    # limit or at `steps`, whichever comes first (False: by steps alone, a step-exact schedule)
+    lr_follows_time: bool = True
     objective: str = "auto"  # see OBJECTIVE_CHOICES, train()
     # the residual objective: the mean network (overrides of its preset: base_channels,
     # depth, convs), its loss, and the scale s of the residual r = (x0 - mean) / s
@@ -158,6 +161,9 @@ class TrainSettings:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise InputError(f"lr must be positive, got {self.lr}")
+        limit = self.time_limit
+        if limit is not None and not (limit > 0 and math.isfinite(limit)):
+            raise InputError(f"time_limit must be a positive number of seconds, got {limit}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(
                 f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
@@ -179,8 +185,9 @@ class TrainSettings:
             raise InputError(
                 f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
             )
-        if not isinstance(self.rotations, bool):
-            raise InputError(f"rotations must be true or false, got {self.rotations!r}")
+        for name in ("rotations", "lr_follows_time"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("intensity_jitter", "mean_warmup", "error_refit_share"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 <= value < 1):

@@ -3,7 +3,8 @@
 Every random draw of a step is keyed: sample ``key`` of the loader gets its diffusion noise
 and noise level from a generator seeded with ``(seed, key)`` (:func:`keyed_noise`), so a
 resumed run, a run on several ranks and a single process draw the same numbers. The learning
-rate is a pure function of the step (:func:`lr_at`).
+rate is a pure function of the step and, in a run with a time limit, of the share of it spent
+(:func:`lr_at`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.training.settings import TrainSettings
 
 
-def lr_at(step: int, s: TrainSettings) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up, then constant or cosine."""
+def lr_at(step: int, s: TrainSettings, time_fraction: float = 0.0) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then constant or cosine.
+
+    The cosine runs from the end of the warm-up to ``s.steps``; ``time_fraction`` (the share
+    of a time limit already spent, 0 without one) moves it on when time runs out sooner, so
+    a run stopped by its time limit ends at the floor too.
+    """
     if s.warmup > 0 and step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     if s.lr_schedule == "cosine":
         span = max(s.steps - 1 - s.warmup, 1)
-        t = min(max(step - s.warmup, 0) / span, 1.0)
+        t = min(max((step - s.warmup) / span, time_fraction, 0.0), 1.0)
         return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
     return s.lr
 

@@ -21,7 +21,9 @@ Exactness. Every random draw is keyed: sample ``key`` of the loader, and its dif
 and noise level (a generator seeded from ``(seed, key)``); the only global RNG state (torch's,
 used by dropout) is saved in the checkpoints. So a run resumed from a checkpoint ends with
 the same weights as an uninterrupted run, and ``R`` ranks × ``B`` samples compute the same
-gradient as one process with ``R·B``.
+gradient as one process with ``R·B``. A run with a time limit is exact only with
+``lr_follows_time`` off: by default its cosine follows the clock (rank 0's on every rank),
+and where it stops depends on the clock either way.
 
 Output directory::
 
@@ -317,13 +319,16 @@ def _loop(
     limit = loop_time_limit(s, run.config)
     losses: list[float] = []
     while step < s.steps:
-        if limit is not None and time.perf_counter() - t0 > limit:
-            log.info("time limit of %.0f s reached at step %d%s", limit, step,
-                     "" if limit == s.time_limit else
-                     f" ({s.time_limit:.0f} s less the error head's refit)")  # fmt: skip
-            break
+        spent = 0.0  # the share of the time limit spent, on rank 0's clock
+        if limit is not None:
+            spent = distributed.rank0_value(d, time.perf_counter() - t0, run.device) / limit
+            if spent > 1:
+                log.info("time limit of %.0f s reached at step %d%s", limit, step,
+                         "" if limit == s.time_limit else
+                         f" ({s.time_limit:.0f} s less the error head's refit)")  # fmt: skip
+                break
         batch = next(loader)
-        lr = lr_at(step, s)
+        lr = lr_at(step, s, spent if s.lr_follows_time else 0.0)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm = train_step(

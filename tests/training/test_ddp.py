@@ -1,4 +1,5 @@
-"""DDP on 2 CPU processes (gloo) computes the gradient of one process with the global batch."""
+"""DDP on 2 CPU processes (gloo): the gradient of one process with the global batch, and a
+time-limited run that every rank stops at the same step with the same learning rates."""
 
 from __future__ import annotations
 
@@ -76,3 +77,46 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
         torch.testing.assert_close(r0["grads"][name], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(r1["grads"][name], g, rtol=1e-4, atol=1e-6)
     assert any(float(g.abs().sum()) > 0 for g in single.values())
+
+
+def _timed_worker(rank, world, root, paths):
+    """A whole ``trainer.train`` under a time limit; each rank records where its loop
+    stopped (the log line) and its final averaged weights."""
+    import logging
+
+    import torch.distributed as dist
+
+    from emdiffuse.training import trainer
+
+    torch.set_num_threads(1)
+    stops = []
+
+    class Stops(logging.Handler):
+        def emit(self, record):
+            if "time limit" in record.getMessage():
+                stops.append(record.args[1])
+
+    logging.getLogger("emdiffuse.training.trainer").addHandler(Stops())
+    logging.getLogger("emdiffuse.training.trainer").setLevel(logging.INFO)
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
+    try:
+        trainer.train("denoise", _sources(paths), f"{root}/run", steps=10**6, batch_size=PER_RANK,
+                      patch=16, region=32, warmup=0, lr=1e-3, lr_schedule="cosine",
+                      time_limit=3.0, val_every=10**6, ckpt_every=10**6, progress=False,
+                      calibration_samples=0, error_refit_steps=0, device="cpu")  # fmt: skip
+        torch.save({"stops": stops}, f"{root}/timed{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_time_limit_stops_every_rank_at_the_same_step(tmp_path):
+    import csv
+
+    paths = _volume(tmp_path)
+    mp.spawn(_timed_worker, args=(2, str(tmp_path), paths), nprocs=2, join=True)
+    s0 = torch.load(tmp_path / "timed0.pt", weights_only=True)["stops"]
+    s1 = torch.load(tmp_path / "timed1.pt", weights_only=True)["stops"]
+    assert len(s0) == 1 and s0 == s1 and s0[0] > 0  # one clock: the same last step
+    with open(tmp_path / "run" / "scalars.csv") as f:
+        rates = [float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")]
+    assert rates and rates[-1] < rates[0]  # the cosine followed that clock down

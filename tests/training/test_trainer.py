@@ -368,6 +368,51 @@ def test_lr_warmup_and_keyed_noise():
     torch.testing.assert_close(u1[1], u2[0])
 
 
+def test_the_cosine_follows_the_time_limit_when_time_runs_out_before_the_steps():
+    s = TrainSettings(task="denoise", data=[], lr=1.0, warmup=0, steps=1001,
+                      lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
+    assert lr_at(0, s, 0.5) == pytest.approx(0.5)  # half the time spent: half-way down
+    assert lr_at(500, s, 0.1) == pytest.approx(0.5)  # the steps ahead of the clock lead
+    assert lr_at(10, s, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(10, s, 2.0) == pytest.approx(0.0, abs=1e-12)  # never past the floor
+    assert lr_at(1, TrainSettings(task="denoise", data=[], lr=1.0, warmup=4), 0.9) == 0.5
+    constant = TrainSettings(task="denoise", data=[], lr=1.0, warmup=0)
+    assert lr_at(7, constant, 0.9) == 1.0  # a constant rate ignores the clock
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(InputError, match="time_limit must be a positive number of seconds"):
+            TrainSettings.build("denoise", [], {"time_limit": bad})
+    with pytest.raises(InputError, match="lr_follows_time must be true or false"):
+        TrainSettings.build("denoise", [], {"lr_follows_time": "yes"})
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_a_time_limited_run_anneals_by_its_clock(tmp_path, pair, follows):
+    """Far more steps than the time allows: the logged rates lie between the cosine at the
+    share of the limit spent when the row was written (a bound reached later than the step
+    read the clock) and the cosine by steps; without ``lr_follows_time`` they are the cosine
+    by steps alone."""
+    limit, steps = 4.0, 10**6
+    out = tmp_path / "run"
+    opts = {**FAST, "warmup": 0, "lr_schedule": "cosine", "min_lr_ratio": 0.0,
+            "error_refit_steps": 0, "calibration_samples": 0}  # fmt: skip
+    trainer.train("denoise", pair, out, steps=steps, time_limit=limit, ckpt_every=steps,
+                  lr_follows_time=follows, **opts)  # fmt: skip
+    s = TrainSettings(task="denoise", data=[], lr=opts["lr"], warmup=0, steps=steps,
+                      lr_schedule="cosine", min_lr_ratio=0.0)  # fmt: skip
+    with open(out / "scalars.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr")]
+    assert len(rows) >= 2
+    for r in rows:
+        step, lr = int(r["step"]), float(r["lr"])
+        by_steps = lr_at(step - 1, s)
+        if follows:
+            at_row = lr_at(step - 1, s, float(r["elapsed_s"]) / limit)
+            assert at_row * (1 - 1e-5) <= lr <= by_steps * (1 + 1e-5)  # as the CSV rounds
+        else:
+            assert lr == pytest.approx(by_steps, rel=1e-5)
+    assert (float(rows[-1]["lr"]) < 0.9 * opts["lr"]) == follows  # a million steps: by steps ~lr
+
+
 def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     from emdiffuse.cli import main
 
@@ -381,10 +426,12 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out", str(out),
                  "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
                  "--device", "cpu", "--val-every", "2", "--no-rotations",
-                 "--calibration-level", "0.8", "--error-refit-steps", "0"])  # fmt: skip
+                 "--calibration-level", "0.8", "--error-refit-steps", "0",
+                 "--no-lr-follows-time"])  # fmt: skip
     assert code == 0 and (out / "model.safetensors").exists()
     recorded = json.loads((out / "settings.json").read_text())
     assert recorded["rotations"] is False and recorded["error_refit_steps"] == 0
+    assert recorded["lr_follows_time"] is False
     from emdiffuse.models.calibration import INTERVAL_LEVELS, levels
     from emdiffuse.models.checkpoints import load_checkpoint
 
@@ -428,6 +475,11 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
                  str(tmp_path / "y"), "--intensity-jitter", "1.5"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "intensity_jitter must be a fraction in [0, 1), got 1.5" in err
+    assert "Traceback" not in err and not (tmp_path / "y").exists()
+    code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
+                 str(tmp_path / "y"), "--time-limit", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "time_limit must be a positive number of seconds, got 0.0" in err
     assert "Traceback" not in err and not (tmp_path / "y").exists()
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out",
                  str(tmp_path / "y"), "--calibration-level", "90"])  # fmt: skip
