@@ -7,8 +7,8 @@ the time limit ends it. Where the trainer's cosine follows the clock (``lr_follo
 the default since the thirtieth session) the margin is CLOCK_HORIZON_MARGIN: the steps only
 cap the run, and the schedule reaches its floor at the limit whatever the probe measured.
 Otherwise it is HORIZON_MARGIN, the schedule's horizon, and the run stops wherever its
-cosine then is (0.78-0.95 of the way when the probe overestimated the rate). The steps and seconds actually trained are read back from the run and
-recorded. Trained models are cached outside the repository, keyed on every setting that
+cosine then is (0.78-0.95 of the way when the probe overestimated the rate). The steps
+and seconds actually trained are read back from the run and recorded. Trained models are cached outside the repository, keyed on every setting that
 decides them, with their training record, so re-running the evaluation is cheap.
 
 Library features that are landing while this benchmark is written are detected, not

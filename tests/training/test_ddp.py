@@ -80,8 +80,8 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
 
 
 def _timed_worker(rank, world, root, paths):
-    """A whole ``trainer.train`` under a time limit; each rank records where its loop
-    stopped (the log line) and its final averaged weights."""
+    """A whole ``trainer.train`` under a time limit on one run folder, as under torchrun;
+    each rank records the step its loop stopped at (its log line)."""
     import logging
 
     import torch.distributed as dist
