@@ -80,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the demo's recipe)",
     )  # fmt: skip
     parser.add_argument(
+        "--mean-depth", type=int, default=None, metavar="N",
+        help="residual objective: downsamplings of the mean network (default: the --size "
+        "preset's, 2 for tiny, 3 for small and reference). Deeper sees more context and "
+        "costs more per step: for a tiny model trained 20 min or more on a CPU, 3 scored "
+        "higher than 2 (docs/tasks.md); not with --init, whose model keeps its own",
+    )  # fmt: skip
+    parser.add_argument(
         "--intensity-jitter", type=float, default=d["intensity_jitter"], metavar="FRACTION",
         help="brightness/contrast augmentation: a gain in 1 +- FRACTION and an offset in "
         "+- FRACTION/2 of the target's range, the same raw change for input and target "
@@ -181,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     from emdiffuse.training.trainer import train
 
     settings = {name: getattr(args, name) for name in SETTINGS}
+    if args.mean_depth is not None:
+        settings["mean_net"] = {"depth": args.mean_depth}
     path = train(
         args.task,
         args.data,

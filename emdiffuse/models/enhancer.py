@@ -169,10 +169,7 @@ class Enhancer:
     @property
     def net_multiple(self) -> int:
         """The network's total downsampling: its input sides must be multiples of it."""
-        multiple = getattr(self.net, "multiple", None)
-        if multiple is None:
-            multiple = 2 ** (len(self.config.unet.channel_mults) - 1)
-        return int(multiple)
+        return int(getattr(self.net, "multiple", self.config.multiple))
 
     @property
     def multiple(self) -> int:

@@ -212,6 +212,13 @@ class ModelConfig:
         return self.kind == "residual"
 
     @property
+    def multiple(self) -> int:
+        """Every network's total downsampling (the residual kind's mean network's too):
+        tile and patch sides on the output grid must be multiples of it."""
+        mean = self.mean_net.multiple if self.mean_net is not None else 1
+        return math.lcm(self.unet.multiple, mean)
+
+    @property
     def net_cond_channels(self) -> int:
         """Conditioning channels of the diffusion UNet: the input slices, and for the
         residual kind the mean after them."""

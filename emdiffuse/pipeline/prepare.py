@@ -222,9 +222,7 @@ def _layout(settings: RunSettings, volume: Volume, config) -> tuple[RunSettings,
     """The settings with tile, overlap and chunks resolved, and the run's tile lattice."""
     in_shape = tuple(volume.shape) if volume.ndim == 3 else (1, *volume.shape)
     k_xy = config.xy_scale
-    multiple = math.lcm(2 ** (len(config.unet.channel_mults) - 1), k_xy)
-    if config.mean_net is not None:  # the residual kind's mean network downsamples too
-        multiple = math.lcm(multiple, config.mean_net.multiple)
+    multiple = math.lcm(config.multiple, k_xy)
     out_yx = (in_shape[1] * k_xy, in_shape[2] * k_xy)
     tile, overlap = choose_tile(out_yx, multiple, k_xy, settings.tile, settings.overlap)
     lattice = Lattice(in_shape, tile, overlap, xy_scale=k_xy, z_scale=config.z_scale,

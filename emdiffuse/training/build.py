@@ -244,7 +244,7 @@ def skip_is_fixed(s: TrainSettings, config: ModelConfig) -> bool:
 def check_patch(s: TrainSettings, config: ModelConfig) -> None:
     """The patch side must suit the network (its downsampling, its mean network's skip) and
     the scale factor."""
-    multiple = math.lcm(config.unet.multiple, config.xy_scale)
+    multiple = math.lcm(config.multiple, config.xy_scale)
     if s.patch % multiple:
         raise InputError(
             f"--patch {s.patch} must be a multiple of {multiple} for this model; "

@@ -220,6 +220,16 @@ class TrainSettings:
                 )
         if self.z_context is not None:
             check_z_context(self.z_context, task=self.task, what=self.task)
+        overrides = [n for n in ("unet", "mean_net") if getattr(self, n)]
+        if self.init is not None and overrides:
+            raise InputError(
+                f"{', '.join(overrides)}: a fine-tuned model keeps the --init model's "
+                "architecture; leave out"
+            )
+        if self.mean_net and self.task in TASK_VARIANTS:  # its fields, before any data is read
+            from emdiffuse.models.presets import make_mean_net_config  # loads torch
+
+            make_mean_net_config(TASK_VARIANTS[self.task], size=self.size, **self.mean_net)
         if self.unet is not None:
             fixed = sorted(set(self.unet) & set(_UNET_FIXED))
             if fixed:

@@ -413,15 +413,21 @@ def test_a_time_limited_run_anneals_by_its_clock(tmp_path, pair, follows):
     assert (float(rows[-1]["lr"]) < 0.9 * opts["lr"]) == follows  # a million steps: by steps ~lr
 
 
-def test_cli_train_and_bad_input(tmp_path, pair, capsys):
-    from emdiffuse.cli import main
-
+def _ome_pair(folder, pair) -> list[str]:
+    """The noisy / clean pair as OME-Zarr images in ``folder`` (8 nm voxels)."""
     paths = []
     for name, arr in zip(("noisy", "clean"), pair, strict=True):
-        p = tmp_path / f"{name}.ome.zarr"
+        p = folder / f"{name}.ome.zarr"
         io.write_image(__import__("dask.array").array.from_array(arr[...], chunks=(2, 32, 32)),
                        str(p), voxel_size=(8.0, 8.0, 8.0))  # fmt: skip
         paths.append(str(p))
+    return paths
+
+
+def test_cli_train_and_bad_input(tmp_path, pair, capsys):
+    from emdiffuse.cli import main
+
+    paths = _ome_pair(tmp_path, pair)
     out = tmp_path / "cli"
     code = main(["train", "--task", "denoise", "--data", ",".join(paths), "--out", str(out),
                  "--steps", "2", "--batch-size", "2", "--patch", "16", "--no-progress",
@@ -500,6 +506,52 @@ def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     assert code == 2
     assert "NOISY,CLEAN" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_mean_depth_builds_the_mean_network_it_names(tmp_path, pair, capsys):
+    """``train --mean-depth N``: the residual kind's mean network downsamples N times (the
+    checkpoint and settings.json say so) and the training patch must suit it; refused in
+    one line, nothing created, for a depth out of range, another objective, or --init."""
+    from emdiffuse import enhance
+    from emdiffuse.cli import main
+    from emdiffuse.models.checkpoints import load_checkpoint
+
+    paths = _ome_pair(tmp_path, pair)
+    base = ["train", "--task", "denoise", "--data", ",".join(paths), "--batch-size", "2",
+            "--no-progress", "--device", "cpu", "--val-every", "2", "--steps", "1",
+            "--error-refit-steps", "0"]  # fmt: skip
+    out = tmp_path / "deep"
+    assert main([*base, "--out", str(out), "--mean-depth", "3", "--patch", "16"]) == 0
+    config, state = load_checkpoint(out / "model.safetensors")
+    assert config.mean_net.depth == 3 and config.unet.multiple == 4 and config.multiple == 8
+    assert json.loads((out / "settings.json").read_text())["mean_net"] == {"depth": 3}
+    shallow = load_checkpoint(trainer.train(
+        "denoise", pair, tmp_path / "shallow", steps=1, **{**FAST, "calibration_samples": 0}
+    ))[0]  # fmt: skip
+    assert shallow.mean_net.depth == 2 and shallow.multiple == 4
+    # enhance tiles the deeper model at its own multiple (a 12-voxel tile is refused)
+    image = enhance(paths[0], out / "model.safetensors", tmp_path / "e.zarr", samples=0,
+                    **{**ENHANCE_RUN, "tile": 24, "overlap": 8})  # fmt: skip
+    assert image.shape == pair[0].shape and np.isfinite(np.asarray(image)).all()
+    with pytest.raises(InputError, match="tile 12 must be a multiple of 8"):
+        enhance(paths[0], out / "model.safetensors", tmp_path / "e12.zarr", samples=0,
+                **{**ENHANCE_RUN, "tile": 12, "overlap": 4})  # fmt: skip
+    assert not (tmp_path / "e12.zarr").exists()
+    capsys.readouterr()  # the good runs' log
+    cases = [
+        (["--mean-depth", "3", "--patch", "12"], "--patch 12 must be a multiple of 8"),
+        (["--mean-depth", "9"], "depth must be an integer in 0..5, got 9"),  # before the data
+        (["--mean-depth", "3", "--objective", "diffusion"], "mean_net: for objective"),
+        (["--mean-depth", "3", "--init", str(out / "model.safetensors")],
+         "mean_net: a fine-tuned model keeps the --init model's architecture"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        bad = tmp_path / "bad"
+        code = main([*base, "--out", str(bad), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (extra, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not bad.exists()
 
 
 ENHANCE_RUN = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
