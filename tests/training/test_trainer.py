@@ -522,7 +522,7 @@ def test_cli_mean_depth_builds_the_mean_network_it_names(tmp_path, pair, capsys)
             "--error-refit-steps", "0"]  # fmt: skip
     out = tmp_path / "deep"
     assert main([*base, "--out", str(out), "--mean-depth", "3", "--patch", "16"]) == 0
-    config, state = load_checkpoint(out / "model.safetensors")
+    config = load_checkpoint(out / "model.safetensors")[0]
     assert config.mean_net.depth == 3 and config.unet.multiple == 4 and config.multiple == 8
     assert json.loads((out / "settings.json").read_text())["mean_net"] == {"depth": 3}
     shallow = load_checkpoint(trainer.train(
