@@ -47,7 +47,7 @@ from emdiffuse.training.settings import (
 
 # the residual kind's settings, written out in its options so that a change of their
 # defaults (e.g. mean_init) retrains its models instead of reusing cached ones
-RESIDUAL_SETTINGS = ("mean_init", "mean_loss", "residual_scale", "mean_net")
+RESIDUAL_SETTINGS = ("mean_init", "mean_loss", "mean_ssim", "residual_scale", "mean_net")
 
 HORIZON_MARGIN = 1.1  # a schedule by steps: steps = measured rate x budget x this
 CLOCK_HORIZON_MARGIN = 1.5  # a cosine that follows the clock: the limit ends it, steps cap it

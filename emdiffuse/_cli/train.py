@@ -40,7 +40,7 @@ SETTINGS = (
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
     "precision", "z_context", "rotations", "calibration_level", "error_refit_steps",
-    "lr_follows_time",
+    "lr_follows_time", "mean_ssim",
 )  # fmt: skip
 
 
@@ -85,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "preset's, 2 for tiny, 3 for small and reference). Deeper sees more context and "
         "costs more per step: for a tiny model trained 20 min or more on a CPU, 3 scored "
         "higher than 2 (docs/tasks.md); not with --init, whose model keeps its own",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mean-ssim", type=float, default=d["mean_ssim"], metavar="W",
+        help="residual objective: add W x (1 - SSIM) to the mean network's squared error: a "
+        "mean with more local contrast (higher SSIM) for a little squared error (lower "
+        "PSNR). Default 0: the posterior mean. The samples and intervals stay calibrated "
+        "either way (docs/tasks.md)",
     )  # fmt: skip
     parser.add_argument(
         "--intensity-jitter", type=float, default=d["intensity_jitter"], metavar="FRACTION",

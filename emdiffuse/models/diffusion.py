@@ -294,6 +294,7 @@ def residual_loss(
     loss: str = "mse",
     mean_loss: str = "mse",
     *,
+    mean_ssim: float = 0.0,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
@@ -302,10 +303,10 @@ def residual_loss(
     """Training loss of a mean-plus-residual model (:class:`~emdiffuse.models.networks.
     MeanResidualNet`, or DDP around one): ``(total, mean part)``.
 
-    total = ``mean_loss``(mean, x0) + ``loss``(prediction, target of the residual
-    ``r = (x0 - mean.detach()) / scale`` at a noise level drawn as :func:`diffusion_loss`
-    does), + :func:`error_nll` of the mean's error under the error head's variances when the
-    model has one. The networks learn in the same step; neither the residual branch nor the
+    total = ``mean_loss``(mean, x0) (+ ``mean_ssim`` x :func:`ssim_loss`) + ``loss``(prediction,
+    target of the residual ``r = (x0 - mean.detach()) / scale`` at a noise level drawn as
+    :func:`diffusion_loss` does), + :func:`error_nll` of the mean's error under the error
+    head's variances when the model has one. The networks learn in the same step; neither the residual branch nor the
     error head moves the mean.
     With ``residual_rows`` = k the residual term covers the first k samples only (the mean
     term all of them): a step that costs less where the residual network is the dearer one.
@@ -323,7 +324,7 @@ def residual_loss(
     noise, levels = noise[:k], levels[:k]
     mean, pred, r, log_variance = model(cond, x0[:k], noise, levels)
     target = target_for(r.float(), noise.float(), levels, prediction)
-    part_mean = _pointwise(mean_loss, mean, x0)
+    part_mean = _mean_part(mean_loss, mean_ssim, mean, x0)
     total = part_mean + _pointwise(loss, pred, target)
     if log_variance is not None:
         total = total + error_nll(log_variance, x0 - mean.detach())
@@ -339,12 +340,48 @@ def error_nll(log_variance: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
 
 
 def mean_loss_only(
-    model: Callable[..., Any], cond: torch.Tensor, x0: torch.Tensor, mean_loss: str = "mse"
+    model: Callable[..., Any],
+    cond: torch.Tensor,
+    x0: torch.Tensor,
+    mean_loss: str = "mse",
+    *,
+    mean_ssim: float = 0.0,
 ) -> torch.Tensor:
-    """The mean part of :func:`residual_loss` alone: ``mean_loss``(model(cond), x0), one
-    evaluation of the mean network and none of the residual network (a mean-only warm-up)."""
+    """The mean part of :func:`residual_loss` alone: ``mean_loss``(model(cond), x0) (+
+    ``mean_ssim`` x :func:`ssim_loss`), one evaluation of the mean network and none of the
+    residual network (a mean-only warm-up)."""
     _check_loss("mean_loss", mean_loss)
-    return _pointwise(mean_loss, model(cond), x0)
+    return _mean_part(mean_loss, mean_ssim, model(cond), x0)
+
+
+def ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - the mean SSIM of ``estimate`` against ``target``, both in model space [-1, 1]:
+    as :func:`emdiffuse.metrics.ssim` scores an output, i.e. on the [0, 1] scale (data range
+    1), Gaussian window (sigma 1.5, 11 voxels) over the valid region, image by image over
+    the last two axes (a 3-D patch slice by slice). Computed in float32 (also under
+    autocast); differentiable."""
+    # only runs that use the term pay for these imports
+    from kornia.metrics import ssim  # noqa: PLC0415
+
+    from emdiffuse.metrics import GAUSSIAN_WINDOW as SSIM_WINDOW  # noqa: PLC0415
+
+    if min(estimate.shape[-2:]) < SSIM_WINDOW:
+        raise InputError(
+            f"the SSIM term needs images of at least {SSIM_WINDOW} voxels a side, got "
+            f"{tuple(estimate.shape[-2:])}; use a larger patch or mean_ssim 0"
+        )
+    with torch.autocast(estimate.device.type, enabled=False):
+        a = (estimate.float().reshape(-1, 1, *estimate.shape[-2:]) + 1) / 2
+        b = (target.float().reshape(-1, 1, *target.shape[-2:]) + 1) / 2
+        return 1 - ssim(a, b, SSIM_WINDOW, max_val=1.0, padding="valid").mean()
+
+
+def _mean_part(mean_loss: str, mean_ssim: float, mean: torch.Tensor, x0: torch.Tensor):
+    """The mean network's loss: ``mean_loss`` (pointwise) + ``mean_ssim`` x SSIM's."""
+    part = _pointwise(mean_loss, mean, x0)
+    if mean_ssim:
+        part = part + mean_ssim * ssim_loss(mean, x0)
+    return part
 
 
 _LOSS_FUNCTIONS = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}

@@ -56,7 +56,7 @@ DEFAULT_REFIT_STEPS = 2000
 RESUME_FIELDS = ("task", "batch_size", "patch", "seed", "prediction", "size", "objective",
                  "unet", "mean_net", "residual_scale", "z_context")  # fmt: skip
 # fields only the residual objective reads (validate refuses them for the other objectives)
-RESIDUAL_FIELDS = ("mean_net", "residual_scale", "mean_warmup", "residual_batch")
+RESIDUAL_FIELDS = ("mean_net", "residual_scale", "mean_warmup", "residual_batch", "mean_ssim")
 # UNet fields the variant decides (channels, dimensionality, index embedding): not overridable
 _UNET_FIXED = ("dims", "in_channels", "out_channels", "use_index_embedding", "num_indices")
 
@@ -113,6 +113,9 @@ class TrainSettings:
     # depth, convs), its loss, and the scale s of the residual r = (x0 - mean) / s
     mean_net: dict[str, Any] | None = None
     mean_loss: str = "mse"
+    # weight of 1 - SSIM (as the benchmarks score it) added to the mean network's loss: more
+    # local contrast for a little squared error (0: the posterior mean, squared error alone)
+    mean_ssim: float = 0.0
     mean_init: str = "least-squares"  # see MEAN_INITS
     # the first mean_warmup x steps train the mean network alone (residual objective)
     mean_warmup: float = 0.0
@@ -181,6 +184,13 @@ class TrainSettings:
             )
         if self.mean_loss not in LOSS_NAMES:
             raise InputError(f"mean_loss must be {' or '.join(LOSS_NAMES)}, got {self.mean_loss!r}")
+        if not (isinstance(self.mean_ssim, int | float) and 0 <= self.mean_ssim < math.inf):
+            raise InputError(f"mean_ssim must be a weight >= 0, got {self.mean_ssim!r}")
+        if self.mean_ssim and self.patch < _ssim_window():
+            raise InputError(
+                f"mean_ssim needs --patch {_ssim_window()} or more (the SSIM window), got "
+                f"{self.patch}; use a larger patch or mean_ssim 0"
+            )
         if self.mean_init not in MEAN_INITS:
             raise InputError(
                 f"mean_init must be {' or '.join(MEAN_INITS)}, got {self.mean_init!r}"
@@ -286,7 +296,14 @@ _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "va
          "calibration_patches", "residual_batch", "z_context", "error_refit_steps"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
            "time_limit", "residual_scale", "calibration_level", "intensity_jitter",
-           "error_refit_share"}  # fmt: skip
+           "error_refit_share", "mean_ssim"}  # fmt: skip
+
+
+def _ssim_window() -> int:
+    """The side of SSIM's window in voxels (emdiffuse.metrics: loaded only where needed)."""
+    from emdiffuse.metrics import GAUSSIAN_WINDOW  # noqa: PLC0415
+
+    return GAUSSIAN_WINDOW
 
 
 def _convert(name: str, value: Any) -> Any:

@@ -98,11 +98,14 @@ def train_step(
         device_type=dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
     ):
         if config.residual and mean_only:
-            loss = diffusion.mean_loss_only(model, cond, target, s.mean_loss)
+            loss = diffusion.mean_loss_only(
+                model, cond, target, s.mean_loss, mean_ssim=s.mean_ssim
+            )
         elif config.residual:
             loss, _ = diffusion.residual_loss(
                 model, cond, target, schedule, config.prediction, config.loss, s.mean_loss,
-                noise=noise.to(dev), u=uniforms.to(dev), residual_rows=s.residual_batch,
+                mean_ssim=s.mean_ssim, noise=noise.to(dev), u=uniforms.to(dev),
+                residual_rows=s.residual_batch,
             )  # fmt: skip
         else:
             loss = training_loss(

@@ -307,6 +307,59 @@ def test_residual_loss_trains_both_and_detaches_the_mean():
 
 
 
+
+def test_the_ssim_term_is_the_benchmarks_ssim_in_float32_on_every_slice():
+    """``ssim_loss`` is 1 - :func:`emdiffuse.metrics.ssim` of the two on the [0, 1] scale,
+    for 2-D batches and 3-D patches (slice by slice), in float32 under bf16 autocast too;
+    ``residual_loss``'s mean part adds it with its weight; images under the window are
+    refused."""
+    from emdiffuse.metrics import ssim
+
+    rng = np.random.default_rng(0)
+    for shape in ((3, 1, 24, 24), (2, 1, 3, 16, 20)):
+        truth = np.clip(rng.random(shape) * 2 - 1, -1, 1).astype(np.float32)
+        estimate = (truth * 0.6 + rng.normal(0, 0.2, shape)).astype(np.float32)
+        scored = ssim((estimate.reshape(-1, *shape[-2:]) + 1) / 2,
+                      (truth.reshape(-1, *shape[-2:]) + 1) / 2)  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            term = diffusion.ssim_loss(torch.from_numpy(estimate), torch.from_numpy(truth))
+        assert term.dtype == torch.float32
+        assert float(term) == pytest.approx(1 - scored, abs=1e-5)
+    config = make_config("emdiffuse-n", "tiny", kind="residual", prediction="v")
+    torch.manual_seed(0)
+    net = build_network(config)
+    cond = torch.rand(2, 1, 16, 16) * 2 - 1
+    x0 = (cond * 0.5).clamp(-1, 1)
+    args = (net, cond, x0, diffusion.Schedule(), "v", "mse", "mse")
+    rest = dict(noise=torch.randn_like(x0), u=torch.rand(2))
+    _, plain = diffusion.residual_loss(*args, **rest)
+    _, weighted = diffusion.residual_loss(*args, mean_ssim=0.5, **rest)
+    torch.testing.assert_close(weighted, plain + 0.5 * diffusion.ssim_loss(net(cond), x0))
+    torch.testing.assert_close(
+        diffusion.mean_loss_only(net, cond, x0, mean_ssim=0.5), weighted
+    )
+    with pytest.raises(InputError, match="at least 11 voxels a side"):
+        diffusion.ssim_loss(torch.zeros(1, 1, 8, 32), torch.zeros(1, 1, 8, 32))
+
+
+def test_the_ssim_term_asks_for_more_contrast_than_squared_error():
+    """What ``mean_ssim`` is for: on a noisy observation y of a textured image x, the gain g
+    minimising the squared error of g*y is the Wiener shrinkage; adding SSIM's term moves
+    the best gain up (more local contrast), at a little squared error."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    x = gaussian_filter(rng.normal(0, 1, (4, 64, 64)), (0, 1.5, 1.5))
+    x = torch.from_numpy(0.5 * x / x.std()).float()[:, None]
+    y = x + 0.4 * torch.from_numpy(rng.normal(0, 1, x.shape)).float()
+    gains = torch.linspace(0.2, 1.2, 101)
+    mse = torch.stack([torch.mean((g * y - x) ** 2) for g in gains])
+    term = torch.stack([diffusion.ssim_loss(g * y, x) for g in gains])
+    best = {w: float(gains[torch.argmin(mse + w * term)]) for w in (0.0, 1.0, 10.0)}
+    assert best[0.0] == pytest.approx(float((x * y).sum() / (y * y).sum()), abs=0.01)
+    assert best[0.0] < best[1.0] < best[10.0]
+
+
 def test_residual_rows_train_the_mean_on_all_samples_and_the_residual_on_the_first_k():
     """``residual_rows=k``: the mean term covers the whole batch, the diffusion term only the
     first k samples (the same numbers as a batch of those k alone), and samples past k give

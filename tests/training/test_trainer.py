@@ -554,6 +554,41 @@ def test_cli_mean_depth_builds_the_mean_network_it_names(tmp_path, pair, capsys)
         assert not bad.exists()
 
 
+def test_cli_mean_ssim_trains_the_mean_with_the_ssim_term(tmp_path, pair, capsys):
+    """``train --mean-ssim W``: recorded in settings.json, and the logged loss is the
+    weighted one (larger than a run without it from the same seed);
+    refused in one line, nothing created, for a negative weight, a patch under SSIM's
+    window and another objective."""
+    from emdiffuse.cli import main
+
+    paths = _ome_pair(tmp_path, pair)
+    base = ["train", "--task", "denoise", "--data", ",".join(paths), "--batch-size", "2",
+            "--no-progress", "--device", "cpu", "--val-every", "2", "--steps", "1",
+            "--patch", "16", "--error-refit-steps", "0", "--precision", "fp32"]  # fmt: skip
+    losses = {}
+    for weight in ("0", "0.5"):
+        out = tmp_path / f"w{weight}"
+        assert main([*base, "--out", str(out), "--mean-ssim", weight]) == 0
+        assert json.loads((out / "settings.json").read_text())["mean_ssim"] == float(weight)
+        rows = (out / "scalars.csv").read_text().splitlines()
+        column = rows[0].split(",").index("loss")
+        losses[weight] = float(rows[1].split(",")[column])
+    assert losses["0.5"] > losses["0"]  # one step: same weights, same batch, + the term
+    capsys.readouterr()
+    cases = [
+        (["--mean-ssim", "-0.5"], "mean_ssim must be a weight >= 0, got -0.5"),
+        (["--mean-ssim", "0.1", "--patch", "8"], "mean_ssim needs --patch 11 or more"),
+        (["--mean-ssim", "0.1", "--objective", "diffusion"], "mean_ssim: for objective"),
+    ]
+    for extra, message in cases:
+        bad = tmp_path / "bad"
+        code = main([*base, "--out", str(bad), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (extra, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not bad.exists()
+
+
 ENHANCE_RUN = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
                    scheduler="threads", workers=1, dtype="float32")  # fmt: skip
 
