@@ -303,11 +303,11 @@ def residual_loss(
     """Training loss of a mean-plus-residual model (:class:`~emdiffuse.models.networks.
     MeanResidualNet`, or DDP around one): ``(total, mean part)``.
 
-    total = ``mean_loss``(mean, x0) (+ ``mean_ssim`` x :func:`ssim_loss`) + ``loss``(prediction,
-    target of the residual ``r = (x0 - mean.detach()) / scale`` at a noise level drawn as
-    :func:`diffusion_loss` does), + :func:`error_nll` of the mean's error under the error
-    head's variances when the model has one. The networks learn in the same step; neither the residual branch nor the
-    error head moves the mean.
+    total = ``mean_loss``(mean, x0) (+ ``mean_ssim`` x :func:`ssim_loss`) + ``loss``(
+    prediction, target of the residual ``r = (x0 - mean.detach()) / scale`` at a noise level
+    drawn as :func:`diffusion_loss` does), + :func:`error_nll` of the mean's error under the
+    error head's variances when the model has one. The networks learn in the same step;
+    neither the residual branch nor the error head moves the mean.
     With ``residual_rows`` = k the residual term covers the first k samples only (the mean
     term all of them): a step that costs less where the residual network is the dearer one.
     """
@@ -376,7 +376,9 @@ def ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return 1 - ssim(a, b, SSIM_WINDOW, max_val=1.0, padding="valid").mean()
 
 
-def _mean_part(mean_loss: str, mean_ssim: float, mean: torch.Tensor, x0: torch.Tensor):
+def _mean_part(
+    mean_loss: str, mean_ssim: float, mean: torch.Tensor, x0: torch.Tensor
+) -> torch.Tensor:
     """The mean network's loss: ``mean_loss`` (pointwise) + ``mean_ssim`` x SSIM's."""
     part = _pointwise(mean_loss, mean, x0)
     if mean_ssim:
