@@ -318,6 +318,7 @@ def _loop(
     warmup = mean_warmup_steps(s)
     limit = loop_time_limit(s, run.config)
     losses: list[float] = []
+    last: dict[str, float] = {}  # the last step's learning rate and gradient norm
     while step < s.steps:
         spent = 0.0  # the share of the time limit spent, on rank 0's clock
         if limit is not None:
@@ -326,6 +327,9 @@ def _loop(
                 log.info("time limit of %.0f s reached at step %d%s", limit, step,
                          "" if limit == s.time_limit else
                          f" ({s.time_limit:.0f} s less the error head's refit)")  # fmt: skip
+                if d.main and losses:  # the steps since the last row: scalars.csv ends here
+                    scalars.write(step, {"loss": float(np.mean(losses)), **last,
+                                         "elapsed_s": time.perf_counter() - t0})  # fmt: skip
                 break
         batch = next(loader)
         lr = lr_at(step, s, spent if s.lr_follows_time else 0.0)
@@ -338,6 +342,7 @@ def _loop(
         run.ema.update(run.net)
         step += 1
         losses.append(loss)
+        last = {"lr": lr, "grad_norm": grad_norm}
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
