@@ -424,6 +424,19 @@ def _ome_pair(folder, pair) -> list[str]:
     return paths
 
 
+def _assert_cli_refuses(base, bad, cases, capsys) -> None:
+    """Each ``(extra arguments, message)`` of ``cases``: ``base --out bad extra`` exits 2
+    with the message in one line of stderr, no traceback, and creates nothing."""
+    from emdiffuse.cli import main
+
+    for extra, message in cases:
+        code = main([*base, "--out", str(bad), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (extra, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not bad.exists()
+
+
 def test_cli_train_and_bad_input(tmp_path, pair, capsys):
     from emdiffuse.cli import main
 
@@ -545,13 +558,7 @@ def test_cli_mean_depth_builds_the_mean_network_it_names(tmp_path, pair, capsys)
         (["--mean-depth", "3", "--init", str(out / "model.safetensors")],
          "mean_net: a fine-tuned model keeps the --init model's architecture"),
     ]  # fmt: skip
-    for extra, message in cases:
-        bad = tmp_path / "bad"
-        code = main([*base, "--out", str(bad), *extra])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err, (extra, err)
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-        assert not bad.exists()
+    _assert_cli_refuses(base, tmp_path / "bad", cases, capsys)
 
 
 def test_cli_mean_ssim_trains_the_mean_with_the_ssim_term(tmp_path, pair, capsys):
@@ -580,13 +587,7 @@ def test_cli_mean_ssim_trains_the_mean_with_the_ssim_term(tmp_path, pair, capsys
         (["--mean-ssim", "0.1", "--patch", "8"], "mean_ssim needs --patch 11 or more"),
         (["--mean-ssim", "0.1", "--objective", "diffusion"], "mean_ssim: for objective"),
     ]
-    for extra, message in cases:
-        bad = tmp_path / "bad"
-        code = main([*base, "--out", str(bad), *extra])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err, (extra, err)
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-        assert not bad.exists()
+    _assert_cli_refuses(base, tmp_path / "bad", cases, capsys)
 
 
 ENHANCE_RUN = dict(tile=16, overlap=4, steps=2, sampler="ddim", seed=1, progress=False,
