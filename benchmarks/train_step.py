@@ -10,6 +10,10 @@ same pre-drawn batches so that drift of the machine's load hits every variant al
 * the full step with AdamW's per-parameter loop (torch's CPU default, the trainer before)
   and with the fused kernel (:func:`emdiffuse.training.build.make_optimizer`, the trainer now);
 * the mean network alone (``mean_only``, the warm-up's step): what a CARE-like step costs;
+* the full step with the SSIM term in the mean network's loss (``mean_ssim`` 0.1, thirty-
+  second session), as the library computes it (one separable filtering of the five stacked
+  moment maps) and through ``kornia.metrics.ssim`` (its first version: five filterings,
+  each padded and cropped), to show what the term costs;
 * the EMA update, timed on its own;
 
 and checks that the two optimizers train to the same weights (largest parameter difference
@@ -27,10 +31,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from common import bf16_hardware_label, machine_info, publish, start_record
 
+from emdiffuse.models import diffusion
 from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.ema import EMA
@@ -39,7 +45,25 @@ from emdiffuse.training.demo_model import demo_pair
 from emdiffuse.training.settings import DEMO_SETTINGS, TrainSettings
 from emdiffuse.training.step import train_step
 
-VARIANTS = ("loop AdamW", "fused AdamW", "mean network alone")
+VARIANTS = (
+    "loop AdamW",
+    "fused AdamW",
+    "mean network alone",
+    "SSIM term 0.1",
+    "SSIM term 0.1, kornia.metrics.ssim",
+)
+SSIM_WEIGHT = 0.1  # the weight the thirty-second session ran for 20 min
+
+
+def kornia_ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The SSIM term as the thirty-second session first computed it: ``kornia.metrics.ssim``
+    on the [0, 1] scale, valid region, in float32."""
+    from kornia.metrics import ssim
+
+    with torch.autocast(estimate.device.type, enabled=False):
+        a = (estimate.float().reshape(-1, 1, *estimate.shape[-2:]) + 1) / 2
+        b = (target.float().reshape(-1, 1, *target.shape[-2:]) + 1) / 2
+        return 1 - ssim(a, b, 11, max_val=1.0, padding="valid").mean()
 
 
 def round_times(steps: dict[str, Callable[[dict], None]], batches: list[dict], rounds: int,
@@ -82,9 +106,18 @@ def measure(rounds: int, per_round: int) -> dict:
                      else torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay))  # fmt: skip
         ema = EMA(net, s.ema_decay)
         mean_only = name == "mean network alone"
+        settings = replace(s, mean_ssim=SSIM_WEIGHT) if name.startswith("SSIM") else s
+        ssim_loss = kornia_ssim_loss if "kornia" in name else diffusion.ssim_loss
 
-        def step(batch, net=net, optimizer=optimizer, ema=ema, mean_only=mean_only) -> None:
-            train_step(net, net, optimizer, batch, schedule, config, s, dev, dtype, mean_only)
+        def step(batch, net=net, optimizer=optimizer, ema=ema, mean_only=mean_only,
+                 settings=settings, ssim_loss=ssim_loss) -> None:  # fmt: skip
+            library = diffusion.ssim_loss
+            diffusion.ssim_loss = ssim_loss  # what _mean_part calls
+            try:
+                train_step(net, net, optimizer, batch, schedule, config, settings, dev, dtype,
+                           mean_only)  # fmt: skip
+            finally:
+                diffusion.ssim_loss = library
             ema.update(net)
 
         nets[name], steps[name] = net, step
@@ -141,6 +174,15 @@ def markdown(r: dict) -> str:
         "",
         f"Fused against loop AdamW: **{med['loop AdamW'] / full:.2f}×** the steps in the same "
         f"time. The residual network's share of a step: {100 * (1 - med['mean network alone'] / full):.0f} %.",
+    ]
+    if "SSIM term 0.1" in med:  # results written before the thirty-third session have none
+        ssim, kornia = med["SSIM term 0.1"], med["SSIM term 0.1, kornia.metrics.ssim"]
+        lines.append(
+            f"The SSIM term adds {ssim - full:.1f} ms to a step ({100 * (ssim / full - 1):.0f} %); "
+            f"through kornia.metrics.ssim {kornia - full:.1f} ms "
+            f"({100 * (kornia / full - 1):.0f} %)."
+        )
+    lines += [
         "Rounds (ms per step): "
         + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vs)}" for k, vs in r["train_ms"].items())
         + ".",

