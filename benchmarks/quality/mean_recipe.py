@@ -8,7 +8,9 @@ time limit, model cache) on one FlyEM level, enhances the first test input with
 head's intervals where the model has one. No peers, no report: one JSON line per variant,
 printed and appended to ``--out``. ``--samples N`` also scores one sample and the mean of N
 (the default sampler) with its intervals; ``--device cuda`` trains and enhances on a GPU
-(the line records the device's name).
+(the line records the device's name). A denoising variant with ``z_context`` (a model
+reading neighbouring slices) is enhanced on the test slices with their noisy neighbours, as
+``run.py`` enhances ``residual-z1``, and scored on the test slices alone.
 
     python benchmarks/quality/mean_recipe.py --level denoise-dose8 \\
         --variants '{}' '{"batch_size": 16, "residual_batch": 4}' [--seed 0] [--budget 150]
@@ -20,13 +22,23 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import quality_project as qp
 from quality_data import flyem_levels
 from quality_plan import Entry
 from quality_scores import score, uncertainty_scores
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class ScoredInput(NamedTuple):
+    """An enhancement input (OME-Zarr) and which of its slices are the scored ones (None:
+    all of them)."""
+
+    path: Path
+    scored: np.ndarray | None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,11 +74,15 @@ def main(argv: list[str] | None = None) -> None:
         source, levels, sizes = flyem_levels([args.level], flyem_dir=args.flyem_dir)
     except ValueError as error:  # the data missing, or an unknown level: one line, exit 2
         p.error(str(error))
+    contexts = {int(extra.get("z_context") or 0) for extra in args.variants}
+    if contexts != {0} and levels[0].task != "denoise":
+        p.error("a z_context variant is scored here on denoise levels only; use run.py")
     data = source.task_data(levels[0], sizes, source.train_volume(sizes))
     work = args.cache / "work" / "mean_recipe"
     work.mkdir(parents=True, exist_ok=True)
-    inp = qp.write_input(data.test_inputs[0], work / f"in_{args.level}.ome.zarr", data.input_voxel)
+    inputs = {c: test_input(source, data, sizes, c, work) for c in sorted(contexts)}
     for extra in args.variants:
+        inp = inputs[int(extra.get("z_context") or 0)]
         start = time.time()
         model = qp.train_model(Entry("residual", args.budget), data, sizes, args.cache,
                                budget=args.budget, probe_seconds=20, source="flyem",
@@ -91,15 +107,36 @@ def main(argv: list[str] | None = None) -> None:
             fh.write(json.dumps(line) + "\n")
 
 
-def scored(samples: int, model: str, inp: Path, work: Path, data, args) -> dict:
+def test_input(source, data, sizes, context: int, work: Path) -> ScoredInput:
+    """The first test input as OME-Zarr: the scored slices themselves, or with ``context``
+    noisy neighbours on each side of each (the same keyed noise; checked)."""
+    name = f"in_{data.level.key}" + (f"_z{context}" if context else "")
+    if not context:
+        path = qp.write_input(data.test_inputs[0], work / f"{name}.ome.zarr", data.input_voxel)
+        return ScoredInput(path, None)
+    nb = source.neighbours(data.level, sizes, context)
+    volume = nb.volumes[0]
+    if not np.array_equal(volume[nb.scored], data.test_inputs[0]):
+        raise SystemExit("the neighbours' scored slices are not the test input: noise keying "
+                         "changed")  # fmt: skip
+    return ScoredInput(
+        qp.write_input(volume, work / f"{name}.ome.zarr", data.input_voxel), nb.scored
+    )
+
+
+def scored(samples: int, model: str, inp: ScoredInput, work: Path, data, args) -> dict:
     """PSNR, SSIM, bias (% of the range) and high-frequency spectrum error of an enhancement
     with ``samples`` (0: the posterior mean) against the truth, and its seconds; where it
     writes an uncertainty map (the mean of N, or the mean of a model with an error head),
     the map's coverage and its Spearman with the error per voxel and per block."""
-    run = qp.run_enhance(model, inp, work / "out.ome.zarr", samples=samples, seed=0,
+    run = qp.run_enhance(model, inp.path, work / "out.ome.zarr", samples=samples, seed=0,
                          device=args.device)  # fmt: skip
     if "error" in run:
         raise SystemExit(f"enhance with samples={samples} failed: {run['error']}")
+    if inp.scored is not None:  # enhanced with neighbours: keep the scored slices
+        run["mean"] = run["mean"][inp.scored]
+        if run["uncertainty"] is not None:
+            run["uncertainty"] = run["uncertainty"][inp.scored]
     s = score(run["mean"], data.truth, data.eval_z, data.voxel_nm)
     out = {"psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4),
            "bias_pct": round(s["bias_pct"], 3), "spectrum_error": round(s["spectrum_error"], 3),
