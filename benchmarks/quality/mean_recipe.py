@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     data = source.task_data(levels[0], sizes, source.train_volume(sizes))
     work = args.cache / "work" / "mean_recipe"
     work.mkdir(parents=True, exist_ok=True)
-    inputs = {c: test_input(source, data, sizes, c, work) for c in sorted(contexts)}
+    inputs = {c: scored_input(source, data, sizes, c, work) for c in sorted(contexts)}
     for extra in args.variants:
         inp = inputs[int(extra.get("z_context") or 0)]
         start = time.time()
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             fh.write(json.dumps(line) + "\n")
 
 
-def test_input(source, data, sizes, context: int, work: Path) -> ScoredInput:
+def scored_input(source, data, sizes, context: int, work: Path) -> ScoredInput:
     """The first test input as OME-Zarr: the scored slices themselves, or with ``context``
     noisy neighbours on each side of each (the same keyed noise; checked)."""
     name = f"in_{data.level.key}" + (f"_z{context}" if context else "")

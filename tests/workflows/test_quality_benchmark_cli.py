@@ -77,7 +77,7 @@ def test_mean_recipe_enhances_a_z_context_variant_on_the_scored_slices_neighbour
     from emdiffuse import io
 
     monkeypatch.syspath_prepend(str(repo_root / "benchmarks" / "quality"))
-    from mean_recipe import test_input
+    from mean_recipe import scored_input
     from quality_data import flyem_levels
 
     rng = np.random.default_rng(0)
@@ -88,10 +88,10 @@ def test_mean_recipe_enhances_a_z_context_variant_on_the_scored_slices_neighbour
     tifffile.imwrite(tmp_path / "training_sample2.tif", test)
     source, (level,), sizes = flyem_levels(["denoise-dose8"], quick=True, flyem_dir=tmp_path)
     data = source.task_data(level, sizes, source.train_volume(sizes))
-    plain = test_input(source, data, sizes, 0, tmp_path)
+    plain = scored_input(source, data, sizes, 0, tmp_path)
     assert plain.scored is None
     np.testing.assert_array_equal(io.open_volume(plain.path).data.compute(), data.test_inputs[0])
-    inp = test_input(source, data, sizes, 1, tmp_path)
+    inp = scored_input(source, data, sizes, 1, tmp_path)
     volume = np.asarray(io.open_volume(inp.path).data.compute())
     n = len(data.test_inputs[0])
     assert volume.shape[0] == 3 * n and list(inp.scored) == [3 * i + 1 for i in range(n)]
