@@ -40,8 +40,10 @@ def psnr(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0
     return float(10.0 * math.log10(float(data_range) ** 2 / err))
 
 
-# side of scikit-image's Gaussian SSIM window at sigma 1.5 (truncated at 3.5 sigma): 11
-GAUSSIAN_WINDOW = 2 * int(3.5 * 1.5 + 0.5) + 1
+# SSIM's Gaussian window (Wang et al. 2004): sigma in voxels, and the side of
+# scikit-image's window at that sigma (truncated at 3.5 sigma): 11
+GAUSSIAN_SIGMA = 1.5
+GAUSSIAN_WINDOW = 2 * int(3.5 * GAUSSIAN_SIGMA + 0.5) + 1
 
 
 def ssim(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0) -> float:
@@ -64,7 +66,7 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0
             y,
             data_range=float(data_range),
             gaussian_weights=not small,
-            sigma=1.5,
+            sigma=GAUSSIAN_SIGMA,
             use_sample_covariance=False,
             win_size=max(3, min(7, side - (1 - side % 2))) if small else None,
         )

@@ -367,17 +367,17 @@ def ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # only runs that use the term pay for these imports
     from kornia.filters import filter2d_separable, get_gaussian_kernel1d  # noqa: PLC0415
 
-    from emdiffuse.metrics import GAUSSIAN_WINDOW as SSIM_WINDOW  # noqa: PLC0415
+    from emdiffuse.metrics import GAUSSIAN_SIGMA, GAUSSIAN_WINDOW  # noqa: PLC0415
 
-    if min(estimate.shape[-2:]) < SSIM_WINDOW:
+    if min(estimate.shape[-2:]) < GAUSSIAN_WINDOW:
         raise InputError(
-            f"the SSIM term needs images of at least {SSIM_WINDOW} voxels a side, got "
+            f"the SSIM term needs images of at least {GAUSSIAN_WINDOW} voxels a side, got "
             f"{tuple(estimate.shape[-2:])}; use a larger patch or mean_ssim 0"
         )
     with torch.autocast(estimate.device.type, enabled=False):
         a = (estimate.float().reshape(-1, 1, *estimate.shape[-2:]) + 1) / 2
         b = (target.float().reshape(-1, 1, *target.shape[-2:]) + 1) / 2
-        kernel = get_gaussian_kernel1d(SSIM_WINDOW, 1.5, device=a.device)
+        kernel = get_gaussian_kernel1d(GAUSSIAN_WINDOW, GAUSSIAN_SIGMA, device=a.device)
         moments = filter2d_separable(
             torch.cat([a, b, a * a, b * b, a * b], dim=1), kernel, kernel, padding="valid"
         )
