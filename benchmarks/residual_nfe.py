@@ -19,6 +19,9 @@ Truncated starts (``enhance(start_noise=σ)``, karras spacing): each ``--start-s
 sampler at each ``--start-steps`` count, starting at every ``--start-noise`` σ instead of pure
 noise — the mean's coarse structure, the model's texture.
 
+Fitted schedules (``enhance(spacing="fitted")``): ``dpmpp_2m`` over each schedule the model
+fitted at the end of training (``train --fit-steps``, :mod:`emdiffuse.models.step_fit`).
+
 The stretch target (issue 14): a sampler at ≤ 4 NFE whose single sample is within 0.3 dB of
 the reference's PSNR (the 90 % interval of the paired difference inside ±0.3 dB) and whose
 spectrum error is at most 1.1× the reference's.
@@ -44,6 +47,7 @@ from quality_project import level_work_dir, run_enhance, train_model, write_inpu
 from quality_scores import score  # noqa: E402
 from run import PROBE_SECONDS, default_cache, train_extra  # noqa: E402
 
+from emdiffuse.models.checkpoints import load_checkpoint  # noqa: E402
 from emdiffuse.models.sampler_names import network_evaluations  # noqa: E402
 
 PSNR_TOL_DB = 0.3
@@ -107,6 +111,11 @@ def run_level(source, level, sizes, clean_train, args, cache: Path, scale: float
               {"spacing": "karras", "start_noise": sigma})
              for name in args.start_samplers for steps in args.start_steps
              for sigma in args.start_noise]  # fmt: skip
+    # the schedules the model fitted at the end of training (train --fit-steps)
+    fitted = load_checkpoint(model["path"])[0].step_schedules
+    if fitted is not None:
+        runs += [(f"{fitted['sampler']} fitted", fitted["sampler"], int(steps), 1,
+                  {"spacing": "fitted"}) for steps in sorted(fitted["schedules"], key=int)]  # fmt: skip
     runs.append(("reference", REFERENCE_SAMPLER, args.reference, 1, {}))
     rows = []
     for label, sampler, steps, samples, options in runs:

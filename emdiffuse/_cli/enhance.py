@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.sampler_names import REFERENCE_MATCH, SAMPLER_NAMES, SPACING_NAMES
+from emdiffuse.models.sampler_names import REFERENCE_MATCH, RUN_SPACINGS, SAMPLER_NAMES
 from emdiffuse.pipeline.settings import (
     CONNECT_TIMEOUT,
     NORMALIZE_MODES,
@@ -156,9 +156,12 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spacing",
         default=_DEFAULT["spacing"],
-        choices=list(SPACING_NAMES),
+        choices=list(RUN_SPACINGS),
         help="how the steps are placed between noise and clean: time (the reference's), "
-        "logsnr, or karras (denser at low noise); default time for ddpm, logsnr for the others",
+        "logsnr, karras (denser at low noise), or fitted: the schedule a mean-plus-residual "
+        "model fitted at the end of training (train --fit-steps; by default 4 dpmpp_2m steps "
+        "as close to the converged sample as 8 logsnr steps); default time for ddpm, logsnr "
+        "for the others",
     )
     parser.add_argument(
         "--start-noise",

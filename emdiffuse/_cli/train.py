@@ -40,7 +40,7 @@ SETTINGS = (
     "axis", "val_fraction", "workers", "init", "seed", "time_limit", "objective",
     "residual_scale", "mean_init", "mean_warmup", "residual_batch", "intensity_jitter",
     "precision", "z_context", "rotations", "calibration_level", "error_refit_steps",
-    "lr_follows_time", "mean_ssim",
+    "lr_follows_time", "mean_ssim", "fit_steps",
 )  # fmt: skip
 
 
@@ -126,6 +126,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="residual objective: steps of the error head's refit to the final mean at the "
         "end of training (default: as many as the run's, at most 2000; 0: none); a "
         "--time-limit run keeps the last 5 %% of its limit for it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fit-steps", type=int, default=d["fit_steps"], metavar="N",
+        help="residual objective: fit an N-step sampling schedule to the model on held-out "
+        "patches at the end of training, for enhance --steps N --spacing fitted "
+        "(default %(default)s; 0: none)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")

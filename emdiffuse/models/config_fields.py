@@ -122,6 +122,37 @@ def check_calibration(calibration: Any) -> None:
         _check_interval(interval, "calibration.mean_interval", ("level", "scale", "floor"))
 
 
+# what a fitted step schedule record holds (ModelConfig.step_schedules)
+_STEP_RECORD_KEYS = {"sampler", "reference_steps", "patches", "schedules"}
+_STEP_SCHEDULE_KEYS = {"sigmas", "rms", "rms_logsnr"}
+
+
+def check_step_schedules(record: Any) -> None:
+    """A model's fitted few-step schedules (:mod:`emdiffuse.models.step_fit`): ``sampler``,
+    ``reference_steps``, ``patches`` and ``schedules``, mapping each step count to its
+    ``sigmas`` (that many, positive, strictly decreasing), ``rms`` and ``rms_logsnr``."""
+    if not isinstance(record, Mapping) or set(record) != _STEP_RECORD_KEYS:
+        raise InputError(f"model config: step_schedules needs {sorted(_STEP_RECORD_KEYS)}")
+    schedules = record["schedules"]
+    if not isinstance(schedules, Mapping) or not schedules:
+        raise InputError("model config: step_schedules.schedules must map step counts to sigmas")
+    for steps, entry in schedules.items():
+        where = f"model config: step_schedules.schedules[{steps!r}]"
+        if not str(steps).isdigit() or int(steps) < 1:
+            raise InputError(f"{where}: the key must be a step count")
+        if not isinstance(entry, Mapping) or set(entry) != _STEP_SCHEDULE_KEYS:
+            raise InputError(f"{where} needs {sorted(_STEP_SCHEDULE_KEYS)}")
+        try:
+            sigmas = [float(s) for s in entry["sigmas"]]
+        except (TypeError, ValueError):
+            sigmas = []
+        ordered = all(sigmas[i + 1] < sigmas[i] for i in range(len(sigmas) - 1))
+        if len(sigmas) != int(steps) or not ordered or not all(
+            math.isfinite(s) and s > 0 for s in sigmas
+        ):
+            raise InputError(f"{where} needs {steps} positive, strictly decreasing sigmas")
+
+
 def _check_interval(record: Mapping, where: str, required: tuple[str, ...]) -> None:
     """``required`` keys present, ``level`` in (0, 1), ``scale`` >= 0, ``floor`` > 0."""
     missing = sorted(set(required) - set(record))
@@ -154,4 +185,5 @@ def _number(record: Mapping, key: str, where: str) -> float:
 __all__ = [
     "SCHEDULE_KINDS", "index_classes", "index_field", "unet_from_dict", "jsonable",
     "check_schedule", "describe_schedule", "check_normalization", "check_calibration",
+    "check_step_schedules",
 ]  # fmt: skip

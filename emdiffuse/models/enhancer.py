@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from emdiffuse.errors import InputError
-from emdiffuse.models import samplers
+from emdiffuse.models import samplers, step_fit
 from emdiffuse.models.checkpoints import check_state_dict, load_checkpoint
 from emdiffuse.models.compiled import FixedBatch
 from emdiffuse.models.conditioning import upsample_xy
@@ -49,7 +49,12 @@ from emdiffuse.models.device import autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule, make_denoiser
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.normalization import Normalization, condition_from_model, from_model
-from emdiffuse.models.sampler_names import check_start_noise, resolve_spacing, start_alpha_bar
+from emdiffuse.models.sampler_names import (
+    FITTED,
+    check_start_noise,
+    resolve_spacing,
+    start_alpha_bar,
+)
 from emdiffuse.models.variants import ModelConfig
 
 
@@ -313,7 +318,9 @@ class Enhancer:
         noise (same shape as ``noise``) for stochastic samplers (ddpm, the SDE solvers, ddim
         with ``eta > 0``).
         ``spacing`` places the steps (``time``, ``logsnr``, ``karras``; None: the sampler's
-        default, see :func:`emdiffuse.models.samplers.sample`).
+        default, see :func:`emdiffuse.models.samplers.sample`; ``fitted``: the schedule the
+        model fitted at the end of training for ``sampler`` at ``steps``, residual kind,
+        :mod:`emdiffuse.models.step_fit`).
         ``start_noise`` (residual kind; ``logsnr``/``karras`` spacing): start the residual's
         sampling at noise level σ = ``start_noise`` instead of the schedule's noisiest, with
         ``noise`` as that state (the residual is scaled to about unit variance, so unit
@@ -375,6 +382,8 @@ class Enhancer:
                 raise InputError("mean= is for residual-kind models (their mean network)")
             mean_t = self._check_mean(mean, noise_t.shape)
         kw = {"sampler": sampler, "steps": int(steps), "eta": eta, "spacing": spacing}
+        if spacing == FITTED:
+            kw["alphas"] = self.fitted_alphas(sampler, int(steps))
         noisiest = self.noisiest
         if start_noise is not None:
             noisiest = max(noisiest or 0.0, start_alpha_bar(start_noise))
@@ -432,15 +441,43 @@ class Enhancer:
             return sample, sample
         return first[0], sample
 
+    def _residual_denoiser(self, cond: torch.Tensor, mean: torch.Tensor) -> samplers.Denoiser:
+        """The residual network's ``denoise(x_t, alpha_bar)`` (residual kind, model space
+        divided by ``residual_scale``) given the condition and the mean."""
+        s = float(self.config.residual_scale)
+        bounds = ((-1.0 - mean) / s, (1.0 - mean) / s)
+        cond_mean = torch.cat([cond, mean.to(cond.dtype)], dim=1)
+        return make_denoiser(self._residual_net, cond_mean, self.schedule, self.config.prediction,
+                             clip_range=bounds, centre=True)  # fmt: skip
+
+    def fitted_alphas(self, sampler: str, steps: int) -> torch.Tensor:
+        """The model's fitted schedule for ``sampler`` at ``steps`` (spacing ``fitted``)."""
+        record = self.config.step_schedules if self.config.residual else None
+        return step_fit.fitted_alphas(record, sampler, steps, self.config.describe())
+
+    def fit_step_schedule(self, cond: np.ndarray, noise: np.ndarray, steps: int) -> dict:
+        """Fit an n-step :data:`~emdiffuse.models.step_fit.FIT_SAMPLER` schedule on a batch
+        of held-out conditions (residual kind; ``noise`` the starting noise, the output's
+        shape): :func:`emdiffuse.models.step_fit.fit_sigmas` against the fine solution."""
+        if not self.config.residual:
+            raise InputError(f"a fitted step schedule is for mean-plus-residual models, not "
+                             f"{self.config.describe()}")  # fmt: skip
+        cond_t, x_T = self._check_inputs(cond, noise, self.out_slices)
+        sampler = samplers.SAMPLERS[step_fit.FIT_SAMPLER]
+        with torch.inference_mode(), self._autocast():
+            cond_t = self._upsample(cond_t)
+            denoise = self._residual_denoiser(cond_t, self._mean_net(cond_t).float())
+            fine = self.schedule.timesteps(step_fit.REFERENCE_STEPS, "logsnr", self.noisiest)
+            reference = sampler(denoise, x_T, fine)
+            start = self.schedule.timesteps(int(steps), "logsnr", self.noisiest)
+            return step_fit.fit_sigmas(lambda a: sampler(denoise, x_T, a), start, reference)
+
     def _sample_residual(self, cond, x_T, mean, step_noise, callback, kw):
         """(mean, residual in model space) of the residual kind."""
         if mean is None:
             mean = self._mean_net(cond).float()
         s = float(self.config.residual_scale)
-        bounds = ((-1.0 - mean) / s, (1.0 - mean) / s)
-        cond_mean = torch.cat([cond, mean.to(cond.dtype)], dim=1)
-        denoise = make_denoiser(self._residual_net, cond_mean, self.schedule, self.config.prediction,
-                                clip_range=bounds, centre=True)  # fmt: skip
+        denoise = self._residual_denoiser(cond, mean)
         report = None
         if callback is not None:
 

@@ -30,6 +30,12 @@ REFERENCE_MATCH: tuple[str, int] = ("dpmpp_2m_sde", 8)
 # uniform in the schedule's time (the reference's), uniform in log-SNR, or Karras et al.'s
 # rho = 7 spacing of sigma (denser at low noise)
 SPACING_NAMES: tuple[str, ...] = ("time", "logsnr", "karras")
+# a run may also walk the schedule its model fitted at the end of training (mean-plus-residual
+# models, for the steps and sampler it was fitted at: models/step_fit.py)
+FITTED = "fitted"
+RUN_SPACINGS: tuple[str, ...] = (*SPACING_NAMES, FITTED)
+DEFAULT_FIT_STEPS = 4  # the step count training fits a schedule for (train --fit-steps)
+MAX_FIT_STEPS = 16  # more steps need no fitting: logsnr at 8 is already near the solution
 _DEFAULT_SPACING = {"ddpm": "time"}  # the reference's sampler on the reference's schedule
 # network evaluations per step: every sampler here is single-step or multistep (one call a step)
 _EVALS_PER_STEP = dict.fromkeys(SAMPLER_NAMES, 1)
@@ -44,13 +50,14 @@ def check_sampler(sampler: str) -> str:
 
 def resolve_spacing(sampler: str, spacing: str | None = None) -> str:
     """``spacing``, or ``sampler``'s default when None: ``time`` for ddpm (the reference's
-    schedule), ``logsnr`` for the others (far better at few steps). Unknown names raise
+    schedule), ``logsnr`` for the others (far better at few steps). ``fitted`` (the model's
+    own schedule) is checked against the model where it is loaded. Unknown names raise
     :class:`~emdiffuse.errors.InputError`."""
     check_sampler(sampler)
     if spacing is None:
         return _DEFAULT_SPACING.get(sampler, "logsnr")
-    if spacing not in SPACING_NAMES:
-        raise InputError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACING_NAMES)}")
+    if spacing not in RUN_SPACINGS:
+        raise InputError(f"unknown spacing {spacing!r}; choose one of {', '.join(RUN_SPACINGS)}")
     return spacing
 
 
@@ -64,7 +71,7 @@ def check_start_noise(start_noise: float | None, spacing: str) -> float | None:
     relative to the residual's, which the model scales to about 1) as a float, or None
     (a full sample from pure noise). Refused (:class:`~emdiffuse.errors.InputError`) unless
     positive and finite, and with ``time`` spacing, which walks the training schedule's own
-    points from its noisiest."""
+    points from its noisiest, or ``fitted``, whose start the model fitted."""
     if start_noise is None:
         return None
     try:
@@ -73,8 +80,8 @@ def check_start_noise(start_noise: float | None, spacing: str) -> float | None:
         value = math.nan
     if isinstance(start_noise, bool) or not math.isfinite(value) or value <= 0:
         raise InputError(f"start_noise must be a positive number (σ, e.g. 2), got {start_noise!r}")
-    if spacing == "time":
-        raise InputError("start_noise needs logsnr or karras spacing, not time "
+    if spacing in ("time", FITTED):
+        raise InputError(f"start_noise needs logsnr or karras spacing, not {spacing} "
                          "(e.g. --spacing karras)")  # fmt: skip
     return value
 
@@ -85,7 +92,8 @@ def start_alpha_bar(start_noise: float) -> float:
 
 
 __all__ = [
-    "SAMPLER_NAMES", "SPACING_NAMES", "STOCHASTIC", "DEFAULT_SAMPLER", "DEFAULT_STEPS",
+    "SAMPLER_NAMES", "SPACING_NAMES", "FITTED", "RUN_SPACINGS", "STOCHASTIC",
+    "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_FIT_STEPS", "MAX_FIT_STEPS",
     "REFERENCE_MATCH", "check_sampler", "resolve_spacing", "network_evaluations",
     "check_start_noise", "start_alpha_bar",
 ]  # fmt: skip

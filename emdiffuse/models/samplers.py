@@ -299,8 +299,11 @@ def sample(
     spacing: str | None = None,
     callback: Callback | None = None,
     noisiest: float | None = None,
+    alphas: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing, noisiest)``.
+    """Run ``sampler`` for ``steps`` steps on ``schedule.timesteps(steps, spacing, noisiest)``,
+    or on ``alphas`` where given (``steps + 1`` values: a model's fitted schedule,
+    :func:`emdiffuse.models.step_fit.fitted_alphas`).
 
     ``spacing`` (one of ``sampler_names.SPACING_NAMES``; None: the sampler's default,
     ``"time"`` for ddpm — the reference's schedule — and ``"logsnr"`` for the others, far
@@ -308,8 +311,10 @@ def sample(
     ``noisiest``: where ``logsnr``/``karras`` spacings start at the latest (see
     :meth:`~emdiffuse.models.diffusion.Schedule.timesteps`); ``time`` spacing ignores it.
     """
-    spacing = resolve_spacing(sampler, spacing)
-    alphas = as_schedule(schedule).timesteps(steps, spacing, noisiest)
+    if alphas is None:
+        alphas = as_schedule(schedule).timesteps(steps, resolve_spacing(sampler, spacing), noisiest)
+    elif len(alphas) != steps + 1:
+        raise InputError(f"alphas has {len(alphas)} values; {steps} steps need {steps + 1}")
     fn = SAMPLERS[sampler]
     kwargs: dict[str, Any] = {"step_noise": step_noise, "callback": callback}
     if sampler == "ddim":

@@ -50,6 +50,7 @@ from emdiffuse.models.config_fields import (
     check_calibration,
     check_normalization,
     check_schedule,
+    check_step_schedules,
     describe_schedule,
     index_classes,
     jsonable,
@@ -128,6 +129,9 @@ class ModelConfig:
     weights. ``z_context`` (isotropic and denoise) is the number of input slices the network
     reads beyond the two bounding slices (the slice to denoise) on each side (see the module
     docstring; 0 for checkpoints from before the field and for reference weights).
+    ``step_schedules`` (residual kind) holds the few-step schedules fitted to the model at the
+    end of training (:mod:`emdiffuse.models.step_fit`; a run walks one with spacing
+    ``fitted``), or None.
     """
 
     variant: str
@@ -149,6 +153,7 @@ class ModelConfig:
     calibration: dict[str, Any] | None = None
     inference_schedule: dict[str, Any] | None = None
     z_context: int = 0
+    step_schedules: dict[str, Any] | None = None
     emdiffuse_version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
@@ -293,6 +298,8 @@ class ModelConfig:
             check_normalization(self.condition_normalization, "condition_normalization")
         if self.calibration is not None:
             check_calibration(self.calibration)
+        if self.step_schedules is not None:
+            check_step_schedules(self.step_schedules)
         self._validate_kind()
         if self.cond_upsample not in UPSAMPLE_MODES:
             raise InputError(
@@ -334,6 +341,8 @@ class ModelConfig:
                     "model config: mean_net and residual_scale belong to kind 'residual'; "
                     "remove them or set kind to 'residual'"
                 )
+            if self.step_schedules is not None:
+                raise InputError("model config: step_schedules belong to kind 'residual'")
             return
         if self.use_index_embedding:
             raise InputError(
@@ -421,6 +430,8 @@ class ModelConfig:
             }
         out["mean_net"] = None if self.mean_net is None else self.mean_net.to_dict()
         out["calibration"] = None if self.calibration is None else jsonable(dict(self.calibration))
+        if self.step_schedules is not None:
+            out["step_schedules"] = jsonable(dict(self.step_schedules))
         return out
 
     def to_json(self, indent: int | None = 2) -> str:

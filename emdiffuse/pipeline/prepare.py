@@ -25,6 +25,8 @@ from emdiffuse.io import Volume, check_finite, open_volume, refuse_output
 from emdiffuse.models.calibration import at_level
 from emdiffuse.models.checkpoints import check_expected, read_checkpoint
 from emdiffuse.models.device import resolve_device
+from emdiffuse.models.sampler_names import FITTED
+from emdiffuse.models.step_fit import fitted_alphas
 from emdiffuse.pipeline.correlation import calibrated_correlation, calibrated_ratio
 from emdiffuse.pipeline.intensity import run_normalization, warn_if_far_from_training_range
 from emdiffuse.pipeline.lattice import Lattice
@@ -271,6 +273,9 @@ def prepare(
             f"--start-noise is for mean-plus-residual models; {config.describe()} is the sr3 "
             "kind; leave it out"
         )
+    if settings.spacing == FITTED and settings.samples >= 1:  # the model has that schedule
+        fitted_alphas(config.step_schedules if config.residual else None, settings.sampler,
+                      settings.steps, config.describe())  # fmt: skip
     if check_output:
         refuse_output(
             str(output), source.input, overwrite=overwrite, resume=resume,

@@ -148,7 +148,9 @@ def build_config(s: TrainSettings, dataset, init_config: ModelConfig | None = No
     }
     if init_config is not None:
         _check_init(init_config, variant, s.task, dataset.k)
-        return init_config.replace(variant=variant, **data)
+        # what was fitted to the init model's weights at the end of its training does not
+        # hold for the new ones: this run fits its own, or leaves none
+        return init_config.replace(variant=variant, calibration=None, step_schedules=None, **data)
     kwargs: dict[str, Any] = {}
     if s.schedule is not None:
         kwargs["schedule"] = s.schedule

@@ -22,7 +22,7 @@ from typing import Any
 
 from emdiffuse.errors import InputError
 from emdiffuse.models.precision_names import TRAIN_PRECISIONS
-from emdiffuse.models.sampler_names import check_sampler
+from emdiffuse.models.sampler_names import DEFAULT_FIT_STEPS, MAX_FIT_STEPS, check_sampler
 from emdiffuse.models.z_context import check_z_context
 from emdiffuse.training.augment import DEFAULT_JITTER
 
@@ -132,6 +132,9 @@ class TrainSettings:
     # that much earlier; the refit ends at the limit or after its steps)
     error_refit_steps: int | None = None
     error_refit_share: float = 0.05
+    # the few-step schedule fitted at the end of training (residual kind, on validation
+    # patches; enhance --spacing fitted): its number of steps (0: none; models/step_fit.py)
+    fit_steps: int = DEFAULT_FIT_STEPS
     # input slices read beyond the bounding pair (isotropic recipes) or the slice to denoise
     # on each side (None: the run's own when resuming, the --init model's, else
     # models.z_context.DEFAULT_Z_CONTEXT for isotropic recipes and 0 for the others)
@@ -215,6 +218,10 @@ class TrainSettings:
             raise InputError(
                 f"error_refit_steps must be 0 (none) or positive, got {self.error_refit_steps}"
             )
+        if not 0 <= self.fit_steps <= MAX_FIT_STEPS:
+            raise InputError(
+                f"fit_steps must be 0 (none) to {MAX_FIT_STEPS}, got {self.fit_steps}"
+            )
         if self.calibration_samples != 0 and self.calibration_samples < 2:
             raise InputError(
                 f"calibration_samples must be 0 (none) or at least 2, got {self.calibration_samples}"
@@ -293,7 +300,8 @@ def data_labels(sources: Sequence[Any]) -> list[str]:
 
 _INTS = {"steps", "batch_size", "patch", "warmup", "val_steps", "val_every", "val_batch",
          "ckpt_every", "workers", "seed", "factor", "region", "calibration_samples",
-         "calibration_patches", "residual_batch", "z_context", "error_refit_steps"}  # fmt: skip
+         "calibration_patches", "residual_batch", "z_context", "error_refit_steps",
+         "fit_steps"}  # fmt: skip
 _FLOATS = {"lr", "min_lr_ratio", "weight_decay", "ema_decay", "grad_clip", "val_fraction",
            "time_limit", "residual_scale", "calibration_level", "intensity_jitter",
            "error_refit_share", "mean_ssim"}  # fmt: skip

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from emdiffuse.errors import InputError
 from emdiffuse.io import make_output_folder, refuse_output
+from emdiffuse.models import step_fit
 from emdiffuse.models.calibration import levels as calibration_levels
 from emdiffuse.models.device import TRAIN_PRECISIONS, autocast_dtype, resolve_device
 from emdiffuse.models.diffusion import Schedule
@@ -95,6 +96,7 @@ from emdiffuse.training.validation import (
     calibrate,
     calibration_axes,
     condition_on_output_grid,
+    fit_step_schedule,
     hardest_axis,
     save_validation_png,
     validate,
@@ -297,6 +299,7 @@ def _train(run: _Run, out: Path, *, progress: bool, replace: bool) -> Path:
         save_state(checkpoint_path(out, step), run.state(step, t0))
         _refresh_mean_network(run)
         _refit_error_head(run, t0)
+        _fit_step_schedule(run)
         _calibrate(run)
         save_final(out, run.ema, run.config)
     distributed.barrier(d)
@@ -404,6 +407,24 @@ def _refit_error_head(run: _Run, t0: float) -> None:
                               grad_clip=s.grad_clip)  # fmt: skip
     log.info("error head refitted to the final mean: %d steps in %.1f s (likelihood %.4f -> "
              "%.4f)", record.steps, record.seconds, record.nll_first, record.nll_last)  # fmt: skip
+
+
+def _fit_step_schedule(run: _Run) -> None:
+    """Fit the model's few-step schedule (residual kind, ``fit_steps`` > 0) on held-out
+    patches into the config (:mod:`emdiffuse.models.step_fit`)."""
+    s = run.s
+    if not (run.config.residual and s.fit_steps and run.dataset.regions["val"]):
+        return
+    axis = calibration_axes(run.dataset)[0]
+    patches = min(s.calibration_patches, step_fit.FIT_PATCHES)
+    batch = run.dataset.batch(range(patches), split="val", axis=axis)
+    record = fit_step_schedule(run.ema.module, run.config, batch, s, run.device)
+    fitted = record["schedules"][str(s.fit_steps)]
+    log.info("step schedule: %d steps at σ %s, %.3f RMS from the %d-step solution (logsnr "
+             "spacing: %.3f); enhance --steps %d --spacing fitted", s.fit_steps,
+             ", ".join(f"{v:.3g}" for v in fitted["sigmas"]), fitted["rms"],
+             record["reference_steps"], fitted["rms_logsnr"], s.fit_steps)  # fmt: skip
+    run.config = run.config.replace(step_schedules=record)
 
 
 def _calibrate(run: _Run) -> None:

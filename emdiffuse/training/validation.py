@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from emdiffuse import metrics
-from emdiffuse.models import calibration
+from emdiffuse.models import calibration, step_fit
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.enhancer import Enhancer
 from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, STOCHASTIC
@@ -114,6 +114,26 @@ def calibrate(
         record["mean_interval"] = calibration.fit_mean(mean, sigma, target,
                                                        level=s.calibration_level)  # fmt: skip
     return record
+
+
+def fit_step_schedule(
+    ema_net: torch.nn.Module,
+    config,
+    batch: dict[str, torch.Tensor],
+    s: TrainSettings,
+    device: torch.device,
+) -> dict:
+    """The ``ModelConfig.step_schedules`` record of the EMA model (residual kind): an
+    ``s.fit_steps``-step schedule fitted on held-out ``batch`` from seeded starting noise
+    (:meth:`~emdiffuse.models.enhancer.Enhancer.fit_step_schedule`)."""
+    net = copy.deepcopy(ema_net)
+    enhancer = Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
+    cond = batch["cond"].numpy()
+    rng = np.random.default_rng([s.seed, 0x57E9])
+    noise = rng.standard_normal(tuple(batch["target"].shape)).astype(np.float32)
+    fitted = enhancer.fit_step_schedule(cond, noise, s.fit_steps)
+    return {"sampler": step_fit.FIT_SAMPLER, "reference_steps": step_fit.REFERENCE_STEPS,
+            "patches": int(len(cond)), "schedules": {str(s.fit_steps): fitted}}  # fmt: skip
 
 
 def calibration_axes(dataset: PatchDataset) -> tuple[str | None, ...]:

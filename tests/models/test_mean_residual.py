@@ -512,7 +512,7 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
     noisy = clean + rng.normal(0, 0.05, clean.shape).astype(np.float32)
     fast = dict(size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=2,
                 val_batch=2, val_steps=2, progress=False, region=32, val_fraction=0.25,
-                device="cpu", calibration_patches=4)  # fmt: skip
+                device="cpu", calibration_patches=4, fit_steps=2)  # fmt: skip
     path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=4, ckpt_every=2,
                          objective="residual", residual_scale=0.3,
                          mean_net={"base_channels": 8, "depth": 1}, **fast)  # fmt: skip
@@ -522,6 +522,11 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
     assert any(k.startswith("mean.") for k in state) and any(k.startswith("residual.") for k in state)
     assert config.calibration is not None and config.calibration["samples"] == 4
     assert 0.0 <= config.calibration["residual_correlation"] <= 1.0
+    # the few-step schedule fitted on the held-out patches (models/step_fit.py)
+    fitted = config.step_schedules
+    assert fitted["sampler"] == "dpmpp_2m" and list(fitted["schedules"]) == ["2"]
+    assert fitted["patches"] == 4 and len(fitted["schedules"]["2"]["sigmas"]) == 2
+    assert fitted["schedules"]["2"]["rms"] <= fitted["schedules"]["2"]["rms_logsnr"]
     rows = (tmp_path / "r" / "scalars.csv").read_text().splitlines()
     assert "val_psnr_mean" in rows[0]
     # resuming keeps the kind; a diffusion (SR3) run may not continue it
@@ -554,7 +559,7 @@ def _batch_norm_run(tmp_path):
     noisy = clean + rng.normal(0, 0.05, clean.shape).astype(np.float32)
     opts = dict(size="tiny", batch_size=2, patch=16, lr=1e-2, warmup=1, val_every=100,
                 progress=False, region=32, val_fraction=0.25, device="cpu",
-                calibration_samples=0, objective="residual", precision="fp32",
+                calibration_samples=0, fit_steps=0, objective="residual", precision="fp32",
                 mean_net={"base_channels": 8, "depth": 1, "channel_norm": False,
                           "batch_norm": True})  # fmt: skip
     path = trainer.train("denoise", [noisy, clean], tmp_path / "r", steps=6, **opts)
@@ -577,6 +582,7 @@ def test_a_batch_norm_mean_network_is_saved_with_its_own_statistics(tmp_path):
 
     config, net, dataset = _batch_norm_run(tmp_path)
     assert config.mean_net.batch_norm and not config.mean_net.channel_norm
+    assert config.step_schedules is None  # fit_steps 0: none fitted
     first = net.mean.down[0]  # conv, batch norm, SiLU, conv, ...
     # the statistic recomputed: the training batches the run used, through the saved weights
     sums = []

@@ -295,7 +295,7 @@ def test_pipeline_plan_and_cli_take_the_samplers_list():
     assert list(actions["sampler"].choices) == list(sampler_names.SAMPLER_NAMES)
     assert actions["sampler"].default == sampler_names.DEFAULT_SAMPLER
     assert actions["steps"].default == sampler_names.DEFAULT_STEPS
-    assert list(actions["spacing"].choices) == list(sampler_names.SPACING_NAMES)
+    assert list(actions["spacing"].choices) == list(sampler_names.RUN_SPACINGS)
     assert actions["spacing"].default is None  # the sampler's own default
     x = x_T((1, 1, 4, 4))
     for name in sampler_names.SAMPLER_NAMES:  # the plan counts what the sampler really does

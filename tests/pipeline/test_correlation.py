@@ -90,10 +90,12 @@ def test_an_unrecorded_correlation_is_measured_once_and_recorded(
     assert read_run_config(tmp_path / "a.zarr").get("residual_correlation", 0.0) == rho
     b = enhance(path, residual_model, tmp_path / "b.zarr", chunks=(1, 16, 20),
                 **dict(RUN, batch_size=1))  # fmt: skip
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    # batches aside: a batch of 1 sums its convolutions in another order (2.5e-5 on a CPU
+    # without AVX-512), as the other chunking tests allow
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
     chunks = {}
     run_in_process(spec, on_chunk=lambda index, mean: chunks.__setitem__(index, mean))
-    np.testing.assert_allclose(np.asarray(a), chunks[(0, 0, 0)].astype(np.float32), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), chunks[(0, 0, 0)].astype(np.float32), atol=1e-4)
 
     # an interrupted run resumes with the value it recorded, and does not measure again
     def crash(index):
@@ -113,7 +115,7 @@ def test_an_unrecorded_correlation_is_measured_once_and_recorded(
     assert plan.blend == f"residual correlation {rho:.3f}, the run record", plan.blend
     c = enhance(path, residual_model, tmp_path / "c.zarr", chunks=(1, 40, 44), resume=True,
                 **dict(RUN, batch_size=1))  # fmt: skip
-    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-4)
     # the plan says so
     argv = ["enhance", str(path), str(tmp_path / "dry.zarr"), "--model", residual_model,
             "--tile", "16", "--threads", "--dry-run"]  # fmt: skip
@@ -169,4 +171,4 @@ def test_the_measurement_serves_every_task(variant, factor, random_volume, tmp_p
     assert 0.0 <= rho <= 1.0
     b = enhance(path, model, tmp_path / "b.zarr", chunks=(1, 12, 14), **kw)
     assert read_run_config(tmp_path / "b.zarr").get("residual_correlation", 0.0) == rho
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)

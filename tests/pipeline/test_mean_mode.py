@@ -233,3 +233,38 @@ def test_start_noise_writes_the_calibrated_intervals_and_says_what_they_were_fit
               for n in ("full.zarr", "truncated.zarr")}  # fmt: skip
     assert spread["truncated.zarr"].max() > 0
     assert not np.array_equal(spread["full.zarr"], spread["truncated.zarr"])
+
+
+def test_a_fitted_schedule_runs_through_the_pipeline_and_is_refused_where_there_is_none(
+    residual_model, random_volume, tmp_path, capsys
+):
+    """``--spacing fitted`` walks the schedule stored in the model (the Enhancer's own
+    sample, chunking aside), the run record says so, and a model without a schedule for
+    that sampler and step count refuses it before anything is written (exit 2, one line)."""
+    config = make_config("emdiffuse-n", "tiny", normalization={"low": 0.0, "high": 1.0},
+                         kind="residual")  # fmt: skip
+    config.step_schedules = {"sampler": "dpmpp_2m", "reference_steps": 32, "patches": 8,
+                             "schedules": {"3": {"sigmas": [9.0, 1.0, 0.1], "rms": 0.05,
+                                                 "rms_logsnr": 0.2}}}  # fmt: skip
+    config.validate()
+    model = perturbed_checkpoint(config, tmp_path / "fitted.safetensors")
+    path = random_volume(SHAPE, chunks=(1, 24, 24))
+    kw = dict(RUN, sampler="dpmpp_2m", steps=3)
+    a = enhance(path, model, tmp_path / "a.zarr", spacing="fitted", **kw)
+    b = enhance(path, model, tmp_path / "b.zarr", spacing="fitted", chunks=(1, 16, 20),
+                **dict(kw, batch_size=1))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
+    logsnr = enhance(path, model, tmp_path / "logsnr.zarr", **kw)
+    assert np.abs(np.asarray(a) - np.asarray(logsnr)).max() > 1e-3
+    record = json.loads((tmp_path / "a.zarr" / ".emdiffuse" / "run.json").read_text())
+    assert record["spacing"] == "fitted"
+
+    for argv_model, steps, why in ((residual_model, "3", "has none"),
+                                   (model, "4", "dpmpp_2m@3, not dpmpp_2m@4")):  # fmt: skip
+        out = tmp_path / f"refused-{steps}.zarr"
+        argv = ["enhance", str(path), str(out), "--model", argv_model, "--steps", steps,
+                "--spacing", "fitted", "--scheduler", "threads"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

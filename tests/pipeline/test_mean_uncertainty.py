@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = dict(size="tiny", batch_size=4, patch=16, lr=2e-3, warmup=2, val_every=1000, val_batch=2,
             val_steps=2, progress=False, region=32, val_fraction=0.25, device="cpu",
-            calibration_patches=8, ema_decay=0.9)  # fmt: skip
+            calibration_patches=8, ema_decay=0.9, fit_steps=0)  # fmt: skip
 RUN = dict(samples=0, tile=32, overlap=8, seed=0, scheduler="threads", progress=False,
            dtype="float32")  # fmt: skip
 

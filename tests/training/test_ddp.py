@@ -103,7 +103,8 @@ def _timed_worker(rank, world, root, paths):
         trainer.train("denoise", _sources(paths), f"{root}/run", steps=10**6, batch_size=PER_RANK,
                       patch=16, region=32, warmup=0, lr=1e-3, lr_schedule="cosine",
                       time_limit=3.0, val_every=10**6, ckpt_every=10**6, progress=False,
-                      calibration_samples=0, error_refit_steps=0, device="cpu")  # fmt: skip
+                      calibration_samples=0, error_refit_steps=0, fit_steps=0,
+                      device="cpu")  # fmt: skip
         torch.save({"stops": stops}, f"{root}/timed{rank}.pt")
     finally:
         dist.destroy_process_group()

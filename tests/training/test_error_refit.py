@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SETTINGS = dict(size="tiny", batch_size=4, patch=16, lr=2e-3, warmup=2, val_every=1000,
                 val_batch=2, val_steps=2, region=32, val_fraction=0.25, calibration_patches=8,
-                ema_decay=0.9, objective="residual")  # fmt: skip
+                ema_decay=0.9, objective="residual", fit_steps=0)  # fmt: skip
 FAST = dict(SETTINGS, progress=False, device="cpu")
 
 

@@ -34,7 +34,7 @@ from emdiffuse.training.loader import PatchDataset
 FAST = dict(
     size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=1000, val_batch=2,
     val_steps=2, progress=False, region=32, val_fraction=0.25, device="cpu",
-    calibration_patches=4,
+    calibration_patches=4, fit_steps=0,
 )  # fmt: skip
 
 

@@ -45,7 +45,7 @@ def pair(tmp_path_factory):
 
 FAST = dict(
     size="tiny", batch_size=2, patch=16, lr=1e-3, warmup=2, val_every=1000, val_batch=2,
-    val_steps=2, progress=False, region=32, val_fraction=0.25, device="cpu",
+    val_steps=2, progress=False, region=32, val_fraction=0.25, device="cpu", fit_steps=0,
 )  # fmt: skip
 
 
@@ -166,14 +166,17 @@ def test_auto_objective_is_residual_new_and_follows_init_and_resume(tmp_path, pa
         return json.loads((out / "settings.json").read_text())["objective"]
 
     fast = {**FAST, "calibration_samples": 0}
-    new = trainer.train("denoise", pair, tmp_path / "new", steps=1, **fast)
+    new = trainer.train("denoise", pair, tmp_path / "new", steps=1, **{**fast, "fit_steps": 1})
     assert load_checkpoint(new)[0].kind == "residual" and objective(tmp_path / "new") == "residual"
+    assert load_checkpoint(new)[0].step_schedules is not None
     sr3 = trainer.train("denoise", pair, tmp_path / "sr3", steps=2, ckpt_every=1,
                         objective="diffusion", **fast)  # fmt: skip
     tuned = trainer.train("denoise", pair, tmp_path / "tuned", steps=1, init=str(sr3), **fast)
     assert load_checkpoint(tuned)[0].kind == "sr3" and objective(tmp_path / "tuned") == "diffusion"
     tuned = trainer.train("denoise", pair, tmp_path / "tuned_r", steps=1, init=str(new), **fast)
     assert load_checkpoint(tuned)[0].kind == "residual"
+    # what was fitted to the init model's weights is not carried over to the new ones
+    assert load_checkpoint(tuned)[0].step_schedules is None
     # resuming the SR3 run with the default continues it as SR3 (its settings say so)
     trainer.train("denoise", pair, tmp_path / "sr3", steps=3, resume=True, **fast)
     assert load_checkpoint(tmp_path / "sr3" / "model.safetensors")[0].kind == "sr3"
@@ -534,9 +537,11 @@ def test_cli_mean_depth_builds_the_mean_network_it_names(tmp_path, pair, capsys)
             "--no-progress", "--device", "cpu", "--val-every", "2", "--steps", "1",
             "--error-refit-steps", "0"]  # fmt: skip
     out = tmp_path / "deep"
-    assert main([*base, "--out", str(out), "--mean-depth", "3", "--patch", "16"]) == 0
+    assert main([*base, "--out", str(out), "--mean-depth", "3", "--patch", "16",
+                 "--fit-steps", "2"]) == 0  # fmt: skip
     config = load_checkpoint(out / "model.safetensors")[0]
     assert config.mean_net.depth == 3 and config.unet.multiple == 4 and config.multiple == 8
+    assert list(config.step_schedules["schedules"]) == ["2"]  # --fit-steps 2
     assert json.loads((out / "settings.json").read_text())["mean_net"] == {"depth": 3}
     shallow = load_checkpoint(trainer.train(
         "denoise", pair, tmp_path / "shallow", steps=1, **{**FAST, "calibration_samples": 0}
@@ -554,6 +559,7 @@ def test_cli_mean_depth_builds_the_mean_network_it_names(tmp_path, pair, capsys)
     cases = [
         (["--mean-depth", "3", "--patch", "12"], "--patch 12 must be a multiple of 8"),
         (["--mean-depth", "9"], "depth must be an integer in 0..5, got 9"),  # before the data
+        (["--fit-steps", "17"], "fit_steps must be 0 (none) to 16, got 17"),
         (["--mean-depth", "3", "--objective", "diffusion"], "mean_net: for objective"),
         (["--mean-depth", "3", "--init", str(out / "model.safetensors")],
          "mean_net: a fine-tuned model keeps the --init model's architecture"),

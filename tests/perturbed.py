@@ -1,4 +1,4 @@
-"""Tiny checkpoints whose output depends on their input (a helper of the pipeline tests)."""
+"""Tiny checkpoints whose output depends on their input (a helper of the tests)."""
 
 from __future__ import annotations
 
