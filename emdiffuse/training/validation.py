@@ -53,8 +53,7 @@ def validate(
     device: torch.device,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Few-step sampling of the fixed validation batch with the EMA weights."""
-    net = copy.deepcopy(ema_net)
-    enhancer = Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
+    enhancer = _enhancer_of(ema_net, config, s, device)
     cond = batch["cond"].numpy()
     target = batch["target"].numpy()
     noise = np.random.default_rng([s.seed, 0xA11]).standard_normal(target.shape)
@@ -86,8 +85,7 @@ def calibrate(
     model space), plus the sampler, steps and patches used and, for a model with a mean
     network, how much its samples' residual parts correlate
     (:func:`emdiffuse.models.calibration.residual_correlation`)."""
-    net = copy.deepcopy(ema_net)
-    enhancer = Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
+    enhancer = _enhancer_of(ema_net, config, s, device)
     cond = batch["cond"].numpy()
     target = batch["target"].numpy().astype(np.float64)
     rng = np.random.default_rng([s.seed, 0xCA1])
@@ -126,14 +124,20 @@ def fit_step_schedule(
     """The ``ModelConfig.step_schedules`` record of the EMA model (residual kind): an
     ``s.fit_steps``-step schedule fitted on held-out ``batch`` from seeded starting noise
     (:meth:`~emdiffuse.models.enhancer.Enhancer.fit_step_schedule`)."""
-    net = copy.deepcopy(ema_net)
-    enhancer = Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
+    enhancer = _enhancer_of(ema_net, config, s, device)
     cond = batch["cond"].numpy()
     rng = np.random.default_rng([s.seed, 0x57E9])
     noise = rng.standard_normal(tuple(batch["target"].shape)).astype(np.float32)
     fitted = enhancer.fit_step_schedule(cond, noise, s.fit_steps)
     return {"sampler": step_fit.FIT_SAMPLER, "reference_steps": step_fit.REFERENCE_STEPS,
             "patches": int(len(cond)), "schedules": {str(s.fit_steps): fitted}}  # fmt: skip
+
+
+def _enhancer_of(ema_net: torch.nn.Module, config, s: TrainSettings, device) -> Enhancer:
+    """An Enhancer of a copy of the EMA network (the Enhancer freezes its network's
+    parameters; the training's copy goes on)."""
+    net = copy.deepcopy(ema_net)
+    return Enhancer(config, net, device=device, precision=s.precision, channels_last=False)
 
 
 def calibration_axes(dataset: PatchDataset) -> tuple[str | None, ...]:
