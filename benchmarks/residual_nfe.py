@@ -51,7 +51,7 @@ from quality_scores import score  # noqa: E402
 from run import PROBE_SECONDS, default_cache, train_extra  # noqa: E402
 
 from emdiffuse.models.checkpoints import load_checkpoint  # noqa: E402
-from emdiffuse.models.sampler_names import network_evaluations  # noqa: E402
+from emdiffuse.models.sampler_names import network_evaluations, resolve_spacing  # noqa: E402
 from emdiffuse.training import trainer  # noqa: E402
 
 PSNR_TOL_DB = 0.3
@@ -114,7 +114,9 @@ def run_level(source, level, sizes, clean_train, args, cache: Path, scale: float
     eval_z = data.eval_z[data.eval_z < args.slices]
     inp = write_input(test, work / f"input-{args.slices}.ome.zarr", data.input_voxel)
     runs = [("mean (samples 0)", None, 1, 0, {})]
-    runs += [(name, name, steps, 1, {}) for name in args.samplers for steps in args.steps]
+    # each sampler on its own default spacing (a model's fitted schedule has its own rows)
+    runs += [(name, name, steps, 1, {"spacing": resolve_spacing(name)})
+             for name in args.samplers for steps in args.steps]  # fmt: skip
     runs += [(f"{name} karras from σ {sigma:g}", name, steps, 1,
               {"spacing": "karras", "start_noise": sigma})
              for name in args.start_samplers for steps in args.start_steps

@@ -13,7 +13,6 @@ import numpy as np
 from emdiffuse import __version__, io, metrics
 from emdiffuse.errors import InputError
 from emdiffuse.models.presets import make_config
-from emdiffuse.models.sampler_names import DEFAULT_STEPS
 from emdiffuse.pipeline.enhance import enhance
 from emdiffuse.training.demo_model import DEMO_TRAIN_SHAPE, demo_pair, train_demo_denoiser
 from emdiffuse.training.settings import DEMO_NOISE, DEMO_SETTINGS
@@ -65,7 +64,7 @@ def run_demo(
     size: str = "small",
     shape: tuple[int, int, int] | None = None,
     minutes: float = 5.0,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     samples: int = 2,
     workers: int = 2,
     cache: str | os.PathLike | None = None,
@@ -74,7 +73,7 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the denoising demo end to end; returns the metrics and the paths written.
-    ``samples``: 0 enhances with the posterior mean only (one network evaluation per tile,
+    ``steps`` None: the model's default sampling (the 4-step schedule it fitted). ``samples``: 0 enhances with the posterior mean only (one network evaluation per tile,
     the fastest), 1 with one sample, N >= 2 with the mean of N samples and writes the
     uncertainty image (shown in the picture)."""
     if size not in SIZES and shape is None:

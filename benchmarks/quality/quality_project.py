@@ -37,6 +37,7 @@ import emdiffuse
 from emdiffuse import io
 from emdiffuse.models.presets import DEFAULT_ERROR_CHANNELS
 from emdiffuse.pipeline.enhance import enhance
+from emdiffuse.pipeline.run_record import read_run_config
 from emdiffuse.training import trainer
 from emdiffuse.training.settings import (
     OBJECTIVES,
@@ -416,9 +417,11 @@ def run_enhance(
     if samples != 1 and (out / "uncertainty").exists():  # N samples, or the mean's error head
         unc = np.asarray(io.open_volume(str(out / "uncertainty")).data.compute(), np.float32)
         meaning = uncertainty_meaning(out / "uncertainty")
+    # the steps and spacing the run resolved (None: the model's defaults)
+    record = read_run_config(out)
     return {"mean": mean, "uncertainty": unc, "uncertainty_meaning": meaning,
-            "seconds": seconds, "steps": steps, "sampler": sampler, "samples": samples,
-            "seed": seed}  # fmt: skip
+            "seconds": seconds, "steps": int(record["steps"]), "spacing": record["spacing"],
+            "sampler": sampler, "samples": samples, "seed": seed}  # fmt: skip
 
 
 def level_work_dir(cache_dir: Path, source: str, level: Level) -> Path:

@@ -284,6 +284,23 @@ def budget_table(result: dict) -> list[str]:
     return lines
 
 
+
+def _enhance_set(result: dict) -> str:
+    """The ``--enhance-set`` settings the diffusion rows were sampled with, if any."""
+    chosen = result.get("enhance_set") or {}
+    if not chosen:
+        return ""
+    return " — here with " + ", ".join(f"`{k}={v}`" for k, v in chosen.items())
+
+
+def _default_steps(result: dict) -> str:
+    """The run default's steps as the report's set-up states them."""
+    steps = result["enhance_defaults"]["steps"]
+    if steps is not None:  # reports made before the model chose its own
+        return f"{steps} steps"
+    return ("the model's default steps (4 on the schedule a residual model fitted at the end "
+            "of training, `--spacing fitted`; else 8 on logsnr spacing)")
+
 def setup_lines(result: dict) -> list[str]:
     env = result["environment"]
     versions = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "emdiffuse", "numpy",
@@ -308,8 +325,8 @@ def setup_lines(result: dict) -> list[str]:
         "rate and a Lightning `Timer` at the budget. `train() s` includes the set-up "
         "(normalisation statistics, dataset); `loop s` is the optimisation loop alone.",
         f"- Inference: `emdiffuse.enhance` on OME-Zarr with its default sampler "
-        f"`{result['enhance_defaults']['sampler']}` at {result['enhance_defaults']['steps']} "
-        f"steps: the posterior mean (`samples=0`, one network evaluation), 1 sample and the "
+        f"`{result['enhance_defaults']['sampler']}` at {_default_steps(result)}"
+        f"{_enhance_set(result)}: the posterior mean (`samples=0`, one network evaluation), 1 sample and the "
         f"mean of {result['samples']}; the regression UNet through the same call with "
         "`steps=1` (one network evaluation).",
         "- Degradations (`emdiffuse.training.degrade`): Poisson(-Gaussian) noise at a dose, "

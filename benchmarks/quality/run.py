@@ -265,6 +265,8 @@ def project_entry(run: LevelRun, ctx: Context, entry: Entry, inputs: list[Path],
     tag = entry.token.replace("@", "_")
 
     def enh(what: str, source: Path, **kw) -> dict[str, Any]:
+        if entry.kind != "regression":  # --enhance-set: another sampling of the same model
+            kw = {**dict(args.enhance_set or []), **kw}
         r = run_enhance(meta["path"], source, work / f"{tag}_{what}.ome.zarr", **kw)
         if "error" in r:
             return r
@@ -579,6 +581,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra TrainSettings fields for the project's models (JSON values)",
     )
+    p.add_argument(
+        "--enhance-set",
+        nargs="+",
+        type=key_value,
+        default=None,
+        metavar="KEY=VALUE",
+        help="emdiffuse.enhance settings for the diffusion kinds' rows (e.g. steps=8 "
+        "spacing=logsnr: the same cached model sampled another way)",
+    )
     p.add_argument("--no-peers", action="store_true", help="skip CAREamics")
     p.add_argument("--peer-batch", type=int, default=None, metavar="N",
                    help=f"CAREamics batch size (default: {SINGLE_NETWORK_BATCH}, the recipe's "
@@ -662,7 +673,8 @@ def run_source(name: str, args, argv, record: dict, out_root: Path, cache: Path)
         "plan": [{"method": e.method, "budget_s": e.budget, "train_s": ctx.budget(e)} for e in plan],
         "budget_scale": ctx.scale, "features": features(),
         "train_settings": train_settings(sizes, ctx.extra), "train_set": ctx.extra,
-        "enhance_defaults": enhance_defaults(), "samples": args.samples,
+        "enhance_defaults": enhance_defaults(), "enhance_set": dict(args.enhance_set or []),
+        "samples": args.samples,
         "seeds": {"train_noise": TRAIN_NOISE_SEED, "test_noise": list(TEST_NOISE_SEEDS),
                   "training": args.seed, "sampler": [args.seed, args.seed + 1]},
         "voxel_nm": source.voxel_nm, "levels": levels, "real_em": real, "figures": figures,

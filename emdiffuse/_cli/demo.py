@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emdiffuse.models.sampler_names import DEFAULT_STEPS
+from emdiffuse.models.sampler_names import DEFAULT_FIT_STEPS
 
 HELP = "train a tiny denoiser on synthetic EM (or reuse it) and enhance a held-out volume"
 
@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="emdiffuse-demo", help="output folder (default ./emdiffuse-demo)")
     parser.add_argument("--size", default="small", choices=["small", "medium"], help="volume size")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget on first run")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"sampler steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampler steps (default: the {DEFAULT_FIT_STEPS} the model fitted "
+                        "its schedule for)")
     parser.add_argument("--samples", type=int, default=2,
                         help="0: the posterior mean only (1 network evaluation per tile, "
                         "fastest); 1: one sample; N >= 2: their mean and the uncertainty "

@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 
 from emdiffuse.errors import InputError
-from emdiffuse.models.sampler_names import REFERENCE_MATCH, RUN_SPACINGS, SAMPLER_NAMES
+from emdiffuse.models.sampler_names import (
+    DEFAULT_FIT_STEPS,
+    DEFAULT_STEPS,
+    REFERENCE_MATCH,
+    RUN_SPACINGS,
+    SAMPLER_NAMES,
+)
 from emdiffuse.pipeline.settings import (
     CONNECT_TIMEOUT,
     NORMALIZE_MODES,
@@ -101,12 +107,13 @@ def _add_what(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     """The sampler and the tiles it runs on."""
-    steps = _DEFAULT["steps"]
     parser.add_argument(
         "--steps",
         type=int,
-        default=steps,
-        help=f"sampler steps = network evaluations per sample (default {steps})",
+        default=_DEFAULT["steps"],
+        help=f"sampler steps = network evaluations per sample (default: {DEFAULT_FIT_STEPS} on "
+        "the schedule a mean-plus-residual model fitted for the sampler at the end of "
+        f"training, where it has one; else {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--samples",
@@ -160,8 +167,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         help="how the steps are placed between noise and clean: time (the reference's), "
         "logsnr, karras (denser at low noise), or fitted: the schedule a mean-plus-residual "
         "model fitted at the end of training (train --fit-steps; by default 4 dpmpp_2m steps "
-        "as close to the converged sample as 8 logsnr steps); default time for ddpm, logsnr "
-        "for the others",
+        "as close to the converged sample as 8 logsnr steps); default fitted at the steps "
+        "the model fitted a schedule for, else time for ddpm, logsnr for the others",
     )
     parser.add_argument(
         "--start-noise",

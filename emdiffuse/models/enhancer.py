@@ -50,9 +50,10 @@ from emdiffuse.models.diffusion import Schedule, make_denoiser
 from emdiffuse.models.networks import build_network
 from emdiffuse.models.normalization import Normalization, condition_from_model, from_model
 from emdiffuse.models.sampler_names import (
+    DEFAULT_SAMPLER,
     FITTED,
     check_start_noise,
-    resolve_spacing,
+    default_sampling,
     start_alpha_bar,
 )
 from emdiffuse.models.variants import ModelConfig
@@ -272,8 +273,8 @@ class Enhancer:
         cond: np.ndarray,
         noise: np.ndarray,
         *,
-        sampler: str,
-        steps: int,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
         step_noise: Callable[[int], np.ndarray] | None = None,
         spacing: str | None = None,
         eta: float = 0.0,
@@ -303,8 +304,8 @@ class Enhancer:
         cond: np.ndarray,
         noise: np.ndarray,
         *,
-        sampler: str = "dpmpp_2m",
-        steps: int = 8,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
         step_noise: Callable[[int], np.ndarray] | None = None,
         index: int | Sequence[int] | None = None,
         eta: float = 0.0,
@@ -317,10 +318,12 @@ class Enhancer:
         ``noise`` is the sampler's starting noise x_T; ``step_noise(i)`` gives step ``i``'s
         noise (same shape as ``noise``) for stochastic samplers (ddpm, the SDE solvers, ddim
         with ``eta > 0``).
-        ``spacing`` places the steps (``time``, ``logsnr``, ``karras``; None: the sampler's
-        default, see :func:`emdiffuse.models.samplers.sample`; ``fitted``: the schedule the
-        model fitted at the end of training for ``sampler`` at ``steps``, residual kind,
-        :mod:`emdiffuse.models.step_fit`).
+        ``spacing`` places the steps (``time``, ``logsnr``, ``karras``; ``fitted``: the
+        schedule the model fitted at the end of training for ``sampler`` at ``steps``,
+        residual kind, :mod:`emdiffuse.models.step_fit`). ``steps`` and ``spacing`` None are
+        the model's defaults (:func:`~emdiffuse.models.sampler_names.default_sampling`): its
+        fitted schedule where it has one for ``sampler``, else 8 steps on the sampler's
+        default spacing.
         ``start_noise`` (residual kind; ``logsnr``/``karras`` spacing): start the residual's
         sampling at noise level σ = ``start_noise`` instead of the schedule's noisiest, with
         ``noise`` as that state (the residual is scaled to about unit variance, so unit
@@ -353,7 +356,7 @@ class Enhancer:
         noise: np.ndarray,
         *,
         sampler: str,
-        steps: int,
+        steps: int | None,
         step_noise: Callable[[int], np.ndarray] | None,
         index: int | Sequence[int] | None,
         eta: float,
@@ -364,15 +367,18 @@ class Enhancer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean, residual, sample)`` tensors of one sample (sample computed directly, not
         as mean + residual, so that :meth:`enhance` is exactly the sampler's result)."""
-        spacing = resolve_spacing(sampler, spacing)  # refuses an unknown sampler or spacing
+        if steps is not None and (isinstance(steps, bool)
+                                  or not isinstance(steps, (int, np.integer)) or steps < 1):
+            raise InputError(f"steps must be a positive integer, got {steps!r}")
+        # the model's defaults where None; refuses an unknown sampler or spacing
+        steps, spacing = default_sampling(sampler, steps, spacing, self.config.step_schedules
+                                          if self.config.residual else None, start_noise)  # fmt: skip
         start_noise = check_start_noise(start_noise, spacing)
         if start_noise is not None and not self.config.residual:
             raise InputError(
                 f"start_noise is for mean-plus-residual models; {self.config.describe()} is "
                 "the sr3 kind, whose sample has no mean to start near"
             )  # fmt: skip
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise InputError(f"steps must be a positive integer, got {steps!r}")
         indices = self._indices(index)
         n_noise = len(indices) if self.config.use_index_embedding else self.out_slices
         cond_t, noise_t = self._check_inputs(cond, noise, n_noise)

@@ -8,6 +8,8 @@ The one list the pipeline, its plan and the CLI take their choices from (importi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from emdiffuse.errors import InputError
 
@@ -17,6 +19,8 @@ STOCHASTIC: frozenset[str] = frozenset({"ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde"})
 # The run default (pipeline, CLI, workflows): deterministic, and the most forgiving of an
 # imperfect model (the demo's 5-minute model: less intensity bias than the stochastic paths).
 DEFAULT_SAMPLER = "dpmpp_2m"
+# ... at 8 logsnr steps, unless the model fitted its own few-step schedule for the sampler
+# (then 4 steps on it: default_sampling, models/step_fit.py)
 DEFAULT_STEPS = 8
 # The fewest-evaluation setting that came within 0.3 dB and in texture of the reference's
 # loop — ddpm over the reference's 1000-step test schedule (linear beta 1e-4..0.09), every
@@ -61,6 +65,43 @@ def resolve_spacing(sampler: str, spacing: str | None = None) -> str:
     return spacing
 
 
+def fitted_step_counts(step_schedules: Mapping[str, Any] | None, sampler: str) -> tuple[int, ...]:
+    """The step counts a model's fitted schedules (its ``step_schedules`` record,
+    :mod:`emdiffuse.models.step_fit`) hold for ``sampler``, ascending; none without a record
+    or for another sampler."""
+    if not step_schedules or step_schedules.get("sampler") != sampler:
+        return ()
+    return tuple(sorted(int(k) for k in step_schedules["schedules"]))
+
+
+def default_sampling(
+    sampler: str,
+    steps: int | None,
+    spacing: str | None,
+    step_schedules: Mapping[str, Any] | None = None,
+    start_noise: float | None = None,
+) -> tuple[int, str]:
+    """A run's ``(steps, spacing)``, the model's defaults filled in where they are None.
+
+    A model that fitted step schedules for ``sampler`` (``step_schedules``) walks them by
+    default: ``steps`` None is its fitted count (:data:`DEFAULT_FIT_STEPS` where it has it),
+    and ``spacing`` None is ``fitted`` at any fitted count. Otherwise ``steps`` None is
+    :data:`DEFAULT_STEPS` and ``spacing`` None the sampler's default
+    (:func:`resolve_spacing`). A truncated start (``start_noise``) never takes a fitted
+    schedule. Unknown names raise :class:`~emdiffuse.errors.InputError`; a ``fitted``
+    spacing the model lacks is refused where the schedule is read."""
+    check_sampler(sampler)
+    counts = () if start_noise is not None else fitted_step_counts(step_schedules, sampler)
+    if steps is None:
+        if counts and spacing in (None, FITTED):
+            steps = DEFAULT_FIT_STEPS if DEFAULT_FIT_STEPS in counts else counts[0]
+        else:
+            steps = DEFAULT_STEPS
+    if spacing is None and int(steps) in counts:
+        spacing = FITTED
+    return int(steps), resolve_spacing(sampler, spacing)
+
+
 def network_evaluations(sampler: str, steps: int) -> int:
     """Network evaluations (NFE) one sample of one tile costs: ``steps`` of ``sampler``."""
     return _EVALS_PER_STEP[check_sampler(sampler)] * int(steps)
@@ -94,6 +135,6 @@ def start_alpha_bar(start_noise: float) -> float:
 __all__ = [
     "SAMPLER_NAMES", "SPACING_NAMES", "FITTED", "RUN_SPACINGS", "STOCHASTIC",
     "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_FIT_STEPS", "MAX_FIT_STEPS",
-    "REFERENCE_MATCH", "check_sampler", "resolve_spacing", "network_evaluations",
-    "check_start_noise", "start_alpha_bar",
+    "REFERENCE_MATCH", "check_sampler", "resolve_spacing", "fitted_step_counts",
+    "default_sampling", "network_evaluations", "check_start_noise", "start_alpha_bar",
 ]  # fmt: skip

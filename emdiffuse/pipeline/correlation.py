@@ -3,8 +3,8 @@
 Overlapping tiles draw their residual texture from independent noise but from the same
 content, so their residuals correlate; the variance-aware blend (:mod:`~emdiffuse.pipeline.blend`)
 needs that correlation to keep the texture's variance in overlaps. How much the residuals
-correlate depends on how they are sampled: the demo's denoiser gives ρ ≈ 0.29 with the
-default ``dpmpp_2m`` at 8 steps, 0.46 at 4 steps, 0.42 with ``ddim`` and 0.03 from a
+correlate depends on how they are sampled: the demo's denoiser gave ρ ≈ 0.29 with
+``dpmpp_2m`` at 8 ``logsnr`` steps, 0.46 at 4, 0.42 with ``ddim`` and 0.03 from a
 truncated start at σ 1.5 (``start_noise``: the texture then comes mostly from the noise).
 
 So a model's calibration record (``residual_correlation``, measured at the end of training)

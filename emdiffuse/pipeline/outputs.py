@@ -4,9 +4,9 @@ calibrated error head), finished with their pyramids and metadata after the last
 
 The uncertainty image's ``emdiffuse`` attributes say what it holds
 (:func:`uncertainty_attributes`): ``{"uncertainty": "half-width", "level": 0.9, "samples":
-N, "calibrated_sampler", "calibrated_steps"[, "calibrated_along"][, "spread_ratio"]}`` —
-half-widths of per-voxel intervals ``output ± half-width`` at that level, from a model that
-stores a calibration (fitted on samples of that sampler and steps; for vEMDiffuse-a along
+N, "calibrated_sampler", "calibrated_steps", "calibrated_spacing"[, "calibrated_along"][,
+"spread_ratio"]}`` — half-widths of per-voxel intervals ``output ± half-width`` at that
+level, from a model that stores a calibration (fitted on samples of that sampling; for vEMDiffuse-a along
 the lateral axis ``calibrated_along``, the harder of y and x; a run that samples otherwise
 has its spread multiplied by ``spread_ratio``, measured before the run) — or ``{"uncertainty": "std", "samples": N}``, the standard
 deviation over the N samples (not calibrated). The mean alone (``samples=0``) of a model
@@ -69,7 +69,7 @@ def uncertainty_attributes(spec: RunSpec) -> dict:
             "source": "error head",  # the mean's own error σ, no samples
             **({"calibrated_along": str(record["axis"])} if record.get("axis") else {}),
         }
-    sampler, steps, _ = fitted_sampling(calibration)
+    sampler, steps, spacing = fitted_sampling(calibration)
     return {
         "uncertainty": "half-width",
         "level": float(calibration["level"]),
@@ -77,6 +77,7 @@ def uncertainty_attributes(spec: RunSpec) -> dict:
         "calibrated_samples": int(calibration["samples"]),
         "calibrated_sampler": sampler,  # the sampling the calibration was fitted on
         "calibrated_steps": steps,
+        "calibrated_spacing": spacing,
         # vEMDiffuse-a: the lateral axis whose patches set the scale (the harder one)
         **({"calibrated_along": str(calibration["axis"])} if calibration.get("axis") else {}),
         # another sampling's spread rescaled to the calibrated one's (pipeline.correlation)

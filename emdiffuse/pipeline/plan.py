@@ -256,15 +256,15 @@ def intervals_text(spec: RunSpec) -> str:
     if calibration is None:
         return f"standard deviation over the {s.samples} samples (the model has no calibration)"
     level = f"{100 * float(calibration['level']):g} % interval half-widths"
-    sampler, steps, _ = fitted_sampling(calibration)
+    sampler, steps, spacing = fitted_sampling(calibration)
     if spec.interval_ratio == 1.0:
-        return f"{level}, calibrated on this sampling ({sampler}, {steps} steps)"
+        return f"{level}, calibrated on this sampling ({sampler}, {steps} {spacing} steps)"
     if spec.interval_ratio is not None:
-        return (f"{level}, calibrated on {sampler} at {steps} steps, spread × "
+        return (f"{level}, calibrated on {sampler} at {steps} {spacing} steps, spread × "
                 f"{spec.interval_ratio:.3f} for this sampling (measured on the central tiles)")  # fmt: skip
     cost = pilot_evaluations(sampler, steps)
     return (
-        f"{level}, calibrated on {sampler} at {steps} steps; this sampling's spread is "
+        f"{level}, calibrated on {sampler} at {steps} {spacing} steps; this sampling's spread is "
         f"rescaled to it by a ratio measured before the run on the same {PILOT_TILES} "
         f"central tiles ({cost} more evaluations)"
     )

@@ -265,6 +265,7 @@ def prepare(
     config, _, model_sha256 = read_checkpoint(source.model)
     check_expected(config, expect_task=source.task, expect_scale_factor=source.scale_factor)
     check_model_fits(volume, config)
+    settings = settings.with_sampling(config.step_schedules if config.residual else None)
     calibration = run_calibration(config.calibration, settings.samples, settings.interval_level)
     if calibration and settings.interval_level == float(config.calibration["level"]):
         settings = replace(settings, interval_level=None)  # the model's own: as if not given

@@ -20,8 +20,8 @@ This module imports neither torch nor Dask: the CLI reads its defaults at start-
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,8 +30,9 @@ from emdiffuse.errors import InputError
 from emdiffuse.models.precision_names import PRECISIONS
 from emdiffuse.models.sampler_names import (
     DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
+    check_sampler,
     check_start_noise,
+    default_sampling,
     resolve_spacing,
 )
 from emdiffuse.pipeline.lattice import Lattice
@@ -145,8 +146,11 @@ def _check_dtype(dtype) -> str | None:
 class RunSettings:
     """What a run computes and how; the defaults here are the API's and the CLI's.
 
-    ``spacing`` None is the sampler's default (``time`` for ddpm, ``logsnr`` for the
-    others) and is filled in on construction. ``start_noise`` (residual-kind models) starts
+    ``steps`` and ``spacing`` None are the model's defaults, filled in when the run is
+    prepared (:func:`~emdiffuse.models.sampler_names.default_sampling`): 4 steps on the
+    schedule a mean-plus-residual model fitted for the sampler at the end of training where
+    it has one, else 8 steps on the sampler's default spacing (``time`` for ddpm,
+    ``logsnr`` for the others). ``start_noise`` (residual-kind models) starts
     each sample at noise level σ instead of pure noise (a truncated start: the mean's
     structure, the model's texture; see :meth:`~emdiffuse.models.enhancer.Enhancer.enhance`).
     ``tile``, ``overlap``, ``chunks`` (one size, or one per axis) and ``dtype`` None are
@@ -170,7 +174,7 @@ class RunSettings:
     """
 
     sampler: str = DEFAULT_SAMPLER
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     spacing: str | None = None
     start_noise: float | None = None
     samples: int = 1
@@ -188,15 +192,19 @@ class RunSettings:
     interval_level: float | None = None
 
     def __post_init__(self) -> None:
+        check_sampler(self.sampler)
         checked = {
-            "steps": check_positive_int("steps", self.steps),
+            "steps": None if self.steps is None else check_positive_int("steps", self.steps),
             "samples": check_count("samples", self.samples),
             "batch_size": (None if self.batch_size is None
                            else check_positive_int("batch_size", self.batch_size)),  # fmt: skip
             "seed": check_seed(self.seed),
-            "spacing": resolve_spacing(self.sampler, self.spacing),  # refuses unknown names
+            # None stays the model's default until the run is prepared
+            "spacing": None if self.spacing is None else resolve_spacing(self.sampler, self.spacing),
         }
-        checked["start_noise"] = check_start_noise(self.start_noise, checked["spacing"])
+        checked["start_noise"] = check_start_noise(
+            self.start_noise, checked["spacing"] or resolve_spacing(self.sampler)
+        )
         if checked["start_noise"] is not None and checked["samples"] == 0:
             raise InputError("start_noise is for sampling; with samples 0 (the mean) leave it out")
         if self.normalize not in NORMALIZE_MODES:
@@ -220,6 +228,15 @@ class RunSettings:
         checked["interval_level"] = _check_interval_level(self.interval_level)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    def with_sampling(self, step_schedules: Mapping[str, Any] | None = None) -> RunSettings:
+        """These settings with the model's default steps and spacing filled in where None
+        (:func:`~emdiffuse.models.sampler_names.default_sampling`; ``step_schedules``: the
+        fitted schedules of a mean-plus-residual model, None for any other)."""
+        steps, spacing = default_sampling(
+            self.sampler, self.steps, self.spacing, step_schedules, self.start_noise
+        )
+        return replace(self, steps=steps, spacing=spacing)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from emdiffuse import metrics
 from emdiffuse.models import calibration, step_fit
 from emdiffuse.models.conditioning import upsample_xy
 from emdiffuse.models.enhancer import Enhancer
-from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, STOCHASTIC
+from emdiffuse.models.sampler_names import DEFAULT_SAMPLER, STOCHASTIC, default_sampling
 from emdiffuse.training.settings import TrainSettings
 
 if TYPE_CHECKING:  # the loader imports torch's data tools; only the annotation needs it
@@ -80,7 +80,8 @@ def calibrate(
     device: torch.device,
 ) -> dict:
     """The calibration record of the EMA model on held-out ``batch``: ``s.calibration_samples``
-    samples (the run default sampler and steps, as ``emdiffuse enhance`` draws them; seeded),
+    samples (the run's default sampling for this model, as ``emdiffuse enhance`` draws them:
+    its fitted schedule where ``config`` has one; seeded),
     their spread against the error of their mean (:func:`emdiffuse.models.calibration.fit`,
     model space), plus the sampler, steps and patches used and, for a model with a mean
     network, how much its samples' residual parts correlate
@@ -89,22 +90,24 @@ def calibrate(
     cond = batch["cond"].numpy()
     target = batch["target"].numpy().astype(np.float64)
     rng = np.random.default_rng([s.seed, 0xCA1])
+    steps, spacing = default_sampling(DEFAULT_SAMPLER, None, None,
+                                      config.step_schedules if config.residual else None)  # fmt: skip
     draws, residuals = [], []
     mean = None
     for _ in range(s.calibration_samples):
         noise = rng.standard_normal(target.shape).astype(np.float32)
         step_noise = None
         if DEFAULT_SAMPLER in STOCHASTIC:
-            steps_noise = rng.standard_normal((DEFAULT_STEPS, *target.shape)).astype(np.float32)
+            steps_noise = rng.standard_normal((steps, *target.shape)).astype(np.float32)
             step_noise = steps_noise.__getitem__
         if config.residual and mean is None:
             mean = enhancer.posterior_mean(cond)
-        m, r = enhancer.sample_parts(cond, noise, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
-                                     step_noise=step_noise, mean=mean)  # fmt: skip
+        m, r = enhancer.sample_parts(cond, noise, sampler=DEFAULT_SAMPLER, steps=steps,
+                                     spacing=spacing, step_noise=step_noise, mean=mean)  # fmt: skip
         draws.append(np.clip(m + r, -1.0, 1.0))
         residuals.append(r)
     record = calibration.fit(np.stack(draws), target, level=s.calibration_level)
-    record.update(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, patches=int(len(target)))
+    record.update(sampler=DEFAULT_SAMPLER, steps=steps, spacing=spacing, patches=int(len(target)))
     if config.residual:
         record["residual_correlation"] = calibration.residual_correlation(np.stack(residuals))
     if enhancer.has_error_head:

@@ -527,6 +527,9 @@ def test_residual_objective_trains_one_checkpoint(tmp_path):
     assert fitted["sampler"] == "dpmpp_2m" and list(fitted["schedules"]) == ["2"]
     assert fitted["patches"] == 4 and len(fitted["schedules"]["2"]["sigmas"]) == 2
     assert fitted["schedules"]["2"]["rms"] <= fitted["schedules"]["2"]["rms_logsnr"]
+    # ... which is the run default, so the intervals are calibrated on it
+    calibrated = tuple(config.calibration[k] for k in ("sampler", "steps", "spacing"))
+    assert calibrated == ("dpmpp_2m", 2, "fitted")
     rows = (tmp_path / "r" / "scalars.csv").read_text().splitlines()
     assert "val_psnr_mean" in rows[0]
     # resuming keeps the kind; a diffusion (SR3) run may not continue it

@@ -294,9 +294,9 @@ def test_pipeline_plan_and_cli_take_the_samplers_list():
     actions = {a.dest: a for a in parser._actions}
     assert list(actions["sampler"].choices) == list(sampler_names.SAMPLER_NAMES)
     assert actions["sampler"].default == sampler_names.DEFAULT_SAMPLER
-    assert actions["steps"].default == sampler_names.DEFAULT_STEPS
+    assert actions["steps"].default is None  # the model's (sampler_names.default_sampling)
     assert list(actions["spacing"].choices) == list(sampler_names.RUN_SPACINGS)
-    assert actions["spacing"].default is None  # the sampler's own default
+    assert actions["spacing"].default is None  # the model's, else the sampler's own
     x = x_T((1, 1, 4, 4))
     for name in sampler_names.SAMPLER_NAMES:  # the plan counts what the sampler really does
         calls = []

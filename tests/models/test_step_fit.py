@@ -17,7 +17,7 @@ import torch
 from perturbed import perturbed_checkpoint
 
 from emdiffuse.errors import InputError
-from emdiffuse.models import samplers, step_fit
+from emdiffuse.models import sampler_names, samplers, step_fit
 from emdiffuse.models.checkpoints import load_checkpoint
 from emdiffuse.models.diffusion import Schedule
 from emdiffuse.models.enhancer import Enhancer
@@ -121,8 +121,16 @@ def test_a_model_fits_stores_and_walks_its_schedule(tmp_path):
                         callback=lambda info: seen.append(info["alpha_bar"]))  # fmt: skip
     expected = step_fit.alphas_from_sigmas(fitted["sigmas"])[:-1]
     np.testing.assert_allclose(seen, expected.numpy(), rtol=1e-12)
-    logsnr = model.enhance(cond, noise, sampler="dpmpp_2m", steps=2)
+    logsnr = model.enhance(cond, noise, sampler="dpmpp_2m", steps=2, spacing="logsnr")
     assert np.abs(out - logsnr).max() > 1e-4  # another schedule, another sample
+    # by default the model walks its fitted schedule (here its only one, 2 steps) ...
+    np.testing.assert_array_equal(model.enhance(cond, noise), out)
+    np.testing.assert_array_equal(model.enhance(cond, noise, steps=2), out)
+    # ... and other step counts their sampler's own spacing, as a model without schedules
+    np.testing.assert_array_equal(model.enhance(cond, noise, steps=3),
+                                  model.enhance(cond, noise, steps=3, spacing="logsnr"))  # fmt: skip
+    np.testing.assert_array_equal(enhancer.enhance(cond, noise),
+                                  enhancer.enhance(cond, noise, steps=8, spacing="logsnr"))  # fmt: skip
 
     with pytest.raises(InputError, match=r"dpmpp_2m@2, not dpmpp_2m@4"):
         model.enhance(cond, noise, sampler="dpmpp_2m", steps=4, spacing="fitted")
@@ -167,3 +175,34 @@ def test_a_malformed_step_schedule_record_is_refused(change, message):
     record = {k: v for k, v in record.items() if v is not None}
     with pytest.raises(InputError, match=message):
         _residual_config().replace(step_schedules=record)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "spacing", "start_noise", "want"),
+    [
+        ("dpmpp_2m", None, None, None, (4, "fitted")),  # the fitted default count
+        ("dpmpp_2m", 2, None, None, (2, "fitted")),  # any fitted count
+        ("dpmpp_2m", 3, None, None, (3, "logsnr")),  # not fitted: the sampler's default
+        ("dpmpp_2m", None, "logsnr", None, (8, "logsnr")),  # another spacing asked for
+        ("dpmpp_2m", None, "fitted", None, (4, "fitted")),
+        ("dpmpp_2m", None, None, 1.5, (8, "logsnr")),  # a truncated start: never fitted
+        ("ddpm", None, None, None, (8, "time")),  # fitted for another sampler
+        ("ddim", 4, None, None, (4, "logsnr")),
+    ],
+)
+def test_the_default_sampling_is_the_models_fitted_schedule(sampler, steps, spacing, start_noise, want):
+    record = {"sampler": "dpmpp_2m", "schedules": {"2": {}, "4": {}}}
+    got = sampler_names.default_sampling(sampler, steps, spacing, record, start_noise)
+    assert got == want
+
+
+def test_without_fitted_schedules_the_default_sampling_is_eight_steps():
+    only_two = {"sampler": "dpmpp_2m", "schedules": {"2": {}}}
+    assert sampler_names.default_sampling("dpmpp_2m", None, None, only_two) == (2, "fitted")
+    assert sampler_names.default_sampling("dpmpp_2m", None, None, None) == (8, "logsnr")
+    assert sampler_names.default_sampling("ddpm", None, None, None) == (8, "time")
+    assert sampler_names.default_sampling("dpmpp_2m", None, "fitted", None) == (8, "fitted")
+    with pytest.raises(InputError, match="unknown sampler"):
+        sampler_names.default_sampling("euler", None, None, None)
+    with pytest.raises(InputError, match="unknown spacing"):
+        sampler_names.default_sampling("dpmpp_2m", 4, "cosine", only_two)

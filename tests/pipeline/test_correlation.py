@@ -37,20 +37,33 @@ SHAPE = (2, 40, 44)
 RECORD = {"level": 0.9, "scale": 1.5, "samples": 4, "floor": 1e-3}
 
 
+def _prepared(schedules=None, **settings) -> RunSettings:
+    """Run settings as a run prepares them for a model with these fitted schedules."""
+    return RunSettings(**settings).with_sampling(schedules)
+
+
 def test_the_calibrations_value_holds_only_for_the_sampling_it_measured():
     record = {**RECORD, "sampler": "dpmpp_2m", "steps": 8, "residual_correlation": 0.31}
-    assert calibrated_correlation(record, RunSettings()) == 0.31  # the run defaults
-    assert calibrated_correlation(record, RunSettings(spacing="logsnr")) == 0.31  # the same
+    assert calibrated_correlation(record, _prepared()) == 0.31  # the run defaults
+    assert calibrated_correlation(record, _prepared(spacing="logsnr")) == 0.31  # the same
     for other in (dict(steps=4), dict(sampler="ddim"), dict(spacing="karras"),
                   dict(spacing="karras", start_noise=1.5), dict(start_noise=2.0)):  # fmt: skip
-        assert calibrated_correlation(record, RunSettings(**other)) is None, other
-    # a record without sampler and steps was measured at the run defaults, as training does
+        assert calibrated_correlation(record, _prepared(**other)) is None, other
+    # a record without sampler and steps was measured at the run defaults, as training did
+    # before models fitted their own schedules
     bare = {**RECORD, "residual_correlation": 0.2}
-    assert calibrated_correlation(bare, RunSettings()) == 0.2
-    assert calibrated_correlation(bare, RunSettings(steps=4)) is None
+    assert calibrated_correlation(bare, _prepared()) == 0.2
+    assert calibrated_correlation(bare, _prepared(steps=4)) is None
+    # a model with a fitted schedule is calibrated on it, its run default
+    schedules = {"sampler": "dpmpp_2m", "schedules": {"4": {}}}
+    fitted = {**record, "steps": 4, "spacing": "fitted"}
+    assert calibrated_correlation(fitted, _prepared(schedules)) == 0.31
+    assert calibrated_correlation(fitted, _prepared(schedules, steps=4)) == 0.31
+    assert calibrated_correlation(fitted, _prepared(schedules, spacing="logsnr")) is None
+    assert calibrated_correlation(record, _prepared(schedules)) is None  # calibrated at 8
     # no value recorded, or no calibration: unknown
-    assert calibrated_correlation(RECORD, RunSettings()) is None
-    assert calibrated_correlation(None, RunSettings()) is None
+    assert calibrated_correlation(RECORD, _prepared()) is None
+    assert calibrated_correlation(None, _prepared()) is None
 
 
 def test_pilot_tiles_are_the_central_ones_fixed_by_the_lattice():

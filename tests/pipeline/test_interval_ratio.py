@@ -51,7 +51,8 @@ def _uncertainty(path) -> tuple[np.ndarray, dict]:
 
 
 def test_which_runs_need_a_ratio():
-    settings = RunSettings(samples=2, sampler="ddim", steps=2)
+    # as prepared: the steps and spacing resolved against the model
+    settings = RunSettings(samples=2, sampler="ddim", steps=2, spacing="logsnr")
     assert calibrated_ratio(None, settings) == 1.0
     assert calibrated_ratio({**RECORD, "steps": 2}, RunSettings(samples=1, sampler="ddim")) == 1.0
     assert calibrated_ratio({**RECORD, "steps": 2}, settings) == 1.0
@@ -96,7 +97,8 @@ def test_another_samplings_half_widths_are_rescaled_by_the_measured_spread_ratio
     widths_same, info_same = _uncertainty(tmp_path / "same.zarr")
     widths, info = _uncertainty(tmp_path / "rescaled.zarr")
     assert "spread_ratio" not in info_same and info["spread_ratio"] == ratio
-    assert (info["calibrated_sampler"], info["calibrated_steps"]) == ("ddim", 2)
+    calibrated = (info["calibrated_sampler"], info["calibrated_steps"], info["calibrated_spacing"])
+    assert calibrated == ("ddim", 2, "logsnr")
     # q · max(ratio · std, floor): the same std, above the floor the ratio times as wide
     floor = 1.5 * 1e-3 * 0.5  # q · floor · the normalisation's half range
     above = widths_same > 2 * floor * max(1.0, 1.0 / ratio)
@@ -125,7 +127,7 @@ def test_another_samplings_half_widths_are_rescaled_by_the_measured_spread_ratio
     capsys.readouterr()
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert "uncertainty: 90 % interval half-widths, calibrated on ddim at 2 steps; this " in err
+    assert "uncertainty: 90 % interval half-widths, calibrated on ddim at 2 logsnr steps; this " in err
 
 
 def test_half_widths_scale_with_the_ratio_above_the_floor():

@@ -254,10 +254,20 @@ def test_a_fitted_schedule_runs_through_the_pipeline_and_is_refused_where_there_
     b = enhance(path, model, tmp_path / "b.zarr", spacing="fitted", chunks=(1, 16, 20),
                 **dict(kw, batch_size=1))  # fmt: skip
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
-    logsnr = enhance(path, model, tmp_path / "logsnr.zarr", **kw)
+    logsnr = enhance(path, model, tmp_path / "logsnr.zarr", spacing="logsnr", **kw)
     assert np.abs(np.asarray(a) - np.asarray(logsnr)).max() > 1e-3
     record = json.loads((tmp_path / "a.zarr" / ".emdiffuse" / "run.json").read_text())
     assert record["spacing"] == "fitted"
+    # by default the run walks the model's schedule, and records what it resolved to: a
+    # resumed run with the defaults is the same run, one asking for logsnr is another
+    default = {k: v for k, v in RUN.items() if k != "steps"}
+    same = enhance(path, model, tmp_path / "default.zarr", **default)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(a))
+    record = json.loads((tmp_path / "default.zarr" / ".emdiffuse" / "run.json").read_text())
+    assert (record["steps"], record["spacing"]) == (3, "fitted")
+    enhance(path, model, tmp_path / "default.zarr", resume=True, **default)
+    with pytest.raises(InputError, match="spacing"):
+        enhance(path, model, tmp_path / "default.zarr", resume=True, spacing="logsnr", **default)
 
     for argv_model, steps, why in ((residual_model, "3", "has none"),
                                    (model, "4", "dpmpp_2m@3, not dpmpp_2m@4")):  # fmt: skip

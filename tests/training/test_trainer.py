@@ -704,6 +704,8 @@ def test_anisotropic_calibration_keeps_the_harder_lateral_axis(tmp_path):
     assert set(scales) == {"y", "x"} and scales["y"] != scales["x"]  # two fits, two data
     assert calibration["scale"] == max(scales.values())
     assert scales[calibration["axis"]] == calibration["scale"]
+    # no fitted schedule (fit_steps 0): calibrated on the default 8 logsnr steps
+    assert (calibration["steps"], calibration["spacing"]) == (8, "logsnr")
     one_axis = trainer.train("anisotropic", [volume], tmp_path / "y", steps=2, factor=2,
                              objective="residual", axis="y", **fast)  # fmt: skip
     single = load_checkpoint(one_axis)[0].calibration
