@@ -144,7 +144,7 @@ def train(
     SR3 kind (the reference's).
 
     At the end, when there is a validation split and ``calibration_samples`` >= 2, the
-    spread of that many samples (the run default sampler and steps) on
+    spread of that many samples (the run's default sampling for this model) on
     ``calibration_patches`` held-out patches is calibrated into
     ``config.calibration`` (:mod:`emdiffuse.models.calibration`).
 
