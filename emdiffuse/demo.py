@@ -73,7 +73,8 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the denoising demo end to end; returns the metrics and the paths written.
-    ``steps`` None: the model's default sampling (the 4-step schedule it fitted). ``samples``: 0 enhances with the posterior mean only (one network evaluation per tile,
+    ``steps`` None: the model's default sampling (the 4-step schedule it fitted).
+    ``samples``: 0 enhances with the posterior mean only (one network evaluation per tile,
     the fastest), 1 with one sample, N >= 2 with the mean of N samples and writes the
     uncertainty image (shown in the picture)."""
     if size not in SIZES and shape is None:

@@ -6,10 +6,11 @@ The uncertainty image's ``emdiffuse`` attributes say what it holds
 (:func:`uncertainty_attributes`): ``{"uncertainty": "half-width", "level": 0.9, "samples":
 N, "calibrated_sampler", "calibrated_steps", "calibrated_spacing"[, "calibrated_along"][,
 "spread_ratio"]}`` — half-widths of per-voxel intervals ``output ± half-width`` at that
-level, from a model that stores a calibration (fitted on samples of that sampling; for vEMDiffuse-a along
-the lateral axis ``calibrated_along``, the harder of y and x; a run that samples otherwise
-has its spread multiplied by ``spread_ratio``, measured before the run) — or ``{"uncertainty": "std", "samples": N}``, the standard
-deviation over the N samples (not calibrated). The mean alone (``samples=0``) of a model
+level, from a model that stores a calibration (fitted on samples of that sampling; for
+vEMDiffuse-a along the lateral axis ``calibrated_along``, the harder of y and x; a run that
+samples otherwise has its spread multiplied by ``spread_ratio``, measured before the run) —
+or ``{"uncertainty": "std", "samples": N}``, the standard deviation over the N samples (not
+calibrated). The mean alone (``samples=0``) of a model
 with an error head writes ``{"uncertainty": "half-width", "level": 0.9, "samples": 0,
 "source": "error head"[, "calibrated_along"]}``: intervals ``output ± half-width`` from the
 head's σ of the mean's error, scaled by a conformal factor fitted at the end of training

@@ -83,7 +83,7 @@ def calibrate(
     samples (the run's default sampling for this model, as ``emdiffuse enhance`` draws them:
     its fitted schedule where ``config`` has one; seeded),
     their spread against the error of their mean (:func:`emdiffuse.models.calibration.fit`,
-    model space), plus the sampler, steps and patches used and, for a model with a mean
+    model space), plus the sampler, steps, spacing and patches used and, for a model with a mean
     network, how much its samples' residual parts correlate
     (:func:`emdiffuse.models.calibration.residual_correlation`)."""
     enhancer = _enhancer_of(ema_net, config, s, device)
