@@ -3,7 +3,7 @@
 Runs on any Dask cluster given its scheduler address, or on a LocalCluster without one::
 
     python workflows/isotropic.py INPUT.ome.zarr OUTPUT.ome.zarr --model MODEL.safetensors \
-        [--scheduler-address tcp://HOST:8786] [--steps 8 --samples 2]
+        [--scheduler-address tcp://HOST:8786] [--samples 2]
 
 ``--samples 0`` writes the posterior mean only (one network evaluation per tile, the
 fastest); ``1`` one sample; ``N >= 2`` the mean of N samples and the uncertainty image.
