@@ -401,9 +401,7 @@ def run_enhance(
     "uncertainty_meaning", "seconds", "steps",
     "sampler", …}``, or ``{"error": why}`` when the library refuses the request.
     """
-    defaults = enhance_defaults()
-    steps = defaults["steps"] if steps is None else steps
-    sampler = defaults["sampler"] if sampler is None else sampler
+    sampler = enhance_defaults()["sampler"] if sampler is None else sampler
     start = time.perf_counter()
     try:
         result = enhance(source, model, out, steps=steps, samples=samples, seed=seed,

@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit-steps", type=int, default=d["fit_steps"], metavar="N",
         help="residual objective: fit an N-step sampling schedule to the model on held-out "
-        "patches at the end of training, for enhance --steps N --spacing fitted "
+        "patches at the end of training, which enhance then samples on by default "
         "(default %(default)s; 0: none)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=d["steps"])

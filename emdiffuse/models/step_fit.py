@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from emdiffuse.errors import InputError
+from emdiffuse.models.sampler_names import fitted_step_counts
 
 FIT_SAMPLER = "dpmpp_2m"  # deterministic: the same noise gives the same path, fit or run
 REFERENCE_STEPS = 32  # the fine solution's logsnr steps (a Gaussian field: within 1 % of exact)
@@ -105,8 +106,8 @@ def fitted_alphas(record: Mapping[str, Any] | None, sampler: str, steps: int, de
             f"spacing 'fitted' needs a model trained with a fitted step schedule; {describe} has "
             "none (retrain with --fit-steps, or use logsnr or karras spacing)"
         )
-    have = sorted(int(k) for k in record["schedules"])
-    if sampler != record["sampler"] or int(steps) not in have:
+    if int(steps) not in fitted_step_counts(record, sampler):
+        have = fitted_step_counts(record, record["sampler"])
         offers = ", ".join(f"{record['sampler']}@{k}" for k in have)
         raise InputError(
             f"{describe} has fitted step schedules for {offers}, not {sampler}@{steps}; use one "

@@ -421,9 +421,9 @@ def _fit_step_schedule(run: _Run) -> None:
     record = fit_step_schedule(run.ema.module, run.config, batch, s, run.device)
     fitted = record["schedules"][str(s.fit_steps)]
     log.info("step schedule: %d steps at σ %s, %.3f RMS from the %d-step solution (logsnr "
-             "spacing: %.3f); enhance --steps %d --spacing fitted", s.fit_steps,
+             "spacing: %.3f); enhance samples on it by default", s.fit_steps,
              ", ".join(f"{v:.3g}" for v in fitted["sigmas"]), fitted["rms"],
-             record["reference_steps"], fitted["rms_logsnr"], s.fit_steps)  # fmt: skip
+             record["reference_steps"], fitted["rms_logsnr"])  # fmt: skip
     run.config = run.config.replace(step_schedules=record)
 
 
