@@ -50,7 +50,16 @@ FAST = dict(
 
 
 def _ckpt(out, step):
+    """A training checkpoint (load it once per comparison: each load unpickles every tensor)."""
     return torch.load(out / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
+
+
+def _assert_same_weights(expected, actual):
+    """The same parameter names, bit-identical tensors."""
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
 
 
 def test_resume_is_exact(tmp_path, pair):
@@ -88,8 +97,7 @@ def test_optimizer_is_fused_and_a_loop_optimizers_checkpoint_resumes_exactly(
         trainer.train("denoise", pair, b, steps=4, ckpt_every=4, **FAST)
     assert not any(group["fused"] for group in _ckpt(b, 4)["optimizer"]["param_groups"])
     trainer.train("denoise", pair, b, steps=8, ckpt_every=4, resume=True, **FAST)
-    for name, tensor in _ckpt(a, 8)["model"].items():
-        torch.testing.assert_close(tensor, _ckpt(b, 8)["model"][name], rtol=0, atol=0)
+    _assert_same_weights(_ckpt(a, 8)["model"], _ckpt(b, 8)["model"])
 
 
 def test_move_optimizer_moves_step_counters_only_for_fused_groups():
@@ -206,8 +214,7 @@ def test_mean_warmup_trains_the_mean_network_alone_first(tmp_path, pair):
     for step in (2, 3, 4):
         (out / "checkpoints" / f"step_{step:08d}.pt").unlink()
     trainer.train("denoise", pair, out, steps=4, ckpt_every=1, resume=True, **fast)
-    for name, tensor in s3.items():
-        torch.testing.assert_close(tensor, _ckpt(out, 3)["model"][name], rtol=0, atol=0)
+    _assert_same_weights(s3, _ckpt(out, 3)["model"])
     with pytest.raises(InputError, match="mean_warmup"):
         trainer.train("denoise", pair, tmp_path / "bad", steps=1, **{**fast, "mean_warmup": 1.0})
     with pytest.raises(InputError, match="mean_warmup"):  # no mean network to warm up
@@ -228,12 +235,12 @@ def test_residual_batch_trains_the_residual_on_part_of_each_batch(tmp_path, pair
     assert json.loads(part3["settings"])["residual_batch"] == 1
     residual = [k for k in part3["model"] if k.startswith("residual.")]
     assert any(not torch.equal(part3["model"][k], full3["model"][k]) for k in residual)
-    assert any(not torch.equal(_ckpt(out, 1)["model"][k], part3["model"][k]) for k in residual)
+    part1 = _ckpt(out, 1)["model"]
+    assert any(not torch.equal(part1[k], part3["model"][k]) for k in residual)
     (out / "checkpoints" / "step_00000003.pt").unlink()
     trainer.train("denoise", pair, out, steps=3, ckpt_every=1, residual_batch=1, resume=True,
                   **fast)  # fmt: skip
-    for name, tensor in part3["model"].items():
-        torch.testing.assert_close(tensor, _ckpt(out, 3)["model"][name], rtol=0, atol=0)
+    _assert_same_weights(part3["model"], _ckpt(out, 3)["model"])
     with pytest.raises(InputError, match=r"residual_batch must be in 1..batch_size \(4\)"):
         trainer.train("denoise", pair, tmp_path / "bad", steps=1, residual_batch=5, **fast)
     with pytest.raises(InputError, match="residual_batch"):
