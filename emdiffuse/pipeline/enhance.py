@@ -66,7 +66,7 @@ def enhance(
     model,
     output,
     *,
-    steps: int = _DEFAULT["steps"],
+    steps: int | None = _DEFAULT["steps"],
     samples: int = _DEFAULT["samples"],
     seed: int = _DEFAULT["seed"],
     tile: int | None = _DEFAULT["tile"],
@@ -109,8 +109,12 @@ def enhance(
     runs on Dask's threaded scheduler in this process (small jobs); ``scheduler`` an address
     (``tcp://...``) connects to that cluster; otherwise a LocalCluster is started (one
     worker per GPU, or ``workers`` CPU worker processes) and closed at the end.
-    ``spacing`` places the sampler's steps: ``time``, ``logsnr`` or ``karras`` (None: the
-    sampler's default, ``time`` for ddpm and ``logsnr`` for the others).
+    ``steps`` and ``spacing`` (None: the model's default sampling,
+    :func:`~emdiffuse.models.sampler_names.default_sampling`): a mean-plus-residual model
+    that fitted a few-step schedule for ``sampler`` walks it (4 ``fitted`` steps of
+    ``dpmpp_2m``, the schedule its intervals were calibrated on); any other takes 8 steps on
+    the sampler's own spacing. ``spacing`` places the steps: ``time``, ``logsnr``,
+    ``karras`` or ``fitted`` (the model's stored schedule at that step count).
     ``start_noise`` (mean-plus-residual models, logsnr/karras spacing): each sample starts
     at noise level σ = ``start_noise`` instead of pure noise, so the steps add the fine
     texture around the mean (e.g. ``sampler="dpmpp_2m", steps=4, spacing="karras",
